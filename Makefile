@@ -1,0 +1,38 @@
+# refit — two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv (once), installs everything into it, and runs.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint proto clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: its CPU wheel is on these machines; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test,dev]"
+	# PyPI's torchvision does not match the CPU torch and breaks transformers imports.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m refit_bench.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check refit server bench tests
+	$(BIN)/ruff format --check refit server bench tests
+
+proto: $(STAMP)
+	PATH=$(BIN):$$PATH bash scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

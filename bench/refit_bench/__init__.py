@@ -1,0 +1,1 @@
+"""refit's benchmark and demo scripts (`refit-bench`, `make demo`)."""

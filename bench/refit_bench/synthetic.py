@@ -1,0 +1,123 @@
+"""Synthetic Llama-shaped Megatron models for the demo and the benchmarks (no weights downloaded)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Shape:
+    """A Llama-style decoder shape."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_params(self) -> int:
+        h, d = self.hidden_size, self.kv_channels
+        qkv = (self.num_attention_heads + 2 * self.num_query_groups) * d * h
+        layer = qkv + self.num_attention_heads * d * h + 3 * self.ffn_hidden_size * h + 2 * h
+        return self.num_layers * layer + 2 * self.vocab_size * h + h
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        Shape(name="llama-100m", num_layers=8, hidden_size=768, num_attention_heads=12, num_query_groups=4,
+              ffn_hidden_size=2048, vocab_size=32000),
+        Shape(name="llama-1b", num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+              ffn_hidden_size=8192, vocab_size=128256),
+        Shape(name="llama-3-8b", num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+              ffn_hidden_size=14336, vocab_size=128256),
+    )
+}  # fmt: skip
+
+
+def init_trainer_rank(rank: int, world_size: int, port: int, *, tp: int, pp: int) -> None:
+    """torch.distributed (gloo) and Megatron parallel state for one trainer process."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
+    """A Megatron-Core GPTModel of `shape` for this rank's TP/PP coordinates (random weights)."""
+    import torch.nn.functional as F  # noqa: N812
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.kv_channels,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=device == "cpu",
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=shape.vocab_size,
+        max_sequence_length=4096,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+    # Megatron's Float16Module would cast every parameter (norms too) to the training dtype.
+    return model.to(dtype)
+
+
+def hf_engine_model(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
+    """An HF LlamaForCausalLM of `shape` (random weights) to refit into."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.ffn_hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_query_groups,
+        head_dim=shape.kv_channels,
+        tie_word_embeddings=False,
+    )
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()

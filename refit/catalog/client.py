@@ -1,0 +1,251 @@
+"""`CatalogClient`: the typed client of the refit catalog.
+
+Owns the gRPC channel, the deadline on every call and the mapping of gRPC failures to refit errors;
+nothing protobuf or `grpc.RpcError` leaves this module. The server names the refit error class in the
+`refit-error` trailing metadata, so the exact class is re-raised; the status code is the fallback
+(e.g. for a proxy in between, or a server that never answered).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from refit import errors
+from refit.catalog import wire
+from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
+from refit.proto import catalog_pb2 as pb
+from refit.proto import catalog_pb2_grpc as pb_grpc
+from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
+
+logger = logging.getLogger(__name__)
+
+# Only these classes may be named by the server; anything else falls back to the status code.
+_ERRORS_BY_NAME: dict[str, type[errors.RefitError]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.CatalogError,
+        errors.CatalogUnavailableError,
+        errors.VersionNotFoundError,
+        errors.VersionNotReadyError,
+        errors.VersionRetiredError,
+        errors.RankTakenError,
+        errors.ConflictError,
+        errors.ConfigError,
+    )
+}
+
+_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def format_ranks(ranks: Sequence[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` -> `"0-2, 5, 7-8"`: short even for thousand-rank worlds."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+class CatalogClient:
+    """Talks to a refit catalog at `address` ("host:port"); every call has a `timeout_s` deadline.
+
+    Closable (`close()` or a `with` block) and safe to share between threads.
+
+    Raises (from every method): CatalogUnavailableError when the catalog cannot be reached or does not
+    answer in time; ConfigError for arguments the catalog refuses; other CatalogError subclasses as
+    documented per method.
+    """
+
+    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+        if not address:
+            raise ConfigError("catalog address must be non-empty ('host:port')")
+        if timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = pb_grpc.CatalogStub(self._channel)
+        self._closed = False
+
+    # -- lifetime ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> CatalogClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CatalogClient({self.address!r}{', closed' if self._closed else ''})"
+
+    # -- transport ---------------------------------------------------------------------------------
+
+    def _call(self, method: str, request_type: type[Message], **fields: Any) -> Any:
+        if self._closed:
+            raise CatalogError(f"catalog client for {self.address} is closed")
+        try:
+            request = request_type(**fields)
+        except (TypeError, ValueError) as exc:  # wrong type or out of the field's range
+            raise ConfigError(f"{method}: {exc}") from exc
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._translate(method, exc) from None
+
+    def _translate(self, method: str, exc: grpc.RpcError) -> errors.RefitError:
+        code: grpc.StatusCode = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+        metadata = (exc.trailing_metadata() if isinstance(exc, grpc.Call) else None) or ()
+        named = next((v for k, v in metadata if k == wire.ERROR_METADATA_KEY), None)
+        cls = _ERRORS_BY_NAME.get(named) if isinstance(named, str) else None
+        logger.debug("catalog %s %s -> %s (%s): %s", self.address, method, code.name, named, details)
+        if cls is CatalogUnavailableError or (cls is None and code in _UNAVAILABLE):
+            return CatalogUnavailableError(
+                f"catalog at {self.address} is unavailable ({method}: {code.name}, "
+                f"deadline {self.timeout_s:g}s): {details}"
+            )
+        if cls is not None:
+            return cls(details)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return errors.VersionNotFoundError(details)
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            return errors.RankTakenError(details)
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            retired = "retired" in details.lower()
+            return errors.VersionRetiredError(details) if retired else errors.ConflictError(details)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return ConfigError(details)
+        return CatalogError(f"catalog at {self.address}: {method} failed with {code.name}: {details}")
+
+    # -- RPCs --------------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Return once the catalog (and its store) answers; CatalogUnavailableError otherwise."""
+        self._call("Ping", pb.PingRequest)
+
+    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool = False) -> Claim:
+        """Hold `rank` of model `name` for `agent_name`.
+
+        Idempotent for the holder. RankTakenError (naming the rank and the holder) if another agent
+        holds it, unless `takeover` (e.g. a restarted trainer whose agent has a new name).
+        """
+        response = self._call("Claim", pb.ClaimRequest, name=name, rank=rank, agent_name=agent_name, takeover=takeover)
+        return wire.claim_from_proto(response.claim)
+
+    def release(self, *, name: str, rank: int, agent_name: str) -> None:
+        """Drop `agent_name`'s claim on `rank`; a no-op if it does not hold it."""
+        self._call("Release", pb.ReleaseRequest, name=name, rank=rank, agent_name=agent_name)
+
+    def publish(
+        self, *, name: str, version: int, world_size: int, model: ModelMeta, source: SourceRecord
+    ) -> VersionInfo:
+        """Publish one trainer rank's part of `version`; returns the version after this part.
+
+        The first part creates the version (STAGING) with `world_size` and `model`; later parts must
+        carry identical ones (ConflictError names the difference). The version becomes READY when
+        ranks 0..world_size-1 have all published. Re-publishing by the same agent replaces its part.
+
+        Raises:
+            ConfigError: `source.rank >= world_size` or invalid values.
+            RankTakenError: the rank is claimed by, or its part was published by, another agent.
+            VersionRetiredError: the version is RETIRED.
+            ConflictError: world size or model differ from the version's.
+        """
+        if not isinstance(model, ModelMeta) or not isinstance(source, SourceRecord):
+            raise ConfigError("publish needs a ModelMeta and a SourceRecord")
+        response = self._call(
+            "Publish",
+            pb.PublishRequest,
+            name=name,
+            version=version,
+            world_size=world_size,
+            model=wire.model_to_proto(model),
+            source=wire.source_to_proto(source),
+        )
+        return wire.version_from_proto(response.info)
+
+    def get_version(self, *, name: str, version: int) -> VersionInfo:
+        """The version as the catalog holds it; VersionNotFoundError if unknown."""
+        response = self._call("GetVersion", pb.GetVersionRequest, name=name, version=version)
+        return wire.version_from_proto(response.info)
+
+    def latest(self, *, name: str, state: VersionState = VersionState.READY) -> VersionInfo | None:
+        """The highest-numbered version of `name` in `state`, or None."""
+        response = self._call("Latest", pb.LatestRequest, name=name, state=wire.state_to_proto(state))
+        return wire.version_from_proto(response.info) if response.HasField("info") else None
+
+    def list_versions(self, *, name: str | None = None) -> list[VersionInfo]:
+        """Every version of `name` (of every model when None), sorted by (name, version)."""
+        fields = {} if name is None else {"name": name}
+        return [
+            wire.version_from_proto(v) for v in self._call("ListVersions", pb.ListVersionsRequest, **fields).versions
+        ]
+
+    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
+        """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
+        response = self._call("GetSources", pb.GetSourcesRequest, name=name, version=version)
+        return sorted((wire.source_from_proto(s) for s in response.sources), key=lambda s: s.rank)
+
+    def retire(self, *, name: str, version: int, and_older: bool = False) -> list[int]:
+        """Mark `version` (and with `and_older` every older version) RETIRED; returns what changed.
+
+        Idempotent. VersionNotFoundError if the version is unknown and `and_older` is False.
+        """
+        response = self._call("Retire", pb.RetireRequest, name=name, version=version, and_older=and_older)
+        return list(response.retired)
+
+    def wait_ready(self, *, name: str, version: int, timeout_s: float, poll_s: float = 0.05) -> VersionInfo:
+        """Poll until `version` is READY and return it.
+
+        Raises:
+            VersionRetiredError: the version is (or becomes) RETIRED.
+            VersionNotReadyError: still not READY after `timeout_s`; names the missing ranks.
+            VersionNotFoundError: the version never appeared within `timeout_s`.
+        """
+        if timeout_s < 0 or poll_s <= 0:
+            raise ConfigError(f"need timeout_s >= 0 and poll_s > 0, got {timeout_s} and {poll_s}")
+        deadline = time.monotonic() + timeout_s
+        info: VersionInfo | None = None
+        while True:
+            try:
+                info = self.get_version(name=name, version=version)
+            except errors.VersionNotFoundError:
+                info = None
+            if info is not None and info.state is VersionState.READY:
+                return info
+            if info is not None and info.state is VersionState.RETIRED:
+                raise errors.VersionRetiredError(f"{name!r} v{version} is RETIRED; it will never be READY")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(poll_s, remaining))
+        if info is None:
+            raise errors.VersionNotFoundError(
+                f"{name!r} v{version} did not appear in the catalog at {self.address} within {timeout_s:g}s"
+            )
+        missing = info.missing_ranks
+        raise errors.VersionNotReadyError(
+            f"{name!r} v{version} is not READY after {timeout_s:g}s: "
+            f"{len(info.published_ranks)}/{info.world_size} ranks published, missing ranks {format_ranks(missing)}",
+            version=version,
+            missing_ranks=missing,
+        )

@@ -1,0 +1,71 @@
+"""The `RefitError` hierarchy: every failure a caller of refit can see."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RefitError(Exception):
+    """Base class of every error refit raises on purpose."""
+
+
+class ConfigError(RefitError, ValueError):
+    """An argument or setting is invalid; raised before any side effect."""
+
+
+# --- catalog -------------------------------------------------------------------------------------
+
+
+class CatalogError(RefitError):
+    """The catalog refused or failed a request."""
+
+
+class CatalogUnavailableError(CatalogError):
+    """The catalog could not be reached (or did not answer in time)."""
+
+
+class VersionNotFoundError(CatalogError):
+    """The catalog has no such weight version."""
+
+
+class VersionNotReadyError(CatalogError):
+    """A version did not become READY in time; `missing_ranks` never published."""
+
+    def __init__(self, message: str, *, version: int = -1, missing_ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.version = version
+        self.missing_ranks = tuple(missing_ranks)
+
+
+class VersionRetiredError(CatalogError):
+    """The version was retired: its bytes may already be overwritten by the trainer."""
+
+
+class RankTakenError(CatalogError):
+    """Another publisher already holds this trainer rank."""
+
+
+class ConflictError(CatalogError):
+    """A publication disagrees with what the catalog already holds for the version."""
+
+
+# --- layout and planning ---------------------------------------------------------------------------
+
+
+class LayoutError(RefitError):
+    """A model, a layout or a descriptor cannot be handled."""
+
+
+class ModelMismatchError(LayoutError):
+    """The engine's model (architecture, shapes, dtypes) does not match the catalog's model."""
+
+
+# --- transport -----------------------------------------------------------------------------------------
+
+
+class TransportError(RefitError):
+    """A NIXL transfer, registration or connection failed."""
+
+
+class TransferTimeoutError(TransportError):
+    """A transfer did not complete before its deadline."""

@@ -1,0 +1,67 @@
+"""Turn staged pieces into the engine's tensors: slicing and concatenation, nothing else.
+
+QKV un-interleaving, gate/up splitting, vocab-padding removal and TP slicing were all decided by
+the planner as row intervals; here each target is cut out of the pieces that cover it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from refit.errors import LayoutError
+from refit.plan.planner import Piece, Plan
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `"bfloat16"`, the name descriptors carry."""
+    return str(dtype).removeprefix("torch.")
+
+
+def piece_view(piece: Piece, staging: torch.Tensor) -> torch.Tensor:
+    """The staged bytes of `piece` as a dense tensor (a view of `staging`, a flat uint8 buffer)."""
+    raw = staging[piece.local_offset : piece.local_offset + piece.nbytes]
+    return raw.view(TORCH_DTYPES[piece.dtype]).view(piece.shape)
+
+
+def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every target of `plan` as a tensor; views of `staging` where no copy is needed."""
+    by_tensor: dict[str, list[Piece]] = defaultdict(list)
+    for p in plan.pieces:
+        by_tensor[p.tensor].append(p)
+    for pieces in by_tensor.values():
+        pieces.sort(key=lambda p: p.start)
+    out: dict[str, torch.Tensor] = {}
+    for target in plan.targets:
+        pieces = by_tensor.get(target.source)
+        if not pieces:
+            raise LayoutError(f"{target.hf_name}: nothing of {target.source} was staged")
+        if target.dim is None:
+            out[target.hf_name] = piece_view(pieces[0], staging)
+            continue
+        parts = []
+        for a, b in target.rows:
+            for p in pieces:
+                lo, hi = max(a, p.start), min(b, p.stop)
+                if lo < hi:
+                    parts.append(piece_view(p, staging).narrow(target.dim, lo - p.start, hi - lo))
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=target.dim)
+        if tuple(tensor.shape) != target.shape:
+            raise LayoutError(f"{target.hf_name}: assembled {tuple(tensor.shape)}, expected {target.shape}")
+        out[target.hf_name] = tensor
+    return out

@@ -1,0 +1,291 @@
+"""The trainer hook: `Publisher.stream_weights()` publishes this rank's native shards as a version.
+
+Each trainer rank publishes only what it holds (no gather across ranks, no copy of the model in
+the default mode): descriptors of its shards, its NIXL agent metadata and its registered regions.
+
+Version safety. By default (`snapshots=0`) receivers read the live parameters. Version `v` stays
+readable until this rank calls `invalidate()` (automatically before every optimizer step when the
+optimizer is passed in) or publishes a newer version; either retires `v` in the catalog *before*
+any weight changes. Receivers stage what they pull and check the version is still READY before
+installing, so a pull that raced with an optimizer step is discarded, never installed torn. With
+`snapshots=k` each version is copied into one of `k` registered slots, so the last `k` versions stay
+readable while training goes on; a slot's old version is retired before the slot is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from refit.catalog.client import CatalogClient
+from refit.errors import ConfigError
+from refit.trainer import memory
+from refit.trainer.megatron import LocalParam, local_parameters, model_chunks, model_meta, trainer_coords
+from refit.transport.nixl import NixlAgent
+from refit.types import Region, SourceRecord, TensorDesc, VersionInfo
+
+logger = logging.getLogger(__name__)
+
+# More distinct storages than this and a bare model is moved into one arena per device.
+MAX_STORAGE_REGIONS = 16
+
+
+class Publisher:
+    """Publishes one trainer rank's shards of a Megatron-Core GPTModel to a refit catalog.
+
+    Args:
+        catalog: the catalog's "host:port".
+        model: a GPTModel (possibly DDP/Float16Module-wrapped) or the list of its virtual-pipeline chunks.
+        name: the model's name in the catalog (several models can share one catalog).
+        architecture: HF family ("llama", "qwen2", "qwen3"); inferred from the config when omitted.
+        vocab_size: the true (unpadded) vocabulary, when Megatron padded it; 0 leaves it to the engine.
+        snapshots: 0 publishes live parameters; k > 0 keeps the last k versions readable in copies.
+        optimizer: a torch or Megatron optimizer; with snapshots=0, each step first retires the version.
+        takeover: claim this rank even if another publisher holds it (after a crash, say).
+        consolidate: allow moving a bare model's parameters into one arena per device.
+        timeout_s: deadline of every catalog call.
+
+    Raises:
+        ConfigError: bad arguments or uninitialised torch.distributed / parallel_state.
+        RankTakenError: another publisher holds this rank of `name`.
+        CatalogUnavailableError: the catalog cannot be reached.
+    """
+
+    def __init__(
+        self,
+        *,
+        catalog: str,
+        model: nn.Module | Sequence[nn.Module],
+        name: str = "default",
+        architecture: str | None = None,
+        vocab_size: int = 0,
+        snapshots: int = 0,
+        optimizer: Any = None,
+        takeover: bool = False,
+        consolidate: bool = True,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if snapshots < 0:
+            raise ConfigError(f"snapshots must be >= 0, got {snapshots}")
+        if not name:
+            raise ConfigError("name must be non-empty")
+        chunks = model_chunks(model)
+        self.rank, self.world_size, self.coords = trainer_coords()
+        self.name = name
+        self.model_meta = model_meta(chunks, architecture=architecture, vocab_size=vocab_size)
+        self._params: list[LocalParam] = local_parameters(chunks, self.coords)
+        self._snapshots = snapshots
+        self._client = CatalogClient(catalog, timeout_s=timeout_s)
+        self._agent: NixlAgent | None = None
+        self._current: int | None = None
+        self._last: int | None = None
+        self._slot_versions: list[int | None] = [None] * snapshots
+        self._hooks: list[Any] = []
+        try:
+            self._agent = NixlAgent(prefix=f"refit-trainer-{name}-r{self.rank}")
+            self._client.claim(name=name, rank=self.rank, agent_name=self._agent.name, takeover=takeover)
+            self._setup_memory(consolidate)
+        except BaseException:
+            self.close(release=False)
+            raise
+        if optimizer is not None:
+            self._hook_optimizer(optimizer)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _setup_memory(self, consolidate: bool) -> None:
+        tensors = [p.param for p in self._params]
+        blocks = memory.storage_blocks(tensors)
+        if consolidate and self._snapshots == 0 and len(blocks) > MAX_STORAGE_REGIONS:
+            blocks = memory.consolidate(tensors)
+        self._live_blocks = blocks
+        self._slots: list[list[memory.Block]] = []
+        self._slot_offsets: list[int] = []
+        for _ in range(self._snapshots):
+            self._slot_offsets, slot = memory.snapshot_blocks(tensors)
+            self._slots.append(slot)
+        for block in self._blocks():
+            self._agent.register(block.addr, block.nbytes, device=block.device, device_id=block.device_id)
+        logger.info(
+            "rank %d: %d tensors, %d bytes, %d registered region(s)",
+            self.rank,
+            len(self._params),
+            sum(p.param.numel() * p.param.element_size() for p in self._params),
+            len(self._blocks()),
+        )
+
+    def _blocks(self) -> list[memory.Block]:
+        if self._snapshots:
+            return [b for slot in self._slots for b in slot]
+        return self._live_blocks
+
+    def _refresh_live_blocks(self) -> None:
+        """Re-register if the parameters moved since registration (an offload, a re-allocation)."""
+        if all(any(b.holds(p.param) for b in self._live_blocks) for p in self._params):
+            return
+        logger.warning("rank %d: parameters moved since registration; registering again", self.rank)
+        for b in self._live_blocks:
+            self._agent.deregister(b.addr, b.nbytes, device=b.device, device_id=b.device_id)
+        self._live_blocks = memory.storage_blocks([p.param for p in self._params])
+        for b in self._live_blocks:
+            self._agent.register(b.addr, b.nbytes, device=b.device, device_id=b.device_id)
+
+    @property
+    def num_registrations(self) -> int:
+        """NIXL registrations made by this publisher so far (constant across versions)."""
+        return self._agent.num_registrations if self._agent else 0
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _describe(self, blocks: list[memory.Block], locate: Any) -> tuple[list[Region], list[TensorDesc]]:
+        regions = [b.region(i) for i, b in enumerate(blocks)]
+        descs = []
+        for p, (region, byte_offset) in zip(self._params, map(locate, self._params), strict=True):
+            descs.append(
+                TensorDesc(
+                    name=p.name,
+                    role=p.role,
+                    dtype=str(p.param.dtype).removeprefix("torch."),
+                    local_shape=tuple(p.param.shape),
+                    global_shape=p.global_shape,
+                    partition_dim=p.partition_dim,
+                    partition_stride=p.partition_stride,
+                    offset=p.offset,
+                    region=region,
+                    byte_offset=byte_offset,
+                )
+            )
+        return regions, descs
+
+    def _live_layout(self) -> tuple[list[Region], list[TensorDesc]]:
+        self._refresh_live_blocks()
+        blocks = self._live_blocks
+
+        def locate(p: LocalParam) -> tuple[int, int]:
+            ptr = p.param.data_ptr()
+            index = next(i for i, b in enumerate(blocks) if b.holds(p.param))
+            return index, ptr - blocks[index].addr
+
+        return self._describe(blocks, locate)
+
+    def _snapshot_layout(self, version: int) -> tuple[list[Region], list[TensorDesc]]:
+        slot = version % self._snapshots
+        old = self._slot_versions[slot]
+        if old is not None:
+            # Retire before overwriting, so a reader of `old` discards what it pulled.
+            self._client.retire(name=self.name, version=old)
+        blocks = self._slots[slot]
+        by_device = {(b.device, b.device_id): i for i, b in enumerate(blocks)}
+        index_of = {
+            id(p): by_device[("cuda", p.param.device.index or 0) if p.param.is_cuda else ("cpu", 0)]
+            for p in self._params
+        }
+        with torch.no_grad():
+            for p, offset in zip(self._params, self._slot_offsets, strict=True):
+                owner = blocks[index_of[id(p)]].owner
+                memory.arena_view(owner, offset, p.param).copy_(p.param)
+        self._slot_versions[slot] = version
+        offsets = dict(zip(map(id, self._params), self._slot_offsets, strict=True))
+        return self._describe(blocks, lambda p: (index_of[id(p)], offsets[id(p)]))
+
+    def stream_weights(self, version: int) -> VersionInfo:
+        """Publish this rank's part of `version`; the version is READY once every rank has published.
+
+        Versions must increase. Returns the version as the catalog holds it after this rank's part.
+        """
+        if not isinstance(version, int) or version < 0:
+            raise ConfigError(f"version must be a non-negative int, got {version!r}")
+        if self._last is not None and version <= self._last:
+            raise ConfigError(f"version {version} is not newer than the last published version {self._last}")
+        start = time.perf_counter()
+        if any(p.param.is_cuda for p in self._params):
+            torch.cuda.synchronize()  # the optimizer's writes must land before anyone reads
+        if self._snapshots:
+            regions, descs = self._snapshot_layout(version)
+        else:
+            self.invalidate()
+            regions, descs = self._live_layout()
+        source = SourceRecord(
+            rank=self.rank,
+            coords=self.coords,
+            agent_name=self._agent.name,
+            agent_metadata=self._agent.metadata(),
+            regions=tuple(regions),
+            tensors=tuple(descs),
+        )
+        info = self._client.publish(
+            name=self.name, version=version, world_size=self.world_size, model=self.model_meta, source=source
+        )
+        self._last = version
+        self._current = None if self._snapshots else version
+        logger.info(
+            "rank %d published %s v%d (%d tensors) in %.3fs; state %s",
+            self.rank,
+            self.name,
+            version,
+            len(descs),
+            time.perf_counter() - start,
+            info.state.value,
+        )
+        return info
+
+    def invalidate(self) -> list[int]:
+        """Retire the live version before the weights change (no-op in snapshot mode)."""
+        if self._snapshots or self._current is None:
+            return []
+        retired = self._client.retire(name=self.name, version=self._current, and_older=True)
+        self._current = None
+        return retired
+
+    def _hook_optimizer(self, optimizer: Any) -> None:
+        """Retire the live version before every optimizer step (torch or Megatron optimizers)."""
+        found: list[torch.optim.Optimizer] = []
+        stack = [optimizer]
+        while stack:
+            opt = stack.pop()
+            if isinstance(opt, torch.optim.Optimizer):
+                found.append(opt)
+            else:
+                stack.extend(getattr(opt, "chained_optimizers", []) or [])
+                inner = getattr(opt, "optimizer", None)
+                if inner is not None:
+                    stack.append(inner)
+        if not found:
+            raise ConfigError(f"cannot find a torch optimizer inside {type(optimizer).__name__}")
+
+        def before_step(*_: object) -> None:  # a step pre-hook must return None
+            self.invalidate()
+
+        for opt in found:
+            self._hooks.append(opt.register_step_pre_hook(before_step))
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def close(self, *, release: bool = True) -> None:
+        """Give up the rank claim and the NIXL registrations; published versions become unreadable."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._agent is not None:
+            if release:
+                try:
+                    self.invalidate()
+                    for version in filter(None.__ne__, self._slot_versions):
+                        self._client.retire(name=self.name, version=version)
+                    self._client.release(name=self.name, rank=self.rank, agent_name=self._agent.name)
+                except Exception:  # closing must not fail because the catalog went away first
+                    logger.warning("rank %d: could not release its claim", self.rank, exc_info=True)
+            self._agent.close()
+            self._agent = None
+        self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,278 @@
+"""Plain values shared by every layer: roles, descriptors, sources, versions, model metadata.
+
+Everything here is a frozen, keyword-only dataclass or a `str` enum. Nothing here imports torch,
+gRPC or NIXL, so the catalog server, the planner and the hooks can all depend on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from refit.errors import ConfigError
+
+# Element sizes of the dtypes a descriptor may carry (torch names without the `torch.` prefix).
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+    "int32": 4,
+    "int64": 8,
+    "bool": 1,
+}
+
+
+class Role(StrEnum):
+    """How a Megatron parameter is split across tensor-parallel ranks."""
+
+    QKV_COLUMN = "qkv_column"  # fused QKV, interleaved per query group, split on dim 0
+    GATED_MLP_COLUMN = "gated_mlp_column"  # [gate_r; up_r] per rank (partition stride 2), dim 0
+    COLUMN = "column"  # plain column-parallel, dim 0
+    ROW = "row"  # row-parallel, dim 1
+    VOCAB_PARALLEL = "vocab_parallel"  # embedding / output layer rows, padded vocab, dim 0
+    REPLICATED = "replicated"  # identical on every TP rank (norms, row-parallel biases)
+
+
+class VersionState(StrEnum):
+    """Life cycle of a weight version in the catalog."""
+
+    STAGING = "STAGING"  # some trainer ranks have published, not all
+    READY = "READY"  # every rank of the declared world has published
+    RETIRED = "RETIRED"  # the bytes may be overwritten; never install from it
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def _non_negative(name: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelCoords:
+    """Where one trainer rank sits in the Megatron parallel layout."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def __post_init__(self) -> None:
+        for kind in ("tp", "pp", "ep", "dp"):
+            rank, size = getattr(self, f"{kind}_rank"), getattr(self, f"{kind}_size")
+            _positive(f"{kind}_size", size)
+            if not 0 <= rank < size:
+                raise ConfigError(f"{kind}_rank {rank} outside [0, {size})")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelMeta:
+    """What a receiver must know about the trainer's model to plan and validate a refit.
+
+    `vocab_size` is the true vocabulary (0 when the publisher did not declare it; the engine's own
+    vocabulary then decides how many rows of the padded tables are real).
+    """
+
+    architecture: str  # "llama", "qwen2", "qwen3", ...
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    padded_vocab_size: int
+    vocab_size: int = 0
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    gated_linear_unit: bool = True
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    params_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.architecture:
+            raise ConfigError("architecture must be non-empty")
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "ffn_hidden_size",
+            "padded_vocab_size",
+        ):
+            _positive(name, getattr(self, name))
+        _non_negative("vocab_size", self.vocab_size)
+        _non_negative("num_experts", self.num_experts)
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_query_groups {self.num_query_groups}"
+            )
+        if self.vocab_size > self.padded_vocab_size:
+            raise ConfigError(f"vocab_size {self.vocab_size} > padded_vocab_size {self.padded_vocab_size}")
+        if self.params_dtype not in DTYPE_SIZES:
+            raise ConfigError(f"unknown params_dtype {self.params_dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorDesc:
+    """One trainer rank's shard of one Megatron parameter, and where its bytes live.
+
+    `name` is the *global* Megatron name (pipeline-local layer numbers already turned global).
+    Along `partition_dim` the global tensor is cut into `partition_stride` equal parts; this shard
+    holds rows `[offset, offset + local_shape[partition_dim] / partition_stride)` of every part, stored
+    part after part. With stride 1 that is simply rows `[offset, offset + local)` of the global tensor.
+    Replicated tensors have `partition_dim == -1` and `offset == 0`.
+    """
+
+    name: str
+    role: Role
+    dtype: str
+    local_shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    partition_dim: int = -1
+    partition_stride: int = 1
+    offset: int = 0
+    region: int = 0
+    byte_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("tensor name must be non-empty")
+        if self.dtype not in DTYPE_SIZES:
+            raise ConfigError(f"{self.name}: unknown dtype {self.dtype!r}")
+        if len(self.local_shape) != len(self.global_shape):
+            raise ConfigError(f"{self.name}: local shape {self.local_shape} vs global {self.global_shape}")
+        _positive(f"{self.name}: partition_stride", self.partition_stride)
+        _non_negative(f"{self.name}: offset", self.offset)
+        _non_negative(f"{self.name}: region", self.region)
+        _non_negative(f"{self.name}: byte_offset", self.byte_offset)
+        if self.partition_dim == -1:
+            if self.local_shape != self.global_shape:
+                raise ConfigError(f"{self.name}: replicated but local {self.local_shape} != global")
+            return
+        if not 0 <= self.partition_dim < len(self.global_shape):
+            raise ConfigError(f"{self.name}: partition_dim {self.partition_dim} out of range")
+        d = self.partition_dim
+        local, glob, s = self.local_shape[d], self.global_shape[d], self.partition_stride
+        if local % s or glob % s or self.offset + local // s > glob // s:
+            raise ConfigError(f"{self.name}: shard rows [{self.offset}, +{local}/{s}) do not fit global dim {glob}")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.local_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Region:
+    """A block of memory a trainer rank registered with NIXL once, and reuses for every version."""
+
+    index: int
+    addr: int
+    nbytes: int
+    device: str = "cpu"  # "cpu" or "cuda"
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        _non_negative("region index", self.index)
+        _positive("region nbytes", self.nbytes)
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"region device must be 'cpu' or 'cuda', got {self.device!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceRecord:
+    """One trainer rank's part of one version: who it is, how to reach it, and what it holds."""
+
+    rank: int
+    coords: ParallelCoords
+    agent_name: str
+    agent_metadata: bytes
+    regions: tuple[Region, ...]
+    tensors: tuple[TensorDesc, ...]
+
+    def __post_init__(self) -> None:
+        _non_negative("rank", self.rank)
+        if not self.agent_name:
+            raise ConfigError("agent_name must be non-empty")
+        by_index = {r.index: r for r in self.regions}
+        if len(by_index) != len(self.regions):
+            raise ConfigError(f"rank {self.rank}: duplicate region indices")
+        for t in self.tensors:
+            region = by_index.get(t.region)
+            if region is None:
+                raise ConfigError(f"rank {self.rank}: {t.name} names unknown region {t.region}")
+            if t.byte_offset + t.nbytes > region.nbytes:
+                raise ConfigError(f"rank {self.rank}: {t.name} runs past the end of region {t.region}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VersionInfo:
+    """A weight version as the catalog sees it."""
+
+    name: str
+    version: int
+    state: VersionState
+    world_size: int
+    published_ranks: tuple[int, ...]
+    model: ModelMeta
+    created_at: float = 0.0
+    ready_at: float = 0.0
+
+    @property
+    def missing_ranks(self) -> tuple[int, ...]:
+        have = set(self.published_ranks)
+        return tuple(r for r in range(self.world_size) if r not in have)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Claim:
+    """A publisher's hold on one trainer rank of a named model."""
+
+    name: str
+    rank: int
+    agent_name: str
+    claimed_at: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UpdateResult:
+    """What one `update_weights()` call did."""
+
+    version: int
+    bytes: int
+    seconds: float
+    num_tensors: int = 0
+    num_sources: int = 0
+    num_descriptors: int = 0
+    plan_seconds: float = 0.0
+    wire_seconds: float = 0.0
+    install_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.wire_seconds / 1e9 if self.wire_seconds > 0 else 0.0

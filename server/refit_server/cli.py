@@ -1,0 +1,257 @@
+"""`refit-catalog`: run a catalog (`serve`) and inspect one (`list`, `show`).
+
+Owns argument parsing and the human/JSON rendering of versions and sources. Inspection goes through
+`CatalogClient`, like any other reader. Every failure prints one line to stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from refit.catalog.client import CatalogClient, format_ranks
+from refit.errors import RefitError
+from refit.types import ModelMeta, ParallelCoords, SourceRecord, TensorDesc, VersionInfo
+from refit_server.server import CatalogServer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CATALOG = "127.0.0.1:50051"
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes < 1024:
+        return f"{num_bytes} B"
+    value = num_bytes / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _coords(c: ParallelCoords) -> str:
+    return f"tp{c.tp_rank}/{c.tp_size} pp{c.pp_rank}/{c.pp_size} ep{c.ep_rank}/{c.ep_size} dp{c.dp_rank}/{c.dp_size}"
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _model_line(m: ModelMeta) -> str:
+    parts = [
+        m.architecture,
+        f"{m.num_layers} layers",
+        f"hidden {m.hidden_size}",
+        f"heads {m.num_attention_heads} (query groups {m.num_query_groups}, kv_channels {m.kv_channels})",
+        f"ffn {m.ffn_hidden_size}",
+        f"vocab {m.vocab_size or '?'}/{m.padded_vocab_size} padded",
+        m.params_dtype,
+    ]
+    flags = [f for f in ("tied_embeddings", "qkv_bias", "qk_layernorm") if getattr(m, f)]
+    if not m.gated_linear_unit:
+        flags.append("no gated_linear_unit")
+    if m.num_experts:
+        flags.append(f"{m.num_experts} experts (ffn {m.moe_ffn_hidden_size})")
+    return ", ".join(parts + flags)
+
+
+def _source_bytes(s: SourceRecord) -> int:
+    return sum(t.nbytes for t in s.tensors)
+
+
+def version_json(info: VersionInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "state": info.state.value,
+        "world_size": info.world_size,
+        "published_ranks": list(info.published_ranks),
+        "missing_ranks": list(info.missing_ranks),
+        "created_at": info.created_at,
+        "ready_at": info.ready_at,
+        "model": asdict(info.model),
+    }
+
+
+def tensor_json(t: TensorDesc) -> dict[str, Any]:
+    return {**asdict(t), "role": t.role.value, "nbytes": t.nbytes}
+
+
+def source_json(s: SourceRecord, *, tensors: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rank": s.rank,
+        "coords": asdict(s.coords),
+        "agent_name": s.agent_name,
+        "agent_metadata_bytes": len(s.agent_metadata),
+        "regions": [asdict(r) for r in s.regions],
+        "num_tensors": len(s.tensors),
+        "nbytes": _source_bytes(s),
+    }
+    if tensors:
+        out["tensors"] = [tensor_json(t) for t in s.tensors]
+    return out
+
+
+def render_list(infos: Sequence[VersionInfo]) -> str:
+    if not infos:
+        return "no versions"
+    rows = [
+        (i.name, i.version, i.state.value, f"{len(i.published_ranks)}/{i.world_size}", _when(i.created_at))
+        for i in infos
+    ]
+    return _table(("NAME", "VERSION", "STATE", "RANKS", "CREATED"), rows)
+
+
+def render_show(info: VersionInfo, sources: Sequence[SourceRecord], *, tensors: bool) -> str:
+    missing = format_ranks(info.missing_ranks) or "none"
+    lines = [
+        f"name     {info.name}",
+        f"version  {info.version}",
+        f"state    {info.state.value}",
+        f"ranks    {len(info.published_ranks)}/{info.world_size} published (missing: {missing})",
+        f"created  {_when(info.created_at)}",
+        f"ready    {_when(info.ready_at)}",
+        f"model    {_model_line(info.model)}",
+        f"bytes    {_size(sum(_source_bytes(s) for s in sources))} in {sum(len(s.tensors) for s in sources)} tensors",
+        "",
+    ]
+    rows = [
+        (
+            s.rank,
+            _coords(s.coords),
+            s.agent_name,
+            ", ".join(f"{r.index}:{r.device}:{r.device_id} {_size(r.nbytes)}" for r in s.regions),
+            len(s.tensors),
+            _size(_source_bytes(s)),
+        )
+        for s in sources
+    ]
+    lines.append(_table(("RANK", "COORDS", "AGENT", "REGIONS", "TENSORS", "BYTES"), rows))
+    if tensors:
+        headers = ("NAME", "ROLE", "DTYPE", "LOCAL", "GLOBAL", "DIM", "STRIDE", "OFFSET", "REGION", "BYTE_OFFSET")
+        for s in sources:
+            lines += ["", f"rank {s.rank} ({s.agent_name}): {len(s.tensors)} tensors"]
+            t_rows = [
+                (
+                    t.name,
+                    t.role.value,
+                    t.dtype,
+                    _shape(t.local_shape),
+                    _shape(t.global_shape),
+                    t.partition_dim,
+                    t.partition_stride,
+                    t.offset,
+                    t.region,
+                    t.byte_offset,
+                )
+                for t in s.tensors
+            ]
+            lines.append(_table(headers, t_rows))
+    return "\n".join(lines)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = CatalogServer(store=args.store, port=args.port, host=args.host, max_workers=args.max_workers)
+    stop = threading.Event()
+    # SIGTERM (from a supervisor or a test) stops as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    try:
+        print(f"refit catalog serving on {server.address}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=args.grace_s)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    with CatalogClient(args.catalog, timeout_s=args.timeout_s) as client:
+        infos = client.list_versions(name=args.name)
+    print(json.dumps([version_json(i) for i in infos], indent=2) if args.json else render_list(infos))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    with CatalogClient(args.catalog, timeout_s=args.timeout_s) as client:
+        info = client.get_version(name=args.name, version=args.version)
+        sources = client.get_sources(name=args.name, version=args.version)
+    if args.json:
+        out = {**version_json(info), "sources": [source_json(s, tensors=args.tensors) for s in sources]}
+        print(json.dumps(out, indent=2))
+    else:
+        print(render_show(info, sources, tensors=args.tensors))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refit-catalog", description="Run or inspect a refit catalog.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a catalog server until SIGTERM or Ctrl-C")
+    serve.add_argument("--port", type=int, default=50051, help="TCP port (0: any free port)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    serve.add_argument("--store", default="memory", help="'memory' or redis://host:port/db[?prefix=P]")
+    serve.add_argument("--max-workers", type=int, default=8, help="RPC worker threads")
+    serve.add_argument("--grace-s", type=float, default=2.0, help="seconds in-flight RPCs get on shutdown")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.set_defaults(func=_serve)
+
+    def inspector(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--catalog", default=DEFAULT_CATALOG, help=f"catalog host:port (default {DEFAULT_CATALOG})")
+        p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each catalog call")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    lst = inspector("list", "list versions")
+    lst.add_argument("--name", default=None, help="only this model")
+    lst.set_defaults(func=_list)
+
+    show = inspector("show", "show one version and its sources")
+    show.add_argument("name")
+    show.add_argument("version", type=int)
+    show.add_argument("--tensors", action="store_true", help="also list every tensor of every source")
+    show.set_defaults(func=_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RefitError as exc:
+        message = " ".join(str(exc).split())  # one line, even if a gRPC detail had newlines
+        print(f"refit-catalog: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The `Store` protocol every catalog back end implements, and the rules they share.
+
+A store holds the catalog's state: versions (state, world size, model, per-rank source records) and
+rank claims. The service validates requests before calling a store, so a store may assume names are
+non-empty, ranks and versions non-negative and `source.rank < world_size`. Every store must behave
+identically, so the checks' order and the errors' messages are defined once, here:
+
+publish: (1) RETIRED version -> VersionRetiredError; (2) world size or model differs -> ConflictError;
+(3) rank claimed by another agent -> RankTakenError; (4) rank's part published by another agent ->
+RankTakenError; else store the part, creating the version in STAGING, and flip it to READY once every
+rank 0..world_size-1 has published.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from refit.errors import ConflictError, RankTakenError, VersionNotFoundError, VersionRetiredError
+from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Catalog state; every method is atomic with respect to every other."""
+
+    def ping(self) -> None:
+        """Raise CatalogUnavailableError if the back end cannot be reached."""
+
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+
+    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
+        """Hold `rank` for `agent_name`; idempotent for the holder, RankTakenError for anyone else."""
+
+    def release(self, *, name: str, rank: int, agent_name: str) -> None:
+        """Drop the claim if `agent_name` holds it; otherwise do nothing."""
+
+    def publish(
+        self, *, name: str, version: int, world_size: int, model: ModelMeta, source: SourceRecord, now: float
+    ) -> VersionInfo:
+        """Add (or replace) one rank's part of a version; see the module docstring for the rules."""
+
+    def get_version(self, *, name: str, version: int) -> VersionInfo:
+        """The version, or VersionNotFoundError."""
+
+    def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
+        """The highest-numbered version of `name` in `state`, if any."""
+
+    def list_versions(self, *, name: str | None) -> list[VersionInfo]:
+        """Every version (of `name`, or of every name), sorted by (name, version)."""
+
+    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
+        """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
+
+    def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
+        """Mark the version (and with `and_older` every older one) RETIRED; returns what changed, ascending.
+
+        VersionNotFoundError if the version is unknown and `and_older` is False.
+        """
+
+
+# --- errors, worded once for every store -------------------------------------------------------------
+
+
+def not_found(name: str, version: int) -> VersionNotFoundError:
+    return VersionNotFoundError(f"{name!r} has no version {version}")
+
+
+def retired(name: str, version: int) -> VersionRetiredError:
+    return VersionRetiredError(f"{name!r} v{version} is RETIRED; publish a newer version")
+
+
+def rank_claimed(name: str, rank: int, holder: str, agent_name: str) -> RankTakenError:
+    return RankTakenError(
+        f"{name!r} rank {rank} is claimed by agent {holder!r}, not {agent_name!r} "
+        "(pass takeover=True to take it over after a crash)"
+    )
+
+
+def rank_published(name: str, version: int, rank: int, holder: str, agent_name: str) -> RankTakenError:
+    return RankTakenError(
+        f"{name!r} v{version} rank {rank} was already published by agent {holder!r}, not {agent_name!r}"
+    )
+
+
+def model_differences(stored: ModelMeta, given: ModelMeta) -> list[str]:
+    """`field: catalog X vs publish Y` for every field where two models differ."""
+    return [
+        f"{f}: catalog {getattr(stored, f)!r} vs publish {getattr(given, f)!r}"
+        for f in ModelMeta.__dataclass_fields__
+        if getattr(stored, f) != getattr(given, f)
+    ]
+
+
+def conflict(
+    name: str, version: int, *, stored_world_size: int, world_size: int, stored_model: ModelMeta, model: ModelMeta
+) -> ConflictError:
+    diffs = model_differences(stored_model, model)
+    if stored_world_size != world_size:
+        diffs.insert(0, f"world_size: catalog {stored_world_size} vs publish {world_size}")
+    return ConflictError(f"{name!r} v{version} disagrees with the catalog: " + "; ".join(diffs))

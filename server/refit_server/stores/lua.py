@@ -1,0 +1,147 @@
+"""The Lua scripts that make the Redis store atomic: claim, release, publish, retire, and the latest lookup.
+
+Kept as Python strings (not .lua files) so they ship with the package without package-data rules.
+Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key layout:
+
+    P:names                     SET   every model name
+    P:m:N:versions              ZSET  version numbers of model N (member = score = the number)
+    P:m:N:claims                HASH  rank -> "<claimed_at>|<agent name>"
+    P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at
+    P:m:N:v:<version>:sources   HASH  rank -> SourceRecord protobuf
+    P:m:N:v:<version>:agents    HASH  rank -> agent name that published the part
+
+P is the configured prefix and N the URL-quoted model name (so a ':' in a name cannot alias another
+key). The scripts target one Redis instance, not Redis Cluster: publish touches the global names set
+and retire builds keys it was not passed. The order of publish's checks is the one `stores.base`
+defines; the Python side turns each non-"ok" reply into the shared error.
+"""
+
+from __future__ import annotations
+
+CLAIM = """
+-- claim: hold one trainer rank of a model for an agent.
+-- KEYS[1]  claims hash of the model (rank -> "<claimed_at>|<agent>")
+-- ARGV[1]  rank
+-- ARGV[2]  agent name
+-- ARGV[3]  "1" to take the rank over from another agent, else "0"
+-- ARGV[4]  now (unix seconds, the server's clock)
+-- Reply:   {"ok", claimed_at, previous holder or ""} | {"taken", holder}
+-- The holder re-claiming keeps its original claimed_at (idempotent).
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  local holder = string.sub(cur, sep + 1)
+  if holder == ARGV[2] then return {'ok', string.sub(cur, 1, sep - 1), ''} end
+  if ARGV[3] ~= '1' then return {'taken', holder} end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
+  return {'ok', ARGV[4], holder}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
+return {'ok', ARGV[4], ''}
+"""
+
+RELEASE = """
+-- release: drop an agent's claim on one rank; any other holder's claim is left alone.
+-- KEYS[1]  claims hash of the model
+-- ARGV[1]  rank
+-- ARGV[2]  agent name
+-- Reply:   1 if released, 0 if the agent did not hold the rank
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.sub(cur, string.find(cur, '|', 1, true) + 1) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+PUBLISH = """
+-- publish: add (or replace) one rank's part of a version; create the version in STAGING on the first
+-- part and flip it to READY when every rank 0..world_size-1 has a part.
+-- KEYS[1]  version hash   (state, world_size, model, created_at, ready_at)
+-- KEYS[2]  sources hash   (rank -> SourceRecord protobuf)
+-- KEYS[3]  agents hash    (rank -> publishing agent)
+-- KEYS[4]  claims hash of the model
+-- KEYS[5]  versions zset of the model
+-- KEYS[6]  names set
+-- ARGV[1]  name            ARGV[2]  version          ARGV[3]  world_size (decimal)
+-- ARGV[4]  model bytes     ARGV[5]  rank             ARGV[6]  agent name
+-- ARGV[7]  source bytes    ARGV[8]  now
+-- The caller guarantees rank < world_size, so HLEN(agents) == world_size means every rank published.
+-- Reply:   {"ok", state, created_at, ready_at, rank...}
+--        | {"retired"} | {"conflict", world_size, model bytes} | {"claimed", holder} | {"published", holder}
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then
+  if state == 'RETIRED' then return {'retired'} end
+  local stored = redis.call('HMGET', KEYS[1], 'world_size', 'model')
+  if stored[1] ~= ARGV[3] or stored[2] ~= ARGV[4] then return {'conflict', stored[1], stored[2]} end
+end
+local claim = redis.call('HGET', KEYS[4], ARGV[5])
+if claim then
+  local holder = string.sub(claim, string.find(claim, '|', 1, true) + 1)
+  if holder ~= ARGV[6] then return {'claimed', holder} end
+end
+if state then
+  local prev = redis.call('HGET', KEYS[3], ARGV[5])
+  if prev and prev ~= ARGV[6] then return {'published', prev} end
+else
+  state = 'STAGING'
+  redis.call('HSET', KEYS[1], 'state', state, 'world_size', ARGV[3], 'model', ARGV[4],
+             'created_at', ARGV[8], 'ready_at', '0')
+  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[2])
+  redis.call('SADD', KEYS[6], ARGV[1])
+end
+redis.call('HSET', KEYS[2], ARGV[5], ARGV[7])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+if state == 'STAGING' and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[3]) then
+  state = 'READY'
+  redis.call('HSET', KEYS[1], 'state', state, 'ready_at', ARGV[8])
+end
+local reply = redis.call('HMGET', KEYS[1], 'state', 'created_at', 'ready_at')
+table.insert(reply, 1, 'ok')
+for _, r in ipairs(redis.call('HKEYS', KEYS[3])) do table.insert(reply, r) end
+return reply
+"""
+
+RETIRE = """
+-- retire: mark a version (and optionally every older one) RETIRED.
+-- KEYS[1]  versions zset of the model
+-- ARGV[1]  version
+-- ARGV[2]  "1" to also retire every older version, else "0"
+-- ARGV[3]  prefix of the model's version-hash keys (key = prefix .. number)
+-- The older versions' keys are built from ARGV[3] because they are only known inside the script
+-- (fine on one Redis instance; not Redis Cluster safe).
+-- Reply:   {"not_found"} (unknown version, ARGV[2] == "0") | {"ok", changed version...} ascending
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not known and ARGV[2] ~= '1' then return {'not_found'} end
+local targets = {ARGV[1]}
+if ARGV[2] == '1' then targets = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end
+local reply = {'ok'}
+for _, v in ipairs(targets) do
+  local key = ARGV[3] .. v
+  if redis.call('HGET', key, 'state') ~= 'RETIRED' then
+    redis.call('HSET', key, 'state', 'RETIRED')
+    table.insert(reply, v)
+  end
+end
+return reply
+"""
+
+LATEST = """
+-- latest: the highest-numbered version of a model in a given state, read atomically.
+-- KEYS[1]  versions zset of the model
+-- ARGV[1]  state ("STAGING", "READY" or "RETIRED")
+-- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; agents = key .. ":agents")
+-- Reply:   {} if none | {version, HGETALL of the version hash (flat), "", rank...}
+local versions = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+for _, v in ipairs(versions) do
+  local key = ARGV[2] .. v
+  if redis.call('HGET', key, 'state') == ARGV[1] then
+    local reply = {v}
+    for _, x in ipairs(redis.call('HGETALL', key)) do table.insert(reply, x) end
+    table.insert(reply, '')
+    for _, r in ipairs(redis.call('HKEYS', key .. ':agents')) do table.insert(reply, r) end
+    return reply
+  end
+end
+return {}
+"""

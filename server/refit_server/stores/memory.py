@@ -1,0 +1,148 @@
+"""`MemoryStore`: the embedded, in-process catalog store (the default).
+
+One lock guards everything, which makes each operation atomic exactly as the Redis store's Lua
+scripts are; catalog traffic is a handful of small calls per version, so contention does not matter.
+State dies with the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
+from refit_server.stores import base
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Version:
+    state: VersionState
+    world_size: int
+    model: ModelMeta
+    created_at: float
+    ready_at: float = 0.0
+    sources: dict[int, SourceRecord] = field(default_factory=dict)
+
+    def info(self, name: str, version: int) -> VersionInfo:
+        return VersionInfo(
+            name=name,
+            version=version,
+            state=self.state,
+            world_size=self.world_size,
+            published_ranks=tuple(sorted(self.sources)),
+            model=self.model,
+            created_at=self.created_at,
+            ready_at=self.ready_at,
+        )
+
+
+class MemoryStore:
+    """Thread-safe in-memory `Store`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[str, dict[int, _Version]] = {}
+        self._claims: dict[str, dict[int, Claim]] = {}
+
+    def __repr__(self) -> str:
+        return "MemoryStore()"
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
+        with self._lock:
+            claims = self._claims.setdefault(name, {})
+            held = claims.get(rank)
+            if held is not None and held.agent_name == agent_name:
+                return held
+            if held is not None and not takeover:
+                raise base.rank_claimed(name, rank, held.agent_name, agent_name)
+            claims[rank] = Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=now)
+            return claims[rank]
+
+    def release(self, *, name: str, rank: int, agent_name: str) -> None:
+        with self._lock:
+            claims = self._claims.get(name, {})
+            held = claims.get(rank)
+            if held is not None and held.agent_name == agent_name:
+                del claims[rank]
+
+    def publish(
+        self, *, name: str, version: int, world_size: int, model: ModelMeta, source: SourceRecord, now: float
+    ) -> VersionInfo:
+        rank, agent = source.rank, source.agent_name
+        with self._lock:
+            v = self._versions.get(name, {}).get(version)
+            if v is not None:
+                if v.state is VersionState.RETIRED:
+                    raise base.retired(name, version)
+                if v.world_size != world_size or v.model != model:
+                    raise base.conflict(
+                        name,
+                        version,
+                        stored_world_size=v.world_size,
+                        world_size=world_size,
+                        stored_model=v.model,
+                        model=model,
+                    )
+            held = self._claims.get(name, {}).get(rank)
+            if held is not None and held.agent_name != agent:
+                raise base.rank_claimed(name, rank, held.agent_name, agent)
+            if v is not None:
+                prev = v.sources.get(rank)
+                if prev is not None and prev.agent_name != agent:
+                    raise base.rank_published(name, version, rank, prev.agent_name, agent)
+            else:
+                v = _Version(state=VersionState.STAGING, world_size=world_size, model=model, created_at=now)
+                self._versions.setdefault(name, {})[version] = v
+            v.sources[rank] = source
+            # The service guarantees rank < world_size, so a full dict means every rank published.
+            if v.state is VersionState.STAGING and len(v.sources) >= world_size:
+                v.state, v.ready_at = VersionState.READY, now
+            return v.info(name, version)
+
+    def get_version(self, *, name: str, version: int) -> VersionInfo:
+        with self._lock:
+            return self._get(name, version).info(name, version)
+
+    def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
+        with self._lock:
+            versions = self._versions.get(name, {})
+            for number in sorted(versions, reverse=True):
+                if versions[number].state is state:
+                    return versions[number].info(name, number)
+            return None
+
+    def list_versions(self, *, name: str | None) -> list[VersionInfo]:
+        with self._lock:
+            names = sorted(self._versions) if name is None else [name]
+            return [self._versions[n][v].info(n, v) for n in names for v in sorted(self._versions.get(n, {}))]
+
+    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
+        with self._lock:
+            v = self._get(name, version)
+            return [v.sources[r] for r in sorted(v.sources)]
+
+    def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
+        with self._lock:
+            versions = self._versions.get(name, {})
+            if version not in versions and not and_older:
+                raise base.not_found(name, version)
+            targets = sorted(n for n in versions if n <= version) if and_older else [version]
+            changed = [n for n in targets if versions[n].state is not VersionState.RETIRED]
+            for n in changed:
+                versions[n].state = VersionState.RETIRED
+            return changed
+
+    def _get(self, name: str, version: int) -> _Version:
+        v = self._versions.get(name, {}).get(version)
+        if v is None:
+            raise base.not_found(name, version)
+        return v

@@ -1,0 +1,290 @@
+"""`RedisStore`: the catalog kept in Redis, so it outlives the catalog process.
+
+Owns the URL format (`redis://[user:password@]host:port/db?prefix=refit&timeout_s=5`, or `rediss://`),
+the key builders, and the translation of Lua replies and Redis failures into refit errors. Values are
+serialized protobuf (through `refit.catalog.wire`); every mutation is one Lua script from `lua.py`,
+whose header documents the key layout. Behaviour matches `MemoryStore` exactly (`stores.base`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, quote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from refit.catalog import wire
+from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
+from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
+from refit_server.stores import base, lua
+
+logger = logging.getLogger(__name__)
+
+_QUERY_KEYS = ("prefix", "timeout_s")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RedisConfig:
+    """A parsed `redis://` store URL."""
+
+    host: str
+    port: int
+    db: int
+    prefix: str = "refit"
+    timeout_s: float = 5.0
+    ssl: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"redis at {self.host}:{self.port}/{self.db}"
+
+
+def parse_url(url: str) -> RedisConfig:
+    """Parse a store URL, raising ConfigError for anything malformed or unknown."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"store URL {url!r} is not redis:// or rediss://")
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ConfigError(f"store URL {url!r}: {exc}") from exc
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ConfigError(f"store URL {url!r}: database must be a number, got {path!r}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(_QUERY_KEYS))
+    if unknown:
+        raise ConfigError(f"store URL {url!r}: unknown options {unknown} (known: {list(_QUERY_KEYS)})")
+    prefix = query.get("prefix", ["refit"])[-1]
+    if not prefix:
+        raise ConfigError(f"store URL {url!r}: prefix must be non-empty")
+    try:
+        timeout_s = float(query.get("timeout_s", ["5"])[-1])
+    except ValueError as exc:
+        raise ConfigError(f"store URL {url!r}: timeout_s: {exc}") from exc
+    if timeout_s <= 0:
+        raise ConfigError(f"store URL {url!r}: timeout_s must be positive")
+    return RedisConfig(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        db=int(path or 0),
+        prefix=prefix,
+        timeout_s=timeout_s,
+        ssl=parts.scheme == "rediss",
+        username=parts.username,
+        password=parts.password,
+    )
+
+
+class _Keys:
+    """One builder per key; the layout is documented in `lua.py`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def names(self) -> str:
+        return f"{self.prefix}:names"
+
+    def _model(self, name: str) -> str:
+        # Quoting keeps a ':' inside a model name from aliasing another model's keys.
+        return f"{self.prefix}:m:{quote(name, safe='')}"
+
+    def versions(self, name: str) -> str:
+        return f"{self._model(name)}:versions"
+
+    def claims(self, name: str) -> str:
+        return f"{self._model(name)}:claims"
+
+    def version_prefix(self, name: str) -> str:
+        return f"{self._model(name)}:v:"
+
+    def version(self, name: str, version: int) -> str:
+        return f"{self.version_prefix(name)}{version}"
+
+    def sources(self, name: str, version: int) -> str:
+        return f"{self.version(name, version)}:sources"
+
+    def agents(self, name: str, version: int) -> str:
+        return f"{self.version(name, version)}:agents"
+
+
+def _info(name: str, version: int, fields: dict[bytes, bytes], ranks: Sequence[bytes]) -> VersionInfo:
+    """A VersionInfo from a version hash (HGETALL) and its agents hash's keys."""
+    return VersionInfo(
+        name=name,
+        version=version,
+        state=VersionState(fields[b"state"].decode()),
+        world_size=int(fields[b"world_size"]),
+        published_ranks=tuple(sorted(int(r) for r in ranks)),
+        model=wire.model_from_bytes(fields[b"model"]),
+        created_at=float(fields[b"created_at"]),
+        ready_at=float(fields[b"ready_at"]),
+    )
+
+
+class RedisStore:
+    """`Store` over one Redis instance; safe to share between threads (redis-py pools connections)."""
+
+    def __init__(self, url: str) -> None:
+        self.config = parse_url(url)
+        c = self.config
+        self._keys = _Keys(c.prefix)
+        self._redis = redis.Redis(
+            host=c.host,
+            port=c.port,
+            db=c.db,
+            username=c.username,
+            password=c.password,
+            ssl=c.ssl,
+            socket_timeout=c.timeout_s,
+            socket_connect_timeout=c.timeout_s,
+            # A short retry rides out a reconnect without stalling callers for long when Redis is down.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        )
+        self._claim = self._redis.register_script(lua.CLAIM)
+        self._release = self._redis.register_script(lua.RELEASE)
+        self._publish = self._redis.register_script(lua.PUBLISH)
+        self._retire = self._redis.register_script(lua.RETIRE)
+        self._latest = self._redis.register_script(lua.LATEST)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.config.where}, prefix={self.config.prefix!r})"
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise CatalogUnavailableError(f"catalog store {self.config.where} is unreachable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise CatalogError(f"catalog store {self.config.where} failed: {exc}") from exc
+
+    def ping(self) -> None:
+        with self._guard():
+            self._redis.ping()
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
+        with self._guard():
+            reply = self._claim(keys=[self._keys.claims(name)], args=[rank, agent_name, int(takeover), repr(now)])
+        status = reply[0].decode()
+        if status == "taken":
+            raise base.rank_claimed(name, rank, reply[1].decode(), agent_name)
+        if reply[2]:
+            logger.warning("%r rank %d taken over by %r from %r", name, rank, agent_name, reply[2].decode())
+        return Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=float(reply[1]))
+
+    def release(self, *, name: str, rank: int, agent_name: str) -> None:
+        with self._guard():
+            self._release(keys=[self._keys.claims(name)], args=[rank, agent_name])
+
+    def publish(
+        self, *, name: str, version: int, world_size: int, model: ModelMeta, source: SourceRecord, now: float
+    ) -> VersionInfo:
+        k, rank, agent = self._keys, source.rank, source.agent_name
+        keys = [
+            k.version(name, version),
+            k.sources(name, version),
+            k.agents(name, version),
+            k.claims(name),
+            k.versions(name),
+            k.names(),
+        ]
+        args = [name, version, world_size, wire.model_to_bytes(model), rank, agent, wire.source_to_bytes(source)]
+        with self._guard():
+            reply = self._publish(keys=keys, args=[*args, repr(now)])
+        status = reply[0].decode()
+        if status == "retired":
+            raise base.retired(name, version)
+        if status == "conflict":
+            raise base.conflict(
+                name,
+                version,
+                stored_world_size=int(reply[1]),
+                world_size=world_size,
+                stored_model=wire.model_from_bytes(reply[2]),
+                model=model,
+            )
+        if status == "claimed":
+            raise base.rank_claimed(name, rank, reply[1].decode(), agent)
+        if status == "published":
+            raise base.rank_published(name, version, rank, reply[1].decode(), agent)
+        state, created_at, ready_at, *ranks = reply[1:]
+        return VersionInfo(
+            name=name,
+            version=version,
+            state=VersionState(state.decode()),
+            world_size=world_size,
+            published_ranks=tuple(sorted(int(r) for r in ranks)),
+            model=model,
+            created_at=float(created_at),
+            ready_at=float(ready_at),
+        )
+
+    def get_version(self, *, name: str, version: int) -> VersionInfo:
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hgetall(self._keys.version(name, version))
+            pipe.hkeys(self._keys.agents(name, version))
+            fields, ranks = pipe.execute()
+        if not fields:
+            raise base.not_found(name, version)
+        return _info(name, version, fields, ranks)
+
+    def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
+        with self._guard():
+            reply = self._latest(keys=[self._keys.versions(name)], args=[state.value, self._keys.version_prefix(name)])
+        if not reply:
+            return None
+        end = reply.index(b"", 1)  # a hash field or value is never empty; "" separates the agents' ranks
+        flat = reply[1:end]
+        return _info(name, int(reply[0]), dict(zip(flat[::2], flat[1::2], strict=True)), reply[end + 1 :])
+
+    def list_versions(self, *, name: str | None) -> list[VersionInfo]:
+        k = self._keys
+        with self._guard():
+            names = sorted(n.decode() for n in self._redis.smembers(k.names())) if name is None else [name]
+            pipe = self._redis.pipeline(transaction=False)
+            for n in names:
+                pipe.zrange(k.versions(n), 0, -1)
+            numbers = [(n, int(v)) for n, vs in zip(names, pipe.execute(), strict=True) for v in vs]
+            # One MULTI for every version: a consistent snapshot, in one round trip.
+            pipe = self._redis.pipeline(transaction=True)
+            for n, v in numbers:
+                pipe.hgetall(k.version(n, v))
+                pipe.hkeys(k.agents(n, v))
+            replies = pipe.execute() if numbers else []
+        infos = [
+            _info(n, v, fields, ranks)
+            for (n, v), fields, ranks in zip(numbers, replies[::2], replies[1::2], strict=True)
+            if fields
+        ]
+        return sorted(infos, key=lambda i: (i.name, i.version))
+
+    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.exists(self._keys.version(name, version))
+            pipe.hvals(self._keys.sources(name, version))
+            exists, blobs = pipe.execute()
+        if not exists:
+            raise base.not_found(name, version)
+        return sorted((wire.source_from_bytes(b) for b in blobs), key=lambda s: s.rank)
+
+    def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
+        with self._guard():
+            reply = self._retire(
+                keys=[self._keys.versions(name)], args=[version, int(and_older), self._keys.version_prefix(name)]
+            )
+        if reply[0] == b"not_found":
+            raise base.not_found(name, version)
+        return sorted(int(v) for v in reply[1:])

@@ -1,0 +1,159 @@
+"""`refit-catalog` as a user runs it: `serve` in a subprocess on a free port, then `list` and `show`
+(human and --json) via `python -m refit_server.cli`, against versions published through the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from refit.catalog.client import CatalogClient
+from tests.support import catalog_samples as samples
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]),
+}
+CLI = [sys.executable, "-m", "refit_server.cli"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, timeout=60, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
+    try:
+        return lines.get(timeout=timeout_s)
+    except queue.Empty:
+        return ""
+
+
+@pytest.fixture
+def served(store_url: str) -> Iterator[str]:
+    """`refit-catalog serve` running in a subprocess; yields its host:port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--store", store_url, "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        line = _first_line(proc, 30.0)
+        address = f"127.0.0.1:{port}"
+        if address not in line:
+            proc.kill()
+            pytest.fail(f"serve did not start: {line!r} {proc.communicate(timeout=10)}")
+        yield address
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def _publish(address: str) -> None:
+    with CatalogClient(address) as client:
+        for r in range(2):  # "llama" v1: READY over 2 ranks
+            client.publish(
+                name="llama", version=1, world_size=2, model=samples.MODEL, source=samples.source(r, tp_size=2)
+            )
+        client.publish(name="llama", version=2, world_size=2, model=samples.MODEL, source=samples.source(0, tp_size=2))
+        client.publish(name="qwen", version=5, world_size=1, model=samples.MODEL, source=samples.source(0))
+
+
+def test_list_and_show(served: str) -> None:
+    _publish(served)
+
+    out = cli("list", "--catalog", served)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "STATE", "RANKS", "CREATED"]
+    assert [ln.split()[:4] for ln in lines[1:]] == [
+        ["llama", "1", "READY", "2/2"],
+        ["llama", "2", "STAGING", "1/2"],
+        ["qwen", "5", "READY", "1/1"],
+    ]
+
+    out = cli("list", "--catalog", served, "--name", "llama", "--json")
+    assert out.returncode == 0, out.stderr
+    versions = json.loads(out.stdout)
+    assert [(v["name"], v["version"], v["state"]) for v in versions] == [("llama", 1, "READY"), ("llama", 2, "STAGING")]
+    assert versions[1]["missing_ranks"] == [1] and versions[0]["model"]["hidden_size"] == 64
+
+    out = cli("show", "llama", "1", "--catalog", served)
+    assert out.returncode == 0, out.stderr
+    assert "READY" in out.stdout and "2/2 published" in out.stdout and "llama, 2 layers" in out.stdout
+    assert "tp1/2" in out.stdout and "agent-1" in out.stdout
+    assert "decoder.layers.0.mlp.linear_fc1.weight" not in out.stdout  # tensors only with --tensors
+
+    out = cli("show", "llama", "2", "--catalog", served, "--tensors")
+    assert out.returncode == 0, out.stderr
+    assert "missing: 1" in out.stdout
+    tensor_lines = [ln for ln in out.stdout.splitlines() if ln.startswith("decoder.layers.0.mlp.linear_fc1.weight")]
+    assert tensor_lines and tensor_lines[0].split()[1:5] == ["gated_mlp_column", "bfloat16", "128x64", "256x64"]
+
+    out = cli("show", "llama", "1", "--catalog", served, "--json", "--tensors")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["state"] == "READY" and [s["rank"] for s in shown["sources"]] == [0, 1]
+    src = shown["sources"][1]
+    assert src["coords"]["tp_rank"] == 1 and src["num_tensors"] == 3 and len(src["tensors"]) == 3
+    assert src["nbytes"] == sum(t.nbytes for t in samples.source(1, tp_size=2).tensors)
+    assert src["tensors"][1] == {
+        "name": "decoder.layers.0.mlp.linear_fc2.weight",
+        "role": "row",
+        "dtype": "bfloat16",
+        "local_shape": [64, 64],
+        "global_shape": [64, 128],
+        "partition_dim": 1,
+        "partition_stride": 1,
+        "offset": 64,
+        "region": 0,
+        "byte_offset": 128 * 64 * 2,
+        "nbytes": 64 * 64 * 2,
+    }
+    assert "tensors" not in json.loads(cli("show", "qwen", "5", "--catalog", served, "--json").stdout)["sources"][0]
+
+
+def test_errors_are_one_line_on_stderr_with_exit_1(served: str) -> None:
+    out = cli("show", "llama", "99", "--catalog", served)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "VersionNotFoundError" in out.stderr and "99" in out.stderr
+
+    out = cli("list", "--catalog", f"127.0.0.1:{free_port()}", "--timeout-s", "2")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "CatalogUnavailableError" in out.stderr
+
+
+def test_empty_catalog_and_bad_store() -> None:
+    out = cli("serve", "--store", "nosuch://x")
+    assert out.returncode == 1 and "unknown catalog store" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_list_on_an_empty_catalog(served: str) -> None:
+    out = cli("list", "--catalog", served)
+    assert out.returncode == 0 and out.stdout.strip() == "no versions"
+    assert json.loads(cli("list", "--catalog", served, "--json").stdout) == []

@@ -1,0 +1,150 @@
+"""Versions, torn-read safety and bad input, on the same real parts as test_refit.py.
+
+In every failure case the engine must keep its previous weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refit import Receiver
+from refit.catalog.client import CatalogClient
+from refit.engines import HFEngine
+from refit.errors import (
+    CatalogUnavailableError,
+    ModelMismatchError,
+    VersionNotFoundError,
+    VersionNotReadyError,
+    VersionRetiredError,
+)
+from tests.integration.test_refit import OPS, assert_same_weights, catalog, trainer  # noqa: F401
+from tests.support import hf_models as hm
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} changed"
+
+
+def test_pinned_older_version_from_snapshots_then_retired_when_its_slot_is_reused(trainer, catalog) -> None:  # noqa: ANN001, F811
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    t.publish(1, snapshots=2)
+    v2 = t.step(seed=2)  # no invalidate needed: snapshots keep version 1 readable
+    t.publish(2, snapshots=2)
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+        assert rcv.update_weights(version=1).version == 1
+        assert_same_weights(engine_model, t.hf)
+        assert rcv.update_weights().version == 2
+        assert_same_weights(engine_model, v2)
+        t.step(seed=3)
+        t.publish(3, snapshots=2)  # reuses version 1's slot: version 1 is retired first
+        before = snapshot(engine_model)
+        with pytest.raises(VersionRetiredError):
+            rcv.update_weights(version=1)
+        assert_unchanged(engine_model, before)
+
+
+def test_optimizer_step_retires_the_live_version_before_changing_weights(trainer, catalog, trainer_cluster) -> None:  # noqa: ANN001, F811
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=2)
+    out = trainer_cluster.run(
+        f"{OPS}:optimizer_step_retires", key=t.name, catalog=catalog, name=t.name + "-opt"
+    )
+    assert set(out) == {"READY->RETIRED"}
+
+
+class RacingReceiver(Receiver):
+    """Runs a trainer step between the pull and the READY re-check: the worst-timed optimizer step."""
+
+    race = None
+
+    def _after_wire(self, version: int) -> None:
+        if self.race is not None:
+            race, self.race = self.race, None
+            race()
+
+
+def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog) -> None:  # noqa: ANN001, F811
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    t.publish(1)
+    with RacingReceiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+        state: dict = {}
+
+        def step_and_publish() -> None:
+            t.cluster.run(f"{OPS}:invalidate", name=t.name)  # what the optimizer hook does
+            state["v2"] = t.step(seed=2)  # the bytes just pulled are now overwritten
+            t.publish(2)
+
+        before = snapshot(engine_model)
+        rcv.race = step_and_publish
+        with pytest.raises(VersionRetiredError, match="during the pull"):
+            rcv.update_weights(version=1)  # pinned: refused, old weights kept
+        assert_unchanged(engine_model, before)
+
+        def step3() -> None:
+            t.cluster.run(f"{OPS}:invalidate", name=t.name)
+            state["v3"] = t.step(seed=3)
+            t.publish(3)
+
+        rcv.race = step3
+        result = rcv.update_weights()  # unpinned: the raced pull of v2 is discarded, v3 is pulled whole
+        assert result.version == 3
+        assert_same_weights(engine_model, state["v3"])
+
+
+def test_version_that_never_becomes_ready_names_the_missing_ranks(trainer, catalog, trainer_cluster) -> None:  # noqa: ANN001, F811
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=2)
+    world = trainer_cluster.world_size
+    t.publish(1, ranks=[0, 1, 2])
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    before = snapshot(engine_model)
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+        with pytest.raises(VersionNotReadyError) as err:
+            rcv.update_weights(version=1, timeout_s=1.0)
+        assert err.value.missing_ranks == tuple(range(3, world))
+        assert "3" in str(err.value) and str(world - 1) in str(err.value)
+        with pytest.raises(VersionNotFoundError):
+            rcv.update_weights(version=42, timeout_s=0.5)
+    assert_unchanged(engine_model, before)
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        pytest.param(hm.QWEN3_QKNORM, "architecture", id="other-architecture"),
+        pytest.param(hm.LLAMA_1KV_TIED, "num_query_groups", id="other-shapes"),
+    ],
+)
+def test_engine_that_does_not_match_the_catalog_is_refused_untouched(trainer, catalog, case, match) -> None:  # noqa: ANN001, F811
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    t.publish(1)
+    engine_model = hm.build_hf_model(case, seed=7)
+    before = snapshot(engine_model)
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+        with pytest.raises(ModelMismatchError, match=match):
+            rcv.update_weights()
+    assert_unchanged(engine_model, before)
+
+
+def test_unreachable_catalog_is_reported_and_engine_untouched() -> None:
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    before = snapshot(engine_model)
+    with Receiver(catalog="127.0.0.1:1", engine=HFEngine(engine_model), catalog_timeout_s=1.0) as rcv:
+        with pytest.raises(CatalogUnavailableError, match="127.0.0.1:1"):
+            rcv.update_weights(timeout_s=2.0)
+    assert_unchanged(engine_model, before)
+
+
+def test_second_publisher_for_a_taken_rank_is_refused(trainer, catalog, trainer_cluster) -> None:  # noqa: ANN001, F811
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    t.publish(1)
+    out = trainer_cluster.run(f"{OPS}:second_publisher", key=t.name, catalog=catalog, name=t.name)
+    assert set(out) == {"RankTakenError"}
+    with CatalogClient(catalog) as client:
+        assert client.get_version(name=t.name, version=1).state.value == "READY"

@@ -1,0 +1,285 @@
+"""Trainer-side model steps run on every rank of a `TrainerCluster` (see cluster.py).
+
+Owns how a real megatron-core 0.16.1 GPTModel is built on CPU from a `ModelCase` (TP / PP / VPP
+layouts, local layer spec), filled with an HF checkpoint through the independent converter, updated
+in place, run forward and dropped. Each function has the cluster's signature
+`fn(state, rank, world_size, **kwargs)` and returns a small picklable value; models live in
+`state[key]` (one GPTModel, or a list of chunks with VPP). megatron-core is imported lazily so the
+test process can import this module cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tests.support.hf_models import ModelCase, get_case, padded_vocab
+from tests.support.megatron_convert import hf_to_megatron_local
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _ensure_model_parallel(tp: int, pp: int, vpp: int | None) -> None:
+    """(Re)initialise Megatron's parallel state for this layout; keep it if it is already current.
+
+    Keeping an unchanged layout avoids a fresh set of gloo groups per model (`destroy_model_parallel`
+    forgets groups without freeing them). Models built under an earlier layout keep working: their
+    modules hold their own process groups.
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        current = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+        )
+        if current == (tp, pp, vpp):
+            return
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        create_gloo_process_groups=False,  # the default group is gloo already
+    )
+
+
+def transformer_config(case: ModelCase, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype) -> Any:
+    """Megatron TransformerConfig equivalent to the HF config of `case` (megatron.md section 5.2)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=case.num_layers,
+        hidden_size=case.hidden_size,
+        ffn_hidden_size=case.ffn_hidden_size,
+        num_attention_heads=case.num_heads,
+        num_query_groups=case.num_query_groups,
+        kv_channels=case.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=case.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=case.architecture == "qwen2",
+        qk_layernorm=case.architecture == "qwen3",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+
+
+def _chunks(model: Any) -> list[torch.nn.Module]:
+    return list(model) if isinstance(model, list) else [model]
+
+
+def _global_layers(chunk: torch.nn.Module) -> list[int]:
+    """Global layer ids of a chunk, read from Megatron itself (`layer_number` is 1-based global)."""
+    return [int(layer.layer_number) - 1 for layer in chunk.decoder.layers]
+
+
+def _converted(state: dict, key: str, hf_sd: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per-chunk local state dicts for the model stored under `key`."""
+    from megatron.core import parallel_state as ps
+
+    meta = state[f"{key}/meta"]
+    case, tp, vocab = meta["case"], meta["tp"], meta["padded_vocab"]
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    return [
+        hf_to_megatron_local(
+            hf_sd,
+            case,
+            tp_size=tp,
+            tp_rank=tp_rank,
+            layers=_global_layers(chunk),
+            pre_process=chunk.pre_process,
+            post_process=chunk.post_process,
+            padded_vocab=vocab,
+        )
+        for chunk in _chunks(state[key])
+    ]
+
+
+def _load_hf(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def build(
+    state: dict,
+    rank: int,
+    world_size: int,
+    *,
+    key: str,
+    case: ModelCase | Mapping[str, Any] | str,
+    hf_path: str,
+    tp: int,
+    pp: int = 1,
+    vpp: int | None = None,
+    params_dtype: str | None = None,
+) -> dict[str, Any]:
+    """Build the GPTModel chunk(s) of this rank for `case` at TP x PP (x VPP), load `hf_path` into them.
+
+    The rest of the world is data parallel. `params_dtype` defaults to the case's dtype; every
+    parameter gets it (as Megatron's Float16Module does for bf16 training). The converted state dict
+    must match the model exactly (only `*_extra_state` may be missing).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    case = get_case(case)
+    if key in state:
+        raise KeyError(f"a model is already stored under {key!r}; drop it first")
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP*PP = {tp * pp}")
+    if case.tied and pp > 1:
+        raise NotImplementedError(
+            f"{case.id}: tied embeddings with PP={pp} cannot run on CPU (megatron-core 0.16.1 calls "
+            ".cuda() in setup_embeddings_and_output_layer for the last stage's output_layer copy)"
+        )
+    if vpp is not None and case.num_layers % (pp * vpp):
+        raise ValueError(f"{case.id}: {case.num_layers} layers do not split into PP={pp} x VPP={vpp} chunks")
+    dtype = _DTYPES[params_dtype or case.dtype]
+    _ensure_model_parallel(tp, pp, vpp)
+    config = transformer_config(case, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype)
+    vocab = padded_vocab(case, tp)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+
+    chunks = []
+    for vp_stage in [None] if vpp is None else range(vpp):
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+        )
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=int(case.hf_config.get("max_position_embeddings", 128)),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=case.tied,
+            position_embedding_type="rope",
+            rotary_base=int(case.rope_theta),
+            vp_stage=vp_stage,
+        )
+        # Like Megatron's Float16Module: the local spec's torch norms are created fp32 whatever params_dtype is.
+        chunks.append(chunk.to(dtype).eval())
+    state[key] = chunks if vpp is not None else chunks[0]
+    state[f"{key}/meta"] = {"case": case, "tp": tp, "pp": pp, "vpp": vpp, "padded_vocab": vocab}
+
+    try:
+        for chunk, local_sd in zip(chunks, _converted(state, key, _load_hf(hf_path)), strict=True):
+            result = chunk.load_state_dict(local_sd, strict=False)
+            missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            if missing or result.unexpected_keys:
+                raise AssertionError(f"state dict mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+    except BaseException:
+        drop(state, rank, world_size, key=key)
+        raise
+    return {
+        "rank": rank,
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": pp_rank,
+        "dp_rank": ps.get_data_parallel_rank(),
+        "layers": [_global_layers(c) for c in chunks],
+        "pre_process": [c.pre_process for c in chunks],
+        "post_process": [c.post_process for c in chunks],
+        "params": sum(p.numel() for c in chunks for p in c.parameters()),
+    }
+
+
+def load(state: dict, rank: int, world_size: int, *, key: str, hf_path: str) -> dict[str, Any]:
+    """Copy new HF weights into the existing parameters of `state[key]` in place (storage unchanged)."""
+    hf_sd = _load_hf(hf_path)
+    updated = 0
+    with torch.no_grad():
+        for chunk, local_sd in zip(_chunks(state[key]), _converted(state, key, hf_sd), strict=True):
+            params = dict(chunk.named_parameters())
+            if set(params) != set(local_sd):
+                raise AssertionError(
+                    f"parameter names differ: model only {sorted(set(params) - set(local_sd))}, "
+                    f"converted only {sorted(set(local_sd) - set(params))}"
+                )
+            for name, param in params.items():
+                ptr = param.data_ptr()
+                param.data.copy_(local_sd[name])
+                if param.data_ptr() != ptr:
+                    raise AssertionError(f"{name} changed storage")
+                updated += 1
+    return {"rank": rank, "updated": updated}
+
+
+def logits(state: dict, rank: int, world_size: int, *, key: str, tokens: list[list[int]]) -> torch.Tensor | None:
+    """Logits `[batch, seq, vocab]` (vocab padding cut off) from TP rank 0; `None` on other ranks. PP=1 only."""
+    from megatron.core import parallel_state as ps
+
+    meta = state[f"{key}/meta"]
+    if meta["pp"] != 1:
+        raise NotImplementedError("logits() runs the forward pass of one stage: PP must be 1")
+    model = state[key]
+    ids = torch.tensor(tokens, dtype=torch.long)
+    seq = ids.shape[1]
+    position_ids = torch.arange(seq, dtype=torch.long).expand_as(ids)
+    causal_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+    with torch.no_grad():
+        out = model(ids, position_ids, causal_mask, runtime_gather_output=True)
+    if ps.get_tensor_model_parallel_rank() != 0:
+        return None
+    return out[..., : meta["case"].vocab_size].float().clone()
+
+
+def drop(state: dict, rank: int, world_size: int, *, key: str) -> bool:
+    """Forget the model stored under `key`; True if there was one."""
+    state.pop(f"{key}/meta", None)
+    return state.pop(key, None) is not None
+
+
+# --- diagnostics for the harness's own tests ---------------------------------------------------
+
+
+def ping(state: dict, rank: int, world_size: int) -> dict[str, Any]:
+    """Who this worker is: process-group rank/size, pid, torch threads, stored keys."""
+    import os
+
+    import torch.distributed as dist
+
+    return {
+        "rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+        "keys": sorted(k for k in state if not k.startswith("_")),
+    }
+
+
+def fail(state: dict, rank: int, world_size: int, *, ranks: list[int], message: str) -> int:
+    """Raise `RuntimeError(message)` on `ranks`, return the rank elsewhere."""
+    if rank in ranks:
+        raise RuntimeError(message)
+    return rank
+
+
+def sleep(state: dict, rank: int, world_size: int, *, ranks: list[int], seconds: float) -> int:
+    """Sleep on `ranks` (to simulate a hung rank), return the rank."""
+    import time
+
+    if rank in ranks:
+        time.sleep(seconds)
+    return rank
