@@ -69,3 +69,14 @@ class TransportError(RefitError):
 
 class TransferTimeoutError(TransportError):
     """A transfer did not complete before its deadline."""
+
+
+# --- engines -------------------------------------------------------------------------------------------
+
+
+class EngineError(RefitError):
+    """An inference engine refused or failed an update (it keeps its previous weights)."""
+
+
+class RankVersionMismatchError(EngineError):
+    """The tensor-parallel ranks of one engine were asked to install different versions."""

@@ -37,6 +37,11 @@ class Role(StrEnum):
     ROW = "row"  # row-parallel, dim 1
     VOCAB_PARALLEL = "vocab_parallel"  # embedding / output layer rows, padded vocab, dim 0
     REPLICATED = "replicated"  # identical on every TP rank (norms, row-parallel biases)
+    # MoE experts: one global tensor per expert (its global index in the name), held by the expert-parallel
+    # rank that owns it, split within the expert by expert TP, and copied on every expert-data-parallel rank.
+    EXPERT_GATED_COLUMN = "expert_gated_column"  # expert linear_fc1 of a gated MLP: [gate_r; up_r], dim 0
+    EXPERT_COLUMN = "expert_column"  # expert linear_fc1 without gating, dim 0
+    EXPERT_ROW = "expert_row"  # expert linear_fc2, dim 1
 
 
 class VersionState(StrEnum):

@@ -36,10 +36,16 @@ class Shape:
 SHAPES = {
     s.name: s
     for s in (
+        Shape(name="llama-tiny", num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+              ffn_hidden_size=512, vocab_size=1024),
         Shape(name="llama-100m", num_layers=8, hidden_size=768, num_attention_heads=12, num_query_groups=4,
               ffn_hidden_size=2048, vocab_size=32000),
         Shape(name="llama-1b", num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
               ffn_hidden_size=8192, vocab_size=128256),
+        # Llama-3-8B's layer and vocabulary shapes with half the layers: 9.1 GB of bf16, so trainer,
+        # staging and engine copies fit one 80 GB GPU together.
+        Shape(name="llama-8gb", num_layers=16, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+              ffn_hidden_size=14336, vocab_size=128256),
         Shape(name="llama-3-8b", num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
               ffn_hidden_size=14336, vocab_size=128256),
     )
@@ -59,11 +65,15 @@ def init_trainer_rank(rank: int, world_size: int, port: int, *, tp: int, pp: int
 
 def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
     """A Megatron-Core GPTModel of `shape` for this rank's TP/PP coordinates (random weights)."""
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
+
+    if device == "cuda":
+        model_parallel_cuda_manual_seed(1234)  # GPU initialisation draws from Megatron's RNG tracker
 
     config = TransformerConfig(
         num_layers=shape.num_layers,

@@ -55,7 +55,19 @@ _LAYER_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp.linear_fc1.layer_norm_{p}": ("single", ("post_attention_layernorm.{p}",)),
     "mlp.linear_fc1.{p}": ("gated", ("mlp.gate_proj.{p}", "mlp.up_proj.{p}")),
     "mlp.linear_fc2.{p}": ("single", ("mlp.down_proj.{p}",)),
+    # MoE (DeepSeek-V3 / Qwen3-MoE names): router, its bias, shared experts.
+    "mlp.router.{p}": ("single", ("mlp.gate.{p}",)),
+    "mlp.router.expert_bias": ("single", ("mlp.gate.e_score_correction_bias",)),
+    "mlp.shared_experts.linear_fc1.{p}": (
+        "gated",
+        ("mlp.shared_experts.gate_proj.{p}", "mlp.shared_experts.up_proj.{p}"),
+    ),
+    "mlp.shared_experts.linear_fc2.{p}": ("single", ("mlp.shared_experts.down_proj.{p}",)),
 }
+# Routed experts, one global tensor per expert: TEGroupedMLP (`linear_fc1.weight7`) or SequentialMLP names.
+_EXPERT = re.compile(
+    r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.(weight|bias)|linear_fc([12])\.(weight|bias)(\d+))$"
+)
 _TOP_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "embedding.word_embeddings.weight": ("single", ("model.embed_tokens.weight",)),
     "decoder.final_layernorm.weight": ("single", ("model.norm.weight",)),
@@ -81,6 +93,18 @@ def hf_names(megatron_name: str, *, gated: bool = True) -> HFName:
         kind, names = _TOP_TABLE[megatron_name]
         return HFName(kind=kind, names=names)
     m = _LAYER.match(megatron_name)
+    expert = _EXPERT.match(m.group(2)) if m is not None else None
+    if m is not None and expert is not None:
+        e, fc, p = (
+            expert.group(1) or expert.group(6),
+            expert.group(2) or expert.group(4),
+            expert.group(3) or expert.group(5),
+        )
+        kind, names = ("gated", ("gate_proj", "up_proj")) if fc == "1" else ("single", ("down_proj",))
+        if kind == "gated" and not gated:
+            kind, names = "single", ("up_proj",)
+        prefix = f"model.layers.{m.group(1)}.mlp.experts.{e}."
+        return HFName(kind=kind, names=tuple(f"{prefix}{n}.{p}" for n in names))
     if m is not None and m.group(2) in _LAYER_MAP:
         kind, names = _LAYER_MAP[m.group(2)]
         if kind == "gated" and not gated:

@@ -14,7 +14,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from refit.errors import LayoutError, ModelMismatchError
 from refit.plan.targets import EngineLayout, Target, merge_intervals, targets_for
@@ -103,6 +103,8 @@ class _Need:
 def _segments(desc: TensorDesc) -> list[tuple[int, int, int]]:
     """(global start, global stop, local start) runs of a shard along its partition dim."""
     d, s = desc.partition_dim, desc.partition_stride
+    if s == 1:
+        return [(desc.offset, desc.offset + desc.local_shape[d], 0)]
     part_local = desc.local_shape[d] // s
     part_global = desc.global_shape[d] // s
     return [
@@ -128,6 +130,9 @@ def _needs(
                 lo, hi = max(a, g0), min(b, g1)
                 if lo < hi:
                     cuts[(lo, hi)].append((rank, desc, l0 + lo - g0))
+    if len(cuts) == len(intervals) and all(iv in cuts for iv in intervals):
+        # The common case: every shard that touches an interval covers all of it; nothing to cut.
+        return [_Need(tensor=tensor, dim=dim, start=a, stop=b, holders=tuple(cuts[(a, b)])) for a, b in intervals]
     # Shards of different ranks can cut an interval at different points; split at every cut.
     bounds = sorted({x for ab in cuts for x in ab} | {x for ab in intervals for x in ab})
     needs = []
@@ -146,87 +151,118 @@ def _needs(
     return needs
 
 
-def _piece(need: _Need, rank: int, desc: TensorDesc, local_start: int) -> Piece:
-    item = desc.itemsize
+# A need with its chosen holder: (need, rank, descriptor, first local index along the need's dim).
+_Choice = tuple[_Need, int, TensorDesc, int]
+
+
+def _geometry(need: _Need, desc: TensorDesc, local_start: int) -> tuple[tuple[int, ...], int, int, int, int]:
+    """(shape, remote_offset, block_bytes, count, remote_stride) of `need` read from shard `desc`."""
     if need.dim is None:
-        return Piece(
-            tensor=need.tensor, rank=rank, dim=None, start=0, stop=0, shape=desc.local_shape, dtype=desc.dtype,
-            region=desc.region, remote_offset=desc.byte_offset, block_bytes=desc.nbytes, count=1, remote_stride=0,
-        )  # fmt: skip
-    dim, width = need.dim, need.stop - need.start
-    outer = math.prod(desc.local_shape[:dim])
-    inner = math.prod(desc.local_shape[dim + 1 :])
-    local_width = desc.local_shape[dim]
-    shape = (*desc.local_shape[:dim], width, *desc.local_shape[dim + 1 :])
+        return desc.local_shape, desc.byte_offset, desc.nbytes, 1, 0
+    item = DTYPE_SIZES[desc.dtype]
+    dim, width, local_shape = need.dim, need.stop - need.start, desc.local_shape
+    outer = math.prod(local_shape[:dim])
+    inner = math.prod(local_shape[dim + 1 :])
+    local_width = local_shape[dim]
+    shape = (*local_shape[:dim], width, *local_shape[dim + 1 :])
     start = desc.byte_offset + local_start * inner * item
     if outer == 1 or width == local_width:
-        count, block, stride = 1, outer * width * inner * item, 0
-    else:
-        count, block, stride = outer, width * inner * item, local_width * inner * item
-    return Piece(
-        tensor=need.tensor, rank=rank, dim=dim, start=need.start, stop=need.stop, shape=shape, dtype=desc.dtype,
-        region=desc.region, remote_offset=start, block_bytes=block, count=count, remote_stride=stride,
-    )  # fmt: skip
+        return shape, start, outer * width * inner * item, 1, 0
+    return shape, start, width * inner * item, outer, local_width * inner * item
 
 
-def _choose(needs: Iterable[_Need], stripe: int) -> list[Piece]:
+def _holder(need: _Need, rank: int) -> tuple[TensorDesc, int]:
+    for r, desc, local in need.holders:
+        if r == rank:
+            return desc, local
+    raise AssertionError(f"rank {rank} does not hold {need.tensor}")
+
+
+def _choose(needs: Iterable[_Need], stripe: int) -> list[_Choice]:
     """Give each need one holder, striping runs of pieces over equal replicas."""
     groups: dict[tuple[int, ...], list[_Need]] = defaultdict(list)
     for need in needs:
-        groups[tuple(sorted({h[0] for h in need.holders}))].append(need)
-    pieces = []
+        holders = need.holders
+        key = (holders[0][0],) if len(holders) == 1 else tuple(sorted({h[0] for h in holders}))
+        groups[key].append(need)
+    chosen: list[_Choice] = []
     for ranks, group in groups.items():
+        if len(ranks) == 1:  # a single holder (an expert without copies, say): nothing to stripe
+            chosen.extend((need, ranks[0], *_holder(need, ranks[0])) for need in group)
+            continue
         first = ranks[0]
-
-        def where(need: _Need, first: int = first) -> tuple[int, int]:
-            _, desc, local = next(h for h in need.holders if h[0] == first)
-            return desc.region, _piece(need, first, desc, local).remote_offset
-
-        group.sort(key=where)
-        sizes = [_piece(n, *next(h for h in n.holders if h[0] == first)).nbytes for n in group]
-        share, acc = sum(sizes) / len(ranks), 0
-        for need, size in zip(group, sizes, strict=True):
+        keyed = []
+        for need in group:
+            desc, local = _holder(need, first)
+            _, offset, block, count, _ = _geometry(need, desc, local)
+            keyed.append(((desc.region, offset), block * count, need))
+        keyed.sort(key=lambda k: k[0])
+        share, acc = sum(k[1] for k in keyed) / len(ranks), 0
+        for _, size, need in keyed:
             # Run index by cumulative bytes: contiguous runs of about `share` bytes per replica.
             run = min(int(acc // share), len(ranks) - 1) if share else 0
             acc += size
             rank = ranks[(run + stripe) % len(ranks)]
-            _, desc, local = next(h for h in need.holders if h[0] == rank)
-            pieces.append(_piece(need, rank, desc, local))
-    return pieces
+            chosen.append((need, rank, *_holder(need, rank)))
+    return chosen
 
 
-def _place(pieces: list[Piece], max_gap: int) -> tuple[list[Piece], list[Read], int]:
-    """Lay pieces out in staging and group them into reads.
+def _place(chosen: list[_Choice], max_gap: int) -> tuple[list[Piece], list[Read], int]:
+    """Lay the chosen pieces out in staging and group them into reads.
 
     Pieces are laid out per source in remote-address order. Small holes between consecutive
     contiguous pieces of one source (a norm another replica serves, say) are mirrored in staging and
     read along, so a source's pieces become a few large reads instead of one per tensor.
     """
-    pieces.sort(key=lambda p: (p.rank, p.region, p.remote_offset))
+    geo = []
+    for need, rank, desc, local in chosen:
+        shape, remote, block, count, stride = _geometry(need, desc, local)
+        geo.append((rank, desc.region, remote, need, desc, shape, block, count, stride))
+    geo.sort(key=lambda g: g[:3])
     offset, placed, reads = 0, [], []
     current: list[int] | None = None  # [rank, region, remote_start, local_start, nbytes] of an open read
-    for p in pieces:
-        item = DTYPE_SIZES[p.dtype]
-        if current is not None and p.count == 1 and (current[0], current[1]) == (p.rank, p.region):
-            gap = p.remote_offset - (current[2] + current[4])
+    for rank, region, remote, need, desc, shape, block, count, stride in geo:
+        item, nbytes = DTYPE_SIZES[desc.dtype], block * count
+        local = -1
+        if current is not None and count == 1 and current[0] == rank and current[1] == region:
+            gap = remote - (current[2] + current[4])
             local = current[3] + current[4] + gap
-            if 0 <= gap <= max_gap and local % item == 0:
-                placed.append(replace(p, local_offset=local))
-                current[4] += gap + p.nbytes
-                offset = local + p.nbytes
-                continue
-        if current is not None:
-            reads.append(Read(rank=current[0], region=current[1], remote_offset=current[2],
-                              local_offset=current[3], block_bytes=current[4]))  # fmt: skip
-            current = None
-        offset = -(-offset // item) * item
-        placed.append(replace(p, local_offset=offset))
-        if p.count == 1:
-            current = [p.rank, p.region, p.remote_offset, offset, p.nbytes]
+            if not (0 <= gap <= max_gap and local % item == 0):
+                local = -1
+        if local >= 0:
+            assert current is not None
+            current[4] = local - current[3] + nbytes
         else:
-            reads.append(Read(rank=p.rank, region=p.region, remote_offset=p.remote_offset, local_offset=offset,
-                              block_bytes=p.block_bytes, count=p.count, remote_stride=p.remote_stride))  # fmt: skip
-        offset += p.nbytes
+            if current is not None:
+                reads.append(Read(rank=current[0], region=current[1], remote_offset=current[2],
+                                  local_offset=current[3], block_bytes=current[4]))  # fmt: skip
+                current = None
+            local = -(-offset // item) * item
+        placed.append(
+            Piece(
+                tensor=need.tensor,
+                rank=rank,
+                dim=need.dim,
+                start=need.start,
+                stop=need.stop,
+                shape=shape,
+                dtype=desc.dtype,
+                region=region,
+                remote_offset=remote,
+                block_bytes=block,
+                count=count,
+                remote_stride=stride,
+                local_offset=local,
+            )
+        )
+        offset = local + nbytes
+        if current is not None:  # the piece extended the open read
+            continue
+        if count == 1:
+            current = [rank, region, remote, local, nbytes]
+        else:
+            reads.append(Read(rank=rank, region=region, remote_offset=remote, local_offset=local,
+                              block_bytes=block, count=count, remote_stride=stride))  # fmt: skip
     if current is not None:
         reads.append(Read(rank=current[0], region=current[1], remote_offset=current[2],
                           local_offset=current[3], block_bytes=current[4]))  # fmt: skip

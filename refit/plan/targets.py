@@ -5,31 +5,81 @@ intervals of one *global* Megatron tensor along one dimension. Un-interleaving Q
 `[gate; up]`, dropping vocab padding and engine-side TP slicing are all just choices of intervals,
 so the planner and the assembler never need to know about roles.
 
-Engine TP convention (the one vLLM uses): q heads, gate/up rows and vocab rows are split evenly by
-engine rank; k/v heads too while engine TP <= query groups, otherwise each rank holds the one
-group its q heads belong to; row-parallel weights are split on dim 1; the rest is replicated.
+Engine TP convention (the one vLLM uses): q heads and gate/up rows are split evenly by engine rank;
+k/v heads too while engine TP <= query groups, otherwise each rank holds the one group its q heads
+belong to; vocab rows are split evenly after padding the vocabulary to a multiple of 64 (a rank
+holds the real rows of its share); row-parallel weights are split on dim 1; the rest is replicated.
+
+That is the `hf` scheme (the default). The `megatron` scheme keeps the Megatron names and splits each
+tensor exactly as Megatron-Core splits it at the engine's own TP (QKV as contiguous query-group
+blocks of the interleaved tensor, gated fc1 as `[gate_r; up_r]`, vocab as even rows of the padded
+table), so any model whose tensors carry roles can be planned (MLA attention included), and a
+Megatron engine can be resharded into.
+
+MoE experts (expert roles) are one global tensor per expert. In both schemes an engine rank needs
+only the experts of its expert-parallel rank (contiguous blocks of `num_experts / ep_size`), split
+within each expert by its expert-TP rank.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
-from refit.errors import ModelMismatchError
+from refit.errors import ConfigError, ModelMismatchError
 from refit.plan.naming import hf_names
 from refit.types import ModelMeta, Role, TensorDesc
 
 Interval = tuple[int, int]
 
+VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE: engine vocab rows are split after padding to this
+
+
+class Scheme(StrEnum):
+    """How engine targets are named and split."""
+
+    HF = "hf"  # Hugging Face names, q/k/v and gate/up separate (vLLM, transformers)
+    MEGATRON = "megatron"  # Megatron names and Megatron-Core's own split at the engine's TP
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineLayout:
-    """An engine rank's place in its own tensor-parallel group, and its real vocabulary."""
+    """An engine rank's place in its own tensor- and expert-parallel groups, and its real vocabulary.
+
+    `expert_tp_size` 0 means: experts are split like dense layers (by the engine TP) when `ep_size` is
+    1, and not split at all under expert parallelism (vLLM's convention).
+    """
 
     tp_rank: int = 0
     tp_size: int = 1
     vocab_size: int = 0  # 0: take the catalog's declared vocabulary (or the padded one)
+    ep_rank: int = 0
+    ep_size: int = 1
+    expert_tp_rank: int = 0
+    expert_tp_size: int = 0
+    scheme: Scheme = Scheme.HF
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "scheme", Scheme(self.scheme))
+        except ValueError:
+            raise ConfigError(f"unknown engine scheme {self.scheme!r}; known: {[s.value for s in Scheme]}") from None
+        for kind in ("tp", "ep", "expert_tp"):
+            rank, size = getattr(self, f"{kind}_rank"), getattr(self, f"{kind}_size")
+            if size < (0 if kind == "expert_tp" else 1) or not 0 <= rank < max(size, 1):
+                raise ConfigError(f"engine {kind}_rank {rank} / {kind}_size {size} is not a valid position")
+        if self.vocab_size < 0:
+            raise ConfigError(f"engine vocab_size must be >= 0, got {self.vocab_size}")
+
+    @property
+    def expert_tp(self) -> tuple[int, int]:
+        """(rank, size) of this engine rank within each expert."""
+        if self.expert_tp_size:
+            return self.expert_tp_rank, self.expert_tp_size
+        return (self.tp_rank, self.tp_size) if self.ep_size == 1 else (0, 1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,11 +161,76 @@ def _qkv_rows(model: ModelMeta, layout: EngineLayout) -> tuple[tuple[Interval, .
     return q, k, v
 
 
+EXPERT_ROLES = frozenset({Role.EXPERT_GATED_COLUMN, Role.EXPERT_COLUMN, Role.EXPERT_ROW})
+# Global expert index in a Megatron expert name: TEGroupedMLP (`experts.linear_fc1.weight7`) or
+# SequentialMLP (`experts.local_experts.7.linear_fc1.weight`).
+_EXPERT = re.compile(r"\.experts\.(?:local_experts\.(\d+)\.linear_fc[12]\.\w+|linear_fc[12]\.\w+?(\d+))$")
+
+
+def expert_index(name: str) -> int:
+    """The global expert index in a Megatron expert tensor name."""
+    m = _EXPERT.search(name)
+    if m is None:
+        raise ModelMismatchError(f"{name}: an expert role, but no expert index in the name")
+    return int(m.group(1) or m.group(2))
+
+
+def _make(desc: TensorDesc, name: str, dim: int | None, rows: tuple[Interval, ...]) -> Target:
+    return Target(hf_name=name, source=desc.name, dim=dim, rows=rows, shape=_shape(desc, dim, rows), dtype=desc.dtype)
+
+
+def _expert_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
+    """Targets of one expert tensor: none unless this engine rank's EP rank owns the expert."""
+    ep, ep_size = layout.ep_rank, layout.ep_size
+    if model.num_experts <= 0 or model.num_experts % ep_size:
+        raise ModelMismatchError(f"{model.num_experts} experts cannot be split over engine EP size {ep_size}")
+    per_rank = model.num_experts // ep_size
+    if not ep * per_rank <= expert_index(desc.name) < (ep + 1) * per_rank:
+        return []
+    t, tp = layout.expert_tp
+    megatron = layout.scheme is Scheme.MEGATRON
+    names = (desc.name,) if megatron else hf_names(desc.name, gated=model.gated_linear_unit).names
+    if desc.role is Role.EXPERT_ROW:
+        return [_make(desc, names[0], 1, (_even(desc.global_shape[1], tp, t, f"{desc.name} columns"),))]
+    if desc.role is Role.EXPERT_COLUMN:
+        return [_make(desc, names[0], 0, (_even(desc.global_shape[0], tp, t, f"{desc.name} rows"),))]
+    half = desc.global_shape[0] // 2
+    a, b = _even(half, tp, t, f"{desc.name} rows")
+    if megatron:
+        return [_make(desc, names[0], 0, _coalesce(((a, b), (half + a, half + b))))]
+    return [_make(desc, names[0], 0, ((a, b),)), _make(desc, names[1], 0, ((half + a, half + b),))]
+
+
+def _megatron_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
+    """Megatron-named targets, split exactly as Megatron-Core splits each role at the engine's TP."""
+    t, tp, role, shape = layout.tp_rank, layout.tp_size, desc.role, desc.global_shape
+    if role is Role.QKV_COLUMN:
+        ng = model.num_query_groups
+        per_group = shape[0] // ng
+        if shape[0] % ng or per_group != (model.num_attention_heads // ng + 2) * model.kv_channels:
+            raise ModelMismatchError(f"{desc.name}: {shape[0]} QKV rows do not match {ng} query groups")
+        g0, g1 = _even(ng, tp, t, "num_query_groups")
+        return [_make(desc, desc.name, 0, ((g0 * per_group, g1 * per_group),))]
+    if role is Role.GATED_MLP_COLUMN:
+        half = shape[0] // 2
+        a, b = _even(half, tp, t, f"{desc.name} rows")
+        return [_make(desc, desc.name, 0, _coalesce(((a, b), (half + a, half + b))))]
+    if role is Role.COLUMN or role is Role.VOCAB_PARALLEL:
+        return [_make(desc, desc.name, 0, (_even(shape[0], tp, t, f"{desc.name} rows"),))]
+    if role is Role.ROW:
+        return [_make(desc, desc.name, 1, (_even(shape[1], tp, t, f"{desc.name} columns"),))]
+    return [_make(desc, desc.name, None, ())]
+
+
 def targets_for(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
-    """The HF targets one global Megatron tensor yields for an engine rank.
+    """The targets one global Megatron tensor yields for an engine rank (HF or Megatron names).
 
     `desc` is any one rank's descriptor of the tensor (role, dtype and global shape are shared).
     """
+    if desc.role in EXPERT_ROLES:
+        return _expert_targets(model, desc, layout)
+    if layout.scheme is Scheme.MEGATRON:
+        return _megatron_targets(model, desc, layout)
     name = hf_names(desc.name, gated=model.gated_linear_unit)
     t, tp = layout.tp_rank, layout.tp_size
     role = desc.role
@@ -137,8 +252,11 @@ def targets_for(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> lis
         vocab = layout.vocab_size or model.vocab_size or padded
         if vocab > padded:
             raise ModelMismatchError(f"{desc.name}: engine vocabulary {vocab} > published rows {padded}")
-        chunk = math.ceil(vocab / tp)
-        rows = ((t * chunk, min(vocab, (t + 1) * chunk)),)
+        # vLLM's VocabParallelEmbedding / ParallelLMHead: pad the vocabulary to a multiple of 64,
+        # give each rank an equal share of the padded rows, and fill the rows past `vocab` with zeros.
+        padded_engine = math.ceil(vocab / VOCAB_PADDING) * VOCAB_PADDING
+        a, b = _even(padded_engine, tp, t, f"{desc.name} vocabulary padded to {VOCAB_PADDING}")
+        rows = ((a, max(a, min(vocab, b))),)
         return [make(name.names[0], 0, rows)]
     if role is Role.COLUMN:
         return [make(name.names[0], 0, (_even(desc.global_shape[0], tp, t, f"{desc.name} rows"),))]

@@ -16,6 +16,9 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_ROW: _ClassVar[Role]
     ROLE_VOCAB_PARALLEL: _ClassVar[Role]
     ROLE_REPLICATED: _ClassVar[Role]
+    ROLE_EXPERT_GATED_COLUMN: _ClassVar[Role]
+    ROLE_EXPERT_COLUMN: _ClassVar[Role]
+    ROLE_EXPERT_ROW: _ClassVar[Role]
 
 class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +33,9 @@ ROLE_COLUMN: Role
 ROLE_ROW: Role
 ROLE_VOCAB_PARALLEL: Role
 ROLE_REPLICATED: Role
+ROLE_EXPERT_GATED_COLUMN: Role
+ROLE_EXPERT_COLUMN: Role
+ROLE_EXPERT_ROW: Role
 VERSION_STATE_UNSPECIFIED: VersionState
 VERSION_STATE_STAGING: VersionState
 VERSION_STATE_READY: VersionState

@@ -17,7 +17,9 @@ import pytest
 
 from refit.catalog.client import CatalogClient
 from refit_server import CatalogServer
+from tests.support import hf_models as hm
 from tests.support.cluster import TrainerCluster
+from tests.support.refit_harness import Trainer
 
 REDIS_URL = os.environ.get("REFIT_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
@@ -90,3 +92,24 @@ def trainer_cluster() -> Iterator[TrainerCluster]:
     """
     with TrainerCluster(world_size=TRAINER_WORLD_SIZE, timeout_s=300.0) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Iterator[str]:
+    """An embedded memory catalog shared by one test module's refits (each model has its own name)."""
+    with CatalogServer(store="memory", port=0).start() as server:
+        yield server.address
+
+
+@pytest.fixture
+def trainer(trainer_cluster: TrainerCluster, catalog: str, tmp_path):
+    """Factory: `trainer(case, tp=2, pp=1)` builds the model on the cluster; dropped after the test."""
+    made: list[Trainer] = []
+
+    def make(case: hm.ModelCase, **layout: int | None) -> Trainer:
+        made.append(Trainer(trainer_cluster, catalog, tmp_path, case, **layout))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.close()

@@ -18,8 +18,8 @@ from refit.errors import (
     VersionNotReadyError,
     VersionRetiredError,
 )
-from tests.integration.test_refit import OPS, assert_same_weights, catalog, trainer  # noqa: F401
 from tests.support import hf_models as hm
+from tests.support.refit_harness import OPS, assert_same_weights
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -31,7 +31,7 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
         assert torch.equal(p, before[name]), f"{name} changed"
 
 
-def test_pinned_older_version_from_snapshots_then_retired_when_its_slot_is_reused(trainer, catalog) -> None:  # noqa: ANN001, F811
+def test_pinned_older_version_from_snapshots_then_retired_when_its_slot_is_reused(trainer, catalog) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
     t.publish(1, snapshots=2)
@@ -50,11 +50,9 @@ def test_pinned_older_version_from_snapshots_then_retired_when_its_slot_is_reuse
         assert_unchanged(engine_model, before)
 
 
-def test_optimizer_step_retires_the_live_version_before_changing_weights(trainer, catalog, trainer_cluster) -> None:  # noqa: ANN001, F811
+def test_optimizer_step_retires_the_live_version_before_changing_weights(trainer, catalog, trainer_cluster) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=2)
-    out = trainer_cluster.run(
-        f"{OPS}:optimizer_step_retires", key=t.name, catalog=catalog, name=t.name + "-opt"
-    )
+    out = trainer_cluster.run(f"{OPS}:optimizer_step_retires", key=t.name, catalog=catalog, name=t.name + "-opt")
     assert set(out) == {"READY->RETIRED"}
 
 
@@ -69,7 +67,7 @@ class RacingReceiver(Receiver):
             race()
 
 
-def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog) -> None:  # noqa: ANN001, F811
+def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
     t.publish(1)
@@ -98,7 +96,7 @@ def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog
         assert_same_weights(engine_model, state["v3"])
 
 
-def test_version_that_never_becomes_ready_names_the_missing_ranks(trainer, catalog, trainer_cluster) -> None:  # noqa: ANN001, F811
+def test_version_that_never_becomes_ready_names_the_missing_ranks(trainer, catalog, trainer_cluster) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=2)
     world = trainer_cluster.world_size
     t.publish(1, ranks=[0, 1, 2])
@@ -121,27 +119,31 @@ def test_version_that_never_becomes_ready_names_the_missing_ranks(trainer, catal
         pytest.param(hm.LLAMA_1KV_TIED, "num_query_groups", id="other-shapes"),
     ],
 )
-def test_engine_that_does_not_match_the_catalog_is_refused_untouched(trainer, catalog, case, match) -> None:  # noqa: ANN001, F811
+def test_engine_that_does_not_match_the_catalog_is_refused_untouched(trainer, catalog, case, match) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     t.publish(1)
     engine_model = hm.build_hf_model(case, seed=7)
     before = snapshot(engine_model)
-    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
-        with pytest.raises(ModelMismatchError, match=match):
-            rcv.update_weights()
+    with (
+        Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv,
+        pytest.raises(ModelMismatchError, match=match),
+    ):
+        rcv.update_weights()
     assert_unchanged(engine_model, before)
 
 
 def test_unreachable_catalog_is_reported_and_engine_untouched() -> None:
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
     before = snapshot(engine_model)
-    with Receiver(catalog="127.0.0.1:1", engine=HFEngine(engine_model), catalog_timeout_s=1.0) as rcv:
-        with pytest.raises(CatalogUnavailableError, match="127.0.0.1:1"):
-            rcv.update_weights(timeout_s=2.0)
+    with (
+        Receiver(catalog="127.0.0.1:1", engine=HFEngine(engine_model), catalog_timeout_s=1.0) as rcv,
+        pytest.raises(CatalogUnavailableError, match=r"127\.0\.0\.1:1"),
+    ):
+        rcv.update_weights(timeout_s=2.0)
     assert_unchanged(engine_model, before)
 
 
-def test_second_publisher_for_a_taken_rank_is_refused(trainer, catalog, trainer_cluster) -> None:  # noqa: ANN001, F811
+def test_second_publisher_for_a_taken_rank_is_refused(trainer, catalog, trainer_cluster) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     t.publish(1)
     out = trainer_cluster.run(f"{OPS}:second_publisher", key=t.name, catalog=catalog, name=t.name)

@@ -33,9 +33,7 @@ def publish(
     name = name or key
     pubs = _publishers(state)
     if name not in pubs:
-        pubs[name] = Publisher(
-            catalog=catalog, model=state[key], name=name, snapshots=snapshots, vocab_size=vocab_size
-        )
+        pubs[name] = Publisher(catalog=catalog, model=state[key], name=name, snapshots=snapshots, vocab_size=vocab_size)
     pub = pubs[name]
     if ranks is not None and rank not in ranks:
         return {"rank": rank, "skipped": True}

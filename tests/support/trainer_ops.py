@@ -21,30 +21,55 @@ from tests.support.megatron_convert import hf_to_megatron_local
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _ensure_model_parallel(tp: int, pp: int, vpp: int | None) -> None:
-    """(Re)initialise Megatron's parallel state for this layout; keep it if it is already current.
+_LAYOUTS: dict[tuple[int, int, int | None], dict[str, Any]] = {}
 
-    Keeping an unchanged layout avoids a fresh set of gloo groups per model (`destroy_model_parallel`
-    forgets groups without freeing them). Models built under an earlier layout keep working: their
-    modules hold their own process groups.
+
+def _parallel_state_snapshot() -> dict[str, Any]:
+    """Megatron's parallel state: the private module globals that `initialize_model_parallel` sets."""
+    import inspect
+
+    from megatron.core import parallel_state as ps
+
+    return {
+        k: v
+        for k, v in vars(ps).items()
+        if k.startswith("_")
+        and not k.startswith("__")
+        and not (inspect.isroutine(v) or inspect.ismodule(v) or inspect.isclass(v))
+    }
+
+
+def _ensure_model_parallel(tp: int, pp: int, vpp: int | None) -> None:
+    """Make Megatron's parallel state the one of this layout.
+
+    Each layout's groups are created once and kept: switching back restores the saved state instead
+    of creating a fresh set of gloo groups (`destroy_model_parallel` forgets groups without freeing
+    them, and each gloo group holds threads, so re-initialising per test piles up hundreds of
+    threads per rank). Models built under an earlier layout keep their own process groups.
     """
     from megatron.core import parallel_state as ps
 
+    key = (tp, pp, vpp)
     if ps.model_parallel_is_initialized():
         current = (
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
             ps.get_virtual_pipeline_model_parallel_world_size(),
         )
-        if current == (tp, pp, vpp):
+        if current == key:
             return
         ps.destroy_model_parallel()
+    if key in _LAYOUTS:
+        for name, value in _LAYOUTS[key].items():
+            setattr(ps, name, value)
+        return
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         create_gloo_process_groups=False,  # the default group is gloo already
     )
+    _LAYOUTS[key] = _parallel_state_snapshot()
 
 
 def transformer_config(case: ModelCase, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype) -> Any:

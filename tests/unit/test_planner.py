@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -50,10 +51,17 @@ def source(rank: int, tp_rank: int, tp: int, dp_rank: int = 0, dp: int = 1) -> S
             local[dim] //= tp
         descs.append(
             TensorDesc(
-                name=name, role=role, dtype="float32", local_shape=tuple(local), global_shape=shape,
-                partition_dim=dim, partition_stride=stride, offset=tp_rank * local[dim] // stride if dim >= 0 else 0,
-                region=0, byte_offset=offset,
-            )  # fmt: skip
+                name=name,
+                role=role,
+                dtype="float32",
+                local_shape=tuple(local),
+                global_shape=shape,
+                partition_dim=dim,
+                partition_stride=stride,
+                offset=tp_rank * local[dim] // stride if dim >= 0 else 0,
+                region=0,
+                byte_offset=offset,
+            )
         )
         offset += math.prod(local) * ITEM
     return SourceRecord(
@@ -70,7 +78,7 @@ def offset_of(src: SourceRecord, name: str) -> int:
     return next(t.byte_offset for t in src.tensors if t.name == name)
 
 
-def pieces_of(plan, tensor):  # noqa: ANN001, ANN202
+def pieces_of(plan, tensor):
     return sorted((p for p in plan.pieces if p.tensor.endswith(tensor)), key=lambda p: p.start)
 
 
@@ -165,7 +173,7 @@ def test_data_parallel_replicas_share_the_load_and_engine_ranks_rotate() -> None
     for plan in (plan0, plan1):
         for rank in (0, 1):
             mine = sorted((p for p in plan.pieces if p.rank == rank), key=lambda p: p.local_offset)
-            gaps = sum(1 for a, b in zip(mine, mine[1:], strict=False) if a.remote_offset + a.nbytes != b.remote_offset)
+            gaps = sum(1 for a, b in itertools.pairwise(mine) if a.remote_offset + a.nbytes != b.remote_offset)
             assert gaps <= 1
 
 

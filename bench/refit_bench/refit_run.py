@@ -1,0 +1,360 @@
+"""`refit-bench refit`: a whole refit through the library, beside its ceiling and the classic design.
+
+Trainer processes (a real Megatron-Core GPTModel each, TP x PP x DP, gloo) publish to an embedded
+catalog; receiver processes (engine TP x replicas) pull and install into engine-owned tensors.
+Reported per version: trainer registration and publish time, receiver planning, wire, install
+(= stall: the engine pauses only to install) and end-to-end time, bytes per receiver, GB/s and new
+NIXL registrations. In the same run: the copy ceiling, a raw NIXL READ of the same bytes between
+two processes, and the classic refit (gather on trainer rank 0, then broadcast to every receiver).
+
+    refit-bench refit --shape llama-100m --tp 2 --engine-tp 1 --versions 3 [--device cuda] [--json -]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from refit_bench import measure, report
+from refit_bench.procs import Worker, free_port, gather
+from refit_bench.synthetic import SHAPES
+
+NAME = "bench"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("refit", help="a whole refit through the library, with ceiling and classic baseline")
+    p.add_argument("--shape", default="llama-100m", choices=sorted(SHAPES))
+    p.add_argument("--tp", type=int, default=2, help="trainer tensor parallel size")
+    p.add_argument("--pp", type=int, default=1, help="trainer pipeline parallel size")
+    p.add_argument("--dp", type=int, default=1, help="trainer data parallel size (replicas to stripe over)")
+    p.add_argument("--engine-tp", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (each engine-tp receivers)")
+    p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--iters", type=int, default=3, help="timed runs of each reference measurement")
+    p.add_argument("--no-baseline", action="store_true", help="skip the classic gather-then-broadcast baseline")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of GB/s")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure_refit(args)
+    if args.json:
+        report.write_json(args.json, result)
+    if args.json != "-":
+        _print(result)
+    if args.plot:
+        report.plot_refit(result, args.plot)
+    return 0
+
+
+# -- workers ----------------------------------------------------------------------------------------
+
+
+class TrainerRank:
+    """One trainer process: a Megatron GPTModel and a Publisher."""
+
+    def __init__(self, *, rank: int, world: int, port: int, tp: int, pp: int, shape: str, device: str, catalog: str):
+        torch.set_num_threads(1)
+        from refit_bench.synthetic import build_gpt, init_trainer_rank
+
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        init_trainer_rank(rank, world, port, tp=tp, pp=pp)
+        torch.manual_seed(1234 + rank)
+        self.model = build_gpt(SHAPES[shape], device=device)
+        self.catalog = catalog
+        self.pub: Any = None
+
+    def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
+        from refit import Publisher
+
+        if msg["cmd"] == "register":
+            t0 = time.perf_counter()
+            self.pub = Publisher(catalog=self.catalog, model=self.model, name=NAME)
+            return {"seconds": time.perf_counter() - t0, "registrations": self.pub.num_registrations}
+        if msg["cmd"] == "publish":
+            t0 = time.perf_counter()
+            if msg["version"] > 1:
+                self.pub.invalidate()  # readers of the old version discard it
+                with torch.no_grad():
+                    for p in self.model.parameters():
+                        p.mul_(0.5)  # stands in for an optimizer step: every tensor changes
+            info = self.pub.stream_weights(msg["version"])
+            return {"seconds": time.perf_counter() - t0, "state": info.state.value,
+                    "registrations": self.pub.num_registrations}  # fmt: skip
+        raise ValueError(msg["cmd"])
+
+
+class BufferEngine:
+    """An engine rank that is just the tensors it serves: the planner's targets, allocated once."""
+
+    def __init__(self, spec: Any, shapes: dict[str, Any], device: torch.device) -> None:
+        from refit.plan.assemble import TORCH_DTYPES
+
+        self._spec, self._shapes, self._device = spec, shapes, device
+        self.tensors = {n: torch.empty(s.shape, dtype=TORCH_DTYPES[s.dtype], device=device) for n, s in shapes.items()}
+
+    def spec(self) -> Any:
+        return self._spec
+
+    def expected(self) -> dict[str, Any]:
+        return dict(self._shapes)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def install(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, t in tensors.items():
+                self.tensors[name].copy_(t, non_blocking=True)
+        measure.sync(self._device)
+
+
+class ReceiverRank:
+    """One engine rank: a BufferEngine shaped from the catalog, and a Receiver."""
+
+    def __init__(self, *, catalog: str, tp_rank: int, tp_size: int, replica: int, device: str):
+        torch.set_num_threads(1)
+        self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
+        self.device = measure.device_of(device, 0)
+        if device == "cuda":
+            torch.cuda.set_device(self.device)
+        self.rcv: Any = None
+
+    def _setup(self) -> None:
+        from refit import Receiver
+        from refit.catalog.client import CatalogClient
+        from refit.engines.base import EngineSpec, TensorSpec
+        from refit.plan.planner import plan_refit
+        from refit.plan.targets import EngineLayout
+
+        with CatalogClient(self.catalog) as client:
+            info = client.wait_ready(name=NAME, version=1, timeout_s=600)
+            sources = client.get_sources(name=NAME, version=1)
+        m = info.model
+        layout = EngineLayout(tp_rank=self.tp_rank, tp_size=self.tp_size)
+        plan = plan_refit(model=m, sources=sources, layout=layout)
+        spec = EngineSpec(
+            architecture=m.architecture, num_layers=m.num_layers, hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+            kv_channels=m.kv_channels, ffn_hidden_size=m.ffn_hidden_size,
+            vocab_size=m.vocab_size or m.padded_vocab_size, tied_embeddings=m.tied_embeddings,
+            tp_rank=self.tp_rank, tp_size=self.tp_size,
+        )  # fmt: skip
+        shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
+        self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
+                            replica=self.replica, timeout_s=600)  # fmt: skip
+
+    def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg["cmd"] != "update":
+            raise ValueError(msg["cmd"])
+        if self.rcv is None:
+            self._setup()
+        t0 = time.perf_counter()
+        staged = self.rcv.fetch(msg["version"])
+        t1 = time.perf_counter()
+        result = self.rcv.install(staged)  # the engine would pause only for this
+        t2 = time.perf_counter()
+        plan = self.rcv._plan
+        return {
+            "version": result.version, "bytes": result.bytes, "wire_bytes": plan.wire_bytes,
+            "staging_bytes": plan.staging_bytes, "descriptors": result.num_descriptors, "sources": result.num_sources,
+            "timings": result.timings, "fetch_s": t1 - t0, "stall_s": t2 - t1, "total_s": t2 - t0,
+            "registrations": self.rcv._agent.num_registrations,
+        }  # fmt: skip
+
+
+class ClassicRank:
+    """The classic refit: trainer ranks send their shards to rank 0, which broadcasts the model."""
+
+    def __init__(self, *, rank: int, world: int, port: int, trainers: int, shard_bytes: list[int], device: str):
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        self.rank, self.trainers, self.shard_bytes = rank, trainers, shard_bytes
+        self.device = measure.device_of(device, rank % max(torch.cuda.device_count(), 1) if device == "cuda" else 0)
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        self.bcast_group = dist.new_group([0, *range(trainers, world)])
+        total = sum(shard_bytes)
+        mine = total if rank == 0 or rank >= trainers else shard_bytes[rank]
+        self.buf = torch.ones(mine, dtype=torch.uint8, device=self.device)
+
+    def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        times = []
+        for _ in range(msg["iters"] + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if self.rank == 0:
+                offset = self.shard_bytes[0]
+                for src in range(1, self.trainers):
+                    dist.recv(self.buf[offset : offset + self.shard_bytes[src]], src=src)
+                    offset += self.shard_bytes[src]
+            elif self.rank < self.trainers:
+                dist.send(self.buf, dst=0)
+            if self.rank == 0 or self.rank >= self.trainers:
+                dist.broadcast(self.buf, src=0, group=self.bcast_group)
+            measure.sync(self.device)
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        return {"seconds": times[1:]}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
+    from refit import CatalogServer
+
+    shape = SHAPES[args.shape]
+    world = args.tp * args.pp * args.dp
+    receivers = args.engine_tp * args.replicas
+    config = {k: getattr(args, k) for k in ("shape", "tp", "pp", "dp", "engine_tp", "replicas", "versions", "device")}
+    progress = args.json != "-"
+    bar = tqdm(total=2 + args.versions + 2, desc="refit", unit="step", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    with CatalogServer(store="memory", port=0).start() as server:
+        port = free_port()
+        trainers = [
+            Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=port, tp=args.tp, pp=args.pp,
+                   shape=shape.name, device=args.device, catalog=server.address)
+            for r in range(world)
+        ]  # fmt: skip
+        rcvs = [
+            Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
+                   tp_size=args.engine_tp, replica=i // args.engine_tp, device=args.device)
+            for i in range(receivers)
+        ]  # fmt: skip
+        try:
+            reg = gather(trainers, cmd="register")
+            bar.update()
+            for version in range(1, args.versions + 1):
+                pub = gather(trainers, cmd="publish", version=version)
+                t0 = time.perf_counter()
+                got = gather(rcvs, cmd="update", version=version)
+                wall = time.perf_counter() - t0
+                rows.append(_row(version, pub, got, wall))
+                bar.update()
+            from refit.catalog.client import CatalogClient
+
+            with CatalogClient(server.address) as client:
+                sources = client.get_sources(name=NAME, version=args.versions)
+            shard_bytes = _one_replica_bytes(sources)
+        finally:
+            for w in trainers + rcvs:
+                w.close()
+    per_receiver = rows[-1]["bytes_per_receiver"]
+    refs = _references(args, per_receiver, shard_bytes, receivers, bar)
+    bar.close()
+    steady = rows[1:] or rows
+    summary = {
+        "bytes_per_receiver": per_receiver,
+        "seconds": statistics.median(r["wall_s"] for r in steady),
+        "wire_seconds": statistics.median(r["wire_s"] for r in steady),
+    }
+    summary["gbps"] = per_receiver / summary["seconds"] / 1e9
+    summary["wire_gbps"] = per_receiver / summary["wire_seconds"] / 1e9
+    for ref in refs:
+        ref["refit_vs"] = round(summary["gbps"] / ref["gbps"], 3)
+        ref["wire_vs"] = round(summary["wire_gbps"] / ref["gbps"], 3)
+    return {"mode": "refit", "machine": report.machine(args.device), "config": config,
+            "trainer_registration_s": max(r["seconds"] for r in reg), "versions": rows, "summary": summary,
+            "references": refs}  # fmt: skip
+
+
+def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[str, Any]:
+    t = [g["timings"] for g in got]
+    return {
+        "version": version,
+        "publish_s": max(p["seconds"] for p in pub),
+        "trainer_registrations": sum(p["registrations"] for p in pub),
+        "receiver_registrations": sum(g["registrations"] for g in got),
+        "bytes_per_receiver": max(g["bytes"] for g in got),
+        "wire_bytes_per_receiver": max(g["wire_bytes"] for g in got),
+        "staging_bytes": max(g["staging_bytes"] for g in got),
+        "descriptors": max(g["descriptors"] for g in got),
+        "plan_s": max(x["plan"] for x in t),
+        "wire_s": max(x["wire"] for x in t),
+        "install_s": max(x["install"] for x in t),
+        "stall_s": max(g["stall_s"] for g in got),
+        "wall_s": wall,
+    }
+
+
+def _one_replica_bytes(sources: list[Any]) -> list[int]:
+    """Bytes each rank of one data-parallel replica holds (the classic design gathers one copy)."""
+    return [sum(d.nbytes for d in s.tensors) for s in sorted(sources, key=lambda s: s.rank) if s.coords.dp_rank == 0]
+
+
+def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], receivers: int, bar: Any) -> list:
+    """The ceiling, a raw NIXL READ of the same bytes, and the classic baseline, in this run."""
+    from refit.transport.nixl import NixlAgent
+
+    local = measure.device_of(args.device, 0)
+    refs = [measure.copy_ceiling(nbytes, local, iters=args.iters).as_dict()]
+    source = Worker("refit_bench.measure:Source", device=args.device)
+    agent = NixlAgent(prefix="bench-raw")
+    try:
+        info = source.call(cmd="alloc", nbytes=nbytes)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=local)
+        agent.register(dst.data_ptr(), nbytes, **measure._where(dst))
+        refs.append(measure.nixl_read(agent, dst, info, nbytes, iters=args.iters).as_dict())
+        del dst
+    finally:
+        agent.close()
+        source.close()
+    bar.update()
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    world = len(shard_bytes) + receivers
+    if not args.no_baseline and (args.device == "cpu" or gpus >= world):
+        port = free_port()
+        ranks = [
+            Worker("refit_bench.refit_run:ClassicRank", rank=r, world=world, port=port, trainers=len(shard_bytes),
+                   shard_bytes=shard_bytes, device=args.device)
+            for r in range(world)
+        ]  # fmt: skip
+        try:
+            times = gather(ranks, cmd="run", iters=args.iters)[-1]["seconds"]
+        finally:
+            for w in ranks:
+                w.close()
+        sample = measure.Sample(what="classic: gather on rank 0 + broadcast", nbytes=nbytes, seconds=tuple(times))
+        refs.append(sample.as_dict())
+    bar.update()
+    return refs
+
+
+def _print(result: dict[str, Any]) -> None:
+    c, s = result["config"], result["summary"]
+    print(report.machine_line(result["machine"]))
+    print(f"model {c['shape']} bf16; trainer TP{c['tp']} PP{c['pp']} DP{c['dp']} -> engine TP{c['engine_tp']} "
+          f"x {c['replicas']} replica(s); trainer registration {result['trainer_registration_s']:.3f}s")  # fmt: skip
+    head = ["v", "bytes/rcv", "wire bytes", "reads", "publish s", "plan s", "wire s", "install(stall) s", "total s",
+            "GB/s", "new regs"]  # fmt: skip
+    rows, prev = [], None
+    for r in result["versions"]:
+        regs = r["trainer_registrations"] + r["receiver_registrations"]
+        rows.append([r["version"], f"{r['bytes_per_receiver']:,}", f"{r['wire_bytes_per_receiver']:,}",
+                     r["descriptors"], f"{r['publish_s']:.3f}", f"{r['plan_s']:.4f}", f"{r['wire_s']:.3f}",
+                     f"{r['stall_s']:.3f}", f"{r['wall_s']:.3f}", f"{r['bytes_per_receiver'] / r['wall_s'] / 1e9:.2f}",
+                     "-" if prev is None else regs - prev])  # fmt: skip
+        prev = regs
+    print(report.table(head, rows))
+    staging = report.size(result["versions"][-1]["staging_bytes"])
+    print(f"\nsteady state: {s['gbps']:.2f} GB/s end to end, {s['wire_gbps']:.2f} GB/s on the wire "
+          f"({report.size(s['bytes_per_receiver'])} per receiver, staging {staging})")  # fmt: skip
+    ref_rows = [
+        [r["what"], f"{r['gbps']:.2f}", f"{r['refit_vs']:.2f}", f"{r['wire_vs']:.2f}"] for r in result["references"]
+    ]
+    print(report.table(["reference (same run)", "GB/s", "refit / ref", "wire / ref"], ref_rows))

@@ -1,0 +1,64 @@
+"""Smoke runs of `refit-bench transport` and `refit-bench refit`: they work and print sane numbers.
+
+Real processes, real NIXL, a real catalog; no timing is asserted, only that the figures are
+physically sensible (positive rates, the right byte counts, registrations reused).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refit_bench.synthetic import SHAPES
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str, timeout: float = 600) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "refit_bench.cli", *args, "--json", "-"],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_transport_reports_every_path_beside_its_ceiling(tmp_path: Path) -> None:
+    out = bench(
+        "transport", "--sizes", "1M,4M", "--iters", "2", "--descriptors", "16", "--plot", str(tmp_path / "t.png")
+    )
+    whats = {r["what"] for r in out["rows"]}
+    assert {
+        "memcpy (1 thread)",
+        "NIXL READ",
+        "NIXL READ (16 descriptors)",
+        "torch.distributed broadcast (gloo)",
+    } <= whats
+    assert {r["bytes"] for r in out["rows"]} == {1 << 20, 4 << 20}
+    for r in out["rows"]:
+        assert r["gbps"] > 0 and r["best_gbps"] >= r["gbps"] and r["vs_ceiling"] > 0
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_refit_reports_phases_bytes_and_references(tmp_path: Path) -> None:
+    out = bench("refit", "--shape", "llama-tiny", "--tp", "2", "--dp", "2", "--engine-tp", "2", "--versions", "3",
+                "--iters", "1", "--plot", str(tmp_path / "r.png"))  # fmt: skip
+    rows = out["versions"]
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    shape = SHAPES["llama-tiny"]
+    for r in rows:
+        # Engine TP 2: each receiver needs about half of the bf16 model (norms are whole on both).
+        assert 0.45 * shape.num_params * 2 < r["bytes_per_receiver"] < 0.6 * shape.num_params * 2
+        assert r["wire_bytes_per_receiver"] >= r["bytes_per_receiver"]
+        assert r["wire_s"] > 0 and r["stall_s"] > 0 and r["publish_s"] > 0
+    # Memory is registered once: later refits add no registration on either side.
+    assert len({(r["trainer_registrations"], r["receiver_registrations"]) for r in rows[1:]}) == 1
+    assert rows[1]["trainer_registrations"] == rows[0]["trainer_registrations"]
+    whats = [r["what"] for r in out["references"]]
+    assert whats == ["memcpy (1 thread)", "NIXL READ", "classic: gather on rank 0 + broadcast"]
+    assert out["summary"]["gbps"] > 0 and all(r["refit_vs"] > 0 for r in out["references"])
+    assert (tmp_path / "r.png").stat().st_size > 1000

@@ -1,0 +1,83 @@
+"""`refit-bench plan` smoke: it runs on small presets and its numbers add up (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from refit.types import Role
+from refit_bench.cli import main
+from refit_bench.trainer_sources import TrainerLayout, global_tensors, load_config, model_bytes, synthesize_sources
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    tmp_path.mkdir(exist_ok=True)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--preset", "smoke", "smoke-dense", "--no-progress", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_plan_smoke_bytes_add_up_and_the_busiest_nic_is_above_the_bound(tmp_path: Path) -> None:
+    doc = _run(tmp_path)
+    assert doc["mode"] == "plan" and [r["scenario"] for r in doc["results"]] == ["smoke", "smoke-dense"]
+    for result in doc["results"]:
+        replicas = result["engine"]["replicas"]
+        assert [r["label"] for r in result["rows"]] == ["striped", "first replica"]
+        for row in result["rows"]:
+            assert row["bytes_sent"] == row["bytes_received"] == row["target_bytes"] > 0
+            assert sum(row["nic_bytes_sent"]) == row["bytes_sent"]  # not colocated: everything crosses NICs
+            assert row["modelled_s"] >= row["lower_bound_s"] > 0
+            assert row["most_loaded_nic"]["bytes"] == max(row["nic_bytes_sent"] + row["nic_bytes_received"])
+        if result["engine"]["tp"] == 1:  # no TP copies of replicated tensors: exactly the model, per replica
+            assert result["rows"][0]["bytes_received"] == result["model_bytes"] * replicas
+        else:
+            assert result["rows"][0]["bytes_received"] > result["model_bytes"] * replicas
+    striped, first = doc["results"][0]["rows"]
+    assert max(striped["nic_bytes_sent"]) <= max(first["nic_bytes_sent"])
+
+
+def test_plan_reuse_across_replicas_matches_planning_every_rank(tmp_path: Path) -> None:
+    reused, exact = _run(tmp_path / "a"), _run(tmp_path / "b", "--exact")
+    for a, b in zip(reused["results"], exact["results"], strict=True):
+        for ra, rb in zip(a["rows"], b["rows"], strict=True):
+            assert ra["nic_bytes_sent"] == rb["nic_bytes_sent"]
+            assert ra["nic_bytes_received"] == rb["nic_bytes_received"]
+
+
+def test_plan_writes_a_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--preset", "smoke", "--no-progress", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("model", "billions"),
+    [("deepseek-v3", 671.0), ("kimi-k2", 1026.4), ("qwen3-235b-a22b", 235.1), ("llama-3-70b", 70.6)],
+)
+def test_model_configs_have_their_published_parameter_counts(model: str, billions: float) -> None:
+    params = sum(math.prod(t.shape) for t in global_tensors(load_config(model), 1))
+    assert params / 1e9 == pytest.approx(billions, abs=0.1)
+
+
+def test_synthesized_sources_hold_dense_weights_dp_times_and_experts_edp_times() -> None:
+    cfg = load_config("tiny-mla-moe")
+    layout = TrainerLayout(tp=2, pp=2, ep=2, dp=2)
+    meta, sources = synthesize_sources(cfg, layout)
+    assert len(sources) == layout.world and meta.num_experts == 8 and meta.padded_vocab_size == 1024
+    total = sum(d.nbytes for s in sources for d in s.tensors)
+    tensors = global_tensors(cfg, layout.pp)
+    vocab = {t.name: t for t in tensors if t.role is Role.VOCAB_PARALLEL}
+    padding = sum((1024 - t.shape[0]) * t.shape[1] * 2 for t in vocab.values())
+    experts = sum(math.prod(t.shape) * 2 for t in tensors if t.expert >= 0)
+    dense = model_bytes(cfg) + padding - experts
+    replicated = sum(
+        math.prod(t.shape) * (4 if t.dtype == "float32" else 2) for t in tensors if t.role is Role.REPLICATED
+    )
+    # Dense: DP copies, replicated tensors on every TP rank too; experts: EDP (= 2) copies.
+    assert total == layout.dp * (dense + (layout.tp - 1) * replicated) + layout.edp * experts
+    for s in sources:  # one region per rank, shards packed back to back
+        assert s.regions[0].nbytes == sum(d.nbytes for d in s.tensors)
