@@ -82,6 +82,7 @@ def optimizer_step_retires(state: dict, rank: int, world_size: int, *, key: str,
         dist.barrier()  # every rank published: version 1 is READY
         with CatalogClient(catalog) as client:
             before = client.get_version(name=name, version=1).state.value
+            dist.barrier()  # every rank has looked before any rank steps (a step retires it for all)
             for p in params:
                 p.grad = torch.ones_like(p)
             opt.step()
