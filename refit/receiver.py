@@ -101,7 +101,11 @@ class Receiver:
         if key == self._plan_key and self._plan is not None:
             return self._plan
         check_compatible(self._spec, info.model)
-        layout = EngineLayout(tp_rank=self._spec.tp_rank, tp_size=self._spec.tp_size, vocab_size=self._spec.vocab_size)
+        spec = self._spec
+        layout = EngineLayout(
+            tp_rank=spec.tp_rank, tp_size=spec.tp_size, vocab_size=spec.vocab_size, scheme=spec.scheme,
+            padded_vocab_size=spec.padded_vocab_size,
+        )  # fmt: skip
         plan = plan_refit(model=info.model, sources=sources, layout=layout, stripe=self._stripe)
         planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
         check_tensors(self.engine.expected(), planned)

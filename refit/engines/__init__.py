@@ -2,5 +2,6 @@
 
 from refit.engines.base import Engine, EngineSpec, TensorSpec
 from refit.engines.hf import HFEngine
+from refit.engines.megatron import MegatronEngine
 
-__all__ = ["Engine", "EngineSpec", "HFEngine", "TensorSpec"]
+__all__ = ["Engine", "EngineSpec", "HFEngine", "MegatronEngine", "TensorSpec"]

@@ -33,6 +33,8 @@ class EngineSpec:
     tied_embeddings: bool
     tp_rank: int = 0
     tp_size: int = 1
+    scheme: str = "hf"  # target names and split: "hf" (transformers, vLLM) or "megatron"
+    padded_vocab_size: int = 0  # megatron scheme: the engine's own padded vocabulary
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,10 +58,13 @@ class Engine(Protocol):
 
 
 def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:
-    """Raise ModelMismatchError naming every field where the engine and the catalog disagree."""
+    """Raise ModelMismatchError naming every field where the engine and the catalog disagree.
+
+    An empty `architecture` or a zero `vocab_size` in the spec means "whatever the catalog says".
+    """
     diffs = []
     pairs = {
-        "architecture": (spec.architecture, model.architecture),
+        "architecture": (spec.architecture or model.architecture, model.architecture),
         "num_layers": (spec.num_layers, model.num_layers),
         "hidden_size": (spec.hidden_size, model.hidden_size),
         "num_attention_heads": (spec.num_attention_heads, model.num_attention_heads),
@@ -71,7 +76,7 @@ def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:
     for field, (engine, catalog) in pairs.items():
         if engine != catalog:
             diffs.append(f"{field}: engine {engine!r} vs catalog {catalog!r}")
-    if model.vocab_size and spec.vocab_size != model.vocab_size:
+    if spec.vocab_size and model.vocab_size and spec.vocab_size != model.vocab_size:
         diffs.append(f"vocab_size: engine {spec.vocab_size} vs catalog {model.vocab_size}")
     elif spec.vocab_size > model.padded_vocab_size:
         diffs.append(f"vocab_size: engine {spec.vocab_size} > catalog's padded {model.padded_vocab_size}")

@@ -49,6 +49,9 @@ def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for target in plan.targets:
         pieces = by_tensor.get(target.source)
+        if target.dim is not None and not target.rows:  # nothing published for it: all padding
+            out[target.hf_name] = torch.zeros(target.shape, dtype=TORCH_DTYPES[target.dtype], device=staging.device)
+            continue
         if not pieces:
             raise LayoutError(f"{target.hf_name}: nothing of {target.source} was staged")
         if target.dim is None:
@@ -61,6 +64,11 @@ def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
                 if lo < hi:
                     parts.append(piece_view(p, staging).narrow(target.dim, lo - p.start, hi - lo))
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=target.dim)
+        missing = target.shape[target.dim] - tensor.shape[target.dim]
+        if missing > 0:  # rows past the published ones (an engine's extra vocab padding) are zeros
+            pad = list(tensor.shape)
+            pad[target.dim] = missing
+            tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=target.dim)
         if tuple(tensor.shape) != target.shape:
             raise LayoutError(f"{target.hf_name}: assembled {tuple(tensor.shape)}, expected {target.shape}")
         out[target.hf_name] = tensor

@@ -56,6 +56,7 @@ class EngineLayout:
     tp_rank: int = 0
     tp_size: int = 1
     vocab_size: int = 0  # 0: take the catalog's declared vocabulary (or the padded one)
+    padded_vocab_size: int = 0  # megatron scheme: the engine's own padded vocabulary (0: the trainer's)
     ep_rank: int = 0
     ep_size: int = 1
     expert_tp_rank: int = 0
@@ -71,8 +72,8 @@ class EngineLayout:
             rank, size = getattr(self, f"{kind}_rank"), getattr(self, f"{kind}_size")
             if size < (0 if kind == "expert_tp" else 1) or not 0 <= rank < max(size, 1):
                 raise ConfigError(f"engine {kind}_rank {rank} / {kind}_size {size} is not a valid position")
-        if self.vocab_size < 0:
-            raise ConfigError(f"engine vocab_size must be >= 0, got {self.vocab_size}")
+        if self.vocab_size < 0 or self.padded_vocab_size < 0:
+            raise ConfigError(f"engine vocab sizes must be >= 0, got {self.vocab_size}, {self.padded_vocab_size}")
 
     @property
     def expert_tp(self) -> tuple[int, int]:
@@ -215,7 +216,16 @@ def _megatron_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) 
         half = shape[0] // 2
         a, b = _even(half, tp, t, f"{desc.name} rows")
         return [_make(desc, desc.name, 0, _coalesce(((a, b), (half + a, half + b))))]
-    if role is Role.COLUMN or role is Role.VOCAB_PARALLEL:
+    if role is Role.VOCAB_PARALLEL:
+        # The engine pads the vocabulary for its own TP and may pad further than the trainer did:
+        # its shard keeps its full shape, and rows the trainer never published arrive as zeros.
+        padded = layout.padded_vocab_size or shape[0]
+        a, b = _even(padded, tp, t, f"{desc.name} padded vocabulary")
+        hi = min(b, shape[0])
+        rows = ((a, hi),) if hi > a else ()
+        return [Target(hf_name=desc.name, source=desc.name, dim=0, rows=rows, shape=(b - a, *shape[1:]),
+                       dtype=desc.dtype)]  # fmt: skip
+    if role is Role.COLUMN:
         return [_make(desc, desc.name, 0, (_even(shape[0], tp, t, f"{desc.name} rows"),))]
     if role is Role.ROW:
         return [_make(desc, desc.name, 1, (_even(shape[1], tp, t, f"{desc.name} columns"),))]

@@ -142,9 +142,12 @@ QWEN3_QKNORM = ModelCase(
 LLAMA_PADDED = ModelCase("llama-padded", "llama", _cfg(vocab_size=1000), make_vocab_size_divisible_by=128)
 LLAMA_4L = ModelCase("llama-4l", "llama", _cfg(num_hidden_layers=4), make_vocab_size_divisible_by=64)
 LLAMA_BF16 = dataclasses.replace(LLAMA_GQA, id="llama-gqa-bf16", dtype="bfloat16")
+# Vocab 1000 padded to multiples of 384 x TP: 1152 rows at TP 1 but 1536 at TP 2.
+LLAMA_PAD384 = dataclasses.replace(LLAMA_PADDED, id="llama-pad384", make_vocab_size_divisible_by=384)
 
 CASES: dict[str, ModelCase] = {
-    c.id: c for c in (LLAMA_GQA, LLAMA_1KV_TIED, QWEN2_BIAS, QWEN3_QKNORM, LLAMA_PADDED, LLAMA_4L, LLAMA_BF16)
+    c.id: c
+    for c in (LLAMA_GQA, LLAMA_1KV_TIED, QWEN2_BIAS, QWEN3_QKNORM, LLAMA_PADDED, LLAMA_4L, LLAMA_BF16, LLAMA_PAD384)
 }
 
 
