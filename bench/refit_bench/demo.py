@@ -16,6 +16,7 @@ import multiprocessing as mp
 import socket
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ def _free_port() -> int:
 def _trainer(rank: int, world: int, port: int, args: dict[str, Any], cue: Any, done: Any, out: Any) -> None:
     try:
         torch.set_num_threads(1)
+        # megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
         init_trainer_rank(rank, world, port, tp=args["tp"], pp=args["pp"])
         from refit import Publisher
 

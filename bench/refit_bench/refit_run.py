@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +64,7 @@ class TrainerRank:
 
     def __init__(self, *, rank: int, world: int, port: int, tp: int, pp: int, shape: str, device: str, catalog: str):
         torch.set_num_threads(1)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # no Apex / TE: expected
         from refit_bench.synthetic import build_gpt, init_trainer_rank
 
         if device == "cuda":
@@ -123,7 +125,6 @@ class ReceiverRank:
     """One engine rank: a BufferEngine shaped from the catalog, and a Receiver."""
 
     def __init__(self, *, catalog: str, tp_rank: int, tp_size: int, replica: int, device: str):
-        torch.set_num_threads(1)
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
         self.device = measure.device_of(device, 0)
         if device == "cuda":
@@ -285,7 +286,9 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
         "staging_bytes": max(g["staging_bytes"] for g in got),
         "descriptors": max(g["descriptors"] for g in got),
         "plan_s": max(x["plan"] for x in t),
+        "prepare_s": max(x["prepare"] for x in t),
         "wire_s": max(x["wire"] for x in t),
+        "validate_s": max(x["validate"] for x in t),
         "install_s": max(x["install"] for x in t),
         "stall_s": max(g["stall_s"] for g in got),
         "wall_s": wall,
