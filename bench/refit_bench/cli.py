@@ -9,7 +9,7 @@ import os
 import sys
 
 # Modes, in the order `--help` lists them; append new ones here.
-MODES: list[str] = ["refit_bench.transport", "refit_bench.refit_run", "refit_bench.plan"]
+MODES: list[str] = ["refit_bench.transport", "refit_bench.refit_run", "refit_bench.vllm_run", "refit_bench.plan"]
 
 
 def main(argv: list[str] | None = None) -> int:

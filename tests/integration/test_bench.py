@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,16 @@ pytestmark = pytest.mark.slow
 
 
 def bench(*args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "refit_bench.cli", *args, "--json", "-"],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    """Run `refit-bench` in a subprocess; its JSON goes to a file (engines may log to stdout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "refit_bench.cli", *args, "--json", str(path)],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "GB/s" in proc.stdout or "stall" in proc.stdout  # the readable table was printed too
+        return json.loads(path.read_text())
 
 
 def test_transport_reports_every_path_beside_its_ceiling(tmp_path: Path) -> None:
@@ -62,3 +67,15 @@ def test_refit_reports_phases_bytes_and_references(tmp_path: Path) -> None:
     assert whats == ["memcpy (1 thread)", "NIXL READ", "classic: gather on rank 0 + broadcast"]
     assert out["summary"]["gbps"] > 0 and all(r["refit_vs"] > 0 for r in out["references"])
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+@pytest.mark.vllm
+def test_vllm_mode_reports_stall_apart_from_wire() -> None:
+    pytest.importorskip("vllm")
+    out = bench("vllm", "--shape", "llama-tiny", "--tp", "2", "--engine-tp", "1", "--versions", "2")
+    rows = out["versions"]
+    assert [r["version"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["bytes_per_rank"] == [out["model_bytes"]]  # engine TP 1: the whole bf16 model
+        assert 0 < r["wire_s"] <= r["prefetch_s"] and r["stall_s"] > 0
+        assert r["tokens_changed"]  # every version changes every weight, so greedy tokens move
