@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from refit.errors import ModelMismatchError
+from refit.plan.assemble import dtype_name
 from refit.types import ModelMeta
 
 
@@ -82,6 +83,41 @@ def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:
         diffs.append(f"vocab_size: engine {spec.vocab_size} > catalog's padded {model.padded_vocab_size}")
     if diffs:
         raise ModelMismatchError("engine does not match the catalog's model: " + "; ".join(diffs))
+
+
+def check_install(expected: Mapping[str, TensorSpec], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise ModelMismatchError unless `tensors` is exactly the engine's set, each of the right shape and dtype.
+
+    Every engine calls this before writing its first byte, so a refused install changes nothing.
+    """
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        raise ModelMismatchError(
+            f"install needs exactly this rank's tensors: missing {sorted(missing)[:5]}, unknown {sorted(extra)[:5]}"
+        )
+    for name, t in tensors.items():
+        spec = expected[name]
+        if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
+            raise ModelMismatchError(f"{name}: got {tuple(t.shape)} {t.dtype}, engine holds {spec}")
+
+
+def spec_from_hf_config(config: object, *, architecture: str, tp_rank: int = 0, tp_size: int = 1) -> EngineSpec:
+    """The EngineSpec of a model described by a transformers config (HF models, vLLM's hf_config)."""
+    c: Any = config
+    heads = c.num_attention_heads
+    return EngineSpec(
+        architecture=architecture,
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(c, "num_key_value_heads", None) or heads,
+        kv_channels=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        ffn_hidden_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+    )
 
 
 def check_tensors(expected: Mapping[str, TensorSpec], planned: Mapping[str, TensorSpec]) -> None:

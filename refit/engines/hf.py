@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from refit.engines.base import EngineSpec, TensorSpec
-from refit.errors import ConfigError, ModelMismatchError
+from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
+from refit.errors import ConfigError
 from refit.plan.assemble import dtype_name
 from refit.plan.naming import architecture_from_hf
 
@@ -35,19 +35,7 @@ class HFEngine:
         self._params = dict(model.named_parameters())
 
     def spec(self) -> EngineSpec:
-        c = self._config
-        heads = c.num_attention_heads
-        return EngineSpec(
-            architecture=self._architecture,
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_attention_heads=heads,
-            num_query_groups=getattr(c, "num_key_value_heads", None) or heads,
-            kv_channels=getattr(c, "head_dim", None) or c.hidden_size // heads,
-            ffn_hidden_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        )
+        return spec_from_hf_config(self._config, architecture=self._architecture)
 
     def expected(self) -> dict[str, TensorSpec]:
         tied = self.spec().tied_embeddings
@@ -62,16 +50,7 @@ class HFEngine:
         return next(iter(self._params.values())).device
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        expected = self.expected()
-        if set(tensors) != set(expected):
-            raise ModelMismatchError(
-                f"install needs exactly the engine's tensors: missing {sorted(set(expected) - set(tensors))[:5]}, "
-                f"unknown {sorted(set(tensors) - set(expected))[:5]}"
-            )
-        for name, t in tensors.items():
-            spec = expected[name]
-            if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
-                raise ModelMismatchError(f"{name}: got {tuple(t.shape)} {t.dtype}, engine holds {spec}")
+        check_install(self.expected(), tensors)
         with torch.no_grad():
             for name, t in tensors.items():
                 self._params[name].copy_(t, non_blocking=True)

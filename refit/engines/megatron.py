@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from refit.engines.base import EngineSpec, TensorSpec
-from refit.errors import ConfigError, ModelMismatchError
+from refit.engines.base import EngineSpec, TensorSpec, check_install
+from refit.errors import ConfigError
 from refit.plan.assemble import dtype_name
 from refit.trainer.megatron import LocalParam, local_parameters, model_chunks, trainer_coords
 
@@ -80,16 +80,7 @@ class MegatronEngine:
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy every tensor into its parameter; all are checked before the first byte is written."""
-        expected = self.expected()
-        if set(tensors) != set(expected):
-            raise ModelMismatchError(
-                f"install needs exactly the engine's tensors: missing {sorted(set(expected) - set(tensors))[:5]}, "
-                f"unknown {sorted(set(tensors) - set(expected))[:5]}"
-            )
-        for name, t in tensors.items():
-            spec = expected[name]
-            if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
-                raise ModelMismatchError(f"{name}: got {tuple(t.shape)} {t.dtype}, engine holds {spec}")
+        check_install(self.expected(), tensors)
         with torch.no_grad():
             for name, t in tensors.items():
                 self._params[name].param.copy_(t, non_blocking=True)

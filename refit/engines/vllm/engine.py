@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from refit.engines.base import EngineSpec, TensorSpec
+from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
 from refit.errors import ConfigError, ModelMismatchError
 from refit.plan.assemble import dtype_name
 from refit.plan.naming import architecture_from_hf
@@ -73,20 +73,8 @@ class VLLMEngine:
     # -- the Engine protocol -------------------------------------------------------------------------
 
     def spec(self) -> EngineSpec:
-        c = self._cfg
-        heads = c.num_attention_heads
-        return EngineSpec(
-            architecture=self._architecture,
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_attention_heads=heads,
-            num_query_groups=getattr(c, "num_key_value_heads", None) or heads,
-            kv_channels=getattr(c, "head_dim", None) or c.hidden_size // heads,
-            ffn_hidden_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-            tp_rank=self._tp_rank,
-            tp_size=self._tp_size,
+        return spec_from_hf_config(
+            self._cfg, architecture=self._architecture, tp_rank=self._tp_rank, tp_size=self._tp_size
         )
 
     def expected(self) -> dict[str, TensorSpec]:
@@ -211,15 +199,7 @@ class VLLMEngine:
             raise ModelMismatchError("vLLM model does not match its config's layout: " + "; ".join(problems[:8]))
 
     def _validate(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        missing, extra = set(self._expected) - set(tensors), set(tensors) - set(self._expected)
-        if missing or extra:
-            raise ModelMismatchError(
-                f"install needs exactly this rank's tensors: missing {sorted(missing)[:5]}, unknown {sorted(extra)[:5]}"
-            )
-        for name, t in tensors.items():
-            spec = self._expected[name]
-            if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
-                raise ModelMismatchError(f"{name}: got {tuple(t.shape)} {t.dtype}, engine holds {spec}")
+        check_install(self._expected, tensors)
 
 
 _MISSING = object()
