@@ -38,6 +38,7 @@ class StagedVersion:
     bytes: int
     num_sources: int
     num_descriptors: int
+    staging_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     generation: int = 0
 
@@ -52,6 +53,8 @@ class Receiver:
         replica: this engine's index among engine replicas; spreads reads over trainer replicas.
         timeout_s: default deadline of a whole update (waiting for READY plus the pull).
         catalog_timeout_s: deadline of each catalog call.
+        max_staging_bytes: refuse (before allocating or pulling anything) a refit whose staging
+            buffer would exceed this; staging holds one version of this rank's tensors.
     """
 
     def __init__(
@@ -63,11 +66,13 @@ class Receiver:
         replica: int = 0,
         timeout_s: float = 120.0,
         catalog_timeout_s: float = 10.0,
+        max_staging_bytes: int | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine must implement refit.engines.Engine, got {type(engine).__name__}")
-        if replica < 0 or timeout_s <= 0:
-            raise ConfigError("replica must be >= 0 and timeout_s > 0")
+        if replica < 0 or timeout_s <= 0 or (max_staging_bytes is not None and max_staging_bytes <= 0):
+            raise ConfigError("replica must be >= 0, timeout_s > 0 and max_staging_bytes positive")
+        self._max_staging = max_staging_bytes
         self.engine = engine
         self.name = name
         self._spec = engine.spec()
@@ -148,6 +153,11 @@ class Receiver:
         info = self._resolve(version, deadline)
         sources = {s.rank: s for s in self._client.get_sources(name=self.name, version=info.version)}
         plan = self._plan_for(info, list(sources.values()))
+        if self._max_staging is not None and plan.staging_bytes > self._max_staging:
+            raise ConfigError(
+                f"version {info.version} needs {plan.staging_bytes} bytes of staging on this rank, "
+                f"over max_staging_bytes={self._max_staging}"
+            )
         t_plan = time.perf_counter()
         staging = self._ensure_staging(plan.staging_bytes)
         base = staging.data_ptr()
@@ -198,6 +208,7 @@ class Receiver:
             bytes=plan.total_bytes,
             num_sources=len({j.agent_name for j in jobs}),
             num_descriptors=descriptors,
+            staging_bytes=staging.numel(),
             generation=self._generation,
             timings={
                 "plan": t_plan - t0,
@@ -225,6 +236,7 @@ class Receiver:
             num_tensors=len(staged.tensors),
             num_sources=staged.num_sources,
             num_descriptors=staged.num_descriptors,
+            staging_bytes=staged.staging_bytes,
             plan_seconds=timings["plan"],
             wire_seconds=timings["wire"],
             install_seconds=install_s,

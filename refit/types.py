@@ -273,6 +273,7 @@ class UpdateResult:
     num_tensors: int = 0
     num_sources: int = 0
     num_descriptors: int = 0
+    staging_bytes: int = 0  # the receiver's registered staging buffer (reused across refits)
     plan_seconds: float = 0.0
     wire_seconds: float = 0.0
     install_seconds: float = 0.0

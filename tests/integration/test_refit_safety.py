@@ -13,6 +13,7 @@ from refit.catalog.client import CatalogClient
 from refit.engines import HFEngine
 from refit.errors import (
     CatalogUnavailableError,
+    ConfigError,
     ModelMismatchError,
     VersionNotFoundError,
     VersionNotReadyError,
@@ -150,3 +151,20 @@ def test_second_publisher_for_a_taken_rank_is_refused(trainer, catalog, trainer_
     assert set(out) == {"RankTakenError"}
     with CatalogClient(catalog) as client:
         assert client.get_version(name=t.name, version=1).state.value == "READY"
+
+
+def test_staging_is_reported_and_a_limit_refuses_before_anything_moves(trainer, catalog) -> None:
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    t.publish(1)
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    before = snapshot(engine_model)
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, max_staging_bytes=1024) as rcv:
+        with pytest.raises(ConfigError, match="max_staging_bytes=1024"):
+            rcv.update_weights()
+        assert rcv._staging is None  # nothing was allocated or registered
+    assert_unchanged(engine_model, before)
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+        result = rcv.update_weights()
+    model_bytes = sum(p.numel() * p.element_size() for p in engine_model.parameters())
+    # Staging holds one version of this rank's tensors: the model, plus at most small read-along holes.
+    assert model_bytes <= result.staging_bytes < model_bytes * 1.05
