@@ -84,20 +84,26 @@ def filled(nbytes: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     return tile.repeat(reps)[:nbytes].clone()
 
 
-def copy_ceiling(nbytes: int, device: torch.device, *, iters: int) -> Sample:
-    """Copy `nbytes` within one process: numpy's single-threaded memcpy on CPU, copy_ on GPU."""
+def copy_ceiling(nbytes: int, device: torch.device, *, iters: int, source: torch.device | None = None) -> Sample:
+    """Copy `nbytes` within one process: numpy's single-threaded memcpy on CPU, copy_ on GPU.
+
+    With `source` another GPU, the copy crosses devices (peer-to-peer over NVLink where present).
+    """
     if device.type == "cpu":
         src = np.ones(nbytes, dtype=np.uint8)
         dst = np.empty_like(src)
         return timed("memcpy (1 thread)", nbytes, lambda: np.copyto(dst, src), iters=iters)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
+    source = source or device
+    src = torch.ones(nbytes, dtype=torch.uint8, device=source)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def copy() -> None:
         dst.copy_(src)
         sync(device)
+        sync(source)
 
-    return timed("device-to-device copy", nbytes, copy, iters=iters)
+    what = "device-to-device copy" if source == device else f"GPU-to-GPU copy ({source} -> {device})"
+    return timed(what, nbytes, copy, iters=iters)
 
 
 # -- the source side: runs in a worker process ---------------------------------------------------------

@@ -38,6 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (each engine-tp receivers)")
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--receiver-gpu", type=int, default=0, help="GPU index of the receivers (trainer rank r uses r %% GPUs)"
+    )
     p.add_argument("--iters", type=int, default=3, help="timed runs of each reference measurement")
     p.add_argument("--no-baseline", action="store_true", help="skip the classic gather-then-broadcast baseline")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
@@ -124,9 +127,9 @@ class BufferEngine:
 class ReceiverRank:
     """One engine rank: a BufferEngine shaped from the catalog, and a Receiver."""
 
-    def __init__(self, *, catalog: str, tp_rank: int, tp_size: int, replica: int, device: str):
+    def __init__(self, *, catalog: str, tp_rank: int, tp_size: int, replica: int, device: str, gpu: int = 0):
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
-        self.device = measure.device_of(device, 0)
+        self.device = measure.device_of(device, gpu)
         if device == "cuda":
             torch.cuda.set_device(self.device)
         self.rcv: Any = None
@@ -221,7 +224,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     shape = SHAPES[args.shape]
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
-    config = {k: getattr(args, k) for k in ("shape", "tp", "pp", "dp", "engine_tp", "replicas", "versions", "device")}
+    keys = ("shape", "tp", "pp", "dp", "engine_tp", "replicas", "versions", "device", "receiver_gpu")
+    config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
     bar = tqdm(total=2 + args.versions + 2, desc="refit", unit="step", disable=not progress)
     rows: list[dict[str, Any]] = []
@@ -234,7 +238,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         ]  # fmt: skip
         rcvs = [
             Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
-                   tp_size=args.engine_tp, replica=i // args.engine_tp, device=args.device)
+                   tp_size=args.engine_tp, replica=i // args.engine_tp, device=args.device, gpu=args.receiver_gpu)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -304,21 +308,42 @@ def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], r
     """The ceiling, a raw NIXL READ of the same bytes, and the classic baseline, in this run."""
     from refit.transport.nixl import NixlAgent
 
-    local = measure.device_of(args.device, 0)
-    refs = [measure.copy_ceiling(nbytes, local, iters=args.iters).as_dict()]
-    source = Worker("refit_bench.measure:Source", device=args.device)
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    local = measure.device_of(args.device, args.receiver_gpu)
+    # With two GPUs the raw READ and the broadcast come from the other GPU, and the ceiling crosses too.
+    peer_index = (args.receiver_gpu + 1) % gpus if gpus >= 2 else args.receiver_gpu
+    peer = measure.device_of(args.device, peer_index) if gpus >= 2 else None
+    refs = [measure.copy_ceiling(nbytes, local, iters=args.iters, source=peer).as_dict()]
+    if peer is not None:
+        refs.append(measure.copy_ceiling(nbytes, local, iters=args.iters).as_dict())
+        torch.cuda.set_device(local)
+    port = free_port()
+    world = 2 if gpus >= 2 and not args.no_baseline else 0
+    source = Worker("refit_bench.measure:Source", device=args.device, device_index=peer_index, world=world,
+                    port=port, backend="nccl")  # fmt: skip
     agent = NixlAgent(prefix="bench-raw")
     try:
+        if world:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=world)
         info = source.call(cmd="alloc", nbytes=nbytes)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=local)
         agent.register(dst.data_ptr(), nbytes, **measure._where(dst))
         refs.append(measure.nixl_read(agent, dst, info, nbytes, iters=args.iters).as_dict())
+        if world:  # the peer baseline on two GPUs: NCCL broadcast of the same bytes, GPU to GPU
+            source.send(cmd="bcast", nbytes=nbytes, iters=args.iters)
+            refs.append(measure.broadcast(dst, nbytes, iters=args.iters, backend="nccl").as_dict())
+            source.recv()
         del dst
     finally:
         agent.close()
         source.close()
+        if world:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     bar.update()
-    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     world = len(shard_bytes) + receivers
     if not args.no_baseline and (args.device == "cpu" or gpus >= world):
         port = free_port()

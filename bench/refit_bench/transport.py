@@ -96,8 +96,12 @@ def measure_transport(
         agent.register(dst.data_ptr(), largest, **measure._where(dst))
         handle = source.call(cmd="ipc")["handle"] if baselines and device == "cuda" else None
         for nbytes in sizes:
-            ceiling = measure.copy_ceiling(nbytes, local, iters=iters)
+            # Two GPUs: the transfers cross devices, so the ceiling is the cross-device copy.
+            peer = measure.device_of(device, src_index) if gpus >= 2 else None
+            ceiling = measure.copy_ceiling(nbytes, local, iters=iters, source=peer)
             samples = [ceiling]
+            if peer is not None:
+                samples.append(measure.copy_ceiling(nbytes, local, iters=iters))
             dst.zero_()
             samples.append(measure.nixl_read(agent, dst, info, nbytes, iters=iters))
             if not torch.equal(dst[:nbytes], measure.filled(nbytes, local, seed=3)):
