@@ -34,6 +34,7 @@ def llm(tmp_path_factory, trainer_cluster):  # the trainers start first: vLLM ta
     mp = pytest.MonkeyPatch()
     for k, v in vo.engine_env(TP).items():
         mp.setenv(k, v)
+    mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model(vo.storage) sends a function to the workers
     path = vo.save_checkpoint(vo.LLAMA, 2, tmp_path_factory.mktemp("ckpt") / "v2")
     engine = LLM(**vo.engine_kwargs(path, TP))
     yield engine
@@ -48,6 +49,8 @@ def test_refit_tp2_engine_from_tp1_and_tp2_pp2_trainers_with_faults_in_between(
     tmp_path,
 ) -> None:
     fresh_v2 = vo.greedy(llm)
+    storage = llm.apply_model(vo.storage)  # per rank: {tensor: [data_ptr, numel]}
+    assert len(storage) == TP and all(storage)
     # Trainers are built one layout at a time: Megatron's parallel state is global in each trainer process.
     other = vo.Trainer(trainer_cluster, catalog, tmp_path, vo.QWEN2, tp=1)
     tp1 = vo.Trainer(trainer_cluster, catalog, tmp_path, vo.LLAMA, tp=1)
@@ -63,6 +66,7 @@ def test_refit_tp2_engine_from_tp1_and_tp2_pp2_trainers_with_faults_in_between(
         tp1.publish(1)
         r1 = refit_llm(llm, catalog=catalog, name=tp1.name)
         assert r1.version == 1 and llm.get_weight_version() == "1"
+        assert not vo.moved(storage, llm.apply_model(vo.storage))  # installed in place: storage kept
         on_v1 = vo.greedy(llm)
         assert on_v1 != fresh_v2
         sizes = _sizes(vo.LLAMA)
@@ -95,6 +99,7 @@ def test_refit_tp2_engine_from_tp1_and_tp2_pp2_trainers_with_faults_in_between(
         r2 = refit_llm(llm, catalog=catalog, name=tp2pp2.name)
         assert r2.version == 2 and llm.get_weight_version() == "2"
         assert vo.greedy(llm) == fresh_v2
+        assert not vo.moved(storage, llm.apply_model(vo.storage))
         print(f"TP{TP} engine <- TP2xPP2 trainer: bytes per rank {r2.bytes_per_rank} (wire {r2.wire_s:.3f}s, "
               f"stall {r2.stall_s:.3f}s)")  # fmt: skip
     finally:

@@ -116,3 +116,30 @@ def greedy(llm: Any, prompts: list[list[int]] = PROMPTS, max_tokens: int = 8) ->
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def storage(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Where every non-empty tensor of a vLLM worker's model lives: `{name: [data_ptr, numel]}`.
+
+    Run in the workers with `llm.apply_model(storage)`. Parameters and buffers: what CUDA graphs
+    capture and layerwise reload keeps. (Not covered: plain tensor attributes such as the attention
+    layers' host-side `_k_scale_cpu`, which vLLM's reload re-creates, and on CPU the repacked linear
+    weights, which live in `layer.cpu_linear`'s closure and are re-packed on every reload.)
+    """
+    out: dict[str, list[int]] = {}
+    for prefix, module in model.named_modules():
+        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        for key, t in tensors.items():
+            if t.numel() > 0:
+                out[f"{prefix}.{key}"] = [t.data_ptr(), t.numel()]
+    return out
+
+
+def moved(before: list[dict[str, list[int]]], after: list[dict[str, list[int]]]) -> list[str]:
+    """Tensors (`rank:name`) whose storage differs between two `llm.apply_model(storage)` snapshots."""
+    return sorted(
+        f"{rank}:{name}"
+        for rank, (b, a) in enumerate(zip(before, after, strict=True))
+        for name in set(b) | set(a)
+        if b.get(name) != a.get(name)
+    )

@@ -232,6 +232,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
                 bytes=staged.bytes,
                 wire_s=staged.timings.get("wire", 0.0),
                 fetch_s=sum(staged.timings.values()),
+                timings=dict(staged.timings),
             )
         return out
 

@@ -12,6 +12,7 @@ resume. `Fleet.sync()` brings servers that joined later (or missed a refit) to t
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from refit.engines.vllm.driver import CONTROL, init_info, prefetch_done, report, resolve_version
+from refit.engines.vllm.driver import CONTROL, close_session, init_info, prefetch_done, report, resolve_version
 from refit.errors import ConfigError, EngineError, RefitError, TransferTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -69,15 +70,22 @@ class VLLMServer:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:2000]
             raise EngineError(f"{self.url}{path}: HTTP {exc.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise EngineError(f"{self.url}{path}: {exc}") from None
-        return json.loads(raw) if raw else None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            raise EngineError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise EngineError(f"{self.url}{path}: not JSON: {raw[:200]!r}") from None
 
     def weight_version(self) -> str | None:
         return self.call("/weight_info").get("weight_version")
 
     def control(self, **kwargs: Any) -> list[dict[str, Any]]:
-        return self.call("/collective_rpc", {"method": CONTROL, "kwargs": kwargs})["results"]
+        reply = self.call("/collective_rpc", {"method": CONTROL, "kwargs": kwargs})
+        results = reply.get("results") if isinstance(reply, dict) else None
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise EngineError(f"{self.url}/collective_rpc: the refit backend did not answer (got {reply!r:.300})")
+        return results
 
 
 def refit_server(
@@ -103,9 +111,15 @@ def refit_server(
         server.call("/pause", {}, query={"mode": "keep"})
         paused = True
         server.call("/start_weight_update", {})
-        server.call("/update_weights", {"update_info": {"version": version}})
+        try:
+            server.call("/update_weights", {"update_info": {"version": version}})
+        except RefitError:
+            # A failure is raised on the last TP rank only; the others' update sessions are still open.
+            close_session(lambda: server.call("/finish_weight_update", {}))
+            raise
         server.call("/finish_weight_update", {"weight_version": str(version)})
-        server.call("/reset_prefix_cache", {}, query={"reset_running_requests": "true"})
+        if not server.call("/reset_prefix_cache", {}, query={"reset_running_requests": "true"}).get("success"):
+            logger.warning("%s: the prefix cache could not be reset after v%d", url, version)
         server.call("/resume", {})
         paused = False
         t_resume = time.perf_counter()
@@ -121,8 +135,8 @@ def refit_server(
             wire_s=r.wire_s,
             stall_s=r.stall_s,
         )
-    except RefitError as exc:
-        logger.warning("refit of %s to v%d failed: %s", url, version, exc)
+    except Exception as exc:  # noqa: BLE001 - one server's failure is its result, never the fleet's
+        logger.warning("refit of %s to v%d failed: %s: %s", url, version, type(exc).__name__, exc)
         return ServerResult(
             url=url, version=version, seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}"
         )
@@ -222,7 +236,7 @@ class Fleet:
             try:
                 if VLLMServer(url, timeout_s=self.timeout_s).weight_version() == str(version):
                     return ServerResult(url=url, version=version, skipped=True)
-            except RefitError as exc:
+            except Exception as exc:  # noqa: BLE001 - reported as this server's result
                 return ServerResult(url=url, version=version, error=f"{type(exc).__name__}: {exc}")
             return refit_server(
                 url, catalog=self.catalog, name=self.name, version=version, replica=replica, timeout_s=self.timeout_s
@@ -259,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(json.dumps(r.to_dict()) + "\n")
         sys.stdout.flush()
 
+    if not servers() and args.watch is None:
+        parser.error("no servers: give --server URL (repeatable) or --servers-file")
     try:
         fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s)
         if args.watch is not None:
