@@ -93,11 +93,13 @@ def plot_transport(result: dict[str, Any], path: str) -> None:
 def plot_refit(result: dict[str, Any], path: str) -> None:
     """Bars: the refit's GB/s beside the ceiling, the raw NIXL READ and the classic baseline."""
     plt = _pyplot()
-    bars = [(b["what"], b["gbps"]) for b in result["references"]]
-    bars.insert(1, ("refit (steady state)", result["summary"]["gbps"]))
+    refs = [(b["what"], b["gbps"]) for b in result["references"]]
+    summary = result["summary"]
+    bars = [refs[0], ("refit: wire", summary["wire_gbps"]), ("refit: end to end", summary["gbps"]), *refs[1:]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     names, values = zip(*bars, strict=True)
-    ax.barh(range(len(values)), values, color=["#999999", "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78"][: len(values)])
+    colors = ["#999999", "#1f77b4", "#6baed6", *["#ff7f0e", "#ffbb78", "#fdd0a2", "#bbbbbb"][: len(values) - 3]]
+    ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("GB/s (bytes per receiver / wall time)")

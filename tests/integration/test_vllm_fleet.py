@@ -70,7 +70,7 @@ def test_fleet_refits_running_servers_and_brings_late_joiners_to_the_current_ver
 
         # Version 1 to the fleet (A and the dead server): A is refitted, the dead one reported, A unaffected.
         trainer.publish(1)
-        fleet = Fleet(catalog=catalog, name=trainer.name, servers=[a.url, dead], timeout_s=60.0)
+        fleet = Fleet(catalog=catalog, name=trainer.name, servers=[a.url, dead], timeout_s=180.0)
         results = fleet.refit()
         assert [r.url for r in results] == [a.url, dead] and fleet.current == 1
         r1 = _check_refitted(results, a.url, 1, nbytes)

@@ -19,6 +19,7 @@ uninstalled one).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,7 +89,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
         self._tp_size = parallel.tensor_parallel_size
         self._receiver: Receiver | None = None
         self._init: RefitInitInfo | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-pull")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-pull", initializer=_unpin)
         self._lock = threading.Lock()
         self._pending: tuple[int, Future[StagedVersion]] | None = None
         self._installed: int | None = None
@@ -290,3 +291,16 @@ def _failed(future: Future[StagedVersion]) -> bool:
 
 
 __all__ = ["RefitInitInfo", "RefitUpdateInfo", "RefitWeightTransferEngine"]
+
+
+def _unpin() -> None:
+    """Let the pull thread run on any CPU of this machine.
+
+    vLLM's CPU workers bind their threads to one core each (`VLLM_CPU_OMP_THREADS_BIND`), and a new
+    thread inherits that binding: the pull (first NIXL agent, registration, READs) then fights the
+    worker's own busy threads for one core, which took a first prefetch from 0.6 s to a minute.
+    """
+    try:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    except (AttributeError, OSError, ValueError):  # not Linux, or a cpuset forbids it: keep the binding
+        logger.debug("could not widen the pull thread's CPU affinity", exc_info=True)
