@@ -8,6 +8,8 @@ and faults in between must leave it serving its previous weights.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -38,7 +40,9 @@ def llm(tmp_path_factory, trainer_cluster):  # the trainers start first: vLLM ta
     path = vo.save_checkpoint(vo.LLAMA, 2, tmp_path_factory.mktemp("ckpt") / "v2")
     engine = LLM(**vo.engine_kwargs(path, TP))
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    # vLLM's shutdown can race its own worker processes' exit (psutil.NoSuchProcess): they are gone either way.
+    with contextlib.suppress(Exception):
+        engine.llm_engine.engine_core.shutdown()
     mp.undo()
 
 

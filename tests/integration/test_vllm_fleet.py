@@ -101,8 +101,8 @@ def test_fleet_refits_running_servers_and_brings_late_joiners_to_the_current_ver
         # Version 3 through the CLI: one JSON line per server, exit status 1 because of the dead server.
         trainer.publish(3)
         cli_base = [sys.executable, "-m", "refit.engines.vllm.fleet", "--catalog", catalog, "--name", trainer.name]
-        cli_base += ["--timeout-s", "60", "--server", a.url, "--server", b.url]
-        done = subprocess.run([*cli_base, "--server", dead], capture_output=True, text=True, timeout=180)
+        cli_base += ["--timeout-s", "180", "--server", a.url, "--server", b.url]
+        done = subprocess.run([*cli_base, "--server", dead], capture_output=True, text=True, timeout=420)
         assert done.returncode == 1, done.stderr[-3000:]
         cli = [ServerResult(**{**d, "bytes_per_rank": tuple(d["bytes_per_rank"])}) for d in _json_lines(done.stdout)]
         assert [r.url for r in cli] == [a.url, b.url, dead]
@@ -113,7 +113,7 @@ def test_fleet_refits_running_servers_and_brings_late_joiners_to_the_current_ver
         assert a.weight_version() == b.weight_version() == "3"
 
         # Run again: both servers already serve version 3 and are skipped.
-        done = subprocess.run(cli_base, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(cli_base, capture_output=True, text=True, timeout=420)
         assert done.returncode == 0, done.stderr[-3000:]
         assert [(d["url"], d["skipped"], d["error"]) for d in _json_lines(done.stdout)] == [
             (a.url, True, None),
