@@ -21,7 +21,7 @@ from refit.catalog.client import CatalogClient
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors
 from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble
-from refit.plan.planner import Plan, plan_refit
+from refit.plan.planner import Plan, plan_refit, stripe
 from refit.plan.targets import EngineLayout
 from refit.transport.nixl import NixlAgent, ReadJob, ReadOp
 from refit.types import SourceRecord, UpdateResult, VersionInfo, VersionState
@@ -76,7 +76,7 @@ class Receiver:
         self.engine = engine
         self.name = name
         self._spec = engine.spec()
-        self._stripe = replica * self._spec.tp_size + self._spec.tp_rank
+        self._stripe = stripe(replica=replica, tp_rank=self._spec.tp_rank, tp_size=self._spec.tp_size)
         self._timeout_s = timeout_s
         self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s)
         self._agent: NixlAgent | None = None

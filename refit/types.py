@@ -10,22 +10,8 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
-
-# Element sizes of the dtypes a descriptor may carry (torch names without the `torch.` prefix).
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float64": 8,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "int8": 1,
-    "uint8": 1,
-    "int32": 4,
-    "int64": 8,
-    "bool": 1,
-}
 
 
 class Role(StrEnum):
@@ -42,6 +28,18 @@ class Role(StrEnum):
     EXPERT_GATED_COLUMN = "expert_gated_column"  # expert linear_fc1 of a gated MLP: [gate_r; up_r], dim 0
     EXPERT_COLUMN = "expert_column"  # expert linear_fc1 without gating, dim 0
     EXPERT_ROW = "expert_row"  # expert linear_fc2, dim 1
+
+    @property
+    def partition_dim(self) -> int:
+        """The dimension Megatron-Core splits a tensor of this role on (-1: not split)."""
+        if self is Role.REPLICATED:
+            return -1
+        return 1 if self in (Role.ROW, Role.EXPERT_ROW) else 0
+
+    @property
+    def partition_stride(self) -> int:
+        """Equal parts each shard takes rows of: 2 for a gated fc1 (`[gate_r; up_r]`), else 1."""
+        return 2 if self in (Role.GATED_MLP_COLUMN, Role.EXPERT_GATED_COLUMN) else 1
 
 
 class VersionState(StrEnum):
@@ -134,6 +132,27 @@ class ModelMeta:
             raise ConfigError(f"unknown params_dtype {self.params_dtype!r}")
 
 
+def shard_geometry(
+    *, name: str, global_shape: tuple[int, ...], partition_dim: int, partition_stride: int, rank: int, size: int
+) -> tuple[tuple[int, ...], int]:
+    """(local shape, offset) of TP rank `rank` of `size` of a global tensor, split as Megatron-Core does.
+
+    Along `partition_dim` the tensor is cut into `partition_stride` equal parts and each rank takes
+    its `1/size` of every part; `offset` is its first row within a part. The one formula of the
+    library: the Megatron reader, the benchmark's synthetic trainers and the tests all use it.
+    """
+    if partition_dim == -1:
+        return tuple(global_shape), 0
+    rows = global_shape[partition_dim]
+    if size < 1 or not 0 <= rank < size or rows % (size * partition_stride):
+        raise ConfigError(
+            f"{name}: dim {partition_dim} ({rows} rows, stride {partition_stride}) does not split over {size} ranks"
+        )
+    local = list(global_shape)
+    local[partition_dim] = rows // size
+    return tuple(local), rank * local[partition_dim] // partition_stride
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorDesc:
     """One trainer rank's shard of one Megatron parameter, and where its bytes live.
@@ -177,6 +196,29 @@ class TensorDesc:
         local, glob, s = self.local_shape[d], self.global_shape[d], self.partition_stride
         if local % s or glob % s or self.offset + local // s > glob // s:
             raise ConfigError(f"{self.name}: shard rows [{self.offset}, +{local}/{s}) do not fit global dim {glob}")
+
+    @classmethod
+    def shard(
+        cls,
+        *,
+        name: str,
+        role: Role,
+        dtype: str,
+        global_shape: tuple[int, ...],
+        rank: int = 0,
+        size: int = 1,
+        region: int = 0,
+        byte_offset: int = 0,
+    ) -> TensorDesc:
+        """The descriptor of TP (or expert-TP) rank `rank` of `size`, split as Megatron splits `role`."""
+        dim, stride = role.partition_dim, role.partition_stride
+        local, offset = shard_geometry(
+            name=name, global_shape=global_shape, partition_dim=dim, partition_stride=stride, rank=rank, size=size
+        )
+        return cls(
+            name=name, role=role, dtype=dtype, local_shape=local, global_shape=tuple(global_shape),
+            partition_dim=dim, partition_stride=stride, offset=offset, region=region, byte_offset=byte_offset,
+        )  # fmt: skip
 
     @property
     def itemsize(self) -> int:

@@ -21,10 +21,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
 from refit.plan.planner import Plan, plan_refit
 from refit.plan.targets import EngineLayout, Scheme
-from refit.types import DTYPE_SIZES, ModelMeta, SourceRecord, TensorDesc
+from refit.types import ModelMeta, SourceRecord, TensorDesc
 
 logger = logging.getLogger(__name__)
 

@@ -102,10 +102,10 @@ class BufferEngine:
     """An engine rank that is just the tensors it serves: the planner's targets, allocated once."""
 
     def __init__(self, spec: Any, shapes: dict[str, Any], device: torch.device) -> None:
-        from refit.plan.assemble import TORCH_DTYPES
+        from refit.dtypes import torch_dtype
 
         self._spec, self._shapes, self._device = spec, shapes, device
-        self.tensors = {n: torch.empty(s.shape, dtype=TORCH_DTYPES[s.dtype], device=device) for n, s in shapes.items()}
+        self.tensors = {n: torch.empty(s.shape, dtype=torch_dtype(s.dtype), device=device) for n, s in shapes.items()}
 
     def spec(self) -> Any:
         return self._spec

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
-from refit.types import DTYPE_SIZES, ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
+from refit.types import ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
 
 MODELS_DIR = Path(__file__).parent / "models"
 VOCAB_DIVISIBLE_BY = 128  # Megatron's make_vocab_size_divisible_by

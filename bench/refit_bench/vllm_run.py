@@ -2,7 +2,7 @@
 
 Megatron trainer processes publish a synthetic Llama-shaped model; a `vllm.LLM` (the `refit`
 backend, engine TP as asked) is started from an HF checkpoint of the same shape and refitted with
-`refit.engines.vllm.refit_llm`: every worker prefetches its own shard while the engine keeps its
+`refit.vllm.refit_llm`: every worker prefetches its own shard while the engine keeps its
 old weights, then generation pauses only for the install. Reported per version: bytes per worker
 rank, wire (slowest rank), prefetch, stall (pause -> resume) and install, and greedy tokens
 before/after so a reader sees the weights changed.
@@ -65,7 +65,7 @@ def _greedy(llm: Any) -> list[list[int]]:
 
 def measure_vllm(args: argparse.Namespace) -> dict[str, Any]:
     from refit import CatalogServer
-    from refit.engines.vllm import refit_llm
+    from refit.vllm import refit_llm
 
     shape = SHAPES[args.shape]
     world = args.tp * args.pp

@@ -14,8 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from refit.dtypes import dtype_name
 from refit.errors import ModelMismatchError
-from refit.plan.assemble import dtype_name
 from refit.types import ModelMeta
 
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
 from refit.errors import ConfigError
-from refit.plan.assemble import dtype_name
 from refit.plan.naming import architecture_from_hf
 
 logger = logging.getLogger(__name__)

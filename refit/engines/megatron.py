@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install
 from refit.errors import ConfigError
-from refit.plan.assemble import dtype_name
-from refit.trainer.megatron import LocalParam, local_parameters, model_chunks, trainer_coords
+from refit.megatron.model import LocalParam, local_parameters, model_chunks, parallel_coords
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class MegatronEngine:
         self, model: nn.Module | Sequence[nn.Module], *, architecture: str | None = None, vocab_size: int = 0
     ) -> None:
         chunks = model_chunks(model)
-        _, _, coords = trainer_coords()
+        _, _, coords = parallel_coords()
         if len(chunks) != 1 or coords.pp_size != 1:
             raise ConfigError("MegatronEngine needs pipeline parallel size 1 and one model chunk")
         if vocab_size < 0:

@@ -10,33 +10,15 @@ from collections import defaultdict
 
 import torch
 
+from refit.dtypes import torch_dtype
 from refit.errors import LayoutError
 from refit.plan.planner import Piece, Plan
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.bfloat16` -> `"bfloat16"`, the name descriptors carry."""
-    return str(dtype).removeprefix("torch.")
 
 
 def piece_view(piece: Piece, staging: torch.Tensor) -> torch.Tensor:
     """The staged bytes of `piece` as a dense tensor (a view of `staging`, a flat uint8 buffer)."""
     raw = staging[piece.local_offset : piece.local_offset + piece.nbytes]
-    return raw.view(TORCH_DTYPES[piece.dtype]).view(piece.shape)
+    return raw.view(torch_dtype(piece.dtype)).view(piece.shape)
 
 
 def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -50,7 +32,7 @@ def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
     for target in plan.targets:
         pieces = by_tensor.get(target.source)
         if target.dim is not None and not target.rows:  # nothing published for it: all padding
-            out[target.hf_name] = torch.zeros(target.shape, dtype=TORCH_DTYPES[target.dtype], device=staging.device)
+            out[target.hf_name] = torch.zeros(target.shape, dtype=torch_dtype(target.dtype), device=staging.device)
             continue
         if not pieces:
             raise LayoutError(f"{target.hf_name}: nothing of {target.source} was staged")

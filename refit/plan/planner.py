@@ -16,12 +16,22 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from refit.dtypes import DTYPE_SIZES
 from refit.errors import LayoutError, ModelMismatchError
 from refit.plan.targets import EngineLayout, Target, merge_intervals, targets_for
-from refit.types import DTYPE_SIZES, ModelMeta, SourceRecord, TensorDesc
+from refit.types import ModelMeta, SourceRecord, TensorDesc
 
 # Holes up to this size between two pieces of one source are read along rather than splitting the read.
 MAX_GAP = 64 * 1024
+
+
+def stripe(*, replica: int, tp_rank: int, tp_size: int) -> int:
+    """The stripe (replica rotation) of one engine rank: engine replicas, then TP ranks within each.
+
+    Every engine rank of the fleet gets a different stripe, so equal trainer replicas share the
+    load evenly; the receiver and the cluster benchmark both use this one rule.
+    """
+    return replica * tp_size + tp_rank
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from refit.dtypes import device_of
 from refit.types import Region
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ class Block:
         return self.addr <= start and start + tensor.numel() * tensor.element_size() <= self.addr + self.nbytes
 
 
-def _device(t: torch.Tensor) -> tuple[str, int]:
-    return ("cuda", t.device.index or 0) if t.is_cuda else ("cpu", 0)
-
-
 def storage_blocks(tensors: Sequence[torch.Tensor]) -> list[Block]:
     """The distinct storages behind `tensors`, one block each."""
     blocks: dict[int, Block] = {}
@@ -51,7 +48,7 @@ def storage_blocks(tensors: Sequence[torch.Tensor]) -> list[Block]:
         storage = t.untyped_storage()
         addr = storage.data_ptr()
         if addr not in blocks:
-            device, device_id = _device(t)
+            device, device_id = device_of(t)
             blocks[addr] = Block(addr=addr, nbytes=storage.nbytes(), device=device, device_id=device_id)
     return sorted(blocks.values(), key=lambda b: b.addr)
 
@@ -90,7 +87,7 @@ def consolidate(params: Sequence[torch.Tensor]) -> list[Block]:
             p.data = view
     logger.info("moved %d parameters into %d arena(s) of %s bytes", len(params), len(arenas), list(sizes.values()))
     return [
-        Block(addr=a.data_ptr(), nbytes=a.numel(), device=_device(a)[0], device_id=_device(a)[1], owner=a)
+        Block(addr=a.data_ptr(), nbytes=a.numel(), device=device_of(a)[0], device_id=device_of(a)[1], owner=a)
         for a in arenas.values()
     ]
 
@@ -100,7 +97,7 @@ def snapshot_blocks(params: Sequence[torch.Tensor]) -> tuple[list[int], list[Blo
     offsets, sizes = packed_offsets(params)
     arenas = new_arenas(sizes)
     blocks = [
-        Block(addr=a.data_ptr(), nbytes=a.numel(), device=_device(a)[0], device_id=_device(a)[1], owner=a)
+        Block(addr=a.data_ptr(), nbytes=a.numel(), device=device_of(a)[0], device_id=device_of(a)[1], owner=a)
         for a in arenas.values()
     ]
     return offsets, blocks

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from refit.catalog.client import CatalogClient
+from refit.dtypes import dtype_name
 from refit.errors import ConfigError
+from refit.megatron.model import LocalParam, local_parameters, model_chunks, model_meta, parallel_coords
 from refit.trainer import memory
-from refit.trainer.megatron import LocalParam, local_parameters, model_chunks, model_meta, trainer_coords
 from refit.transport.nixl import NixlAgent
 from refit.types import Region, SourceRecord, TensorDesc, VersionInfo
 
@@ -75,7 +76,7 @@ class Publisher:
         if not name:
             raise ConfigError("name must be non-empty")
         chunks = model_chunks(model)
-        self.rank, self.world_size, self.coords = trainer_coords()
+        self.rank, self.world_size, self.coords = parallel_coords()
         self.name = name
         self.model_meta = model_meta(chunks, architecture=architecture, vocab_size=vocab_size)
         self._params: list[LocalParam] = local_parameters(chunks, self.coords)
@@ -150,7 +151,7 @@ class Publisher:
                 TensorDesc(
                     name=p.name,
                     role=p.role,
-                    dtype=str(p.param.dtype).removeprefix("torch."),
+                    dtype=dtype_name(p.param.dtype),
                     local_shape=tuple(p.param.shape),
                     global_shape=p.global_shape,
                     partition_dim=p.partition_dim,

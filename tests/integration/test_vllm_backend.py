@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from refit import CatalogServer
-from refit.engines.vllm.driver import close_session, refit_llm
 from refit.errors import ModelMismatchError, VersionNotReadyError
+from refit.vllm.driver import close_session, refit_llm
 from tests.support import vllm_ops as vo
 
 pytestmark = pytest.mark.vllm

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from refit.engines.vllm.fleet import Fleet, ServerResult
+from refit.vllm.fleet import Fleet, ServerResult
 from tests.support import vllm_ops as vo
 from tests.support.vllm_server import VLLMServerProcess, free_port
 
@@ -100,7 +100,7 @@ def test_fleet_refits_running_servers_and_brings_late_joiners_to_the_current_ver
 
         # Version 3 through the CLI: one JSON line per server, exit status 1 because of the dead server.
         trainer.publish(3)
-        cli_base = [sys.executable, "-m", "refit.engines.vllm.fleet", "--catalog", catalog, "--name", trainer.name]
+        cli_base = [sys.executable, "-m", "refit.vllm.fleet", "--catalog", catalog, "--name", trainer.name]
         cli_base += ["--timeout-s", "180", "--server", a.url, "--server", b.url]
         done = subprocess.run([*cli_base, "--server", dead], capture_output=True, text=True, timeout=420)
         assert done.returncode == 1, done.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from refit import CatalogServer
-from refit.engines.vllm.driver import refit_async_llm
+from refit.vllm.driver import refit_async_llm
 from tests.support import vllm_ops as vo
 
 pytestmark = pytest.mark.vllm

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from refit.engines.vllm.driver import CONTROL, close_session, init_info, prefetch_done, report, resolve_version
 from refit.errors import ConfigError, EngineError, RefitError, TransferTimeoutError
+from refit.vllm.driver import CONTROL, close_session, init_info, prefetch_done, report, resolve_version
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from refit.dtypes import dtype_name
 from refit.errors import ConfigError, LayoutError
-from refit.plan.assemble import dtype_name
 from refit.types import ModelMeta, ParallelCoords, Role
 
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -60,15 +60,15 @@ def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return out
 
 
-def trainer_coords() -> tuple[int, int, ParallelCoords]:
-    """(global rank, world size, parallel coordinates) of this trainer rank."""
+def parallel_coords() -> tuple[int, int, ParallelCoords]:
+    """(global rank, world size, parallel coordinates) of this process, trainer or engine rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not dist.is_available() or not dist.is_initialized():
-        raise ConfigError("torch.distributed must be initialised on every trainer rank before publishing")
+        raise ConfigError("torch.distributed must be initialised before reading a Megatron model's parallel layout")
     if not ps.model_parallel_is_initialized():
-        raise ConfigError("megatron.core.parallel_state must be initialised before publishing")
+        raise ConfigError("megatron.core.parallel_state must be initialised before reading a Megatron model")
     coords = ParallelCoords(
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),

@@ -33,7 +33,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from refit.engines.vllm.engine import VLLMEngine
+from refit.engines.vllm import VLLMEngine
 from refit.errors import ConfigError, EngineError, RankVersionMismatchError
 from refit.receiver import Receiver, StagedVersion
 

@@ -20,7 +20,7 @@ def register() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     try:
-        WeightTransferEngineFactory.register_engine(BACKEND, "refit.engines.vllm.backend", "RefitWeightTransferEngine")
+        WeightTransferEngineFactory.register_engine(BACKEND, "refit.vllm.backend", "RefitWeightTransferEngine")
     except ValueError:  # already registered in this process
         return
     logger.debug("registered the %r weight-transfer backend", BACKEND)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
 from refit.errors import ConfigError, ModelMismatchError
-from refit.plan.assemble import dtype_name
 from refit.plan.naming import architecture_from_hf
 from refit.plan.targets import VOCAB_PADDING
 

@@ -1,0 +1,39 @@
+"""Timeouts and polling intervals every refit component shares, in one frozen value.
+
+Receivers, the vLLM backend, the one-call drivers and the fleet take a `Timeouts` (or the single
+numbers they need from it) instead of repeating literals; `DEFAULT_TIMEOUTS` holds the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refit.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeouts:
+    """Deadlines (seconds) of refit's waits; every wait in refit has one.
+
+    Attributes:
+        update_s: a whole update: waiting for a READY version plus the pull.
+        catalog_s: one catalog call.
+        grace_s: what a waiter adds to a deadline another party enforces itself, so that party's
+            own timeout error (which names what was late) arrives before the waiter gives up.
+        poll_s: interval between polls of a state that has no push notification.
+    """
+
+    update_s: float = 120.0
+    catalog_s: float = 10.0
+    grace_s: float = 5.0
+    poll_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("update_s", "catalog_s", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"Timeouts.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.grace_s >= 0:
+            raise ConfigError(f"Timeouts.grace_s must be >= 0, got {self.grace_s!r}")
+
+
+DEFAULT_TIMEOUTS = Timeouts()
