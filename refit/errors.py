@@ -13,6 +13,14 @@ class ConfigError(RefitError, ValueError):
     """An argument or setting is invalid; raised before any side effect."""
 
 
+class DependencyError(ConfigError):
+    """An installed dependency (megatron-core, vLLM, NIXL) lacks an internal refit relies on.
+
+    Raised by `refit.compat`; the message names the installed version and the versions refit was
+    tested with, so an upgrade that moved an internal is recognisable at once.
+    """
+
+
 # --- catalog -------------------------------------------------------------------------------------
 
 

@@ -307,7 +307,7 @@ class Claim:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpdateResult:
-    """What one `update_weights()` call did."""
+    """What one `update_weights()` call did; `timings` has every phase ("plan", "prepare", "wire", ...)."""
 
     version: int
     bytes: int
@@ -316,7 +316,6 @@ class UpdateResult:
     num_sources: int = 0
     num_descriptors: int = 0
     staging_bytes: int = 0  # the receiver's registered staging buffer (reused across refits)
-    plan_seconds: float = 0.0
     wire_seconds: float = 0.0
     install_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)

@@ -1,11 +1,12 @@
 """Cluster-scale refit traffic from the real planner: bytes per NIC, modelled time and its lower bound.
 
 Every engine rank's plan comes from `refit.plan.planner.plan_refit` over the synthesized trainer
-sources. Engine replicas share one layout, so by default each distinct engine position (TP rank) is
-planned once and its plan is reused for the other replicas by symmetry: a replica whose stripe is
-larger by `d` takes, from every set of equal trainer replicas, the member `d` places further on.
-That is exactly what the planner's striping does (the run a need falls into does not depend on
-the stripe), so bytes per trainer rank are exact; `exact=True` plans every engine rank instead.
+sources, with the stripe the receiver uses (`refit.plan.planner.stripe`). Engine replicas share one
+layout, so by default each distinct engine position (TP rank) is planned once and its plan is reused
+for the other replicas by symmetry: a replica whose stripe is larger by `d` takes, from every set of
+equal trainer replicas, the member `d` places further on. That is exactly what the planner's
+striping does (the run a need falls into does not depend on the stripe), so bytes per trainer rank
+are exact; `exact=True` plans every engine rank instead.
 
 Network model: one NIC per GPU, `nic_gbps` per direction, full duplex, non-blocking fabric, trainer
 and engine on separate nodes (or, `colocated`, GPU i of both on the same node, where same-node
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
-from refit.plan.planner import Plan, plan_refit
+from refit.plan.planner import Plan, plan_refit, stripe
 from refit.plan.targets import EngineLayout, Scheme
 from refit.types import ModelMeta, SourceRecord, TensorDesc
 
@@ -31,8 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class EngineSpec:
-    """Engine replicas of `tp` GPUs each; experts over `ep` ranks, split `tp // ep` ways within each."""
+class EngineFleet:
+    """`replicas` engines of `tp` GPUs each; experts over `ep` ranks, split `tp // ep` ways within each.
+
+    Not the library's `refit.engines.EngineSpec` (one engine rank's model): the shape of a whole
+    fleet, from which each rank's `EngineLayout` and stripe follow.
+    """
 
     tp: int = 1
     ep: int = 1
@@ -41,8 +46,13 @@ class EngineSpec:
     scheme: Scheme = Scheme.MEGATRON
 
     def __post_init__(self) -> None:
-        if min(self.tp, self.ep, self.replicas, self.gpus_per_node) <= 0 or self.tp % self.ep:
-            raise ConfigError(f"engine TP {self.tp} must be a positive multiple of EP {self.ep}")
+        if self.replicas <= 0 or self.gpus_per_node <= 0:
+            raise ConfigError(f"engine replicas {self.replicas} and gpus_per_node {self.gpus_per_node} must be > 0")
+        # The library checks the sizes and the scheme; only the expert split below is this model's own.
+        probe = EngineLayout(tp_size=self.tp, ep_size=self.ep, scheme=self.scheme)
+        if self.tp % self.ep:
+            raise ConfigError(f"engine TP {self.tp} must be a multiple of EP {self.ep} (experts split TP/EP ways)")
+        object.__setattr__(self, "scheme", probe.scheme)
 
     @property
     def world(self) -> int:
@@ -61,8 +71,8 @@ class EngineSpec:
         )
 
     def stripe(self, replica: int, tp_rank: int) -> int:
-        """Engine ranks that need the same slice (one per replica) start on different trainer replicas."""
-        return replica + self.replicas * tp_rank
+        """The receiver's stripe for this engine rank: the library's one rule."""
+        return stripe(replica=replica, tp_rank=tp_rank, tp_size=self.tp)
 
     def describe(self) -> str:
         return f"{self.replicas} x TP{self.tp} EP{self.ep} ({self.world} GPUs, {self.scheme.value} names)"
@@ -162,7 +172,7 @@ def simulate(
     model: ModelMeta,
     sources: Sequence[SourceRecord],
     trainer_gpus_per_node: int,
-    engine: EngineSpec,
+    engine: EngineFleet,
     fabric: Fabric,
     stripe: bool = True,
     exact: bool = False,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import socket
 import sys
 import time
 import warnings
@@ -21,15 +20,10 @@ from typing import Any
 
 import torch
 
+from refit_bench.procs import rendezvous
 from refit_bench.synthetic import SHAPES, build_gpt, hf_engine_model, init_trainer_rank
 
 NAME = "demo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trainer(rank: int, world: int, port: int, args: dict[str, Any], cue: Any, done: Any, out: Any) -> None:
@@ -80,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")
         cue, done, out = ctx.Event(), ctx.Event(), ctx.Queue()
         cfg = {"shape": shape.name, "tp": args.tp, "pp": args.pp, "versions": args.versions, "catalog": server.address}
-        port = _free_port()
-        procs = [ctx.Process(target=_trainer, args=(r, world, port, cfg, cue, done, out)) for r in range(world)]
+        store = rendezvous()  # held until the trainers are gone
+        procs = [ctx.Process(target=_trainer, args=(r, world, store.port, cfg, cue, done, out)) for r in range(world)]
         for p in procs:
             p.start()
         rows = []

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from refit.dtypes import device_of
 from refit.transport.nixl import NixlAgent, ReadJob, ReadOp
 
 
@@ -56,7 +57,8 @@ class Sample:
         }
 
 
-def device_of(name: str, index: int = 0) -> torch.device:
+def torch_device(name: str, index: int = 0) -> torch.device:
+    """The torch device of a `--device` choice ("cpu" or "cuda") and a GPU index."""
     return torch.device(f"cuda:{index}") if name == "cuda" else torch.device("cpu")
 
 
@@ -114,25 +116,27 @@ class Source:
 
     def __init__(self, *, device: str, device_index: int = 0, world: int = 0, port: int = 0, backend: str = "gloo"):
         torch.set_num_threads(1)
-        self.device = device_of(device, device_index)
+        self.device = torch_device(device, device_index)
         if device == "cuda":
             torch.cuda.set_device(self.device)
         self.agent = NixlAgent(prefix="bench-source")
         self.buf: torch.Tensor | None = None
-        if world:
-            import torch.distributed as dist
+        if world:  # `port`: the parent's `procs.rendezvous()` store; the parent is rank 1
+            from refit_bench.procs import join_group
 
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world)
+            join_group(backend, rank=0, world_size=world, port=port)
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
         cmd = msg["cmd"]
         if cmd == "alloc":
             if self.buf is not None:
-                self.agent.deregister(self.buf.data_ptr(), self.buf.numel(), **_where(self.buf))
+                dev, dev_id = device_of(self.buf)
+                self.agent.deregister(self.buf.data_ptr(), self.buf.numel(), device=dev, device_id=dev_id)
             self.buf = filled(msg["nbytes"], self.device, seed=msg.get("seed", 0))
-            self.agent.register(self.buf.data_ptr(), self.buf.numel(), **_where(self.buf))
+            dev, dev_id = device_of(self.buf)
+            self.agent.register(self.buf.data_ptr(), self.buf.numel(), device=dev, device_id=dev_id)
             return {"agent": self.agent.name, "metadata": base64.b64encode(self.agent.metadata()).decode(),
-                    "addr": self.buf.data_ptr(), **_where(self.buf)}  # fmt: skip
+                    "addr": self.buf.data_ptr(), "device": dev, "device_id": dev_id}  # fmt: skip
         if cmd == "bcast":
             import torch.distributed as dist
 
@@ -143,10 +147,6 @@ class Source:
         if cmd == "ipc":
             return {"handle": _share_cuda(self.buf)}
         raise ValueError(f"unknown command {cmd!r}")
-
-
-def _where(t: torch.Tensor) -> dict[str, Any]:
-    return {"device": "cuda" if t.is_cuda else "cpu", "device_id": (t.device.index or 0) if t.is_cuda else 0}
 
 
 def _share_cuda(t: torch.Tensor) -> list[Any]:
@@ -174,9 +174,9 @@ def nixl_read(
         ReadOp(local_addr=dst.data_ptr() + a, remote_addr=source["addr"] + a, nbytes=min(step, nbytes - a))
         for a in range(0, nbytes, step)
     ]
-    where = _where(dst)
+    local_device, local_device_id = device_of(dst)
     job = ReadJob(
-        agent_name=source["agent"], ops=ops, local_device=where["device"], local_device_id=where["device_id"],
+        agent_name=source["agent"], ops=ops, local_device=local_device, local_device_id=local_device_id,
         remote_device=source["device"], remote_device_id=source["device_id"],
     )  # fmt: skip
     what = "NIXL READ" + (f" ({len(ops)} descriptors)" if len(ops) > 1 else "")

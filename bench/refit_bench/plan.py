@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from refit.plan.targets import Scheme
-from refit_bench.cluster_model import EngineSpec, Fabric, Traffic, simulate
+from refit_bench.cluster_model import EngineFleet, Fabric, Traffic, simulate
 from refit_bench.plan_presets import PRESETS, Scenario
 from refit_bench.trainer_sources import (
     TrainerLayout,
@@ -71,7 +71,7 @@ def _scenario(args: argparse.Namespace, base: Scenario | None) -> Scenario:
     if base is None:
         if not args.model:
             raise SystemExit("refit-bench plan: give --preset or --model")
-        base = Scenario(name="custom", model=args.model, trainer=TrainerLayout(), engine=EngineSpec())
+        base = Scenario(name="custom", model=args.model, trainer=TrainerLayout(), engine=EngineFleet())
     t = {f: getattr(args, f"trainer_{f.replace('-', '_')}") for f in ("tp", "pp", "ep", "etp", "dp", "gpus_per_node")}
     e = {f: getattr(args, f"engine_{f}") for f in ("tp", "ep", "replicas", "gpus_per_node")}
     if args.scheme:

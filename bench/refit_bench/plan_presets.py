@@ -1,7 +1,8 @@
 """Scenario presets for `refit-bench plan`: the published refit anchors, with the layouts they used.
 
-Sources are summarised in ../shared/research/peers.md (section (b), "Performance anchors"). Where a
-publication leaves part of the setup open, the choice made here is written next to it.
+Each anchor names its public source (`Anchor.source`); docs/benchmarks.md (section "plan") sets the
+modelled times beside them. Where a publication leaves part of the setup open, the choice made here
+is written next to it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from refit.plan.targets import Scheme
-from refit_bench.cluster_model import EngineSpec
+from refit_bench.cluster_model import EngineFleet
 from refit_bench.trainer_sources import TrainerLayout
 
 FP8 = "float8_e4m3fn"
@@ -31,7 +32,7 @@ class Scenario:
     name: str
     model: str
     trainer: TrainerLayout
-    engine: EngineSpec
+    engine: EngineFleet
     linear_dtype: str | None = None  # wire dtype of GEMM weights (None: the model's own, bf16)
     anchor: Anchor | None = None
     assumptions: tuple[str, ...] = ()
@@ -44,7 +45,7 @@ PRESETS: dict[str, Scenario] = {
             name="kimi-k2-pplx",
             model="kimi-k2",
             trainer=TrainerLayout(tp=8, pp=8, ep=32, dp=4),
-            engine=EngineSpec(tp=32, ep=32, replicas=4),
+            engine=EngineFleet(tp=32, ep=32, replicas=4),
             linear_dtype=FP8,
             anchor=Anchor(
                 who="Perplexity (TransferEngine RDMA WRITE)",
@@ -67,7 +68,7 @@ PRESETS: dict[str, Scenario] = {
             name="deepseek-v3-nemo",
             model="deepseek-v3",
             trainer=TrainerLayout(tp=1, pp=16, ep=16, dp=16),
-            engine=EngineSpec(tp=32, ep=1, replicas=8),
+            engine=EngineFleet(tp=32, ep=1, replicas=8),
             anchor=Anchor(
                 who="NeMo-RL nccl_reshard (NCCL M2N)",
                 low_s=2.39,
@@ -87,7 +88,7 @@ PRESETS: dict[str, Scenario] = {
             name="kimi-k2-miles",
             model="kimi-k2",
             trainer=TrainerLayout(tp=8, pp=8, ep=32, dp=4),
-            engine=EngineSpec(tp=32, ep=32, replicas=8),
+            engine=EngineFleet(tp=32, ep=32, replicas=8),
             linear_dtype=FP8,
             anchor=Anchor(
                 who="Miles / SGLang P2P (Mooncake RDMA WRITE)",
@@ -106,14 +107,14 @@ PRESETS: dict[str, Scenario] = {
             name="smoke",
             model="tiny-mla-moe",
             trainer=TrainerLayout(tp=2, pp=2, ep=2, dp=2, gpus_per_node=4),
-            engine=EngineSpec(tp=2, ep=2, replicas=2, gpus_per_node=4),
+            engine=EngineFleet(tp=2, ep=2, replicas=2, gpus_per_node=4),
             assumptions=("a tiny model for CI: checks that the numbers add up, not how fast anything is",),
         ),
         Scenario(
             name="smoke-dense",
             model="tiny-mla-moe",
             trainer=TrainerLayout(tp=2, pp=2, ep=2, dp=2, gpus_per_node=4),
-            engine=EngineSpec(tp=1, ep=1, replicas=3, gpus_per_node=4, scheme=Scheme.MEGATRON),
+            engine=EngineFleet(tp=1, ep=1, replicas=3, gpus_per_node=4, scheme=Scheme.MEGATRON),
             assumptions=("engine TP1: every engine replica receives exactly one copy of the model",),
         ),
     )

@@ -3,25 +3,51 @@
 A benchmark needs its transfers to cross a process boundary, as in production, so every mode runs
 its sources (and sometimes its receivers) in spawned workers. Commands and replies are JSON bytes
 (never pickles); a worker's exception comes back as an error reply and is raised in the parent.
+
+Process groups meet at a TCPStore the parent hosts on a port the OS picks (`rendezvous`) and keeps
+open for the group's life: no port is probed, closed and bound again later by someone else.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
+
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+HOST = "127.0.0.1"
+GROUP_TIMEOUT_S = 600.0  # rendezvous and collectives; a big model's first publish can take minutes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(timeout_s: float = GROUP_TIMEOUT_S) -> dist.TCPStore:
+    """A TCPStore server on a port the OS picks; pass its `.port` to `join_group` and keep it open."""
+    return dist.TCPStore(
+        HOST, 0, world_size=None, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def join_group(
+    backend: str,
+    *,
+    rank: int,
+    world_size: int,
+    port: int = 0,
+    store: dist.TCPStore | None = None,
+    timeout_s: float = GROUP_TIMEOUT_S,
+) -> None:
+    """Join the default process group through the `rendezvous` store (its port, or the store itself)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(HOST, port, world_size=None, is_master=False, timeout=timeout)
+    # Some libraries read these even when the group came from a store: point them at the same server.
+    os.environ.update(MASTER_ADDR=HOST, MASTER_PORT=str(store.port))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def _serve(conn: Any, factory: str, kwargs: dict[str, Any], env: dict[str, str]) -> None:

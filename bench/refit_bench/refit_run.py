@@ -19,10 +19,12 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from refit.dtypes import device_of
 from refit_bench import measure, report
-from refit_bench.procs import Worker, free_port, gather
+from refit_bench.procs import Worker, gather, join_group, rendezvous
 from refit_bench.synthetic import SHAPES
 
 NAME = "bench"
@@ -104,24 +106,25 @@ class BufferEngine:
     def __init__(self, spec: Any, shapes: dict[str, Any], device: torch.device) -> None:
         from refit.dtypes import torch_dtype
 
-        self._spec, self._shapes, self._device = spec, shapes, device
+        self._spec, self._device = spec, device
         self.tensors = {n: torch.empty(s.shape, dtype=torch_dtype(s.dtype), device=device) for n, s in shapes.items()}
 
     def spec(self) -> Any:
         return self._spec
 
     def expected(self) -> dict[str, Any]:
-        return dict(self._shapes)
+        from refit.engines.base import specs_of
+
+        return specs_of(self.tensors)
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def install(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, t in tensors.items():
-                self.tensors[name].copy_(t, non_blocking=True)
-        measure.sync(self._device)
+        from refit.engines.base import install_tensors
+
+        install_tensors(self.tensors, tensors)  # the library's all-or-nothing install, as HF and Megatron use
 
 
 class ReceiverRank:
@@ -129,7 +132,7 @@ class ReceiverRank:
 
     def __init__(self, *, catalog: str, tp_rank: int, tp_size: int, replica: int, device: str, gpu: int = 0):
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
-        self.device = measure.device_of(device, gpu)
+        self.device = measure.torch_device(device, gpu)
         if device == "cuda":
             torch.cuda.set_device(self.device)
         self.rcv: Any = None
@@ -138,23 +141,15 @@ class ReceiverRank:
         from refit import Receiver
         from refit.catalog.client import CatalogClient
         from refit.engines.base import EngineSpec, TensorSpec
-        from refit.plan.planner import plan_refit
-        from refit.plan.targets import EngineLayout
+        from refit.plan.shapes import dense_targets
 
         with CatalogClient(self.catalog) as client:
             info = client.wait_ready(name=NAME, version=1, timeout_s=600)
-            sources = client.get_sources(name=NAME, version=1)
-        m = info.model
-        layout = EngineLayout(tp_rank=self.tp_rank, tp_size=self.tp_size)
-        plan = plan_refit(model=m, sources=sources, layout=layout)
-        spec = EngineSpec(
-            architecture=m.architecture, num_layers=m.num_layers, hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-            kv_channels=m.kv_channels, ffn_hidden_size=m.ffn_hidden_size,
-            vocab_size=m.vocab_size or m.padded_vocab_size, tied_embeddings=m.tied_embeddings,
-            tp_rank=self.tp_rank, tp_size=self.tp_size,
-        )  # fmt: skip
-        shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
+        spec = EngineSpec.from_meta(info.model, tp_rank=self.tp_rank, tp_size=self.tp_size)
+        # Its tensors are the planner's targets of the model at the layout the Receiver plans with,
+        # as a vLLM engine learns its own; the Receiver then checks every plan against them.
+        targets = dense_targets(info.model, spec.layout())
+        shapes = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in targets.items()}
         self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
                             replica=self.replica, timeout_s=600)  # fmt: skip
 
@@ -168,12 +163,12 @@ class ReceiverRank:
         t1 = time.perf_counter()
         result = self.rcv.install(staged)  # the engine would pause only for this
         t2 = time.perf_counter()
-        plan = self.rcv._plan
+        plan = self.rcv.plan
         return {
             "version": result.version, "bytes": result.bytes, "wire_bytes": plan.wire_bytes,
             "staging_bytes": plan.staging_bytes, "descriptors": result.num_descriptors, "sources": result.num_sources,
             "timings": result.timings, "fetch_s": t1 - t0, "stall_s": t2 - t1, "total_s": t2 - t0,
-            "registrations": self.rcv._agent.num_registrations,
+            "registrations": self.rcv.stats.registrations,
         }  # fmt: skip
 
 
@@ -181,21 +176,16 @@ class ClassicRank:
     """The classic refit: trainer ranks send their shards to rank 0, which broadcasts the model."""
 
     def __init__(self, *, rank: int, world: int, port: int, trainers: int, shard_bytes: list[int], device: str):
-        import torch.distributed as dist
-
         torch.set_num_threads(1)
         self.rank, self.trainers, self.shard_bytes = rank, trainers, shard_bytes
-        self.device = measure.device_of(device, rank % max(torch.cuda.device_count(), 1) if device == "cuda" else 0)
-        backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        self.device = measure.torch_device(device, rank % max(torch.cuda.device_count(), 1) if device == "cuda" else 0)
+        join_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world, port=port)
         self.bcast_group = dist.new_group([0, *range(trainers, world)])
         total = sum(shard_bytes)
         mine = total if rank == 0 or rank >= trainers else shard_bytes[rank]
         self.buf = torch.ones(mine, dtype=torch.uint8, device=self.device)
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
-        import torch.distributed as dist
-
         times = []
         for _ in range(msg["iters"] + 1):
             dist.barrier()
@@ -230,9 +220,9 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(total=2 + args.versions + 2, desc="refit", unit="step", disable=not progress)
     rows: list[dict[str, Any]] = []
     with CatalogServer(store="memory", port=0).start() as server:
-        port = free_port()
+        store = rendezvous()  # held until the trainers are gone
         trainers = [
-            Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=port, tp=args.tp, pp=args.pp,
+            Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=store.port, tp=args.tp, pp=args.pp,
                    shape=shape.name, device=args.device, catalog=server.address)
             for r in range(world)
         ]  # fmt: skip
@@ -309,27 +299,26 @@ def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], r
     from refit.transport.nixl import NixlAgent
 
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    local = measure.device_of(args.device, args.receiver_gpu)
+    local = measure.torch_device(args.device, args.receiver_gpu)
     # With two GPUs the raw READ and the broadcast come from the other GPU, and the ceiling crosses too.
     peer_index = (args.receiver_gpu + 1) % gpus if gpus >= 2 else args.receiver_gpu
-    peer = measure.device_of(args.device, peer_index) if gpus >= 2 else None
+    peer = measure.torch_device(args.device, peer_index) if gpus >= 2 else None
     refs = [measure.copy_ceiling(nbytes, local, iters=args.iters, source=peer).as_dict()]
     if peer is not None:
         refs.append(measure.copy_ceiling(nbytes, local, iters=args.iters).as_dict())
         torch.cuda.set_device(local)
-    port = free_port()
     world = 2 if gpus >= 2 and not args.no_baseline else 0
+    store = rendezvous() if world else None
     source = Worker("refit_bench.measure:Source", device=args.device, device_index=peer_index, world=world,
-                    port=port, backend="nccl")  # fmt: skip
+                    port=store.port if store else 0, backend="nccl")  # fmt: skip
     agent = NixlAgent(prefix="bench-raw")
     try:
-        if world:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=world)
+        if store is not None:
+            join_group("nccl", rank=1, world_size=world, store=store)
         info = source.call(cmd="alloc", nbytes=nbytes)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=local)
-        agent.register(dst.data_ptr(), nbytes, **measure._where(dst))
+        dst_device, dst_device_id = device_of(dst)
+        agent.register(dst.data_ptr(), nbytes, device=dst_device, device_id=dst_device_id)
         refs.append(measure.nixl_read(agent, dst, info, nbytes, iters=args.iters).as_dict())
         if world:  # the peer baseline on two GPUs: NCCL broadcast of the same bytes, GPU to GPU
             source.send(cmd="bcast", nbytes=nbytes, iters=args.iters)
@@ -339,16 +328,14 @@ def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], r
     finally:
         agent.close()
         source.close()
-        if world:
-            import torch.distributed as dist
-
+        if dist.is_initialized():
             dist.destroy_process_group()
     bar.update()
     world = len(shard_bytes) + receivers
     if not args.no_baseline and (args.device == "cpu" or gpus >= world):
-        port = free_port()
+        store = rendezvous()  # held until the ranks are gone
         ranks = [
-            Worker("refit_bench.refit_run:ClassicRank", rank=r, world=world, port=port, trainers=len(shard_bytes),
+            Worker("refit_bench.refit_run:ClassicRank", rank=r, world=world, port=store.port, trainers=len(shard_bytes),
                    shard_bytes=shard_bytes, device=args.device)
             for r in range(world)
         ]  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,13 +52,15 @@ SHAPES = {
 
 
 def init_trainer_rank(rank: int, world_size: int, port: int, *, tp: int, pp: int) -> None:
-    """torch.distributed (gloo) and Megatron parallel state for one trainer process."""
-    import torch.distributed as dist
+    """torch.distributed (gloo) and Megatron parallel state for one trainer process.
+
+    `port` is that of the parent's `procs.rendezvous()` store.
+    """
     from megatron.core import parallel_state as ps
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from refit_bench.procs import join_group
+
+    join_group("gloo", rank=rank, world_size=world_size, port=port)
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 

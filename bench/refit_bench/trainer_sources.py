@@ -59,9 +59,9 @@ class TrainerLayout:
     gpus_per_node: int = 8
 
     def __post_init__(self) -> None:
-        for f in ("tp", "pp", "dp", "ep", "etp", "gpus_per_node"):
-            if getattr(self, f) <= 0:
-                raise ConfigError(f"trainer {f} must be positive")
+        ParallelCoords(tp_size=self.tp, pp_size=self.pp, ep_size=self.ep, dp_size=self.dp)  # the library's checks
+        if self.etp <= 0 or self.gpus_per_node <= 0:
+            raise ConfigError(f"trainer etp {self.etp} and gpus_per_node {self.gpus_per_node} must be positive")
         if (self.tp * self.dp) % (self.ep * self.etp):
             raise ConfigError(f"trainer tp*dp ({self.tp * self.dp}) is not a multiple of ep*etp ({self.ep * self.etp})")
 
@@ -72,6 +72,19 @@ class TrainerLayout:
     @property
     def edp(self) -> int:
         return self.tp * self.dp // (self.ep * self.etp)
+
+    def coords(self, rank: int) -> ParallelCoords:
+        """Where trainer rank `rank` sits: dense order tp-dp-pp (TP fastest); EP within each stage's tp*dp."""
+        pp_rank, within = divmod(rank, self.tp * self.dp)
+        dp_rank, tp_rank = divmod(within, self.tp)
+        return ParallelCoords(
+            tp_rank=tp_rank, tp_size=self.tp, pp_rank=pp_rank, pp_size=self.pp,
+            ep_rank=within // self.etp % self.ep, ep_size=self.ep, dp_rank=dp_rank, dp_size=self.dp,
+        )  # fmt: skip
+
+    def etp_rank(self, rank: int) -> int:
+        """Rank `rank`'s place within its expert's tensor-parallel group (expert order tp-ep-dp-pp)."""
+        return rank % (self.tp * self.dp) % self.etp
 
     def describe(self) -> str:
         return f"TP{self.tp} PP{self.pp} EP{self.ep} ETP{self.etp} DP{self.dp} ({self.world} GPUs)"
@@ -223,31 +236,6 @@ def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = N
     return out
 
 
-def _shard(t: _Tensor, rank: int, size: int, byte_offset: int) -> TensorDesc:
-    """The TensorDesc of TP (or expert-TP) rank `rank` of `size` for global tensor `t`."""
-    if t.role is Role.REPLICATED:
-        return TensorDesc(
-            name=t.name, role=t.role, dtype=t.dtype, local_shape=t.shape, global_shape=t.shape, byte_offset=byte_offset
-        )
-    dim = 1 if t.role in (Role.ROW, Role.EXPERT_ROW) else 0
-    stride = 2 if t.role in (Role.GATED_MLP_COLUMN, Role.EXPERT_GATED_COLUMN) else 1
-    if t.shape[dim] % (size * stride):
-        raise ConfigError(f"{t.name}: dim {dim} ({t.shape[dim]}) does not split over TP {size}")
-    local = list(t.shape)
-    local[dim] //= size
-    return TensorDesc(
-        name=t.name,
-        role=t.role,
-        dtype=t.dtype,
-        local_shape=tuple(local),
-        global_shape=t.shape,
-        partition_dim=dim,
-        partition_stride=stride,
-        offset=rank * local[dim] // stride,
-        byte_offset=byte_offset,
-    )
-
-
 def _nbytes(t: _Tensor) -> int:
     return math.prod(t.shape) * DTYPE_SIZES[t.dtype]
 
@@ -279,32 +267,20 @@ def synthesize_sources(
     for t in tensors:
         by_stage[t.stage].append(t)
     sources = []
-    per_stage = layout.tp * layout.dp
     for rank in range(layout.world):
-        pp_rank, within = divmod(rank, per_stage)
-        dp_rank, tp_rank = divmod(within, layout.tp)
-        etp_rank = within % layout.etp
-        ep_rank = within // layout.etp % layout.ep
+        coords = layout.coords(rank)
         descs, offset = [], 0
-        for t in by_stage[pp_rank]:
-            if t.expert >= 0:
-                if t.expert // per_ep != ep_rank:
-                    continue
-                desc = _shard(t, etp_rank, layout.etp, offset)
-            else:
-                desc = _shard(t, tp_rank, layout.tp, offset)
+        for t in by_stage[coords.pp_rank]:
+            if t.expert >= 0 and t.expert // per_ep != coords.ep_rank:
+                continue
+            # Experts split over expert TP, everything else over TP, both as Megatron-Core splits them.
+            shard_rank, size = (layout.etp_rank(rank), layout.etp) if t.expert >= 0 else (coords.tp_rank, layout.tp)
+            desc = TensorDesc.shard(
+                name=t.name, role=t.role, dtype=t.dtype, global_shape=t.shape, rank=shard_rank, size=size,
+                byte_offset=offset,
+            )  # fmt: skip
             descs.append(desc)
             offset += desc.nbytes
-        coords = ParallelCoords(
-            tp_rank=tp_rank,
-            tp_size=layout.tp,
-            pp_rank=pp_rank,
-            pp_size=layout.pp,
-            ep_rank=ep_rank,
-            ep_size=layout.ep,
-            dp_rank=dp_rank,
-            dp_size=layout.dp,
-        )
         sources.append(
             SourceRecord(
                 rank=rank,

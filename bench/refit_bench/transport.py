@@ -15,11 +15,13 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from refit.dtypes import device_of
 from refit.transport.nixl import NixlAgent
 from refit_bench import measure, report
-from refit_bench.procs import Worker, free_port
+from refit_bench.procs import Worker, join_group, rendezvous
 
 
 def parse_size(text: str) -> int:
@@ -72,32 +74,32 @@ def measure_transport(
     # Two GPUs: the source on the second, so NIXL and NCCL cross NVLink; one GPU: both on it.
     src_index = 1 if gpus >= 2 else 0
     backend = "nccl" if gpus >= 2 else "gloo"
-    port = free_port()
     world = 2 if baselines else 0
+    store = rendezvous() if world else None
     source = Worker(
-        "refit_bench.measure:Source", device=device, device_index=src_index, world=world, port=port, backend=backend
-    )
-    local = measure.device_of(device, 0)
+        "refit_bench.measure:Source", device=device, device_index=src_index, world=world,
+        port=store.port if store else 0, backend=backend,
+    )  # fmt: skip
+    local = measure.torch_device(device, 0)
     if device == "cuda":
         torch.cuda.set_device(local)
-    if world:
-        import torch.distributed as dist
-
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=world)
-    source.wait_started()
     agent = NixlAgent(prefix="bench-reader")
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(sizes), desc="transport", unit="size", disable=not progress)
     try:
+        if store is not None:
+            join_group(backend, rank=1, world_size=world, store=store)
+        source.wait_started()
         # One buffer per side, registered once, read by prefix: what refit itself does across refits.
         largest = max(sizes)
         info = source.call(cmd="alloc", nbytes=largest, seed=3)
         dst = torch.empty(largest, dtype=torch.uint8, device=local)
-        agent.register(dst.data_ptr(), largest, **measure._where(dst))
+        dst_device, dst_device_id = device_of(dst)
+        agent.register(dst.data_ptr(), largest, device=dst_device, device_id=dst_device_id)
         handle = source.call(cmd="ipc")["handle"] if baselines and device == "cuda" else None
         for nbytes in sizes:
             # Two GPUs: the transfers cross devices, so the ceiling is the cross-device copy.
-            peer = measure.device_of(device, src_index) if gpus >= 2 else None
+            peer = measure.torch_device(device, src_index) if gpus >= 2 else None
             ceiling = measure.copy_ceiling(nbytes, local, iters=iters, source=peer)
             samples = [ceiling]
             if peer is not None:
@@ -120,9 +122,7 @@ def measure_transport(
         bar.close()
         agent.close()
         source.close()
-        if world:
-            import torch.distributed as dist
-
+        if dist.is_initialized():
             dist.destroy_process_group()
     return {"mode": "transport", "machine": report.machine(device), "device": device, "rows": rows,
             "env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}}  # fmt: skip

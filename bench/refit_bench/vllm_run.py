@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from refit_bench import report
-from refit_bench.procs import Worker, free_port, gather
+from refit_bench.procs import Worker, gather, rendezvous
 from refit_bench.refit_run import NAME
 from refit_bench.synthetic import SHAPES, hf_engine_model
 
@@ -77,9 +77,9 @@ def measure_vllm(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, CatalogServer(store="memory", port=0).start() as server:
         checkpoint = Path(tmp) / "hf"
         hf_engine_model(shape).save_pretrained(str(checkpoint), safe_serialization=True)
-        port = free_port()
+        store = rendezvous()  # held until the trainers are gone
         trainers = [
-            Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=port, tp=args.tp, pp=args.pp,
+            Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=store.port, tp=args.tp, pp=args.pp,
                    shape=shape.name, device="cpu", catalog=server.address)
             for r in range(world)
         ]  # fmt: skip

@@ -1,27 +1,38 @@
 """The engine boundary: what a receiver needs from an inference engine, and nothing more.
 
-An engine says what model it serves (`spec`), which tensors under which Hugging Face names its
-rank holds (`expected`), where staging memory should live (`device`), and installs a complete set
-of tensors into its existing parameter storage (`install`). Each engine adapter (HF transformers
-here; vLLM and Megatron inference later) implements this small protocol.
+An engine says what model it serves and where it sits in its own parallel layout (`spec`), which
+tensors under which names its rank holds (`expected`), where staging memory should live (`device`),
+and installs a complete set of tensors into its existing parameter storage (`install`). Adapters
+whose install is a plain copy into parameters (HF, Megatron) share `install_tensors`, which makes
+that install all-or-nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import bisect
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from refit.dtypes import dtype_name
-from refit.errors import ModelMismatchError
+from refit.errors import ConfigError, EngineError, ModelMismatchError
+from refit.plan.targets import DEFAULT_VOCAB_PADDING, EngineLayout, Scheme
 from refit.types import ModelMeta
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineSpec:
-    """The model an engine rank serves, in the terms the catalog's ModelMeta uses."""
+    """The model an engine rank serves, in ModelMeta's terms, and the engine's layout conventions.
+
+    The fields shared with `ModelMeta` describe the model and are checked against the catalog's
+    (`check_compatible`); an empty `architecture` or a zero `vocab_size` means "whatever the
+    catalog declares". The rest place this rank in the engine's own tensor- and expert-parallel
+    groups and say how it names, splits and pads its tensors; `layout()` turns them into the
+    planner's `EngineLayout`, the one place where that translation happens.
+    """
 
     architecture: str
     num_layers: int
@@ -34,8 +45,52 @@ class EngineSpec:
     tied_embeddings: bool
     tp_rank: int = 0
     tp_size: int = 1
-    scheme: str = "hf"  # target names and split: "hf" (transformers, vLLM) or "megatron"
-    padded_vocab_size: int = 0  # megatron scheme: the engine's own padded vocabulary
+    ep_rank: int = 0
+    ep_size: int = 1
+    expert_tp_rank: int = 0
+    expert_tp_size: int = 0  # 0: EngineLayout's default (split like dense layers without EP, whole under EP)
+    scheme: Scheme = Scheme.HF  # target names and split: "hf" (transformers, vLLM) or "megatron"
+    padded_vocab_size: int = 0  # megatron scheme: the engine's own padded vocabulary (0: the trainer's)
+    vocab_padding: int = DEFAULT_VOCAB_PADDING  # hf scheme: the engine pads its vocabulary to a multiple of this
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "scheme", Scheme(self.scheme))
+        except ValueError:
+            raise ConfigError(f"unknown engine scheme {self.scheme!r}; known: {[s.value for s in Scheme]}") from None
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"engine {name} must be positive, got {getattr(self, name)}")
+        if self.ffn_hidden_size < 0:
+            raise ConfigError(f"engine ffn_hidden_size must be >= 0, got {self.ffn_hidden_size}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"engine num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_query_groups {self.num_query_groups}"
+            )
+        self.layout()  # the parallel positions and vocabulary fields: EngineLayout's own checks
+
+    def layout(self) -> EngineLayout:
+        """The planner's view of this engine rank (raises ConfigError for an invalid position)."""
+        return EngineLayout(
+            tp_rank=self.tp_rank, tp_size=self.tp_size, ep_rank=self.ep_rank, ep_size=self.ep_size,
+            expert_tp_rank=self.expert_tp_rank, expert_tp_size=self.expert_tp_size, vocab_size=self.vocab_size,
+            padded_vocab_size=self.padded_vocab_size, vocab_padding=self.vocab_padding, scheme=self.scheme,
+        )  # fmt: skip
+
+    @classmethod
+    def from_meta(cls, meta: ModelMeta, **engine: Any) -> EngineSpec:
+        """The spec of an engine serving `meta`'s model; `engine` sets its own fields (tp_rank, scheme, ...).
+
+        Keyword arguments also override model fields, e.g. `architecture=""` to skip that check.
+        """
+        return cls(**{name: getattr(meta, name) for name in MODEL_FIELDS} | engine)
+
+
+# The fields an EngineSpec shares with ModelMeta: the model description check_compatible compares.
+MODEL_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(EngineSpec) if f.name in {g.name for g in fields(ModelMeta)}
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,48 +116,31 @@ class Engine(Protocol):
 def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:
     """Raise ModelMismatchError naming every field where the engine and the catalog disagree.
 
-    An empty `architecture` or a zero `vocab_size` in the spec means "whatever the catalog says".
+    Every field the spec shares with ModelMeta is compared, except three with their own rule: an
+    empty `architecture` or a zero `vocab_size` means "whatever the catalog says", a vocabulary must
+    fit the catalog's padded tables, and `padded_vocab_size` is the engine's own padding (a
+    Megatron engine may pad further than the trainer).
     """
     diffs = []
-    pairs = {
-        "architecture": (spec.architecture or model.architecture, model.architecture),
-        "num_layers": (spec.num_layers, model.num_layers),
-        "hidden_size": (spec.hidden_size, model.hidden_size),
-        "num_attention_heads": (spec.num_attention_heads, model.num_attention_heads),
-        "num_query_groups": (spec.num_query_groups, model.num_query_groups),
-        "kv_channels": (spec.kv_channels, model.kv_channels),
-        "ffn_hidden_size": (spec.ffn_hidden_size, model.ffn_hidden_size),
-        "tied_embeddings": (spec.tied_embeddings, model.tied_embeddings),
-    }
-    for field, (engine, catalog) in pairs.items():
+    for name in MODEL_FIELDS:
+        engine, catalog = getattr(spec, name), getattr(model, name)
+        if name == "padded_vocab_size" or (name in ("architecture", "vocab_size") and not (engine and catalog)):
+            continue
         if engine != catalog:
-            diffs.append(f"{field}: engine {engine!r} vs catalog {catalog!r}")
-    if spec.vocab_size and model.vocab_size and spec.vocab_size != model.vocab_size:
-        diffs.append(f"vocab_size: engine {spec.vocab_size} vs catalog {model.vocab_size}")
-    elif spec.vocab_size > model.padded_vocab_size:
+            diffs.append(f"{name}: engine {engine!r} vs catalog {catalog!r}")
+    if spec.vocab_size > model.padded_vocab_size:
         diffs.append(f"vocab_size: engine {spec.vocab_size} > catalog's padded {model.padded_vocab_size}")
     if diffs:
         raise ModelMismatchError("engine does not match the catalog's model: " + "; ".join(diffs))
 
 
-def check_install(expected: Mapping[str, TensorSpec], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Raise ModelMismatchError unless `tensors` is exactly the engine's set, each of the right shape and dtype.
+def spec_from_hf_config(
+    config: object, *, architecture: str, tp_rank: int = 0, tp_size: int = 1, **engine: Any
+) -> EngineSpec:
+    """The EngineSpec of a model described by a transformers config (HF models, vLLM's hf_config).
 
-    Every engine calls this before writing its first byte, so a refused install changes nothing.
+    `engine` sets the spec's other engine fields (expert parallelism, `vocab_padding`, ...).
     """
-    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or extra:
-        raise ModelMismatchError(
-            f"install needs exactly this rank's tensors: missing {sorted(missing)[:5]}, unknown {sorted(extra)[:5]}"
-        )
-    for name, t in tensors.items():
-        spec = expected[name]
-        if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
-            raise ModelMismatchError(f"{name}: got {tuple(t.shape)} {t.dtype}, engine holds {spec}")
-
-
-def spec_from_hf_config(config: object, *, architecture: str, tp_rank: int = 0, tp_size: int = 1) -> EngineSpec:
-    """The EngineSpec of a model described by a transformers config (HF models, vLLM's hf_config)."""
     c: Any = config
     heads = c.num_attention_heads
     return EngineSpec(
@@ -117,7 +155,13 @@ def spec_from_hf_config(config: object, *, architecture: str, tp_rank: int = 0, 
         tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         tp_rank=tp_rank,
         tp_size=tp_size,
+        **engine,
     )
+
+
+def specs_of(params: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """name -> shape and dtype of each tensor: what an engine that installs into `params` expects."""
+    return {name: TensorSpec(shape=tuple(p.shape), dtype=dtype_name(p.dtype)) for name, p in params.items()}
 
 
 def check_tensors(expected: Mapping[str, TensorSpec], planned: Mapping[str, TensorSpec]) -> None:
@@ -134,3 +178,124 @@ def check_tensors(expected: Mapping[str, TensorSpec], planned: Mapping[str, Tens
             problems.append(f"{name}: engine {expected[name]} vs catalog {planned[name]}")
     if problems:
         raise ModelMismatchError("engine tensors do not match the catalog: " + "; ".join(problems[:12]))
+
+
+def check_install(
+    expected: Mapping[str, TensorSpec], tensors: Mapping[str, torch.Tensor], *, device: torch.device | None = None
+) -> None:
+    """Raise ModelMismatchError unless `tensors` is exactly the engine's set, each of the right shape and dtype.
+
+    With `device` (the engine's), each tensor must also hold readable data: a dense torch tensor
+    whose storage covers it (not on the meta device), on the CPU or on `device`'s device type.
+    Every engine calls this before writing its first byte, so a refused install changes nothing.
+    """
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        raise ModelMismatchError(
+            f"install needs exactly this rank's tensors: missing {sorted(missing)[:5]}, unknown {sorted(extra)[:5]}"
+        )
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ModelMismatchError(f"{name}: got a {type(t).__name__}, not a torch.Tensor")
+        spec = expected[name]
+        if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
+            raise ModelMismatchError(f"{name}: got {tuple(t.shape)} {t.dtype}, engine holds {spec}")
+        if device is not None:
+            _check_readable(name, t, torch.device(device))
+
+
+def _check_readable(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """Raise ModelMismatchError unless a copy out of `t` into an engine on `device` can only succeed."""
+    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        # Subclasses (fake, functional, distributed tensors) may refuse or redirect a plain copy.
+        raise ModelMismatchError(f"{name}: a {type(t).__name__} is not a plain torch.Tensor")
+    if t.is_meta or t.layout != torch.strided:
+        raise ModelMismatchError(f"{name}: a {t.layout} tensor on {t.device} holds no copyable data")
+    if t.device.type not in ("cpu", device.type):
+        raise ModelMismatchError(f"{name}: on {t.device}; the engine reads from cpu or {device.type}")
+    if t.numel():
+        # A storage shrunk under its view (`untyped_storage().resize_`) would crash the copy, not raise.
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        if (last + 1) * t.element_size() > t.untyped_storage().nbytes():
+            raise ModelMismatchError(f"{name}: its storage ({t.untyped_storage().nbytes()} bytes) ends inside it")
+
+
+def install_tensors(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy `tensors[name]` into `params[name]` for every name: all of them, or none.
+
+    Everything a copy can fail on is checked first, before the first byte is written, and a refusal
+    raises ModelMismatchError naming the tensor: the exact set of names, each shape and dtype, and
+    that each tensor can be copied (a plain dense tensor with storage, on the CPU or the engine's
+    device type, not overlapping any parameter other than its own destination, which a copy would
+    refuse half-way). What remains is same-shape, same-dtype copies between readable memory, which
+    allocate nothing (non-contiguous sources from another device are made contiguous beforehand).
+
+    Old values are not saved for a restore: a backup would cost a second copy of the weights in
+    engine memory (on a GPU, the memory the engine needs) on every install, and it could only help
+    with a fault of the device itself, after which the device cannot run the restore either. If a
+    copy still fails (such a fault), the error says the engine's weights are mixed.
+    """
+    check_install(specs_of(params), tensors)
+    sources = _copyable_sources(params, tensors)
+    written = 0
+    try:
+        with torch.no_grad():
+            for name, source in sources.items():
+                params[name].copy_(source, non_blocking=True)
+                written += 1
+            for device in {p.device for p in params.values() if p.is_cuda}:
+                torch.cuda.synchronize(device)
+    except Exception as exc:
+        raise EngineError(
+            f"a device fault after {written} of {len(sources)} validated copies; the engine's weights are "
+            f"now mixed and it must be refitted again: {exc}"
+        ) from exc
+
+
+def _copyable_sources(
+    params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Check every tensor can be copied into its parameter; return what each copy reads (install order)."""
+    spans = _Spans(params.values())
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        dest = params[name]
+        _check_readable(name, t, dest.device)
+        if spans.overlaps(t, dest):
+            raise ModelMismatchError(f"{name}: shares memory with the engine's parameters; pass a copy")
+        if t.device != dest.device and not t.is_contiguous():
+            t = t.contiguous()  # a cross-device copy would make this temporary mid-install
+        out[name] = t
+    return out
+
+
+class _Spans:
+    """Byte ranges of the engine's parameters, per device, to find a source that aliases one of them."""
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        by_device: dict[torch.device, list[tuple[int, int]]] = {}
+        for p in params:
+            if p.numel():
+                by_device.setdefault(p.device, []).append(_extent(p))
+        self._starts: dict[torch.device, list[int]] = {}
+        self._max_end: dict[torch.device, list[int]] = {}  # running maximum of the ends, in start order
+        for device, ranges in by_device.items():
+            ranges.sort()
+            self._starts[device] = [a for a, _ in ranges]
+            self._max_end[device] = list(itertools.accumulate((b for _, b in ranges), max))
+
+    def overlaps(self, t: torch.Tensor, dest: torch.Tensor) -> bool:
+        """Whether `t` shares a byte with any parameter, other than being exactly `dest` itself."""
+        if not t.numel() or t.device not in self._starts:
+            return False
+        start, stop = _extent(t)
+        if t.device == dest.device and (start, stop) == _extent(dest) and t.stride() == dest.stride():
+            return False  # copying a parameter onto itself changes nothing
+        before = bisect.bisect_left(self._starts[t.device], stop)  # parameters starting before t ends
+        return before > 0 and self._max_end[t.device][before - 1] > start
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) that `t` may touch."""
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()

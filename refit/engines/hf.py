@@ -8,8 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from refit.dtypes import dtype_name
-from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
+from refit.engines.base import EngineSpec, TensorSpec, install_tensors, spec_from_hf_config, specs_of
 from refit.errors import ConfigError
 from refit.plan.naming import architecture_from_hf
 
@@ -20,8 +19,15 @@ class HFEngine:
     """A single-rank (TP 1) engine around a transformers `*ForCausalLM` model.
 
     `install` copies into the existing parameters under `torch.no_grad()`, so references to the
-    parameters (optimizers, CUDA graphs, other holders) stay valid. Every name, shape and dtype is
-    checked before the first byte is written: a refused install leaves the old weights untouched.
+    parameters (optimizers, CUDA graphs, other holders) stay valid. It is all-or-nothing: every name,
+    shape, dtype and source tensor is checked before the first byte is written (`install_tensors`),
+    so a refused install leaves the old weights untouched.
+
+    Tied embeddings: `named_parameters()` lists a shared parameter once, under its first name
+    (`model.embed_tokens.weight`), so the engine expects no `lm_head.weight` exactly when the output
+    layer really is the embedding table. A model whose config says tied but whose `lm_head` was untied
+    expects it, and the catalog's tied model then fails the check naming it, instead of leaving the
+    untied output layer on its old weights.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -38,21 +44,12 @@ class HFEngine:
         return spec_from_hf_config(self._config, architecture=self._architecture)
 
     def expected(self) -> dict[str, TensorSpec]:
-        tied = self.spec().tied_embeddings
-        return {
-            name: TensorSpec(shape=tuple(p.shape), dtype=dtype_name(p.dtype))
-            for name, p in self._params.items()
-            if not (tied and name == "lm_head.weight")
-        }
+        return specs_of(self._params)
 
     @property
     def device(self) -> torch.device:
         return next(iter(self._params.values())).device
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        check_install(self.expected(), tensors)
-        with torch.no_grad():
-            for name, t in tensors.items():
-                self._params[name].copy_(t, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Copy every tensor into its parameter, in the order of `tensors`: all of them, or none."""
+        install_tensors(self._params, tensors)

@@ -18,16 +18,19 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from refit.dtypes import dtype_name
-from refit.engines.base import EngineSpec, TensorSpec, check_install
+from refit.engines.base import EngineSpec, TensorSpec, install_tensors, specs_of
 from refit.errors import ConfigError
-from refit.megatron.model import LocalParam, local_parameters, model_chunks, parallel_coords
+from refit.megatron.model import local_parameters, model_chunks, model_meta, parallel_coords
+from refit.plan.targets import Scheme
 
 logger = logging.getLogger(__name__)
 
 
 class MegatronEngine:
-    """One engine rank holding a Megatron-Core GPTModel (TP any, PP 1).
+    """One engine rank holding a Megatron-Core GPTModel (TP any, PP 1; dense models).
+
+    `install` is all-or-nothing: every name, shape, dtype and source tensor is checked before the
+    first byte is written (`install_tensors`), so a refused install leaves the old weights untouched.
 
     Args:
         model: the GPTModel (or a one-element list of it), built under this rank's parallel state.
@@ -42,47 +45,27 @@ class MegatronEngine:
         _, _, coords = parallel_coords()
         if len(chunks) != 1 or coords.pp_size != 1:
             raise ConfigError("MegatronEngine needs pipeline parallel size 1 and one model chunk")
-        if vocab_size < 0:
-            raise ConfigError(f"vocab_size must be >= 0, got {vocab_size}")
         self.model = chunks[0]
-        self._coords = coords
-        self._params: dict[str, LocalParam] = {p.name: p for p in local_parameters(chunks, coords)}
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        self._spec = EngineSpec(
-            architecture=architecture or "",
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=heads,
-            num_query_groups=cfg.num_query_groups or heads,
-            kv_channels=cfg.kv_channels or cfg.hidden_size // heads,
-            ffn_hidden_size=cfg.ffn_hidden_size,
-            vocab_size=vocab_size,
-            tied_embeddings=bool(self.model.share_embeddings_and_output_weights),
-            tp_rank=coords.tp_rank,
-            tp_size=coords.tp_size,
-            scheme="megatron",
-            padded_vocab_size=int(self.model.vocab_size),
-        )
+        # The reader's metadata is what a trainer of this model would publish: the engine is that
+        # model at its own TP (its padded vocabulary included). Expert parallelism stays at its
+        # defaults because the reader refuses MoE models.
+        meta = model_meta(chunks, architecture=architecture, vocab_size=vocab_size)
+        self._spec = EngineSpec.from_meta(
+            meta, architecture=architecture or "", tp_rank=coords.tp_rank, tp_size=coords.tp_size,
+            scheme=Scheme.MEGATRON,
+        )  # fmt: skip
+        self._params = {p.name: p.param for p in local_parameters(chunks, coords)}
 
     def spec(self) -> EngineSpec:
         return self._spec
 
     def expected(self) -> dict[str, TensorSpec]:
-        return {
-            name: TensorSpec(shape=tuple(p.param.shape), dtype=dtype_name(p.param.dtype))
-            for name, p in self._params.items()
-        }
+        return specs_of(self._params)
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self._params.values())).param.device
+        return next(iter(self._params.values())).device
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy every tensor into its parameter; all are checked before the first byte is written."""
-        check_install(self.expected(), tensors)
-        with torch.no_grad():
-            for name, t in tensors.items():
-                self._params[name].param.copy_(t, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Copy every tensor into its parameter, in the order of `tensors`: all of them, or none."""
+        install_tensors(self._params, tensors)

@@ -1,29 +1,37 @@
 """`VLLMEngine`: one vLLM worker's model (one engine TP rank) as a refit `Engine`.
 
 The rank's tensors are the Hugging Face tensors of vLLM's tensor-parallel convention, already sliced
-for this rank (`refit.plan.targets` computes the same slices on the pull side). `install` loads a
-complete set through vLLM's layerwise reload: every layer is rebuilt from the metadata vLLM recorded
-at start-up, the rank-local slices go through each parameter's own weight loader (marked as already
-sharded, so the loader does not slice again), vLLM re-runs its post-load processing (the CPU backend
-repacks every linear layer there), and the results are copied into the original kernel tensors, so
-parameter storage is kept (CUDA graphs stay valid). Fused parameters are always loaded whole
-(q, k and v together; gate and up together): a partial load would leave the rest uninitialized.
+for this rank. Their names and shapes are the planner's own targets (`refit.plan.shapes`) at this
+rank's layout, checked once against the shapes vLLM recorded when it built the model.
+
+`install` loads a complete set through vLLM's layerwise reload: every layer is rebuilt from the
+metadata vLLM recorded at start-up, the rank-local slices go through each parameter's own weight
+loader (told that they are this rank's slice already, so it does not slice again), vLLM re-runs its
+post-load processing (the CPU backend repacks every linear layer there), and the results are copied
+into the original kernel tensors, so parameter storage is kept (CUDA graphs stay valid). Fused
+parameters are always loaded whole (q, k and v together; gate and up together): a partial load would
+leave the rest uninitialized. A parameter shared by several layers (tied embeddings: the output
+layer reads the embedding table) is loaded into every one of them, so each is processed again.
+Every vLLM internal used here goes through `refit.compat.vllm`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from refit.compat import vllm as compat
 from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
 from refit.errors import ConfigError, ModelMismatchError
 from refit.plan.naming import architecture_from_hf
-from refit.plan.targets import VOCAB_PADDING
+from refit.plan.shapes import dense_targets
+from refit.plan.targets import Target
+from refit.types import ModelMeta
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,21 @@ def vllm_target(hf_name: str) -> tuple[str, str | int | None]:
 class VLLMEngine:
     """The model of one vLLM worker, refitted in place through layerwise reload.
 
+    What `install` guarantees:
+
+    - A refused install changes nothing. Before the reload starts, every tensor is checked: exactly
+      this rank's names, each with its shape and dtype, a dense tensor with storage (not on the meta
+      device) on the CPU or on the engine's device type. The loaders can then only fail for reasons
+      outside the input (out of memory, a vLLM defect).
+    - A successful install leaves every parameter and buffer in its original storage, holding the new
+      values, and re-runs vLLM's post-load processing of every layer it loads (tied output layers too).
+    - If loading fails part-way anyway, the model is not rolled back (re-loading the old values would
+      need a copy of them): the layers processed before the failure hold the new weights and every
+      other layer keeps its old ones, each layer whole (loads buffered for layers not yet processed
+      are dropped rather than processed with rows missing). Storage is kept either way. The engine is
+      then serving a mix of two versions and should be refitted again before it is trusted. Not
+      covered: a failure inside vLLM's own finalization (it processes the layers still pending).
+
     Args:
         model: the worker's `nn.Module` (what the weight-transfer engine is given).
         model_config: vLLM's `ModelConfig` (its `hf_config` and `dtype` describe the model).
@@ -68,14 +91,24 @@ class VLLMEngine:
         self._tp_rank, self._tp_size = tp_rank, tp_size
         arch = (getattr(self._cfg, "architectures", None) or ["?"])[0]
         self._architecture = architecture_from_hf(arch)
-        self._expected = self._compute_expected()
+        self._vocab_modules = {n: m for n, m in model.named_modules() if compat.is_vocab_parallel(m)}
+        self._spec = spec_from_hf_config(
+            self._cfg,
+            architecture=self._architecture,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            vocab_padding=self._vocab_padding(),
+        )
+        self._layout = self._spec.layout()
+        self._targets = dense_targets(self._model_meta(), self._layout)
+        self._check_against_model()
+        self._expected = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in self._targets.items()}
+        self._aliases = _aliases(model)
 
     # -- the Engine protocol -------------------------------------------------------------------------
 
     def spec(self) -> EngineSpec:
-        return spec_from_hf_config(
-            self._cfg, architecture=self._architecture, tp_rank=self._tp_rank, tp_size=self._tp_size
-        )
+        return self._spec
 
     def expected(self) -> dict[str, TensorSpec]:
         return dict(self._expected)
@@ -85,159 +118,130 @@ class VLLMEngine:
         return self._device
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load a complete, validated set of this rank's tensors; nothing is touched on refusal."""
+        """Load a complete, validated set of this rank's tensors (see the class docstring)."""
         self._validate(tensors)
-        from vllm.model_executor.model_loader.reload.layerwise import (
-            finalize_layerwise_reload,
-            initialize_layerwise_reload,
-        )
-        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
-        initialize_layerwise_reload(self.model)
-        params = dict(self.model.named_parameters())
-        saved: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        # A shared parameter's other layers load right after it: no other layer's failure falls between them.
+        loads = [
+            (param, shard, tensors[name])
+            for name in sorted(tensors, key=_layer_order)
+            for target, shard in [vllm_target(name)]
+            for param in (target, *self._aliases.get(target, ()))
+        ]
+        compat.initialize_layerwise_reload(self.model)
+        undo: list[Callable[[], None]] = []
+        loaded = False
         try:
-            for name in sorted(tensors, key=_layer_order):
-                target, shard = vllm_target(name)
+            params = dict(self.model.named_parameters())  # reload gives tied layers a parameter each
+            marked: set[str] = set()
+            for target, shard, tensor in loads:
                 param = params[target]
-                if id(param) not in saved:
-                    saved[id(param)] = (param, _mark_presharded(param))
-                tensor = tensors[name]
-                if _is_vocab_parallel(self.model, target):
-                    tensor = self._vocab_view(tensor)
-                loader = getattr(param, "weight_loader", default_weight_loader)
+                if target not in marked:
+                    marked.add(target)
+                    module = self._vocab_modules.get(target.rpartition(".")[0])
+                    undo.append(compat.load_vocab_rows_only(module) if module else compat.mark_presharded(param))
+                loader = compat.weight_loader(param)
                 if shard is None:
                     loader(param, tensor)
                 else:
                     loader(param, tensor, shard)
+            loaded = True
         finally:
-            finalize_layerwise_reload(self.model, self.model_config)
-            for param, old in saved.values():
-                _restore_attrs(param, old)
+            try:
+                if not loaded:
+                    dropped = compat.abandon_pending_layers(self.model)
+                    logger.error("vLLM install failed part-way; pending layers dropped, kept old: %s", dropped)
+                compat.finalize_layerwise_reload(self.model, self.model_config)
+            finally:
+                for restore in reversed(undo):
+                    restore()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _vocab_rows(self) -> tuple[int, int]:
-        vocab = self._cfg.vocab_size
-        padded = math.ceil(vocab / VOCAB_PADDING) * VOCAB_PADDING
-        if padded % self._tp_size:
-            raise ModelMismatchError(f"padded vocabulary {padded} is not divisible by engine TP size {self._tp_size}")
-        per = padded // self._tp_size
-        start = self._tp_rank * per
-        return start, max(start, min(vocab, start + per))
+    def _vocab_padding(self) -> int:
+        paddings = {compat.vocab_padding(m) for m in self._vocab_modules.values()}
+        if len(paddings) > 1:
+            raise ModelMismatchError(f"vLLM vocabulary layers pad differently ({sorted(paddings)}); not supported")
+        return paddings.pop() if paddings else compat.default_vocab_padding()
 
-    def _vocab_view(self, rows: torch.Tensor) -> torch.Tensor:
-        """A full-vocabulary tensor whose rows of this rank are `rows`.
-
-        vLLM's vocab-parallel loader takes the whole table and cuts the rank's rows itself. The other
-        rows are never read: `torch.empty` of that size is not touched outside the rank's rows.
-        """
-        start, _ = self._vocab_rows()
-        full = torch.empty((self._cfg.vocab_size, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-        full[start : start + rows.shape[0]].copy_(rows)
-        return full
-
-    def _compute_expected(self) -> dict[str, TensorSpec]:
+    def _model_meta(self) -> ModelMeta:
+        """The model as the planner sees it, from vLLM's config (the trainer's padding does not matter here)."""
         s = self.spec()
-        tp, dt = self._tp_size, dtype_name(self.model_config.dtype)
-        for what, n in (("num_attention_heads", s.num_attention_heads), ("intermediate_size", s.ffn_hidden_size)):
-            if n % tp:
-                raise ModelMismatchError(f"{what} ({n}) is not divisible by engine TP size {tp}")
-        if tp > s.num_query_groups and tp % s.num_query_groups:
-            raise ModelMismatchError(f"engine TP size {tp} is neither a divisor nor a multiple of the KV heads")
-        d, h = s.kv_channels, s.hidden_size
-        q_rows, kv_rows, f = (
-            s.num_attention_heads // tp * d,
-            max(1, s.num_query_groups // tp) * d,
-            s.ffn_hidden_size // tp,
+        padding = self._layout.vocab_padding
+        return ModelMeta(
+            architecture=s.architecture,
+            num_layers=s.num_layers,
+            hidden_size=s.hidden_size,
+            num_attention_heads=s.num_attention_heads,
+            num_query_groups=s.num_query_groups,
+            kv_channels=s.kv_channels,
+            ffn_hidden_size=s.ffn_hidden_size,
+            padded_vocab_size=math.ceil(s.vocab_size / padding) * padding,
+            vocab_size=s.vocab_size,
+            tied_embeddings=s.tied_embeddings,
+            qkv_bias=self._architecture == "qwen2" or bool(getattr(self._cfg, "attention_bias", False)),
+            qk_layernorm=self._architecture == "qwen3",
+            params_dtype=dtype_name(self.model_config.dtype),
         )
-        start, end = self._vocab_rows()
-        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (end - start, h), "model.norm.weight": (h,)}
-        if not s.tied_embeddings:
-            out["lm_head.weight"] = (end - start, h)
-        qkv_bias = self._architecture == "qwen2" or bool(getattr(self._cfg, "attention_bias", False))
-        for i in range(s.num_layers):
-            p = f"model.layers.{i}."
-            out.update(
-                {
-                    p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,),
-                    p + "self_attn.q_proj.weight": (q_rows, h),
-                    p + "self_attn.k_proj.weight": (kv_rows, h),
-                    p + "self_attn.v_proj.weight": (kv_rows, h),
-                    p + "self_attn.o_proj.weight": (h, q_rows),
-                    p + "mlp.gate_proj.weight": (f, h),
-                    p + "mlp.up_proj.weight": (f, h),
-                    p + "mlp.down_proj.weight": (h, f),
-                }
-            )
-            if qkv_bias:
-                out.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,)})
-                out[p + "self_attn.v_proj.bias"] = (kv_rows,)
-            if self._architecture == "qwen3":
-                out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-        self._check_against_model(out)
-        return {name: TensorSpec(shape=shape, dtype=dt) for name, shape in out.items()}
 
-    def _check_against_model(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def _check_against_model(self) -> None:
         """Every vLLM parameter must be fed, with exactly the rows it holds (as recorded at load time)."""
         recorded = _recorded_shapes(self.model)
         fed: dict[str, int] = {}
-        for name, shape in shapes.items():
-            target, _ = vllm_target(name)
-            fed[target] = fed.get(target, 0) + shape[0]
+        for name, target in self._targets.items():
+            param, _ = vllm_target(name)
+            fed[param] = fed.get(param, 0) + target.shape[0]
         problems = [f"{n}: not in the vLLM model" for n in sorted(set(fed) - set(recorded))]
         for name, shape in recorded.items():
             rows = fed.get(name)
+            module = self._vocab_modules.get(name.rpartition(".")[0])
             if rows is None:
                 problems.append(f"{name}: no HF tensor feeds it")
-            elif rows != shape[0] and not (_is_vocab_parallel(self.model, name) and rows <= shape[0]):
+            elif module is not None:
+                problems += _vocab_problems(name, self._targets[name], compat.vocab_rows(module), shape[0])
+            elif rows != shape[0]:
                 problems.append(f"{name}: {shape[0]} rows in vLLM, {rows} from the HF tensors")
         if problems:
             raise ModelMismatchError("vLLM model does not match its config's layout: " + "; ".join(problems[:8]))
 
     def _validate(self, tensors: Mapping[str, torch.Tensor]) -> None:
         check_install(self._expected, tensors)
+        for name, t in tensors.items():
+            if t.is_meta or t.layout != torch.strided:
+                raise ModelMismatchError(f"{name}: a {t.layout} tensor on {t.device} holds no loadable data")
+            if t.device.type not in ("cpu", self._device.type):
+                raise ModelMismatchError(f"{name}: on {t.device}; the engine loads from cpu or {self._device.type}")
 
 
-_MISSING = object()
+def _vocab_problems(name: str, target: Target, held: tuple[int, int], table_rows: int) -> list[str]:
+    """The rows of the real vocabulary vLLM's layer holds must be exactly the target's rows."""
+    start, stop = held
+    rows = target.rows[0] if target.rows else (start, start)
+    if stop - start != rows[1] - rows[0] or (stop > start and rows[0] != start) or stop - start > table_rows:
+        return [f"{name}: vLLM holds vocabulary rows [{start}, {stop}), the plan gives [{rows[0]}, {rows[1]})"]
+    return []
 
 
-def _mark_presharded(param: torch.Tensor) -> dict[str, Any]:
-    """Make vLLM's loaders take `param`'s data as this rank's slice already; returns what to restore.
+def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Parameter name -> the other names of the same parameter (a tied output layer's `lm_head.weight`).
 
-    Plain parameters honour `is_sharded_weight`; vLLM's parameter classes (`BasevLLMParameter`) slice
-    at `param.tp_rank * shard`, so they are loaded as rank 0 of 1, which slices nothing.
+    Layerwise reload gives every layer its own parameter and processes only the layers it loaded
+    (vLLM's documented limitation), so a tied layer fed nothing would keep what its processing
+    derived from the old values (on CPU: the output layer's packed copy of the embedding table).
     """
-    from vllm.model_executor.parameter import BasevLLMParameter
-
-    names = ("tp_rank", "tp_size") if isinstance(param, BasevLLMParameter) else ("is_sharded_weight",)
-    old = {n: getattr(param, n, _MISSING) for n in names}
-    if isinstance(param, BasevLLMParameter):
-        param.tp_rank, param.tp_size = 0, 1
-    else:
-        param.is_sharded_weight = True
-    return old
-
-
-def _restore_attrs(param: torch.Tensor, old: dict[str, Any]) -> None:
-    for name, value in old.items():
-        if value is _MISSING:
-            delattr(param, name)
-        else:
-            setattr(param, name, value)
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {n: tuple(o for o in group if o != n) for group in names.values() if len(group) > 1 for n in group}
 
 
 def _recorded_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Parameter shapes as vLLM created them (before CPU repacking emptied some), by full name."""
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
     live = dict(model.named_parameters())  # shared parameters (a tied lm_head) appear once
     out: dict[str, tuple[int, ...]] = {}
     for prefix, module in model.named_modules():
-        params, _ = get_layerwise_info(module).restore_metadata
+        params, _ = compat.recorded_tensors(module)
         bias = getattr(module, "bias", None)  # created after the recorded weights: never in the metadata
         own = {**params, **({"bias": bias} if isinstance(bias, torch.nn.Parameter) else {})}
         for name, tensor in own.items():
@@ -245,16 +249,6 @@ def _recorded_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
             if full in live:
                 out[full] = tuple(tensor.shape)
     return out
-
-
-def _is_vocab_parallel(model: torch.nn.Module, param_name: str) -> bool:
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-    module_name = param_name.rpartition(".")[0]
-    try:
-        return isinstance(model.get_submodule(module_name), VocabParallelEmbedding)
-    except AttributeError:
-        return False
 
 
 def _layer_order(name: str) -> tuple[int, str]:

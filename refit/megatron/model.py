@@ -5,7 +5,8 @@ Roles come from module types and the tensor-parallel attributes Megatron sets on
 `linear_qkv` of an attention module, the gated fc1 is the `linear_fc1` of an MLP with a gated
 linear unit, vocab tables are the word embedding and the GPT output layer. Pipeline-local layer
 numbers become global through each layer's own `layer_number`, which already accounts for virtual
-pipeline chunks and uneven stages. megatron-core is imported only when these functions run.
+pipeline chunks and uneven stages. The publisher and `MegatronEngine` both read models here; every
+megatron-core internal is reached through `refit.compat.megatron`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from refit.compat import megatron as mcore
 from refit.dtypes import dtype_name
 from refit.errors import ConfigError, LayoutError
-from refit.types import ModelMeta, ParallelCoords, Role
+from refit.types import ModelMeta, ParallelCoords, Role, shard_geometry
 
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -39,9 +41,7 @@ class LocalParam:
 
 def unwrap(module: nn.Module) -> nn.Module:
     """Strip DDP / Float16Module style wrappers (each keeps the real model in `.module`)."""
-    while not hasattr(module, "decoder") and isinstance(getattr(module, "module", None), nn.Module):
-        module = module.module
-    return module
+    return mcore.unwrap_model(module)
 
 
 def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -54,7 +54,7 @@ def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
         if not isinstance(chunk, nn.Module):
             raise ConfigError(f"model chunks must be torch modules, got {type(chunk).__name__}")
         inner = unwrap(chunk)
-        if not hasattr(inner, "decoder") or not hasattr(inner, "config"):
+        if not mcore.is_gpt_model(inner):
             raise ConfigError(f"{type(inner).__name__} is not a Megatron-Core GPTModel (no decoder/config)")
         out.append(inner)
     return out
@@ -63,30 +63,31 @@ def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 def parallel_coords() -> tuple[int, int, ParallelCoords]:
     """(global rank, world size, parallel coordinates) of this process, trainer or engine rank."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("torch.distributed must be initialised before reading a Megatron model's parallel layout")
-    if not ps.model_parallel_is_initialized():
+    if not mcore.model_parallel_is_initialized():
         raise ConfigError("megatron.core.parallel_state must be initialised before reading a Megatron model")
+    r = mcore.parallel_ranks()
     coords = ParallelCoords(
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        tp_size=ps.get_tensor_model_parallel_world_size(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(),
-        pp_size=ps.get_pipeline_model_parallel_world_size(),
-        ep_rank=ps.get_expert_model_parallel_rank(),
-        ep_size=ps.get_expert_model_parallel_world_size(),
-        dp_rank=ps.get_data_parallel_rank(),
-        dp_size=ps.get_data_parallel_world_size(),
+        tp_rank=r.tp_rank,
+        tp_size=r.tp_size,
+        pp_rank=r.pp_rank,
+        pp_size=r.pp_size,
+        ep_rank=r.ep_rank,
+        ep_size=r.ep_size,
+        dp_rank=r.dp_rank,
+        dp_size=r.dp_size,
     )
     return dist.get_rank(), dist.get_world_size(), coords
 
 
 def infer_architecture(config: object) -> str:
     """Best guess of the HF family from a TransformerConfig; pass `architecture=` to be explicit."""
-    if getattr(config, "qk_layernorm", False):
+    shape = mcore.transformer_shape(config)
+    if shape.qk_layernorm:
         return "qwen3"
-    if getattr(config, "add_qkv_bias", False):
+    if shape.add_qkv_bias:
         return "qwen2"
     return "llama"
 
@@ -94,58 +95,54 @@ def infer_architecture(config: object) -> str:
 def model_meta(chunks: Sequence[nn.Module], *, architecture: str | None, vocab_size: int) -> ModelMeta:
     """The model metadata every rank publishes (identical on all ranks)."""
     first = chunks[0]
-    cfg = first.config
-    if getattr(cfg, "num_moe_experts", None):
+    cfg = mcore.model_config(first)
+    shape = mcore.transformer_shape(cfg)
+    if shape.num_moe_experts:
         raise LayoutError("mixture-of-experts models are not supported yet (expert roles come with MoE work)")
-    if getattr(cfg, "multi_latent_attention", False):
+    if shape.multi_latent_attention:
         raise LayoutError("multi-latent attention is not supported yet")
     # Descriptors carry each tensor's own dtype; the metadata names the one holding most bytes.
     bytes_by_dtype: dict[str, int] = {}
     for p in (p for c in chunks for p in c.parameters()):
         key = dtype_name(p.dtype)
         bytes_by_dtype[key] = bytes_by_dtype.get(key, 0) + p.numel() * p.element_size()
-    heads = cfg.num_attention_heads
     return ModelMeta(
         architecture=architecture or infer_architecture(cfg),
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=cfg.num_query_groups or heads,
-        kv_channels=cfg.kv_channels or cfg.hidden_size // heads,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        padded_vocab_size=first.vocab_size,
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.kv_channels,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        padded_vocab_size=mcore.padded_vocab_size(first),
         vocab_size=vocab_size,
-        tied_embeddings=bool(first.share_embeddings_and_output_weights),
-        qkv_bias=bool(cfg.add_qkv_bias or cfg.add_bias_linear),
-        qk_layernorm=bool(cfg.qk_layernorm),
-        gated_linear_unit=bool(cfg.gated_linear_unit),
+        tied_embeddings=mcore.shares_embeddings(first),
+        qkv_bias=shape.add_qkv_bias or shape.add_bias_linear,
+        qk_layernorm=shape.qk_layernorm,
+        gated_linear_unit=shape.gated_linear_unit,
         params_dtype=max(bytes_by_dtype, key=bytes_by_dtype.__getitem__),
     )
 
 
 def _special_roles(chunk: nn.Module) -> dict[int, Role]:
     """id(parameter) -> role for the parameters whose role the module structure decides."""
-    from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
-    from megatron.core.transformer.attention import Attention
-    from megatron.core.transformer.mlp import MLP
-
     roles: dict[int, Role] = {}
     for module in chunk.modules():
-        if isinstance(module, VocabParallelEmbedding):
+        if mcore.is_vocab_parallel_embedding(module):
             roles.update((id(p), Role.VOCAB_PARALLEL) for p in module.parameters(recurse=False))
-        elif isinstance(module, Attention) and hasattr(module, "linear_qkv"):
-            roles.update((id(p), Role.QKV_COLUMN) for p in module.linear_qkv.parameters(recurse=False))
-        elif isinstance(module, MLP) and module.config.gated_linear_unit:
-            roles.update((id(p), Role.GATED_MLP_COLUMN) for p in module.linear_fc1.parameters(recurse=False))
-    output = getattr(chunk, "output_layer", None)
+        elif (qkv := mcore.fused_qkv(module)) is not None:
+            roles.update((id(p), Role.QKV_COLUMN) for p in qkv.parameters(recurse=False))
+        elif (fc1 := mcore.gated_fc1(module)) is not None:
+            roles.update((id(p), Role.GATED_MLP_COLUMN) for p in fc1.parameters(recurse=False))
+    output = mcore.output_layer(chunk)
     if output is not None:
         roles.update((id(p), Role.VOCAB_PARALLEL) for p in output.parameters(recurse=False))
     return roles
 
 
-def _global_names(chunk: nn.Module) -> dict[int, int]:
-    """Local layer index -> global 0-based layer number for one chunk."""
-    return {i: int(layer.layer_number) - 1 for i, layer in enumerate(chunk.decoder.layers)}
+def _layer_index_map(chunk: nn.Module) -> dict[int, int]:
+    """Local layer index -> global 0-based layer index, for one chunk."""
+    return {i: number - 1 for i, number in enumerate(mcore.layer_numbers(chunk))}
 
 
 def local_parameters(chunks: Sequence[nn.Module], coords: ParallelCoords) -> list[LocalParam]:
@@ -154,8 +151,8 @@ def local_parameters(chunks: Sequence[nn.Module], coords: ParallelCoords) -> lis
     seen: set[int] = set()
     for chunk in chunks:
         special = _special_roles(chunk)
-        layers = _global_names(chunk)
-        tied_copy = chunk.share_embeddings_and_output_weights and not chunk.pre_process
+        layers = _layer_index_map(chunk)
+        tied_copy = mcore.shares_embeddings(chunk) and not mcore.is_first_stage(chunk)
         for name, param in chunk.named_parameters():
             if id(param) in seen:
                 continue
@@ -172,25 +169,30 @@ def local_parameters(chunks: Sequence[nn.Module], coords: ParallelCoords) -> lis
 
 def _describe(name: str, param: torch.Tensor, special: Role | None, tp_size: int, tp_rank: int) -> LocalParam:
     shape = tuple(param.shape)
-    if getattr(param, "allreduce", True) is False:
+    if mcore.is_expert_parameter(param):
         raise LayoutError(f"{name} is an expert parameter; MoE is not supported yet")
-    if not getattr(param, "tensor_model_parallel", False):
+    split = mcore.tensor_parallel_split(param)
+    if split is None:
         return LocalParam(
             name=name, param=param, role=Role.REPLICATED, partition_dim=-1, partition_stride=1, offset=0,
             global_shape=shape,
         )  # fmt: skip
-    dim = int(param.partition_dim)
-    stride = int(getattr(param, "partition_stride", 1))
+    dim, stride = split
     role = special if special is not None else (Role.COLUMN if dim == 0 else Role.ROW)
-    if role is Role.GATED_MLP_COLUMN and stride != 2:
-        raise LayoutError(f"{name}: gated fc1 must have partition_stride 2, has {stride}")
-    if role is not Role.GATED_MLP_COLUMN and stride != 1:
-        raise LayoutError(f"{name}: unexpected partition_stride {stride} for role {role.value}")
-    if shape[dim] % stride:
-        raise LayoutError(f"{name}: {shape[dim]} rows do not split into {stride} parts")
+    if stride != role.partition_stride:
+        raise LayoutError(f"{name}: partition_stride {stride}, but a {role.value} tensor has {role.partition_stride}")
+    if role.partition_dim != dim:
+        raise LayoutError(f"{name}: split on dim {dim}, but a {role.value} tensor is split on {role.partition_dim}")
     global_shape = list(shape)
     global_shape[dim] = shape[dim] * tp_size
+    try:
+        _, offset = shard_geometry(
+            name=name, global_shape=tuple(global_shape), partition_dim=dim, partition_stride=stride,
+            rank=tp_rank, size=tp_size,
+        )  # fmt: skip
+    except ConfigError as exc:
+        raise LayoutError(str(exc)) from exc
     return LocalParam(
-        name=name, param=param, role=role, partition_dim=dim, partition_stride=stride,
-        offset=tp_rank * shape[dim] // stride, global_shape=tuple(global_shape),
+        name=name, param=param, role=role, partition_dim=dim, partition_stride=stride, offset=offset,
+        global_shape=tuple(global_shape),
     )  # fmt: skip

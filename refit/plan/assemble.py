@@ -1,7 +1,9 @@
 """Turn staged pieces into the engine's tensors: slicing and concatenation, nothing else.
 
 QKV un-interleaving, gate/up splitting, vocab-padding removal and TP slicing were all decided by
-the planner as row intervals; here each target is cut out of the pieces that cover it.
+the planner as row intervals; here each target is cut out of the pieces that cover it. Rows a target
+holds past the published ones (an engine's own vocabulary padding) are zeros, and so is a target
+with no rows at all (an engine rank whose vocabulary share is all padding).
 """
 
 from __future__ import annotations

@@ -101,13 +101,67 @@ class Plan:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class _Holder:
+    """A trainer rank's shard that holds a need, and the need's first row in that shard."""
+
+    rank: int
+    desc: TensorDesc
+    local: int  # first local index along the need's dim (0 for a whole tensor)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class _Need:
+    """One interval of one global tensor the engine rank needs, and every replica that holds it."""
+
     tensor: str
     dim: int | None
     start: int
     stop: int
-    # (rank, descriptor, first local index along dim) of every replica that holds this interval
-    holders: tuple[tuple[int, TensorDesc, int], ...]
+    holders: tuple[_Holder, ...]
+
+    def holder(self, rank: int) -> _Holder:
+        for h in self.holders:
+            if h.rank == rank:
+                return h
+        raise AssertionError(f"rank {rank} does not hold {self.tensor}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Choice:
+    """A need with the holder chosen to serve it."""
+
+    need: _Need
+    holder: _Holder
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Geometry:
+    """Where a need's bytes sit in its holder's region: `count` blocks, `remote_stride` apart."""
+
+    shape: tuple[int, ...]
+    remote_offset: int
+    block_bytes: int
+    count: int
+    remote_stride: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.block_bytes * self.count
+
+
+@dataclass(kw_only=True, slots=True)
+class _OpenRead:
+    """A contiguous read still growing while `_place` lays out one source's pieces."""
+
+    rank: int
+    region: int
+    remote_offset: int
+    local_offset: int
+    nbytes: int
+
+    def close(self) -> Read:
+        return Read(rank=self.rank, region=self.region, remote_offset=self.remote_offset,
+                    local_offset=self.local_offset, block_bytes=self.nbytes)  # fmt: skip
 
 
 def _segments(desc: TensorDesc) -> list[tuple[int, int, int]]:
@@ -126,8 +180,10 @@ def _needs(
     tensor: str, dim: int | None, intervals: Sequence[tuple[int, int]], shards: Sequence[tuple[int, TensorDesc]]
 ) -> list[_Need]:
     if dim is None:
-        return [_Need(tensor=tensor, dim=None, start=0, stop=0, holders=tuple((r, d, 0) for r, d in shards))]
-    cuts: dict[tuple[int, int], list[tuple[int, TensorDesc, int]]] = defaultdict(list)
+        holders = tuple(_Holder(rank=r, desc=d, local=0) for r, d in shards)
+        return [_Need(tensor=tensor, dim=None, start=0, stop=0, holders=holders)]
+    # 1. Cut each interval by every shard run that overlaps it.
+    cuts: dict[tuple[int, int], list[_Holder]] = defaultdict(list)
     for rank, desc in shards:
         if desc.partition_dim == -1:
             segs = [(0, desc.global_shape[dim], 0)]
@@ -139,21 +195,21 @@ def _needs(
             for a, b in intervals:
                 lo, hi = max(a, g0), min(b, g1)
                 if lo < hi:
-                    cuts[(lo, hi)].append((rank, desc, l0 + lo - g0))
+                    cuts[(lo, hi)].append(_Holder(rank=rank, desc=desc, local=l0 + lo - g0))
+    # 2. The common case: every shard that touches an interval covers all of it; nothing to cut.
     if len(cuts) == len(intervals) and all(iv in cuts for iv in intervals):
-        # The common case: every shard that touches an interval covers all of it; nothing to cut.
         return [_Need(tensor=tensor, dim=dim, start=a, stop=b, holders=tuple(cuts[(a, b)])) for a, b in intervals]
-    # Shards of different ranks can cut an interval at different points; split at every cut.
+    # 3. Shards of different ranks can cut an interval at different points; split at every cut.
     bounds = sorted({x for ab in cuts for x in ab} | {x for ab in intervals for x in ab})
     needs = []
     for a, b in intervals:
         points = [p for p in bounds if a <= p <= b]
         for lo, hi in itertools.pairwise(points):
             holders = [
-                (rank, desc, l0 + lo - c0)
+                _Holder(rank=h.rank, desc=h.desc, local=h.local + lo - c0)
                 for (c0, c1), hs in cuts.items()
                 if c0 <= lo and hi <= c1
-                for rank, desc, l0 in hs
+                for h in hs
             ]
             if not holders:
                 raise LayoutError(f"no trainer rank publishes rows [{lo}, {hi}) of {tensor}")
@@ -161,93 +217,90 @@ def _needs(
     return needs
 
 
-# A need with its chosen holder: (need, rank, descriptor, first local index along the need's dim).
-_Choice = tuple[_Need, int, TensorDesc, int]
-
-
-def _geometry(need: _Need, desc: TensorDesc, local_start: int) -> tuple[tuple[int, ...], int, int, int, int]:
-    """(shape, remote_offset, block_bytes, count, remote_stride) of `need` read from shard `desc`."""
+def _geometry(need: _Need, holder: _Holder) -> _Geometry:
+    """Where the bytes of `need` sit in the region of `holder`."""
+    desc = holder.desc
     if need.dim is None:
-        return desc.local_shape, desc.byte_offset, desc.nbytes, 1, 0
+        return _Geometry(
+            shape=desc.local_shape, remote_offset=desc.byte_offset, block_bytes=desc.nbytes, count=1, remote_stride=0
+        )
     item = DTYPE_SIZES[desc.dtype]
     dim, width, local_shape = need.dim, need.stop - need.start, desc.local_shape
     outer = math.prod(local_shape[:dim])
     inner = math.prod(local_shape[dim + 1 :])
     local_width = local_shape[dim]
     shape = (*local_shape[:dim], width, *local_shape[dim + 1 :])
-    start = desc.byte_offset + local_start * inner * item
-    if outer == 1 or width == local_width:
-        return shape, start, outer * width * inner * item, 1, 0
-    return shape, start, width * inner * item, outer, local_width * inner * item
-
-
-def _holder(need: _Need, rank: int) -> tuple[TensorDesc, int]:
-    for r, desc, local in need.holders:
-        if r == rank:
-            return desc, local
-    raise AssertionError(f"rank {rank} does not hold {need.tensor}")
+    start = desc.byte_offset + holder.local * inner * item
+    if outer == 1 or width == local_width:  # the rows are contiguous in the shard
+        return _Geometry(shape=shape, remote_offset=start, block_bytes=outer * width * inner * item, count=1,
+                         remote_stride=0)  # fmt: skip
+    # A slice of an inner dim: one block per outer index, a full local row apart.
+    return _Geometry(shape=shape, remote_offset=start, block_bytes=width * inner * item, count=outer,
+                     remote_stride=local_width * inner * item)  # fmt: skip
 
 
 def _choose(needs: Iterable[_Need], stripe: int) -> list[_Choice]:
     """Give each need one holder, striping runs of pieces over equal replicas."""
+    # 1. Group the needs by the set of ranks that hold them (one replica set per group).
     groups: dict[tuple[int, ...], list[_Need]] = defaultdict(list)
     for need in needs:
         holders = need.holders
-        key = (holders[0][0],) if len(holders) == 1 else tuple(sorted({h[0] for h in holders}))
+        key = (holders[0].rank,) if len(holders) == 1 else tuple(sorted({h.rank for h in holders}))
         groups[key].append(need)
     chosen: list[_Choice] = []
     for ranks, group in groups.items():
         if len(ranks) == 1:  # a single holder (an expert without copies, say): nothing to stripe
-            chosen.extend((need, ranks[0], *_holder(need, ranks[0])) for need in group)
+            chosen.extend(_Choice(need=need, holder=need.holder(ranks[0])) for need in group)
             continue
-        first = ranks[0]
+        # 2. Order the group by where the first replica holds each need, so runs are contiguous there
+        #    (and, replicas being laid out alike, on every other replica too).
         keyed = []
         for need in group:
-            desc, local = _holder(need, first)
-            _, offset, block, count, _ = _geometry(need, desc, local)
-            keyed.append(((desc.region, offset), block * count, need))
+            holder = need.holder(ranks[0])
+            geo = _geometry(need, holder)
+            keyed.append(((holder.desc.region, geo.remote_offset), geo.nbytes, need))
         keyed.sort(key=lambda k: k[0])
+        # 3. Cut the ordered group into one run of about `share` bytes per replica, and give run i
+        #    to replica (i + stripe) so different engine ranks start on different replicas.
         share, acc = sum(k[1] for k in keyed) / len(ranks), 0
         for _, size, need in keyed:
-            # Run index by cumulative bytes: contiguous runs of about `share` bytes per replica.
             run = min(int(acc // share), len(ranks) - 1) if share else 0
             acc += size
             rank = ranks[(run + stripe) % len(ranks)]
-            chosen.append((need, rank, *_holder(need, rank)))
+            chosen.append(_Choice(need=need, holder=need.holder(rank)))
     return chosen
 
 
 def _place(chosen: list[_Choice], max_gap: int) -> tuple[list[Piece], list[Read], int]:
-    """Lay the chosen pieces out in staging and group them into reads.
+    """Lay the chosen pieces out in staging and group them into reads; returns the staging size too.
 
     Pieces are laid out per source in remote-address order. Small holes between consecutive
     contiguous pieces of one source (a norm another replica serves, say) are mirrored in staging and
     read along, so a source's pieces become a few large reads instead of one per tensor.
     """
-    geo = []
-    for need, rank, desc, local in chosen:
-        shape, remote, block, count, stride = _geometry(need, desc, local)
-        geo.append((rank, desc.region, remote, need, desc, shape, block, count, stride))
-    geo.sort(key=lambda g: g[:3])
-    offset, placed, reads = 0, [], []
-    current: list[int] | None = None  # [rank, region, remote_start, local_start, nbytes] of an open read
-    for rank, region, remote, need, desc, shape, block, count, stride in geo:
-        item, nbytes = DTYPE_SIZES[desc.dtype], block * count
-        local = -1
-        if current is not None and count == 1 and current[0] == rank and current[1] == region:
-            gap = remote - (current[2] + current[4])
-            local = current[3] + current[4] + gap
-            if not (0 <= gap <= max_gap and local % item == 0):
-                local = -1
-        if local >= 0:
-            assert current is not None
-            current[4] = local - current[3] + nbytes
-        else:
+    # 1. Order every piece by its source address: trainer rank, region, remote offset.
+    located = [(c, _geometry(c.need, c.holder)) for c in chosen]
+    located.sort(key=lambda cg: (cg[0].holder.rank, cg[0].holder.desc.region, cg[1].remote_offset))
+    end, placed, reads = 0, [], []
+    current: _OpenRead | None = None
+    for choice, geo in located:
+        need, rank, desc = choice.need, choice.holder.rank, choice.holder.desc
+        item = DTYPE_SIZES[desc.dtype]
+        # 2. A contiguous piece just after the open read of the same source joins it: the hole
+        #    between them (at most max_gap) is mirrored in staging, where the piece must stay aligned.
+        local: int | None = None
+        if current is not None and geo.count == 1 and (current.rank, current.region) == (rank, desc.region):
+            gap = geo.remote_offset - (current.remote_offset + current.nbytes)
+            after = current.local_offset + current.nbytes + gap
+            if 0 <= gap <= max_gap and after % item == 0:
+                local = after
+                current.nbytes = after + geo.nbytes - current.local_offset
+        if local is None:
+            # 3. Otherwise the open read ends, and the piece starts at the next aligned staging offset.
             if current is not None:
-                reads.append(Read(rank=current[0], region=current[1], remote_offset=current[2],
-                                  local_offset=current[3], block_bytes=current[4]))  # fmt: skip
+                reads.append(current.close())
                 current = None
-            local = -(-offset // item) * item
+            local = -(-end // item) * item
         placed.append(
             Piece(
                 tensor=need.tensor,
@@ -255,28 +308,30 @@ def _place(chosen: list[_Choice], max_gap: int) -> tuple[list[Piece], list[Read]
                 dim=need.dim,
                 start=need.start,
                 stop=need.stop,
-                shape=shape,
+                shape=geo.shape,
                 dtype=desc.dtype,
-                region=region,
-                remote_offset=remote,
-                block_bytes=block,
-                count=count,
-                remote_stride=stride,
+                region=desc.region,
+                remote_offset=geo.remote_offset,
+                block_bytes=geo.block_bytes,
+                count=geo.count,
+                remote_stride=geo.remote_stride,
                 local_offset=local,
             )
         )
-        offset = local + nbytes
-        if current is not None:  # the piece extended the open read
+        end = local + geo.nbytes
+        # 4. A piece that joined no read opens one later pieces may join, or, strided, is a read of its own.
+        if current is not None:
             continue
-        if count == 1:
-            current = [rank, region, remote, local, nbytes]
+        if geo.count == 1:
+            current = _OpenRead(rank=rank, region=desc.region, remote_offset=geo.remote_offset, local_offset=local,
+                                nbytes=geo.nbytes)  # fmt: skip
         else:
-            reads.append(Read(rank=rank, region=region, remote_offset=remote, local_offset=local,
-                              block_bytes=block, count=count, remote_stride=stride))  # fmt: skip
+            reads.append(Read(rank=rank, region=desc.region, remote_offset=geo.remote_offset, local_offset=local,
+                              block_bytes=geo.block_bytes, count=geo.count,
+                              remote_stride=geo.remote_stride))  # fmt: skip
     if current is not None:
-        reads.append(Read(rank=current[0], region=current[1], remote_offset=current[2],
-                          local_offset=current[3], block_bytes=current[4]))  # fmt: skip
-    return placed, reads, offset
+        reads.append(current.close())
+    return placed, reads, end
 
 
 def plan_refit(
@@ -296,12 +351,14 @@ def plan_refit(
     Raises ModelMismatchError when the engine layout cannot hold the model, and LayoutError when
     the published shards do not cover what the engine needs.
     """
+    # 1. Every published shard of every global tensor, with the trainer rank that holds it.
     shards: dict[str, list[tuple[int, TensorDesc]]] = defaultdict(list)
     for src in sources:
         for desc in src.tensors:
             shards[desc.name].append((src.rank, desc))
     if not shards:
         raise LayoutError("the version has no tensors")
+    # 2. The engine tensors they yield for this engine rank (or only the ones asked for).
     targets: list[Target] = []
     for name in sorted(shards):
         targets.extend(targets_for(model, shards[name][0][1], layout))
@@ -311,6 +368,7 @@ def plan_refit(
         if unknown:
             raise ModelMismatchError(f"the catalog publishes no tensor for {sorted(unknown)}")
         targets = [t for t in targets if t.hf_name in wanted]
+    # 3. Per global tensor, the union of the rows its targets need, cut where the shards are cut.
     by_tensor: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         by_tensor[t.source].append(t)
@@ -322,6 +380,7 @@ def plan_refit(
         dim = dims.pop()
         intervals = merge_intervals(iv for t in ts for iv in t.rows)
         needs.extend(_needs(name, dim, intervals, shards[name]))
+    # 4. One holder per need (striped over replicas), then the staging layout and the reads.
     pieces, reads, staging = _place(_choose(needs, layout.tp_rank if stripe is None else stripe), max_gap)
     by_rank: dict[int, int] = defaultdict(int)
     for p in pieces:

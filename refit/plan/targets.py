@@ -1,41 +1,45 @@
-"""Which rows of which global Megatron tensor each Hugging Face tensor of an engine rank needs.
+"""Which rows of which global Megatron tensor each engine tensor of an engine rank needs.
 
-A target is an HF tensor, as one engine TP rank holds it, expressed as an ordered list of row
-intervals of one *global* Megatron tensor along one dimension. Un-interleaving QKV, splitting
-`[gate; up]`, dropping vocab padding and engine-side TP slicing are all just choices of intervals,
-so the planner and the assembler never need to know about roles.
+A target is one tensor as one engine rank holds it, expressed as an ordered list of row intervals
+of one *global* Megatron tensor along one dimension. Un-interleaving QKV, splitting `[gate; up]`,
+dropping vocab padding and engine-side TP slicing are all just choices of intervals, so the planner
+and the assembler never need to know about roles.
 
-Engine TP convention (the one vLLM uses): q heads and gate/up rows are split evenly by engine rank;
-k/v heads too while engine TP <= query groups, otherwise each rank holds the one group its q heads
-belong to; vocab rows are split evenly after padding the vocabulary to a multiple of 64 (a rank
-holds the real rows of its share); row-parallel weights are split on dim 1; the rest is replicated.
+Two schemes name and split the targets:
 
-That is the `hf` scheme (the default). The `megatron` scheme keeps the Megatron names and splits each
-tensor exactly as Megatron-Core splits it at the engine's own TP (QKV as contiguous query-group
-blocks of the interleaved tensor, gated fc1 as `[gate_r; up_r]`, vocab as even rows of the padded
-table), so any model whose tensors carry roles can be planned (MLA attention included), and a
-Megatron engine can be resharded into.
+- `hf` (the default; transformers and vLLM): Hugging Face names, and vLLM's TP convention. q heads
+  and gate/up rows are split evenly by engine rank; k/v heads too while engine TP <= query groups,
+  otherwise each rank holds the one group its q heads belong to; row-parallel weights are split on
+  dim 1; the rest is replicated. Vocab rows follow `vocab_share`: the vocabulary is padded to a
+  multiple of `EngineLayout.vocab_padding`, the padded rows are split evenly, and a rank holds the
+  real rows of its share (none at all when its share is all padding).
+- `megatron`: Megatron names, each tensor split exactly as Megatron-Core splits it at the engine's
+  own TP (QKV as contiguous query-group blocks of the interleaved tensor, gated fc1 as
+  `[gate_r; up_r]`, vocab as even rows of the engine's padded table). It needs no name table, so it
+  plans any tensor that carries a role; Megatron-to-Megatron resharding (`MegatronEngine`) uses it,
+  and the benchmark plans MLA attention with it from synthetic sources (planner only: the Megatron
+  reader refuses MLA models).
 
 MoE experts (expert roles) are one global tensor per expert. In both schemes an engine rank needs
 only the experts of its expert-parallel rank (contiguous blocks of `num_experts / ep_size`), split
-within each expert by its expert-TP rank.
+within each expert by its expert-TP rank. Planner only for now: the Megatron reader refuses MoE
+models and the receiver does not pass expert parallelism to `EngineLayout`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
 from refit.errors import ConfigError, ModelMismatchError
-from refit.plan.naming import hf_names
+from refit.plan.naming import expert_index, hf_names
 from refit.types import ModelMeta, Role, TensorDesc
 
 Interval = tuple[int, int]
 
-VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE: engine vocab rows are split after padding to this
+DEFAULT_VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 
 
 class Scheme(StrEnum):
@@ -57,6 +61,7 @@ class EngineLayout:
     tp_size: int = 1
     vocab_size: int = 0  # 0: take the catalog's declared vocabulary (or the padded one)
     padded_vocab_size: int = 0  # megatron scheme: the engine's own padded vocabulary (0: the trainer's)
+    vocab_padding: int = DEFAULT_VOCAB_PADDING  # hf scheme: the engine pads its vocabulary to a multiple of this
     ep_rank: int = 0
     ep_size: int = 1
     expert_tp_rank: int = 0
@@ -74,6 +79,8 @@ class EngineLayout:
                 raise ConfigError(f"engine {kind}_rank {rank} / {kind}_size {size} is not a valid position")
         if self.vocab_size < 0 or self.padded_vocab_size < 0:
             raise ConfigError(f"engine vocab sizes must be >= 0, got {self.vocab_size}, {self.padded_vocab_size}")
+        if self.vocab_padding <= 0:
+            raise ConfigError(f"engine vocab_padding must be positive, got {self.vocab_padding}")
 
     @property
     def expert_tp(self) -> tuple[int, int]:
@@ -85,9 +92,13 @@ class EngineLayout:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Target:
-    """One HF tensor of one engine rank: rows `rows` of Megatron tensor `source` along `dim`."""
+    """One engine tensor of one engine rank: rows `rows` of Megatron tensor `source` along `dim`.
 
-    hf_name: str
+    `shape[dim]` may exceed the rows: the rest are zeros (padding the engine holds but nobody
+    publishes). `rows` is empty when all of them are.
+    """
+
+    hf_name: str  # the engine's name for it (a Megatron name in the megatron scheme)
     source: str
     dim: int | None  # None: the whole tensor
     rows: tuple[Interval, ...]
@@ -96,7 +107,7 @@ class Target:
 
 
 def merge_intervals(intervals: Iterable[Interval]) -> list[Interval]:
-    """Sorted union of half-open intervals."""
+    """Sorted union of half-open intervals (empty ones dropped, touching ones joined)."""
     out: list[list[int]] = []
     for a, b in sorted(intervals):
         if a >= b:
@@ -126,11 +137,34 @@ def _even(n: int, parts: int, index: int, what: str) -> Interval:
     return index * size, (index + 1) * size
 
 
-def _shape(desc: TensorDesc, dim: int | None, rows: tuple[Interval, ...]) -> tuple[int, ...]:
-    shape = list(desc.global_shape)
-    if dim is not None:
-        shape[dim] = sum(b - a for a, b in rows)
-    return tuple(shape)
+def vocab_share(vocab: int, padding: int, tp_rank: int, tp_size: int) -> Interval:
+    """Rows `[start, stop)` of the real vocabulary that engine TP rank `tp_rank` holds (vLLM's rule).
+
+    vLLM's VocabParallelEmbedding / ParallelLMHead pad the vocabulary to a multiple of `padding`,
+    give each rank an equal share of the padded rows and zero-fill the rows past `vocab` themselves.
+    `stop == start` when the rank's share is all padding.
+    """
+    if padding <= 0 or vocab < 0 or tp_size < 1 or not 0 <= tp_rank < tp_size:
+        raise ConfigError(f"no vocabulary share for vocab {vocab}, padding {padding}, TP rank {tp_rank}/{tp_size}")
+    padded = math.ceil(vocab / padding) * padding
+    start, stop = _even(padded, tp_size, tp_rank, f"vocabulary {vocab} padded to {padding}")
+    return start, max(start, min(vocab, stop))
+
+
+def _target(
+    desc: TensorDesc, name: str, dim: int | None, rows: tuple[Interval, ...], shape: tuple[int, ...] | None = None
+) -> Target:
+    """A target of `desc`; its shape is the global one with `rows` along `dim` unless given."""
+    if shape is None:
+        shape = tuple(sum(b - a for a, b in rows) if i == dim else n for i, n in enumerate(desc.global_shape))
+    return Target(hf_name=name, source=desc.name, dim=dim, rows=rows, shape=shape, dtype=desc.dtype)
+
+
+def _gate_up(desc: TensorDesc, rank: int, size: int) -> tuple[Interval, Interval]:
+    """Rank `rank` of `size`'s gate rows and up rows of a gated fc1 `[gate; up]` (global rows)."""
+    half = desc.global_shape[0] // 2
+    a, b = _even(half, size, rank, f"{desc.name} rows")
+    return (a, b), (half + a, half + b)
 
 
 def _qkv_rows(model: ModelMeta, layout: EngineLayout) -> tuple[tuple[Interval, ...], ...]:
@@ -153,6 +187,7 @@ def _qkv_rows(model: ModelMeta, layout: EngineLayout) -> tuple[tuple[Interval, .
         g1 = g0 + 1
 
     def block(group: int, slot: int) -> Interval:
+        # Megatron interleaves per query group: hpg q heads, then k, then v, each `d` rows.
         start = (group * (hpg + 2) + slot) * d
         return start, start + d
 
@@ -163,21 +198,6 @@ def _qkv_rows(model: ModelMeta, layout: EngineLayout) -> tuple[tuple[Interval, .
 
 
 EXPERT_ROLES = frozenset({Role.EXPERT_GATED_COLUMN, Role.EXPERT_COLUMN, Role.EXPERT_ROW})
-# Global expert index in a Megatron expert name: TEGroupedMLP (`experts.linear_fc1.weight7`) or
-# SequentialMLP (`experts.local_experts.7.linear_fc1.weight`).
-_EXPERT = re.compile(r"\.experts\.(?:local_experts\.(\d+)\.linear_fc[12]\.\w+|linear_fc[12]\.\w+?(\d+))$")
-
-
-def expert_index(name: str) -> int:
-    """The global expert index in a Megatron expert tensor name."""
-    m = _EXPERT.search(name)
-    if m is None:
-        raise ModelMismatchError(f"{name}: an expert role, but no expert index in the name")
-    return int(m.group(1) or m.group(2))
-
-
-def _make(desc: TensorDesc, name: str, dim: int | None, rows: tuple[Interval, ...]) -> Target:
-    return Target(hf_name=name, source=desc.name, dim=dim, rows=rows, shape=_shape(desc, dim, rows), dtype=desc.dtype)
 
 
 def _expert_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
@@ -190,16 +210,15 @@ def _expert_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) ->
         return []
     t, tp = layout.expert_tp
     megatron = layout.scheme is Scheme.MEGATRON
-    names = (desc.name,) if megatron else hf_names(desc.name, gated=model.gated_linear_unit).names
+    names = (desc.name,) if megatron else hf_names(desc.name, gated=model.gated_linear_unit)
     if desc.role is Role.EXPERT_ROW:
-        return [_make(desc, names[0], 1, (_even(desc.global_shape[1], tp, t, f"{desc.name} columns"),))]
+        return [_target(desc, names[0], 1, (_even(desc.global_shape[1], tp, t, f"{desc.name} columns"),))]
     if desc.role is Role.EXPERT_COLUMN:
-        return [_make(desc, names[0], 0, (_even(desc.global_shape[0], tp, t, f"{desc.name} rows"),))]
-    half = desc.global_shape[0] // 2
-    a, b = _even(half, tp, t, f"{desc.name} rows")
+        return [_target(desc, names[0], 0, (_even(desc.global_shape[0], tp, t, f"{desc.name} rows"),))]
+    gate, up = _gate_up(desc, t, tp)
     if megatron:
-        return [_make(desc, names[0], 0, _coalesce(((a, b), (half + a, half + b))))]
-    return [_make(desc, names[0], 0, ((a, b),)), _make(desc, names[1], 0, ((half + a, half + b),))]
+        return [_target(desc, names[0], 0, _coalesce((gate, up)))]
+    return [_target(desc, names[0], 0, (gate,)), _target(desc, names[1], 0, (up,))]
 
 
 def _megatron_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
@@ -211,25 +230,48 @@ def _megatron_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) 
         if shape[0] % ng or per_group != (model.num_attention_heads // ng + 2) * model.kv_channels:
             raise ModelMismatchError(f"{desc.name}: {shape[0]} QKV rows do not match {ng} query groups")
         g0, g1 = _even(ng, tp, t, "num_query_groups")
-        return [_make(desc, desc.name, 0, ((g0 * per_group, g1 * per_group),))]
+        return [_target(desc, desc.name, 0, ((g0 * per_group, g1 * per_group),))]
     if role is Role.GATED_MLP_COLUMN:
-        half = shape[0] // 2
-        a, b = _even(half, tp, t, f"{desc.name} rows")
-        return [_make(desc, desc.name, 0, _coalesce(((a, b), (half + a, half + b))))]
+        return [_target(desc, desc.name, 0, _coalesce(_gate_up(desc, t, tp)))]
     if role is Role.VOCAB_PARALLEL:
         # The engine pads the vocabulary for its own TP and may pad further than the trainer did:
         # its shard keeps its full shape, and rows the trainer never published arrive as zeros.
         padded = layout.padded_vocab_size or shape[0]
         a, b = _even(padded, tp, t, f"{desc.name} padded vocabulary")
         hi = min(b, shape[0])
-        rows = ((a, hi),) if hi > a else ()
-        return [Target(hf_name=desc.name, source=desc.name, dim=0, rows=rows, shape=(b - a, *shape[1:]),
-                       dtype=desc.dtype)]  # fmt: skip
+        return [_target(desc, desc.name, 0, ((a, hi),) if hi > a else (), shape=(b - a, *shape[1:]))]
     if role is Role.COLUMN:
-        return [_make(desc, desc.name, 0, (_even(shape[0], tp, t, f"{desc.name} rows"),))]
+        return [_target(desc, desc.name, 0, (_even(shape[0], tp, t, f"{desc.name} rows"),))]
     if role is Role.ROW:
-        return [_make(desc, desc.name, 1, (_even(shape[1], tp, t, f"{desc.name} columns"),))]
-    return [_make(desc, desc.name, None, ())]
+        return [_target(desc, desc.name, 1, (_even(shape[1], tp, t, f"{desc.name} columns"),))]
+    return [_target(desc, desc.name, None, ())]
+
+
+def _hf_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
+    """Hugging Face-named targets, split by vLLM's TP convention."""
+    names = hf_names(desc.name, gated=model.gated_linear_unit)
+    t, tp, role, shape = layout.tp_rank, layout.tp_size, desc.role, desc.global_shape
+    if role is Role.QKV_COLUMN:
+        expected = (model.num_attention_heads + 2 * model.num_query_groups) * model.kv_channels
+        if shape[0] != expected:
+            raise ModelMismatchError(f"{desc.name}: {shape[0]} QKV rows, expected {expected}")
+        return [_target(desc, n, 0, rows) for n, rows in zip(names, _qkv_rows(model, layout), strict=True)]
+    if role is Role.GATED_MLP_COLUMN:
+        gate, up = _gate_up(desc, t, tp)
+        return [_target(desc, names[0], 0, (gate,)), _target(desc, names[1], 0, (up,))]
+    if role is Role.VOCAB_PARALLEL:
+        vocab = layout.vocab_size or model.vocab_size or shape[0]
+        if vocab > shape[0]:
+            raise ModelMismatchError(f"{desc.name}: engine vocabulary {vocab} > published rows {shape[0]}")
+        start, stop = vocab_share(vocab, layout.vocab_padding, t, tp)
+        # A share that is all padding holds no real row: an empty target, not an empty interval,
+        # so that it assembles as zeros rather than as a tensor nothing was staged for.
+        return [_target(desc, names[0], 0, ((start, stop),) if stop > start else ())]
+    if role is Role.COLUMN:
+        return [_target(desc, names[0], 0, (_even(shape[0], tp, t, f"{desc.name} rows"),))]
+    if role is Role.ROW:
+        return [_target(desc, names[0], 1, (_even(shape[1], tp, t, f"{desc.name} columns"),))]
+    return [_target(desc, n, None, ()) for n in names]
 
 
 def targets_for(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
@@ -241,35 +283,4 @@ def targets_for(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> lis
         return _expert_targets(model, desc, layout)
     if layout.scheme is Scheme.MEGATRON:
         return _megatron_targets(model, desc, layout)
-    name = hf_names(desc.name, gated=model.gated_linear_unit)
-    t, tp = layout.tp_rank, layout.tp_size
-    role = desc.role
-
-    def make(hf: str, dim: int | None, rows: tuple[Interval, ...]) -> Target:
-        return Target(hf_name=hf, source=desc.name, dim=dim, rows=rows, shape=_shape(desc, dim, rows), dtype=desc.dtype)
-
-    if role is Role.QKV_COLUMN:
-        expected = (model.num_attention_heads + 2 * model.num_query_groups) * model.kv_channels
-        if desc.global_shape[0] != expected:
-            raise ModelMismatchError(f"{desc.name}: {desc.global_shape[0]} QKV rows, expected {expected}")
-        return [make(hf, 0, rows) for hf, rows in zip(name.names, _qkv_rows(model, layout), strict=True)]
-    if role is Role.GATED_MLP_COLUMN:
-        half = desc.global_shape[0] // 2
-        a, b = _even(half, tp, t, f"{desc.name} rows")
-        return [make(name.names[0], 0, ((a, b),)), make(name.names[1], 0, ((half + a, half + b),))]
-    if role is Role.VOCAB_PARALLEL:
-        padded = desc.global_shape[0]
-        vocab = layout.vocab_size or model.vocab_size or padded
-        if vocab > padded:
-            raise ModelMismatchError(f"{desc.name}: engine vocabulary {vocab} > published rows {padded}")
-        # vLLM's VocabParallelEmbedding / ParallelLMHead: pad the vocabulary to a multiple of 64,
-        # give each rank an equal share of the padded rows, and fill the rows past `vocab` with zeros.
-        padded_engine = math.ceil(vocab / VOCAB_PADDING) * VOCAB_PADDING
-        a, b = _even(padded_engine, tp, t, f"{desc.name} vocabulary padded to {VOCAB_PADDING}")
-        rows = ((a, max(a, min(vocab, b))),)
-        return [make(name.names[0], 0, rows)]
-    if role is Role.COLUMN:
-        return [make(name.names[0], 0, (_even(desc.global_shape[0], tp, t, f"{desc.name} rows"),))]
-    if role is Role.ROW:
-        return [make(name.names[0], 1, (_even(desc.global_shape[1], tp, t, f"{desc.name} columns"),))]
-    return [make(n, None, ()) for n in name.names]
+    return _hf_targets(model, desc, layout)

@@ -4,18 +4,19 @@ Megatron's DDP already keeps parameters as views of a few contiguous buffers; th
 registered as they are. A model whose parameters are separate allocations (a bare GPTModel) is
 moved once into one arena per device, so registration stays at one region per device instead of
 one per tensor. Snapshot slots (for publishers that keep older versions readable) are arenas with
-the same packed layout, filled by one copy per version.
+the same packed layout, used round-robin by a `SnapshotRing` and filled by one copy per version.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from refit.dtypes import device_of
+from refit.errors import ConfigError
 from refit.types import Region
 
 logger = logging.getLogger(__name__)
@@ -86,18 +87,90 @@ def consolidate(params: Sequence[torch.Tensor]) -> list[Block]:
             view.copy_(p)
             p.data = view
     logger.info("moved %d parameters into %d arena(s) of %s bytes", len(params), len(arenas), list(sizes.values()))
-    return [
-        Block(addr=a.data_ptr(), nbytes=a.numel(), device=device_of(a)[0], device_id=device_of(a)[1], owner=a)
-        for a in arenas.values()
-    ]
+    return [_owned_block(a) for a in arenas.values()]
 
 
-def snapshot_blocks(params: Sequence[torch.Tensor]) -> tuple[list[int], list[Block]]:
-    """A fresh snapshot slot for `params`: packed offsets and one owned block per device."""
-    offsets, sizes = packed_offsets(params)
-    arenas = new_arenas(sizes)
-    blocks = [
-        Block(addr=a.data_ptr(), nbytes=a.numel(), device=device_of(a)[0], device_id=device_of(a)[1], owner=a)
-        for a in arenas.values()
-    ]
-    return offsets, blocks
+def synchronize(tensors: Sequence[torch.Tensor]) -> None:
+    """Wait until every queued CUDA operation on the devices of `tensors` has completed.
+
+    Bytes a remote reader fetches over NIXL are read outside any CUDA stream: whatever a stream
+    still has queued for them (an optimizer step, a snapshot copy) must land first.
+    """
+    for device in sorted({t.device for t in tensors if t.is_cuda}, key=lambda d: d.index or 0):
+        torch.cuda.synchronize(device)
+
+
+def _owned_block(arena: torch.Tensor) -> Block:
+    device, device_id = device_of(arena)
+    return Block(addr=arena.data_ptr(), nbytes=arena.numel(), device=device, device_id=device_id, owner=arena)
+
+
+class SnapshotRing:
+    """`slots` copies of a fixed list of tensors, each holding one version, reused round-robin.
+
+    A new version takes an empty slot if there is one, else the slot holding the oldest version
+    (versions only increase, so this is a ring over the last `slots` versions, whatever the gaps
+    between version numbers). That version is retired (by the caller's `retire`) before a byte of
+    its slot is overwritten, and the copy has landed before `write` returns.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], slots: int) -> None:
+        if slots < 1:
+            raise ConfigError(f"a snapshot ring needs at least one slot, got {slots}")
+        self._tensors = list(tensors)
+        self.offsets, sizes = packed_offsets(self._tensors)
+        devices = list(sizes)
+        # One arena per device per slot; every slot has the same layout.
+        self._arenas = [list(new_arenas(sizes).values()) for _ in range(slots)]
+        self._slots = [[_owned_block(a) for a in arenas] for arenas in self._arenas]
+        self._versions: list[int | None] = [None] * slots
+        self.block_index = [devices.index(t.device) for t in self._tensors]
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every slot's blocks (what a publisher registers once)."""
+        return [b for slot in self._slots for b in slot]
+
+    def slot_blocks(self, slot: int) -> list[Block]:
+        return self._slots[slot]
+
+    @property
+    def versions(self) -> list[int]:
+        """The versions the slots hold, oldest first."""
+        return sorted(v for v in self._versions if v is not None)
+
+    def next_slot(self) -> int:
+        """The slot the next version will take: an empty one, else the one holding the oldest version."""
+        held = {v: i for i, v in enumerate(self._versions) if v is not None}
+        if len(held) < len(self._versions):
+            return self._versions.index(None)
+        return held[min(held)]
+
+    def write(self, version: int, retire: Callable[[int], object]) -> int:
+        """Copy the tensors into the next slot as `version` and return the slot.
+
+        The slot's old version is passed to `retire` first; if that raises, nothing is overwritten.
+        """
+        held = self.versions
+        if held and version <= held[-1]:
+            raise ConfigError(f"version {version} is not newer than {held[-1]}, the newest snapshot")
+        slot = self.next_slot()
+        old = self._versions[slot]
+        if old is not None:
+            retire(old)
+        # From here on the slot's bytes are neither the old version nor (yet) the new one.
+        self._versions[slot] = None
+        arenas = self._arenas[slot]
+        with torch.no_grad():
+            for t, offset, index in zip(self._tensors, self.offsets, self.block_index, strict=True):
+                arena_view(arenas[index], offset, t).copy_(t)
+        # copy_ on CUDA only queues the copy; no reader may be told about the slot before it lands.
+        synchronize(arenas)
+        self._versions[slot] = version
+        return slot
+
+    def drain(self) -> list[int]:
+        """Forget every held version (oldest first) and return them, for the caller to retire."""
+        held = self.versions
+        self._versions = [None] * len(self._versions)
+        return held

@@ -8,8 +8,10 @@ readable until this rank calls `invalidate()` (automatically before every optimi
 optimizer is passed in) or publishes a newer version; either retires `v` in the catalog *before*
 any weight changes. Receivers stage what they pull and check the version is still READY before
 installing, so a pull that raced with an optimizer step is discarded, never installed torn. With
-`snapshots=k` each version is copied into one of `k` registered slots, so the last `k` versions stay
-readable while training goes on; a slot's old version is retired before the slot is overwritten.
+`snapshots=k` each version is copied into one of `k` registered slots, used round-robin (a new
+version takes the slot of the oldest), so the last `k` versions stay readable while training goes
+on; a slot's old version is retired before the slot is overwritten, and the copy has landed (on
+GPU too) before the new version is published.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from refit.catalog.client import CatalogClient
+from refit.compat import megatron as mcore
+from refit.config import DEFAULT_TIMEOUTS
 from refit.dtypes import dtype_name
-from refit.errors import ConfigError
+from refit.errors import ConfigError, RefitError, VersionNotFoundError
 from refit.megatron.model import LocalParam, local_parameters, model_chunks, model_meta, parallel_coords
 from refit.trainer import memory
 from refit.transport.nixl import NixlAgent
@@ -69,7 +72,7 @@ class Publisher:
         optimizer: Any = None,
         takeover: bool = False,
         consolidate: bool = True,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     ) -> None:
         if snapshots < 0:
             raise ConfigError(f"snapshots must be >= 0, got {snapshots}")
@@ -85,7 +88,7 @@ class Publisher:
         self._agent: NixlAgent | None = None
         self._current: int | None = None
         self._last: int | None = None
-        self._slot_versions: list[int | None] = [None] * snapshots
+        self._ring: memory.SnapshotRing | None = None
         self._hooks: list[Any] = []
         try:
             self._agent = NixlAgent(prefix=f"refit-trainer-{name}-r{self.rank}")
@@ -105,11 +108,8 @@ class Publisher:
         if consolidate and self._snapshots == 0 and len(blocks) > MAX_STORAGE_REGIONS:
             blocks = memory.consolidate(tensors)
         self._live_blocks = blocks
-        self._slots: list[list[memory.Block]] = []
-        self._slot_offsets: list[int] = []
-        for _ in range(self._snapshots):
-            self._slot_offsets, slot = memory.snapshot_blocks(tensors)
-            self._slots.append(slot)
+        if self._snapshots:
+            self._ring = memory.SnapshotRing(tensors, self._snapshots)
         for block in self._blocks():
             self._agent.register(block.addr, block.nbytes, device=block.device, device_id=block.device_id)
         logger.info(
@@ -121,9 +121,7 @@ class Publisher:
         )
 
     def _blocks(self) -> list[memory.Block]:
-        if self._snapshots:
-            return [b for slot in self._slots for b in slot]
-        return self._live_blocks
+        return self._ring.blocks if self._ring is not None else self._live_blocks
 
     def _refresh_live_blocks(self) -> None:
         """Re-register if the parameters moved since registration (an offload, a re-allocation)."""
@@ -174,25 +172,20 @@ class Publisher:
 
         return self._describe(blocks, locate)
 
-    def _snapshot_layout(self, version: int) -> tuple[list[Region], list[TensorDesc]]:
-        slot = version % self._snapshots
-        old = self._slot_versions[slot]
-        if old is not None:
-            # Retire before overwriting, so a reader of `old` discards what it pulled.
-            self._client.retire(name=self.name, version=old)
-        blocks = self._slots[slot]
-        by_device = {(b.device, b.device_id): i for i, b in enumerate(blocks)}
-        index_of = {
-            id(p): by_device[("cuda", p.param.device.index or 0) if p.param.is_cuda else ("cpu", 0)]
-            for p in self._params
-        }
-        with torch.no_grad():
-            for p, offset in zip(self._params, self._slot_offsets, strict=True):
-                owner = blocks[index_of[id(p)]].owner
-                memory.arena_view(owner, offset, p.param).copy_(p.param)
-        self._slot_versions[slot] = version
-        offsets = dict(zip(map(id, self._params), self._slot_offsets, strict=True))
-        return self._describe(blocks, lambda p: (index_of[id(p)], offsets[id(p)]))
+    def _retire_snapshot(self, version: int) -> None:
+        """Retire a snapshot version before its slot is overwritten (or the slots are released)."""
+        try:
+            self._client.retire(name=self.name, version=version)
+        except VersionNotFoundError:
+            # Its publish never reached the catalog, so no reader can know of it.
+            logger.debug("rank %d: snapshot version %d was never published", self.rank, version)
+
+    def _snapshot_layout(self, ring: memory.SnapshotRing, version: int) -> tuple[list[Region], list[TensorDesc]]:
+        # The slot's old version is retired before the copy, so a reader of it discards what it pulled.
+        slot = ring.write(version, self._retire_snapshot)
+        places = zip(ring.block_index, ring.offsets, strict=True)
+        where = {id(p): place for p, place in zip(self._params, places, strict=True)}
+        return self._describe(ring.slot_blocks(slot), lambda p: where[id(p)])
 
     def stream_weights(self, version: int) -> VersionInfo:
         """Publish this rank's part of `version`; the version is READY once every rank has published.
@@ -204,10 +197,9 @@ class Publisher:
         if self._last is not None and version <= self._last:
             raise ConfigError(f"version {version} is not newer than the last published version {self._last}")
         start = time.perf_counter()
-        if any(p.param.is_cuda for p in self._params):
-            torch.cuda.synchronize()  # the optimizer's writes must land before anyone reads
-        if self._snapshots:
-            regions, descs = self._snapshot_layout(version)
+        memory.synchronize([p.param for p in self._params])  # the optimizer's writes land before anyone reads
+        if self._ring is not None:
+            regions, descs = self._snapshot_layout(self._ring, version)
         else:
             self.invalidate()
             regions, descs = self._live_layout()
@@ -245,17 +237,7 @@ class Publisher:
 
     def _hook_optimizer(self, optimizer: Any) -> None:
         """Retire the live version before every optimizer step (torch or Megatron optimizers)."""
-        found: list[torch.optim.Optimizer] = []
-        stack = [optimizer]
-        while stack:
-            opt = stack.pop()
-            if isinstance(opt, torch.optim.Optimizer):
-                found.append(opt)
-            else:
-                stack.extend(getattr(opt, "chained_optimizers", []) or [])
-                inner = getattr(opt, "optimizer", None)
-                if inner is not None:
-                    stack.append(inner)
+        found = mcore.torch_optimizers(optimizer)
         if not found:
             raise ConfigError(f"cannot find a torch optimizer inside {type(optimizer).__name__}")
 
@@ -276,10 +258,10 @@ class Publisher:
             if release:
                 try:
                     self.invalidate()
-                    for version in filter(None.__ne__, self._slot_versions):
-                        self._client.retire(name=self.name, version=version)
+                    for version in self._ring.drain() if self._ring is not None else []:
+                        self._retire_snapshot(version)
                     self._client.release(name=self.name, rank=self.rank, agent_name=self._agent.name)
-                except Exception:  # closing must not fail because the catalog went away first
+                except RefitError:  # closing must not fail because the catalog went away first
                     logger.warning("rank %d: could not release its claim", self.rank, exc_info=True)
             self._agent.close()
             self._agent = None

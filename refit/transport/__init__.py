@@ -1,0 +1,1 @@
+"""The data plane: READ jobs and range merging (`jobs`, pure), and the NIXL agent (`nixl`)."""

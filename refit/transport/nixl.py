@@ -8,22 +8,25 @@ never used, and nothing received from the network is unpickled.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from refit.errors import TransferTimeoutError, TransportError
+from refit.compat import nixl as compat
+from refit.config import DEFAULT_TIMEOUTS
+from refit.errors import ConfigError, TransferTimeoutError, TransportError
+from refit.transport.jobs import ReadJob, ReadOp, merge_reads
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["NixlAgent", "ReadJob", "ReadOp", "apply_ucx_defaults", "load_nixl_api", "merge_reads"]
 
 _api_lock = threading.Lock()
 _api: ModuleType | None = None
@@ -60,25 +63,24 @@ def apply_ucx_defaults(environ: dict[str, str] | None = None, *, cuda: bool | No
 # NIXL's Python wrapper hard-codes the UCX progress thread's delay to 0, so the thread spins a whole
 # core in every process that holds an agent, idle or not (measured: 3.7 s of CPU in 4 s on an idle
 # trainer rank). 1 ms keeps idle cost near zero; reads are driven by the reader's own polling.
-PROGRESS_DELAY_US = int(os.environ.get("REFIT_NIXL_PROGRESS_DELAY_US", "1000"))
+PROGRESS_DELAY_ENV = "REFIT_NIXL_PROGRESS_DELAY_US"
+DEFAULT_PROGRESS_DELAY_US = 1000
+
+# READ polling: spin briefly, then back off to this; most reads finish well under a millisecond per MB.
+_POLL_STEP_S = 0.00005
+_POLL_MAX_S = 0.002
 
 
-def _new_agent(api: ModuleType, name: str) -> Any:
-    """`nixl_agent(name)` with UCX only and the progress-thread delay above (under the API lock)."""
-    base = api.nixlBind.nixlAgentConfig
-
-    class _Config(base):  # type: ignore[misc, valid-type]
-        def __setattr__(self, key: str, value: object) -> None:
-            if key == "pthrDelay":
-                value = max(int(value), PROGRESS_DELAY_US)  # type: ignore[call-overload]
-            super().__setattr__(key, value)
-
-    with _api_lock:
-        api.nixlBind.nixlAgentConfig = _Config
-        try:
-            return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
-        finally:
-            api.nixlBind.nixlAgentConfig = base
+def progress_delay_us(environ: dict[str, str] | None = None) -> int:
+    """The progress-thread delay for a new agent: `REFIT_NIXL_PROGRESS_DELAY_US`, read when an agent is made."""
+    raw = (os.environ if environ is None else environ).get(PROGRESS_DELAY_ENV, str(DEFAULT_PROGRESS_DELAY_US))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{PROGRESS_DELAY_ENV} must be a whole number of microseconds >= 0, got {raw!r}")
+    return value
 
 
 def _cuda_major() -> int | None:
@@ -91,79 +93,17 @@ def _cuda_major() -> int | None:
 
 
 def load_nixl_api() -> ModuleType:
-    """Import NIXL's Python API, choosing the wheel that matches this process.
+    """Import NIXL's Python API (once), after applying refit's UCX defaults.
 
-    The `nixl` meta package picks `nixl_cu13` as soon as it detects CUDA 13 tools, GPU or not; we
-    pick by the CUDA build of the torch in this process instead, and fall back to any wheel that
-    imports, so the same code works on CPU-only and GPU machines.
+    The wheel is chosen by the CUDA build of the torch in this process (`refit.compat.nixl`), so the
+    same code works on CPU-only and GPU machines.
     """
     global _api
     with _api_lock:
-        if _api is not None:
-            return _api
-        apply_ucx_defaults()
-        major = _cuda_major()
-        candidates = [f"nixl_cu{major}._api"] if major else []
-        candidates += [m for m in ("nixl_cu13._api", "nixl_cu12._api", "nixl._api") if m not in candidates]
-        errors = []
-        for name in candidates:
-            try:
-                _api = importlib.import_module(name)
-            except (ImportError, OSError) as exc:
-                errors.append(f"{name}: {exc}")
-                continue
-            logger.debug("using NIXL from %s", name)
-            return _api
-        raise TransportError("cannot import NIXL (tried " + "; ".join(errors) + ")")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReadOp:
-    """One contiguous (or strided) read: `count` blocks of `nbytes`, each `stride` bytes apart."""
-
-    local_addr: int
-    remote_addr: int
-    nbytes: int
-    count: int = 1
-    local_stride: int = 0
-    remote_stride: int = 0
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReadJob:
-    """Everything to pull from one remote agent in one refit."""
-
-    agent_name: str
-    ops: Sequence[ReadOp]
-    local_device: str = "cpu"
-    local_device_id: int = 0
-    remote_device: str = "cpu"
-    remote_device_id: int = 0
-    notif: bytes = b""
-
-
-def merge_reads(ops: Sequence[ReadOp]) -> list[tuple[int, int, int]]:
-    """Expand strided ops and merge ranges that are adjacent on both sides.
-
-    Returns `(local_addr, remote_addr, nbytes)` triples; a fast link pays per descriptor, so a
-    sliced plan must not explode into thousands of small reads when its ranges touch.
-    """
-    flat: list[tuple[int, int, int]] = []
-    for op in ops:
-        for i in range(op.count):
-            flat.append((op.local_addr + i * op.local_stride, op.remote_addr + i * op.remote_stride, op.nbytes))
-    flat.sort(key=lambda r: r[1])
-    merged: list[list[int]] = []
-    for local, remote, n in flat:
-        if n <= 0:
-            continue
-        if merged:
-            last = merged[-1]
-            if last[0] + last[2] == local and last[1] + last[2] == remote:
-                last[2] += n
-                continue
-        merged.append([local, remote, n])
-    return [(a, b, c) for a, b, c in merged]
+        if _api is None:
+            apply_ucx_defaults()
+            _api = compat.import_api(_cuda_major())
+        return _api
 
 
 class NixlAgent:
@@ -178,11 +118,12 @@ class NixlAgent:
         self.name = name or f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.RLock()
         try:
-            self._agent = _new_agent(api, self.name)
+            self._agent = compat.create_agent(api, self.name, backends=["UCX"], progress_delay_us=progress_delay_us())
         except Exception as exc:  # NIXL raises its own exception types from C++
             raise TransportError(f"cannot create NIXL agent {self.name}: {exc}") from exc
         self._registrations: dict[tuple[int, int, str, int], Any] = {}
         self._remotes: dict[str, bytes] = {}
+        self._abandoned: list[Any] = []  # handles of failed reads still in progress (see `in_flight`)
         self._closed = False
         self.num_registrations = 0  # lifetime count, so callers can prove reuse
 
@@ -209,10 +150,6 @@ class NixlAgent:
             handle = self._registrations.pop((addr, nbytes, device, device_id), None)
             if handle is not None:
                 self._agent.deregister_memory(handle)
-
-    def registered(self) -> list[tuple[int, int, str, int]]:
-        with self._lock:
-            return list(self._registrations)
 
     def metadata(self) -> bytes:
         with self._lock:
@@ -242,22 +179,22 @@ class NixlAgent:
             except Exception:  # a lazy connection on first READ still works
                 logger.debug("make_connection(%s) failed; connecting on first read", agent_name, exc_info=True)
 
-    def forget(self, agent_name: str) -> None:
-        with self._lock:
-            if self._remotes.pop(agent_name, None) is not None:
-                self._agent.remove_remote_agent(agent_name)
-
     # -- transfers ------------------------------------------------------------------------------
 
-    def read(self, jobs: Sequence[ReadJob], *, timeout_s: float = 60.0) -> int:
+    def read(self, jobs: Sequence[ReadJob], *, timeout_s: float = DEFAULT_TIMEOUTS.update_s) -> int:
         """Pull every job (one remote agent each) as one NIXL transfer per job, all in flight at once.
 
         Returns the number of descriptors posted after merging. Raises TransportError (or
-        TransferTimeoutError when the deadline passes); every handle is released either way.
+        TransferTimeoutError when the deadline passes). Finished handles are released. A failed
+        read may leave transfers in progress: releasing their handles does not stop them (measured
+        with UCX over TCP: a timed-out READ released here still wrote all its bytes once the remote
+        resumed), so those handles are kept and `in_flight()` says when their writes have ended;
+        until then the caller must neither reuse nor free the local memory they target.
         """
         posted: list[tuple[Any, ReadJob, int]] = []
         total = 0
         deadline = time.monotonic() + timeout_s
+        finished = False
         try:
             for job in jobs:
                 ranges = merge_reads(job.ops)
@@ -268,21 +205,38 @@ class NixlAgent:
                 local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
                 remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
                 with self._lock:
-                    handle = self._start_read(
-                        job.agent_name, local, remote, job.local_device, job.remote_device, job.notif
-                    )
+                    handle = self._start_read(job.agent_name, local, remote, job.local_device, job.remote_device)
                 posted.append((handle, job, int(arr[:, 2].sum())))
                 total += n
             for handle, job, nbytes in posted:
                 self._wait(handle, job.agent_name, deadline, nbytes)
+            finished = True
         finally:
             with self._lock:
                 for handle, _, _ in posted:
-                    self._release(handle)
+                    if finished or self._settled(handle):
+                        self._release(handle)
+                    else:
+                        self._abandoned.append(handle)
         return total
 
+    def in_flight(self) -> int:
+        """How many transfers of failed reads are still in progress; the ones that ended are released.
+
+        While this is not 0, memory a failed read targeted may still be written.
+        """
+        with self._lock:
+            still = []
+            for handle in self._abandoned:
+                if self._settled(handle):
+                    self._release(handle)
+                else:
+                    still.append(handle)
+            self._abandoned = still
+            return len(still)
+
     def _start_read(
-        self, agent_name: str, local: np.ndarray, remote: np.ndarray, local_dev: str, remote_dev: str, notif: bytes
+        self, agent_name: str, local: np.ndarray, remote: np.ndarray, local_dev: str, remote_dev: str
     ) -> Any:
         mem = {"cpu": "DRAM", "cuda": "VRAM"}
         local_descs = self._agent.get_xfer_descs(local, mem[local_dev])
@@ -290,7 +244,7 @@ class NixlAgent:
         if local_descs is None or remote_descs is None:
             raise TransportError("NIXL rejected the transfer descriptors")
         try:
-            handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, agent_name, notif)
+            handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, agent_name)
             state = self._agent.transfer(handle)
         except Exception as exc:
             raise TransportError(f"READ from {agent_name} could not start: {exc}") from exc
@@ -313,10 +267,17 @@ class NixlAgent:
                 raise TransportError(f"READ of {nbytes} bytes from {agent_name} failed")
             if time.monotonic() > deadline:
                 raise TransferTimeoutError(f"READ of {nbytes} bytes from {agent_name} did not finish in time")
-            # Spin briefly, then back off: most reads finish in well under a millisecond per MB.
             if sleep:
                 time.sleep(sleep)
-            sleep = min(0.002, sleep + 0.00005)
+            sleep = min(_POLL_MAX_S, sleep + _POLL_STEP_S)
+
+    def _settled(self, handle: Any) -> bool:
+        """Whether a transfer has ended (done, failed, or its remote gone): no more bytes will land."""
+        try:
+            return self._agent.check_xfer_state(handle) != "PROC"
+        except Exception:  # NIXL reports a lost remote by raising: nothing more arrives from it
+            logger.debug("a NIXL transfer ended with an error", exc_info=True)
+            return True
 
     def _release(self, handle: Any) -> None:
         try:
@@ -327,10 +288,14 @@ class NixlAgent:
     # -- life cycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Drop peers and registrations; transfers still in flight are released (NIXL cancels what it can)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            for handle in self._abandoned:
+                self._release(handle)
+            self._abandoned.clear()
             for name in list(self._remotes):
                 try:
                     self._agent.remove_remote_agent(name)

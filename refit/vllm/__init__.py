@@ -1,6 +1,7 @@
 """refit for vLLM: the `refit` weight-transfer backend, one-call refits of `LLM`/`AsyncLLM`, fleet refit.
 
-Importing this package does not import vLLM; each name is loaded on first use.
+The one-call refits and the fleet run one state machine (`refit.vllm.flow`). Importing this package
+does not import vLLM; each name is loaded on first use.
 """
 
 from __future__ import annotations

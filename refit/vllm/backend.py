@@ -22,22 +22,24 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.distributed.weight_transfer.base import (
-    WeightTransferEngine,
-    WeightTransferInitInfo,
-    WeightTransferUpdateInfo,
-)
 
+from refit.compat import vllm as vllm_compat
+from refit.config import DEFAULT_TIMEOUTS
 from refit.engines.vllm import VLLMEngine
 from refit.errors import ConfigError, EngineError, RankVersionMismatchError
 from refit.receiver import Receiver, StagedVersion
+from refit.types import UpdateResult
 
 logger = logging.getLogger(__name__)
+
+# This module exists to subclass vLLM's backend classes: importing it imports vLLM (vLLM itself does).
+WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo = vllm_compat.weight_transfer_bases()
 
 _FAILED = -1
 
@@ -51,8 +53,8 @@ class RefitInitInfo(WeightTransferInitInfo):
     catalog: str
     name: str = "default"
     replica: int = 0
-    timeout_s: float = 120.0
-    catalog_timeout_s: float = 10.0
+    timeout_s: float = DEFAULT_TIMEOUTS.update_s
+    catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s
 
     def __post_init__(self) -> None:
         if not self.catalog or self.replica < 0 or self.timeout_s <= 0 or self.catalog_timeout_s <= 0:
@@ -80,13 +82,11 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
 
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
-        parallel = vllm_config.parallel_config
-        if parallel.pipeline_parallel_size > 1:
+        tp_size, pp_size = vllm_compat.parallel_sizes(vllm_config)
+        if pp_size > 1:
             raise ConfigError("the refit backend supports vLLM tensor parallelism only (pipeline_parallel_size 1)")
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        self._tp_rank = get_tensor_model_parallel_rank()
-        self._tp_size = parallel.tensor_parallel_size
+        self._tp_rank = vllm_compat.tp_rank()
+        self._tp_size = tp_size
         self._receiver: Receiver | None = None
         self._init: RefitInitInfo | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-pull", initializer=_unpin)
@@ -101,12 +101,9 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
         if self._init == init_info and self._receiver is not None:
             return
         self._close_receiver()
+        model, model_config, device = vllm_compat.update_target(self)
         engine = VLLMEngine(
-            model=self.model,
-            model_config=self.model_config,
-            tp_rank=self._tp_rank,
-            tp_size=self._tp_size,
-            device=self.device,
+            model=model, model_config=model_config, tp_rank=self._tp_rank, tp_size=self._tp_size, device=device
         )
         self._receiver = Receiver(
             catalog=init_info.catalog,
@@ -136,30 +133,15 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
         the later ranks' replies to be read as the answers of the next call.
         """
         receiver = self._require_receiver()
-        requested = self._gather(update_info.version)
-        if len(set(requested)) != 1:
-            return self._fail(
-                RankVersionMismatchError(
-                    f"TP ranks of this engine were asked for versions {requested}; nothing pulled or installed"
-                )
+        try:
+            result = agree_and_install(
+                update_info.version,
+                stage=lambda: self._staged(update_info.version, update_info.timeout_s),
+                install=receiver.install,
+                gather=self._gather,
             )
-        staged: StagedVersion | None = None
-        error: Exception | None = None
-        try:
-            staged = self._staged(update_info.version, update_info.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - every rank must still reach the agreement below
-            error = exc
-        held = self._gather(staged.version if staged is not None else _FAILED)
-        if held != requested:
-            failed = [rank for rank, v in enumerate(held) if v != update_info.version]
-            return self._fail(error or EngineError(f"TP ranks {failed} could not stage v{update_info.version}"))
-        assert staged is not None
-        try:
-            result = receiver.install(staged)
-        except Exception as exc:  # noqa: BLE001 - agreed on below
-            error = exc
-        if _FAILED in self._gather(_FAILED if error is not None else 0):
-            return self._fail(error or EngineError(f"another TP rank failed to install v{update_info.version}"))
+        except Exception as exc:  # noqa: BLE001 - every rank agreed on it; raised on the last rank only
+            return self._fail(exc)
         with self._lock:
             self._pending = None
         self._installed = result.version
@@ -201,10 +183,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
 
     def prefetch(self, version: int) -> dict[str, Any]:
         """Start pulling `version` into staging unless it is already pulled or being pulled."""
-        receiver = self._require_receiver()
-        with self._lock:
-            if self._pending is None or self._pending[0] != version or _failed(self._pending[1]):
-                self._pending = (version, self._pool.submit(receiver.fetch, version))
+        self._submit(version)
         return self.status()
 
     def status(self) -> dict[str, Any]:
@@ -244,17 +223,22 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             raise ConfigError("call init_weight_transfer_engine with the refit catalog's address first")
         return self._receiver
 
-    def _staged(self, version: int, timeout_s: float | None) -> StagedVersion:
-        """The prefetched `version`, waiting for a pull in flight, or a pull started now."""
+    def _submit(self, version: int) -> Future[StagedVersion]:
+        """The pull of `version`: the one pending, or a new one unless it is pending or its pull failed."""
         receiver = self._require_receiver()
         with self._lock:
             if self._pending is None or self._pending[0] != version or _failed(self._pending[1]):
                 self._pending = (version, self._pool.submit(receiver.fetch, version))
-            future = self._pending[1]
-        assert self._init is not None
-        deadline = timeout_s if timeout_s is not None else self._init.timeout_s
+            return self._pending[1]
+
+    def _staged(self, version: int, timeout_s: float | None) -> StagedVersion:
+        """The prefetched `version`, waiting for a pull in flight, or a pull started now."""
+        future = self._submit(version)
+        if timeout_s is None:
+            timeout_s = self._init.timeout_s if self._init is not None else DEFAULT_TIMEOUTS.update_s
         t0 = time.monotonic()
-        staged = future.result(timeout=deadline + 5.0)  # the fetch has its own deadline; this only guards a hang
+        # The fetch enforces its own deadline; this one only guards against a hung pull thread.
+        staged = future.result(timeout=timeout_s + DEFAULT_TIMEOUTS.grace_s)
         logger.debug(
             "refit backend: TP rank %d had v%d staged after %.3fs", self._tp_rank, version, time.monotonic() - t0
         )
@@ -265,11 +249,10 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
         if self._tp_size == 1:
             return [version]
         import torch.distributed as dist
-        from vllm.distributed.parallel_state import get_tp_group
 
         mine = torch.tensor([version], dtype=torch.int64)
         everyone = [torch.zeros_like(mine) for _ in range(self._tp_size)]
-        dist.all_gather(everyone, mine, group=get_tp_group().cpu_group)
+        dist.all_gather(everyone, mine, group=vllm_compat.tp_cpu_group())
         return [int(t.item()) for t in everyone]
 
     def _close_receiver(self) -> None:
@@ -277,7 +260,8 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             pending, self._pending = self._pending, None
         if pending is not None:
             try:
-                pending[1].result(timeout=(self._init.timeout_s if self._init else 120.0) + 5.0)
+                timeout_s = self._init.timeout_s if self._init else DEFAULT_TIMEOUTS.update_s
+                pending[1].result(timeout=timeout_s + DEFAULT_TIMEOUTS.grace_s)
             except Exception:
                 logger.debug("refit backend: discarded pull of v%d failed", pending[0], exc_info=True)
         if self._receiver is not None:
@@ -290,7 +274,49 @@ def _failed(future: Future[StagedVersion]) -> bool:
     return future.done() and future.exception() is not None
 
 
-__all__ = ["RefitInitInfo", "RefitUpdateInfo", "RefitWeightTransferEngine"]
+def agree_and_install(
+    version: int,
+    *,
+    stage: Callable[[], StagedVersion],
+    install: Callable[[StagedVersion], UpdateResult],
+    gather: Callable[[int], list[int]],
+) -> UpdateResult:
+    """One TP rank's part of an install that every rank of the engine agrees on; raises on failure.
+
+    Three agreements, each one `gather` (an all-gather of one int over the TP group), so every rank
+    makes the same calls whatever fails: the requested version (ranks asked for different versions:
+    nothing is pulled or installed), the staged version (a rank that could not stage it: nothing is
+    installed), and the install's outcome. A rank raises its own error if it has one, else an
+    `EngineError` naming the ranks that failed.
+    """
+    requested = gather(version)
+    if len(set(requested)) != 1:
+        raise RankVersionMismatchError(
+            f"TP ranks of this engine were asked for versions {requested}; nothing pulled or installed"
+        )
+    staged: StagedVersion | None = None
+    error: Exception | None = None
+    try:
+        staged = stage()
+    except Exception as exc:  # noqa: BLE001 - every rank must still reach the agreement below
+        error = exc
+    held = gather(staged.version if staged is not None else _FAILED)
+    if staged is None or held != requested:
+        failed = [rank for rank, v in enumerate(held) if v != version]
+        raise error or EngineError(f"TP ranks {failed} could not stage v{version}")
+    result: UpdateResult | None = None
+    try:
+        result = install(staged)
+    except Exception as exc:  # noqa: BLE001 - agreed on below
+        error = exc
+    outcomes = gather(_FAILED if result is None else 0)
+    if result is None or _FAILED in outcomes:
+        failed = [rank for rank, v in enumerate(outcomes) if v == _FAILED]
+        raise error or EngineError(f"TP ranks {failed} failed to install v{version}")
+    return result
+
+
+__all__ = ["RefitInitInfo", "RefitUpdateInfo", "RefitWeightTransferEngine", "agree_and_install"]
 
 
 def _unpin() -> None:

@@ -26,10 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from refit.errors import ConfigError, EngineError, RefitError, TransferTimeoutError
-from refit.vllm.driver import CONTROL, close_session, init_info, prefetch_done, report, resolve_version
+from refit.compat import vllm as vllm_compat
+from refit.config import DEFAULT_TIMEOUTS
+from refit.errors import ConfigError, EngineError, RefitError
+from refit.vllm.flow import RefitPlan, refit_steps, resolve_version, run
 
 logger = logging.getLogger(__name__)
+
+CONTROL = vllm_compat.WEIGHT_TRANSFER_ATTR  # the worker attribute `/collective_rpc` calls (the refit backend)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,9 +55,9 @@ class ServerResult:
 
 
 class VLLMServer:
-    """The dev-mode HTTP routes of one vLLM server (JSON in, JSON out)."""
+    """The dev-mode HTTP routes of one vLLM server (JSON in, JSON out); the refit flow's `Control` of it."""
 
-    def __init__(self, url: str, *, timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = DEFAULT_TIMEOUTS.update_s) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"server URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
@@ -78,74 +82,79 @@ class VLLMServer:
             raise EngineError(f"{self.url}{path}: not JSON: {raw[:200]!r}") from None
 
     def weight_version(self) -> str | None:
-        return self.call("/weight_info").get("weight_version")
+        reply = self.call("/weight_info")
+        if not isinstance(reply, dict):
+            raise EngineError(f"{self.url}/weight_info: no weight version (got {reply!r:.300})")
+        return reply.get("weight_version")
 
-    def control(self, **kwargs: Any) -> list[dict[str, Any]]:
+    # -- refit.vllm.flow.Control ---------------------------------------------------------------------------
+
+    def init(self, info: dict[str, Any]) -> None:
+        self.call("/init_weight_transfer_engine", {"init_info": info})
+
+    def rpc(self, **kwargs: Any) -> list[dict[str, Any]]:
         reply = self.call("/collective_rpc", {"method": CONTROL, "kwargs": kwargs})
         results = reply.get("results") if isinstance(reply, dict) else None
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             raise EngineError(f"{self.url}/collective_rpc: the refit backend did not answer (got {reply!r:.300})")
         return results
 
+    def pause(self) -> None:
+        self.call("/pause", {}, query={"mode": "keep"})
 
-def refit_server(
-    url: str, *, catalog: str, name: str, version: int, replica: int, timeout_s: float = 120.0, poll_s: float = 0.05
+    def start(self) -> None:
+        self.call("/start_weight_update", {})
+
+    def update(self, version: int) -> None:
+        self.call("/update_weights", {"update_info": {"version": version}})
+
+    def finish(self, weight_version: str | None) -> None:
+        self.call("/finish_weight_update", {} if weight_version is None else {"weight_version": weight_version})
+
+    def reset(self) -> bool | None:
+        # vLLM answers {"success": bool}; an empty body (older servers) says nothing either way.
+        reply = self.call("/reset_prefix_cache", {}, query={"reset_running_requests": "true"})
+        return bool(reply.get("success")) if isinstance(reply, dict) and "success" in reply else None
+
+    def resume(self) -> None:
+        self.call("/resume", {})
+
+
+def refit_one_server(
+    url: str,
+    *,
+    catalog: str,
+    name: str,
+    version: int,
+    replica: int,
+    timeout_s: float = DEFAULT_TIMEOUTS.update_s,
+    poll_s: float = DEFAULT_TIMEOUTS.poll_s,
 ) -> ServerResult:
     """Refit one server to `version` (already READY); errors are reported in the result, never raised."""
     server = VLLMServer(url, timeout_s=timeout_s)
+    plan = RefitPlan(
+        catalog=catalog, name=name, version=version, ready=True, replica=replica, timeout_s=timeout_s, poll_s=poll_s
+    )
     t0 = time.perf_counter()
-    paused = False
     try:
-        server.call(
-            "/init_weight_transfer_engine",
-            {"init_info": init_info(catalog=catalog, name=name, replica=replica, timeout_s=timeout_s)},
-        )
-        deadline = time.monotonic() + timeout_s + 5.0
-        staged = server.control(op="prefetch", version=version)
-        while not prefetch_done(staged, version):
-            if time.monotonic() > deadline:
-                raise TransferTimeoutError(f"prefetch of v{version} not staged on every rank after {timeout_s}s")
-            time.sleep(poll_s)
-            staged = server.control(op="status")
-        t_pause = time.perf_counter()
-        server.call("/pause", {}, query={"mode": "keep"})
-        paused = True
-        server.call("/start_weight_update", {})
-        try:
-            server.call("/update_weights", {"update_info": {"version": version}})
-        except RefitError:
-            # A failure is raised on the last TP rank only; the others' update sessions are still open.
-            close_session(lambda: server.call("/finish_weight_update", {}))
-            raise
-        server.call("/finish_weight_update", {"weight_version": str(version)})
-        if not server.call("/reset_prefix_cache", {}, query={"reset_running_requests": "true"}).get("success"):
-            logger.warning("%s: the prefix cache could not be reset after v%d", url, version)
-        server.call("/resume", {})
-        paused = False
-        t_resume = time.perf_counter()
-        after = server.control(op="status")
-        times = {"prefetch": t_pause - t0, "stall": t_resume - t_pause, "total": time.perf_counter() - t0}
-        r = report(version=version, staged=staged, after=after, times=times)
-        return ServerResult(
-            url=url,
-            version=version,
-            bytes=r.bytes,
-            bytes_per_rank=r.bytes_per_rank,
-            seconds=r.seconds,
-            wire_s=r.wire_s,
-            stall_s=r.stall_s,
-        )
-    except Exception as exc:  # noqa: BLE001 - one server's failure is its result, never the fleet's
-        logger.warning("refit of %s to v%d failed: %s: %s", url, version, type(exc).__name__, exc)
+        r = run(refit_steps(plan), server)
+    except Exception as exc:  # one server's failure is its result, never the fleet's
+        if isinstance(exc, RefitError):
+            logger.warning("refit of %s to v%d failed: %s: %s", url, version, type(exc).__name__, exc)
+        else:  # a bug, not the server's answer: keep its trace (the result names its class)
+            logger.exception("refit of %s to v%d failed", url, version)
         return ServerResult(
             url=url, version=version, seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}"
         )
-    finally:
-        if paused:
-            try:
-                server.call("/resume", {})
-            except RefitError:
-                logger.exception("could not resume %s after a failed refit", url)
+    return ServerResult(
+        url=url,
+        version=version,
+        bytes=r.bytes,
+        bytes_per_rank=r.bytes_per_rank,
+        seconds=r.seconds,
+        wire_s=r.wire_s,
+        stall_s=r.stall_s,
+    )
 
 
 class Fleet:
@@ -165,7 +174,7 @@ class Fleet:
         catalog: str,
         name: str = "default",
         servers: Sequence[str] = (),
-        timeout_s: float = 120.0,
+        timeout_s: float = DEFAULT_TIMEOUTS.update_s,
         max_parallel: int = 8,
     ) -> None:
         if timeout_s <= 0 or max_parallel < 1:
@@ -238,7 +247,7 @@ class Fleet:
                     return ServerResult(url=url, version=version, skipped=True)
             except Exception as exc:  # noqa: BLE001 - reported as this server's result
                 return ServerResult(url=url, version=version, error=f"{type(exc).__name__}: {exc}")
-            return refit_server(
+            return refit_one_server(
                 url, catalog=self.catalog, name=self.name, version=version, replica=replica, timeout_s=self.timeout_s
             )
 
@@ -262,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--servers-file", help="a file of server URLs, one a line (re-read every --watch tick)")
     parser.add_argument("--version", type=int, help="the version to install (default: the newest READY one)")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="keep following new versions and new servers")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of one server's refit")
+    parser.add_argument(
+        "--timeout-s", type=float, default=DEFAULT_TIMEOUTS.update_s, help="deadline of one server's refit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from refit.compat import vllm as vllm_compat
+
 logger = logging.getLogger(__name__)
 
 BACKEND = "refit"
@@ -17,10 +19,5 @@ BACKEND = "refit"
 
 def register() -> None:
     """Register `refit` with vLLM's `WeightTransferEngineFactory` (idempotent)."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-
-    try:
-        WeightTransferEngineFactory.register_engine(BACKEND, "refit.vllm.backend", "RefitWeightTransferEngine")
-    except ValueError:  # already registered in this process
-        return
-    logger.debug("registered the %r weight-transfer backend", BACKEND)
+    if vllm_compat.register_weight_transfer_engine(BACKEND, "refit.vllm.backend", "RefitWeightTransferEngine"):
+        logger.debug("registered the %r weight-transfer backend", BACKEND)

@@ -182,6 +182,8 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start()
     try:
+        # The first stdout line names the bound address: with `--port 0` it is how a caller (a test, a
+        # supervisor) learns the port without picking one itself, which would race other processes.
         print(f"refit catalog serving on {server.address}", flush=True)
         while not stop.wait(0.5):
             pass
@@ -216,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a catalog server until SIGTERM or Ctrl-C")
-    serve.add_argument("--port", type=int, default=50051, help="TCP port (0: any free port)")
+    serve.add_argument(
+        "--port", type=int, default=50051, help="TCP port (0: any free port; the first stdout line names it)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
     serve.add_argument("--store", default="memory", help="'memory' or redis://host:port/db[?prefix=P]")
     serve.add_argument("--max-workers", type=int, default=8, help="RPC worker threads")

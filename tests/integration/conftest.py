@@ -1,4 +1,5 @@
-"""Catalog fixtures: a real gRPC catalog server on a free port, over the memory store or a real Redis.
+"""Catalog fixtures: a real gRPC catalog server on a port it binds itself (port 0), over the memory store
+or a real Redis; an address that refuses connections (`closed_port`).
 
 Redis cases use `REFIT_TEST_REDIS` (default redis://127.0.0.1:6379/15) with a key prefix unique to
 the test, and delete that prefix's keys afterwards. They are marked `redis` and skipped (not failed)
@@ -8,7 +9,6 @@ when no Redis server answers there, so `make test` stays meaningful on a machine
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -18,6 +18,7 @@ import pytest
 from refit.catalog.client import CatalogClient
 from refit_server import CatalogServer
 from tests.support import hf_models as hm
+from tests.support import ports
 from tests.support.cluster import TrainerCluster
 from tests.support.refit_harness import Trainer
 
@@ -71,11 +72,10 @@ def catalog_client(catalog_server: CatalogServer) -> Iterator[CatalogClient]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def closed_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that refuses connections, held (bound, never listening) for the whole test."""
+    with ports.closed_port() as port:
+        yield port
 
 
 # --- trainer cluster (owned by tests/support/cluster.py) ----------------------------------------

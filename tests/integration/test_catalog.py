@@ -5,8 +5,8 @@ Every behaviour test runs over both stores (the `store_url` fixture), which must
 
 from __future__ import annotations
 
+import re
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -166,7 +166,9 @@ def test_concurrent_parts_make_the_version_ready_exactly_once(catalog_client: Ca
     world = 16
     with futures.ThreadPoolExecutor(8) as pool:
         infos = list(pool.map(lambda r: publish_ranks(catalog_client, "m", 1, [r], world_size=world), range(world)))
-    assert sum(i.state is VersionState.READY for i in infos) >= 1
+    # Each store flips STAGING -> READY inside one critical section (the memory store's lock, one Lua
+    # script in Redis) and answers from that same section, so only the last part's publish sees READY.
+    assert sum(i.state is VersionState.READY for i in infos) == 1
     assert len({i.ready_at for i in infos if i.state is VersionState.READY}) == 1
     final = catalog_client.get_version(name="m", version=1)
     assert final.state is VersionState.READY and final.published_ranks == tuple(range(world))
@@ -250,7 +252,8 @@ def test_wait_ready_returns_once_the_last_rank_publishes(catalog_client: Catalog
     timer = threading.Timer(0.2, publish_ranks, args=(catalog_client, "m", 1, [1], 2))
     timer.start()
     try:
-        info = catalog_client.wait_ready(name="m", version=1, timeout_s=10.0, poll_s=0.02)
+        # A deadline far beyond the 0.2 s publish: READY (not a timeout error) shows the publish ended the wait.
+        info = catalog_client.wait_ready(name="m", version=1, timeout_s=120.0, poll_s=0.02)
     finally:
         timer.join()
     assert info.state is VersionState.READY
@@ -258,10 +261,9 @@ def test_wait_ready_returns_once_the_last_rank_publishes(catalog_client: Catalog
 
 def test_wait_ready_names_missing_ranks_on_timeout(catalog_client: CatalogClient) -> None:
     publish_ranks(catalog_client, "m", 1, [0, 1, 2, 5], world_size=8)
-    start = time.monotonic()
+    # The version exists and stays STAGING, so only the deadline can end this wait: the error is that path.
     with pytest.raises(VersionNotReadyError) as err:
         catalog_client.wait_ready(name="m", version=1, timeout_s=0.3)
-    assert time.monotonic() - start < 3
     assert err.value.missing_ranks == (3, 4, 6, 7) and err.value.version == 1
     assert "3-4, 6-7" in str(err.value) and "4/8" in str(err.value)
 
@@ -289,12 +291,12 @@ def test_ping(catalog_client: CatalogClient) -> None:
 
 def test_unreachable_catalog_fails_fast(closed_port: int) -> None:
     address = f"127.0.0.1:{closed_port}"
-    with CatalogClient(address, timeout_s=5.0) as client:
+    # "Fast" without a stopwatch: under a long deadline, each call must fail because the connection was
+    # refused (UNAVAILABLE), not because the deadline ran out (DEADLINE_EXCEEDED, after 120 s).
+    with CatalogClient(address, timeout_s=120.0) as client:
         for call in (client.ping, lambda: client.get_version(name="m", version=1), lambda: client.list_versions()):
-            start = time.monotonic()
-            with pytest.raises(CatalogUnavailableError, match=address):
+            with pytest.raises(CatalogUnavailableError, match=rf"{re.escape(address)}.*UNAVAILABLE"):
                 call()
-            assert time.monotonic() - start < 2.0
 
 
 def test_stopped_server_and_closed_client(store_url: str) -> None:
@@ -311,7 +313,7 @@ def test_stopped_server_and_closed_client(store_url: str) -> None:
         client.ping()
 
 
-def test_server_rejects_bad_configuration_before_binding(closed_port: int) -> None:
+def test_server_rejects_bad_configuration_before_binding() -> None:
     with pytest.raises(ConfigError, match="unknown catalog store"):
         CatalogServer(store="etcd://somewhere")
     with pytest.raises(ConfigError, match="unknown options"):
@@ -323,11 +325,11 @@ def test_server_rejects_bad_configuration_before_binding(closed_port: int) -> No
 
 
 def test_unreachable_redis_fails_at_start(closed_port: int) -> None:
-    server = CatalogServer(store=f"redis://127.0.0.1:{closed_port}/0?timeout_s=1", port=0)
-    start = time.monotonic()
-    with pytest.raises(CatalogUnavailableError, match=str(closed_port)):
+    # A long store timeout: the start must fail on the refused connection, not by waiting out the timeout.
+    server = CatalogServer(store=f"redis://127.0.0.1:{closed_port}/0?timeout_s=120", port=0)
+    with pytest.raises(CatalogUnavailableError, match=rf"{closed_port}.*[Cc]onnection refused"):
         server.start()
-    assert time.monotonic() - start < 5.0
+    assert "not started" in repr(server)  # nothing was left serving
 
 
 def test_address_and_context_manager() -> None:

@@ -1,13 +1,14 @@
-"""`refit-catalog` as a user runs it: `serve` in a subprocess on a free port, then `list` and `show`
-(human and --json) via `python -m refit_server.cli`, against versions published through the client."""
+"""`refit-catalog` as a user runs it: `serve --port 0` in a subprocess (the test reads the bound address from
+its first line), then `list` and `show` (human and --json) via `python -m refit_server.cli`, against versions
+published through the client."""
 
 from __future__ import annotations
 
 import json
 import os
 import queue
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,12 +32,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, timeout=60, check=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
@@ -48,22 +43,21 @@ def _first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
 
 @pytest.fixture
 def served(store_url: str) -> Iterator[str]:
-    """`refit-catalog serve` running in a subprocess; yields its host:port."""
-    port = free_port()
+    """`refit-catalog serve --port 0` running in a subprocess; yields the host:port it bound."""
     proc = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--store", store_url, "--log-level", "WARNING"],
+        [*CLI, "serve", "--port", "0", "--store", store_url, "--log-level", "WARNING"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
     )
     try:
-        line = _first_line(proc, 30.0)
-        address = f"127.0.0.1:{port}"
-        if address not in line:
+        line = _first_line(proc, 60.0)  # a deadline against a hung start only: it returns with the line
+        bound = re.fullmatch(r"refit catalog serving on (127\.0\.0\.1:(\d+))\n", line)
+        if bound is None or int(bound.group(2)) == 0:
             proc.kill()
-            pytest.fail(f"serve did not start: {line!r} {proc.communicate(timeout=10)}")
-        yield address
+            pytest.fail(f"serve did not report a bound port: {line!r} {proc.communicate(timeout=10)}")
+        yield bound.group(1)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -139,13 +133,15 @@ def test_list_and_show(served: str) -> None:
     assert "tensors" not in json.loads(cli("show", "qwen", "5", "--catalog", served, "--json").stdout)["sources"][0]
 
 
-def test_errors_are_one_line_on_stderr_with_exit_1(served: str) -> None:
+def test_errors_are_one_line_on_stderr_with_exit_1(served: str, closed_port: int) -> None:
     out = cli("show", "llama", "99", "--catalog", served)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "VersionNotFoundError" in out.stderr and "99" in out.stderr
 
-    out = cli("list", "--catalog", f"127.0.0.1:{free_port()}", "--timeout-s", "2")
+    # A deadline far longer than a refused connection takes: the error must be the refusal (UNAVAILABLE).
+    out = cli("list", "--catalog", f"127.0.0.1:{closed_port}", "--timeout-s", "45")
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "CatalogUnavailableError" in out.stderr
+    assert "UNAVAILABLE" in out.stderr and "DEADLINE_EXCEEDED" not in out.stderr
 
 
 def test_empty_catalog_and_bad_store() -> None:

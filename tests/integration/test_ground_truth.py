@@ -9,7 +9,6 @@ in-place `load` of a second version, the PP / VPP layer placement, and the train
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
 import pytest
@@ -182,10 +181,10 @@ def test_cluster_reports_every_failing_rank_and_stays_usable(trainer_cluster) ->
 
 def test_cluster_that_times_out_names_the_silent_ranks_and_is_killed() -> None:
     with TrainerCluster(world_size=2, timeout_s=120) as cluster:
-        t0 = time.monotonic()
+        # Rank 1 sleeps far past pytest's 600 s timeout, so this call can only end by its own 2 s deadline,
+        # and the error names that deadline: no stopwatch needed.
         with pytest.raises(ClusterError, match=r"ranks \[1\] no answer within 2s"):
-            cluster.run(f"{OPS}:sleep", timeout_s=2, ranks=[1], seconds=600)
-        assert time.monotonic() - t0 < 30
+            cluster.run(f"{OPS}:sleep", timeout_s=2, ranks=[1], seconds=3600)
         with pytest.raises(ClusterError, match="not usable"):
             cluster.run(f"{OPS}:ping")
         assert not any(Path(f"/proc/{pid}").exists() for pid in cluster.pids)  # killed and reaped

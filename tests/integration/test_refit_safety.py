@@ -5,6 +5,8 @@ In every failure case the engine must keep its previous weights, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -57,22 +59,27 @@ def test_optimizer_step_retires_the_live_version_before_changing_weights(trainer
     assert set(out) == {"READY->RETIRED"}
 
 
-class RacingReceiver(Receiver):
-    """Runs a trainer step between the pull and the READY re-check: the worst-timed optimizer step."""
+class Race:
+    """An `on_after_wire` hook that runs a trainer step between the pull and the READY re-check once:
+    the worst-timed optimizer step."""
 
-    race = None
+    def __init__(self) -> None:
+        self.step: Callable[[], None] | None = None
+        self.versions: list[int] = []
 
-    def _after_wire(self, version: int) -> None:
-        if self.race is not None:
-            race, self.race = self.race, None
-            race()
+    def __call__(self, version: int) -> None:
+        self.versions.append(version)
+        if self.step is not None:
+            step, self.step = self.step, None
+            step()
 
 
 def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
     t.publish(1)
-    with RacingReceiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+    race = Race()
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, on_after_wire=race) as rcv:
         state: dict = {}
 
         def step_and_publish() -> None:
@@ -81,7 +88,7 @@ def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog
             t.publish(2)
 
         before = snapshot(engine_model)
-        rcv.race = step_and_publish
+        race.step = step_and_publish
         with pytest.raises(VersionRetiredError, match="during the pull"):
             rcv.update_weights(version=1)  # pinned: refused, old weights kept
         assert_unchanged(engine_model, before)
@@ -91,10 +98,11 @@ def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog
             state["v3"] = t.step(seed=3)
             t.publish(3)
 
-        rcv.race = step3
+        race.step = step3
         result = rcv.update_weights()  # unpinned: the raced pull of v2 is discarded, v3 is pulled whole
         assert result.version == 3
         assert_same_weights(engine_model, state["v3"])
+        assert race.versions == [1, 2, 3]  # the hook saw every pull, with its version
 
 
 def test_version_that_never_becomes_ready_names_the_missing_ranks(trainer, catalog, trainer_cluster) -> None:
@@ -144,6 +152,16 @@ def test_unreachable_catalog_is_reported_and_engine_untouched() -> None:
     assert_unchanged(engine_model, before)
 
 
+def test_a_deadline_of_zero_is_refused_not_taken_for_the_default() -> None:
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    with Receiver(catalog="127.0.0.1:1", engine=HFEngine(engine_model)) as rcv:
+        for bad in (0, 0.0, -1.0):
+            with pytest.raises(ConfigError, match="timeout_s must be > 0"):
+                rcv.fetch(timeout_s=bad)
+            with pytest.raises(ConfigError, match="timeout_s must be > 0"):
+                rcv.update_weights(timeout_s=bad)
+
+
 def test_second_publisher_for_a_taken_rank_is_refused(trainer, catalog, trainer_cluster) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     t.publish(1)
@@ -161,10 +179,12 @@ def test_staging_is_reported_and_a_limit_refuses_before_anything_moves(trainer, 
     with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, max_staging_bytes=1024) as rcv:
         with pytest.raises(ConfigError, match="max_staging_bytes=1024"):
             rcv.update_weights()
-        assert rcv._staging is None  # nothing was allocated or registered
+        assert rcv.stats.staging_bytes == 0 and rcv.stats.registrations == 0  # nothing allocated or registered
+        assert rcv.plan is not None and rcv.plan.staging_bytes > 1024  # planned, then refused
     assert_unchanged(engine_model, before)
     with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
         result = rcv.update_weights()
+        assert rcv.stats.staging_bytes == result.staging_bytes and rcv.stats.registrations == 1
     model_bytes = sum(p.numel() * p.element_size() for p in engine_model.parameters())
     # Staging holds one version of this rank's tensors: the model, plus at most small read-along holes.
     assert model_bytes <= result.staging_bytes < model_bytes * 1.05

@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 
 from refit import CatalogServer
 from refit.errors import ModelMismatchError, VersionNotReadyError
-from refit.vllm.driver import close_session, refit_llm
+from refit.vllm.driver import CONTROL, close_session, refit_llm
 from tests.support import vllm_ops as vo
 
 pytestmark = pytest.mark.vllm
@@ -83,9 +83,14 @@ def test_refit_tp2_engine_from_tp1_and_tp2_pp2_trainers_with_faults_in_between(
         # TP ranks asked for different versions: refused on every rank, nothing installed.
         tp1.publish(2)
         llm.start_weight_update()
-        with pytest.raises(Exception, match=r"RankVersionMismatchError|versions"):
+        with pytest.raises(Exception, match=r"asked for versions \[1, 2\]; nothing pulled or installed") as refused:
             llm.update_weights({"update_info": [{"version": 1}, {"version": 2}]})
         close_session(llm.finish_weight_update)
+        # vLLM's engine core re-raises a worker's failure as a bare Exception carrying only its message;
+        # the class is in what every rank reports.
+        assert type(refused.value) is Exception
+        refusals = [s["last"] for s in llm.collective_rpc(CONTROL, kwargs={"op": "status"})]
+        assert [r.get("error_type") for r in refusals] == ["RankVersionMismatchError"] * TP, refusals
         assert vo.greedy(llm) == on_v1
 
         # A pull that cannot complete (version 9 never becomes READY) fails in the prefetch: never paused.

@@ -19,8 +19,9 @@ import pytest
 pytest.importorskip("vllm")
 
 from refit.vllm.fleet import Fleet, ServerResult
+from tests.support import ports
 from tests.support import vllm_ops as vo
-from tests.support.vllm_server import VLLMServerProcess, free_port
+from tests.support.vllm_server import VLLMServerProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -63,7 +64,7 @@ def test_fleet_refits_running_servers_and_brings_late_joiners_to_the_current_ver
 ) -> None:
     trainer = vo.Trainer(trainer_cluster, catalog, tmp_path, vo.LLAMA, tp=1)
     nbytes = _model_bytes(vo.LLAMA)
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{ports.held_closed_port()}"  # refuses connections, and nothing else can take it
     try:
         a = start_server("0")
         fresh_v2 = a.greedy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 
@@ -21,6 +22,7 @@ from tests.support import vllm_ops as vo
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 64
+FIRST_TOKENS_S = 120.0  # the stream's first tokens (a few ms when the machine is idle)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,9 @@ def test_running_engine_is_refitted_mid_stream_without_losing_requests(
                     extra -= done.is_set()
 
             producer = asyncio.create_task(produce())
+            deadline = time.monotonic() + FIRST_TOKENS_S
             while not any(n >= 4 for n in progress.values()):
+                assert time.monotonic() < deadline, f"no request had 4 tokens after {FIRST_TOKENS_S}s: {progress}"
                 await asyncio.sleep(0.01)
             r2 = await refit_async_llm(engine, catalog=catalog, name=trainer.name)
             done.set()

@@ -3,13 +3,55 @@
 Each engine rank builds two GPTModels at the engine's own TP: the engine (loaded with unrelated
 weights) and the ground truth (the HF source model converted at this TP by the test's converter).
 After a refit the engine's parameters must equal the ground truth's, bit for bit.
+
+`one_process_world` and `gpt_model` build a GPTModel in the test process itself (TP 1, a gloo world
+of one), for engine tests that need no cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
+from tests.support import hf_models as hm
 from tests.support import trainer_ops
+
+
+@contextlib.contextmanager
+def one_process_world() -> Iterator[None]:
+    """A torch.distributed world of this process alone, with Megatron's parallel state at TP = PP = 1."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def gpt_model(case: hm.ModelCase, **config_overrides: Any) -> Any:
+    """A megatron-core GPTModel of `case` at TP 1 on the CPU (random weights); needs `one_process_world`."""
+    import torch
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    config = trainer_ops.transformer_config(case, tp=1, pp=1, vpp=None, params_dtype=torch.float32)
+    config = dataclasses.replace(config, **config_overrides)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=hm.padded_vocab(case, 1),
+        max_sequence_length=64,
+        position_embedding_type="rope",
+    )
 
 
 def build_pair(state: dict, rank: int, world_size: int, *, case: str, init_path: str, truth_path: str, tp: int) -> int:

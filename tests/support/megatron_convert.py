@@ -11,7 +11,13 @@ Owns the per-rank *local* state dict a Megatron-Core 0.16.1 GPTModel chunk built
 * word embeddings / output layer: zero-padded to the padded vocab, then split by rows;
 * norms (incl. Qwen3 q/k norms): replicated.
 
-Layout reference: /work/shared/research/megatron.md sections 1 and 2.
+Layout source: NVIDIA/Megatron-LM at tag `core_v0.16.1`, `megatron/core/`: `transformer/attention.py`
+(`SelfAttention.get_query_key_value_tensors`: the per-group QKV split, and the all-gather when
+`num_query_groups < TP`), `transformer/mlp.py` (`MLP.__init__`: fc1 with `stride=2`; `glu`: gate first),
+`tensor_parallel/layers.py` (`ColumnParallelLinear` / `RowParallelLinear` partition dims and
+`_initialize_affine_weight_cpu`'s strided split), `tensor_parallel/utils.py` (`VocabUtility`: vocab rows
+per rank) and `models/gpt/gpt_layer_specs.py` (`get_gpt_layer_local_spec`: the parameter names). The
+same conventions as refit itself sees them: the role table in docs/architecture.md.
 """
 
 from __future__ import annotations

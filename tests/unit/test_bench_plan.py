@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from refit.errors import ConfigError
+from refit.plan.planner import plan_refit, stripe
 from refit.types import Role
 from refit_bench.cli import main
+from refit_bench.cluster_model import EngineFleet, Fabric, simulate
+from refit_bench.plan_presets import PRESETS
 from refit_bench.trainer_sources import TrainerLayout, global_tensors, load_config, model_bytes, synthesize_sources
 
 
@@ -81,3 +85,37 @@ def test_synthesized_sources_hold_dense_weights_dp_times_and_experts_edp_times()
     assert total == layout.dp * (dense + (layout.tp - 1) * replicated) + layout.edp * experts
     for s in sources:  # one region per rank, shards packed back to back
         assert s.regions[0].nbytes == sum(d.nbytes for d in s.tensors)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["reused", "exact"])
+def test_each_engine_rank_reads_what_a_receiver_with_the_library_stripe_reads(exact: bool) -> None:
+    scenario = PRESETS["smoke"]  # 2 replicas of TP 2: the stripe rule decides which trainer copy serves whom
+    fleet = scenario.engine
+    assert fleet.tp > 1 and fleet.replicas > 1
+    meta, sources = synthesize_sources(load_config(scenario.model), scenario.trainer)
+    traffic = simulate(model=meta, sources=sources, trainer_gpus_per_node=4, engine=fleet, fabric=Fabric(), exact=exact)
+    for replica in range(fleet.replicas):
+        for tp_rank in range(fleet.tp):
+            plan = plan_refit(
+                model=meta,
+                sources=sources,
+                layout=fleet.layout(tp_rank),
+                stripe=stripe(replica=replica, tp_rank=tp_rank, tp_size=fleet.tp),
+            )
+            engine_gpu = replica * fleet.tp + tp_rank
+            modelled = {t: n for (t, g), n in traffic.per_pair.items() if g == engine_gpu}
+            assert modelled == plan.bytes_by_rank, (replica, tp_rank)
+
+
+def test_engine_fleet_is_checked_by_the_library_layout() -> None:
+    with pytest.raises(ConfigError, match="tp_rank"):
+        EngineFleet(tp=0)
+    with pytest.raises(ConfigError, match="ep_rank"):
+        EngineFleet(ep=0)
+    with pytest.raises(ConfigError, match="unknown engine scheme"):
+        EngineFleet(scheme="nope")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="multiple of EP"):
+        EngineFleet(tp=3, ep=2)
+    with pytest.raises(ConfigError, match="replicas"):
+        EngineFleet(replicas=0)
+    assert EngineFleet(scheme="hf").layout(0).scheme.value == "hf"  # type: ignore[arg-type]

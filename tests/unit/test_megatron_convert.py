@@ -2,8 +2,9 @@
 
 Every HF tensor is rebuilt element row by element row (or column by column) from the per-rank
 shards, by computing where Megatron keeps that row: which TP rank and which local row. The
-arithmetic is written out here from the layout description (megatron.md section 1), not taken
-from the converter or any library, so a converter bug cannot cancel itself out.
+arithmetic is written out here from Megatron-Core's layout (the `core_v0.16.1` sources listed in
+tests/support/megatron_convert.py), not taken from the converter or any library, so a converter bug
+cannot cancel itself out.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def shards_for(case: hm.ModelCase, sd: dict, tp: int, layers: list[int], pre: bo
 
 
 def expected_local_shapes(case: hm.ModelCase, sd: dict, tp: int, n_layers: int, pre: bool, post: bool) -> dict:
-    """Local names and shapes of one rank (megatron.md section 2 table)."""
+    """Local names and shapes of one rank: `named_parameters()` of a GPTModel built with the local layer spec."""
     h, nh, ng, d, f = case.hidden_size, case.num_heads, case.num_query_groups, case.head_dim, case.ffn_hidden_size
     vp = hm.padded_vocab(case, tp)
     out = {}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from refit.errors import ConfigError, ModelMismatchError
+from refit.plan.naming import expert_index
 from refit.plan.planner import Plan, plan_refit
-from refit.plan.targets import EngineLayout, Scheme, expert_index
+from refit.plan.targets import EngineLayout, Scheme
 from refit.types import ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
 
 H, NH, NG, D, F, VP, E, FE = 16, 8, 4, 4, 32, 64, 4, 8  # ..., padded vocab, experts, expert ffn

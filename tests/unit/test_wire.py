@@ -1,5 +1,6 @@
-"""refit.catalog.wire: proto <-> refit.types round trips, rejection of invalid protos, and the
-generated modules being exactly what scripts/gen_proto.sh produces from the .proto."""
+"""refit.catalog.wire: proto <-> refit.types round trips, rejection of invalid protos, and the generated
+modules matching the .proto: the schema and the service with any installed grpcio-tools, and byte for byte
+what scripts/gen_proto.sh produces when the installed version is the one that generated them."""
 
 from __future__ import annotations
 
@@ -7,19 +8,26 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 
 from refit.catalog import wire
 from refit.errors import ConfigError
 from refit.proto import catalog_pb2 as pb
+from refit.proto import catalog_pb2_grpc as pb_grpc
 from refit.types import Claim, ParallelCoords, Region, Role, VersionInfo, VersionState
 from tests.support import catalog_samples as samples
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "refit" / "proto"
 GENERATED = ("catalog_pb2.py", "catalog_pb2_grpc.py", "catalog_pb2.pyi")
+PROTO_FILE = "refit/proto/catalog.proto"  # relative to proto/, the -I root of scripts/gen_proto.sh
 
 
 def test_model_round_trip_keeps_every_field() -> None:
@@ -124,14 +132,94 @@ def test_unencodable_values_become_config_errors() -> None:
         wire.source_from_bytes(b"\xff\xff\xff")
 
 
+def _messages(protos: Iterable[descriptor_pb2.DescriptorProto]) -> Iterator[descriptor_pb2.DescriptorProto]:
+    for m in protos:
+        yield m
+        yield from _messages(m.nested_type)
+
+
+def _without_json_names(fd: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    # protoc fills in every field's derived `json_name` in a descriptor set, the generated module stores it
+    # only where the .proto sets one (ours sets none): not a difference in the schema.
+    for m in _messages(fd.message_type):
+        for f in (*m.field, *m.extension):
+            f.ClearField("json_name")
+    for f in fd.extension:
+        f.ClearField("json_name")
+    return fd
+
+
+@pytest.fixture(scope="module")
+def fresh_descriptor(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescriptorProto:
+    """The .proto compiled now by the installed grpcio-tools (any version), as a FileDescriptorProto."""
+    pytest.importorskip("grpc_tools")  # the dev extra, which `make test` installs
+    out = tmp_path_factory.mktemp("proto") / "catalog.desc"
+    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--descriptor_set_out={out}", PROTO_FILE]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=120)
+    (fd,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    return _without_json_names(fd)
+
+
+def test_generated_pb2_describes_the_current_proto(fresh_descriptor: descriptor_pb2.FileDescriptorProto) -> None:
+    # The schema itself, not the generator's bytes: runs whatever grpcio-tools is installed.
+    committed = _without_json_names(descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb))
+    assert committed == fresh_descriptor, "refit/proto/catalog_pb2.py is stale: run scripts/gen_proto.sh"
+
+
+class _RecordingChannel:
+    """Takes the place of a grpc.Channel for `CatalogStub.__init__`, which only asks it for callables."""
+
+    def __init__(self) -> None:
+        self.responses: dict[str, str] = {}
+
+    def unary_unary(self, path: str, *, response_deserializer: Any, **_: Any) -> None:
+        self.responses[path] = response_deserializer.__self__.DESCRIPTOR.full_name
+
+
+class _RecordingServer:
+    """Takes the place of a grpc.Server for `add_CatalogServicer_to_server`, keeping the handlers it adds."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        pass  # the same handlers, pre-registered by name in recent grpcio; the generic ones are enough here
+
+
+def test_generated_grpc_module_serves_every_method_of_the_proto(
+    fresh_descriptor: descriptor_pb2.FileDescriptorProto,
+) -> None:
+    (service,) = fresh_descriptor.service
+    expected = {
+        f"/{fresh_descriptor.package}.{service.name}/{m.name}": (m.input_type.lstrip("."), m.output_type.lstrip("."))
+        for m in service.method
+        if not (m.client_streaming or m.server_streaming)
+    }
+    assert len(expected) == len(service.method), "streaming methods: extend this check"
+    channel, server = _RecordingChannel(), _RecordingServer()
+    pb_grpc.CatalogStub(channel)
+    pb_grpc.add_CatalogServicer_to_server(pb_grpc.CatalogServicer(), server)
+    stale = "refit/proto/catalog_pb2_grpc.py is stale: run scripts/gen_proto.sh"
+    assert channel.responses == {path: types[1] for path, types in expected.items()}, stale
+    for path, (request, _) in expected.items():
+        found = [h.service(SimpleNamespace(method=path)) for h in server.handlers]
+        (handler,) = [h for h in found if h is not None]
+        assert handler.unary_unary is not None, stale
+        assert handler.request_deserializer.__self__.DESCRIPTOR.full_name == request, stale
+
+
 def test_regenerating_the_proto_gives_identical_files(tmp_path: Path) -> None:
+    # Byte for byte, which only the generator version of the committed files can promise; the two tests above
+    # check the same content with any version.
     pytest.importorskip("grpc_tools")
     from importlib.metadata import version
 
     committed_with = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", (PROTO_DIR / "catalog_pb2_grpc.py").read_text())
     installed = version("grpcio-tools")
     if committed_with is None or committed_with.group(1) != installed:
-        # Another protoc writes other (equally valid) bytes; comparing would only report the tool.
         pytest.skip(f"generated with grpcio-tools {committed_with and committed_with.group(1)}, installed {installed}")
     env = {**os.environ, "PYTHON": sys.executable}
     subprocess.run(["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, env=env, timeout=120)

@@ -1,0 +1,303 @@
+"""Every megatron-core internal refit relies on, in one place (checked against `TESTED_VERSIONS`).
+
+refit reads a Megatron-Core model as Megatron itself describes it, not by parameter names:
+`parallel_state`'s getters, the module classes that decide a parameter's role, the attributes
+`set_tensor_model_parallel_attributes` sets on parameters, the expert marker, each layer's global
+`layer_number`, a GPTModel's own attributes, the `.module` chain of its wrappers and the chain of a
+Megatron optimizer. megatron-core is imported only inside these functions. When an upgrade moves
+one of them, the contract tests (`tests/unit/test_compat_megatron.py`) and the calls here fail with
+a message naming the installed version and the tested ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from refit.errors import DependencyError
+
+TESTED_VERSIONS = ("0.16.1",)
+
+
+def version() -> str:
+    """The installed megatron-core version ("unknown" if it cannot be told, "missing" if absent)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        from megatron.core import package_info
+    except ImportError:
+        return "missing"
+    return str(getattr(package_info, "__version__", "unknown"))
+
+
+def _moved(what: str) -> str:
+    tested = ", ".join(TESTED_VERSIONS)
+    return f"megatron-core {version()} (refit is tested with {tested}): {what} is missing or changed"
+
+
+def require(condition: object, what: str) -> None:
+    """Raise DependencyError naming the installed and tested versions unless `condition` holds.
+
+    `what` names the internal, e.g. "parallel_state.get_tensor_model_parallel_rank".
+    """
+    if not condition:
+        raise DependencyError(_moved(what))
+
+
+def _import(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DependencyError(_moved(f"module {module}")) from exc
+
+
+def _attr(obj: Any, name: str, where: str) -> Any:
+    value = getattr(obj, name, None)
+    require(value is not None, f"{where}.{name}")
+    return value
+
+
+# -- parallel_state -------------------------------------------------------------------------------
+
+_PS = "megatron.core.parallel_state"
+
+# field of `MegatronRanks` -> the parallel_state getter that answers it
+_GETTERS = {
+    "tp_rank": "get_tensor_model_parallel_rank",
+    "tp_size": "get_tensor_model_parallel_world_size",
+    "pp_rank": "get_pipeline_model_parallel_rank",
+    "pp_size": "get_pipeline_model_parallel_world_size",
+    "dp_rank": "get_data_parallel_rank",
+    "dp_size": "get_data_parallel_world_size",
+    "ep_rank": "get_expert_model_parallel_rank",
+    "ep_size": "get_expert_model_parallel_world_size",
+    "etp_rank": "get_expert_tensor_parallel_rank",
+    "etp_size": "get_expert_tensor_parallel_world_size",
+    "edp_rank": "get_expert_data_parallel_rank",
+    "edp_size": "get_expert_data_parallel_world_size",
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MegatronRanks:
+    """This process's place in every Megatron parallel group refit reads.
+
+    tp/pp/dp: tensor, pipeline and data parallel (dp without context parallel, as Megatron's default).
+    ep/etp/edp: expert model parallel, expert tensor parallel and expert data parallel (MoE layers).
+    """
+
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    ep_rank: int
+    ep_size: int
+    etp_rank: int
+    etp_size: int
+    edp_rank: int
+    edp_size: int
+
+
+def model_parallel_is_initialized() -> bool:
+    """Whether `parallel_state.initialize_model_parallel` has run in this process."""
+    ps = _import(_PS)
+    return bool(_attr(ps, "model_parallel_is_initialized", "parallel_state")())
+
+
+def parallel_ranks() -> MegatronRanks:
+    """Every rank and size of `MegatronRanks`; parallel_state must be initialised."""
+    ps = _import(_PS)
+    return MegatronRanks(**{field: int(_attr(ps, getter, "parallel_state")()) for field, getter in _GETTERS.items()})
+
+
+# -- modules: what decides a parameter's role ---------------------------------------------------------
+
+_VOCAB_EMBEDDING = ("megatron.core.tensor_parallel.layers", "VocabParallelEmbedding")
+_ATTENTION = ("megatron.core.transformer.attention", "Attention")
+_MLP = ("megatron.core.transformer.mlp", "MLP")
+
+
+def _class(where: tuple[str, str]) -> type:
+    cls = _attr(_import(where[0]), where[1], where[0])
+    require(isinstance(cls, type), f"{where[0]}.{where[1]} as a class")
+    return cls
+
+
+def is_vocab_parallel_embedding(module: nn.Module) -> bool:
+    """A vocabulary-parallel embedding table (its rows are the padded vocabulary, split over TP)."""
+    return isinstance(module, _class(_VOCAB_EMBEDDING))
+
+
+def fused_qkv(module: nn.Module) -> nn.Module | None:
+    """The fused `linear_qkv` of an attention module; None for other modules (or attention without one)."""
+    if not isinstance(module, _class(_ATTENTION)):
+        return None
+    return getattr(module, "linear_qkv", None)
+
+
+def gated_fc1(module: nn.Module) -> nn.Module | None:
+    """The `linear_fc1` (`[gate; up]` per rank) of an MLP with a gated linear unit; None otherwise."""
+    if not isinstance(module, _class(_MLP)):
+        return None
+    if not _attr(module, "config", "MLP").gated_linear_unit:
+        return None
+    return _attr(module, "linear_fc1", "MLP")
+
+
+# -- parameters: set_tensor_model_parallel_attributes and the expert marker ----------------------------
+
+
+def tensor_parallel_split(param: torch.Tensor) -> tuple[int, int] | None:
+    """(partition_dim, partition_stride) of a tensor-parallel parameter; None if it is not split.
+
+    Megatron marks split parameters with `tensor_model_parallel=True`, `partition_dim` and
+    `partition_stride` (set_tensor_model_parallel_attributes); unmarked ones are whole on every rank.
+    """
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    require(hasattr(param, "partition_dim"), "parameter attribute partition_dim")
+    return int(param.partition_dim), int(getattr(param, "partition_stride", 1))
+
+
+def is_expert_parameter(param: torch.Tensor) -> bool:
+    """Megatron's expert marker: expert parameters are not all-reduced over data parallel (`allreduce=False`).
+
+    Megatron sets it only when expert_model_parallel_size > 1; with EP 1 expert weights look dense.
+    """
+    return getattr(param, "allreduce", True) is False
+
+
+# -- GPTModel attributes, wrappers, layers -----------------------------------------------------------------
+
+
+def is_gpt_model(module: nn.Module) -> bool:
+    """A Megatron-Core GPTModel (or a model with its shape): it has a `decoder` and a `config`."""
+    return hasattr(module, "decoder") and hasattr(module, "config")
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """Strip DDP / Float16Module style wrappers: each keeps the model it wraps in `.module`."""
+    while not hasattr(module, "decoder") and isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    return module
+
+
+def model_config(chunk: nn.Module) -> Any:
+    """The chunk's TransformerConfig."""
+    return _attr(chunk, "config", "GPTModel")
+
+
+def padded_vocab_size(chunk: nn.Module) -> int:
+    """Rows of the vocabulary tables, padding included (`GPTModel.vocab_size`)."""
+    return int(_attr(chunk, "vocab_size", "GPTModel"))
+
+
+def shares_embeddings(chunk: nn.Module) -> bool:
+    """Whether the output layer is the word embedding (`share_embeddings_and_output_weights`)."""
+    require(hasattr(chunk, "share_embeddings_and_output_weights"), "GPTModel.share_embeddings_and_output_weights")
+    return bool(chunk.share_embeddings_and_output_weights)
+
+
+def is_first_stage(chunk: nn.Module) -> bool:
+    """Whether the chunk holds the input embedding (`pre_process`)."""
+    require(hasattr(chunk, "pre_process"), "GPTModel.pre_process")
+    return bool(chunk.pre_process)
+
+
+def output_layer(chunk: nn.Module) -> nn.Module | None:
+    """The chunk's output (logits) layer; None on chunks that do not hold it."""
+    return getattr(chunk, "output_layer", None)
+
+
+def layer_numbers(chunk: nn.Module) -> list[int]:
+    """Megatron's 1-based global `layer_number` of each of the chunk's decoder layers, in local order.
+
+    It already accounts for pipeline stages, virtual pipeline chunks and uneven stages.
+    """
+    decoder = _attr(chunk, "decoder", "GPTModel")
+    layers = _attr(decoder, "layers", "GPTModel.decoder")
+    numbers = []
+    for layer in layers:
+        require(hasattr(layer, "layer_number"), "TransformerLayer.layer_number")
+        numbers.append(int(layer.layer_number))
+    return numbers
+
+
+# -- TransformerConfig ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransformerShape:
+    """The TransformerConfig fields refit reads, with Megatron's defaults resolved."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # num_attention_heads when the config leaves it unset
+    kv_channels: int  # hidden_size // num_attention_heads when unset
+    ffn_hidden_size: int
+    gated_linear_unit: bool
+    add_qkv_bias: bool
+    add_bias_linear: bool
+    qk_layernorm: bool
+    num_moe_experts: int  # 0: dense
+    multi_latent_attention: bool
+
+
+def transformer_shape(config: Any) -> TransformerShape:
+    """The fields of a TransformerConfig that describe the model's tensors."""
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        require(isinstance(getattr(config, field, None), int), f"TransformerConfig.{field}")
+    heads = config.num_attention_heads
+    return TransformerShape(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(config, "num_query_groups", None) or heads,
+        kv_channels=getattr(config, "kv_channels", None) or config.hidden_size // heads,
+        ffn_hidden_size=config.ffn_hidden_size,
+        gated_linear_unit=bool(getattr(config, "gated_linear_unit", False)),
+        add_qkv_bias=bool(getattr(config, "add_qkv_bias", False)),
+        add_bias_linear=bool(getattr(config, "add_bias_linear", False)),
+        qk_layernorm=bool(getattr(config, "qk_layernorm", False)),
+        num_moe_experts=int(getattr(config, "num_moe_experts", None) or 0),
+        multi_latent_attention=bool(getattr(config, "multi_latent_attention", False)),
+    )
+
+
+# -- optimizers -------------------------------------------------------------------------------------------
+
+
+def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a torch or Megatron optimizer (chained ones included).
+
+    A ChainedOptimizer lists its members in `chained_optimizers`; every other Megatron optimizer
+    wraps one torch optimizer in `.optimizer`. A chain is walked before `.optimizer` is read:
+    ChainedOptimizer's `optimizer` property asserts that the chain has exactly one member.
+    """
+    found: list[torch.optim.Optimizer] = []
+    stack = [optimizer]
+    while stack:
+        opt = stack.pop()
+        if isinstance(opt, torch.optim.Optimizer):
+            if all(opt is not f for f in found):
+                found.append(opt)
+            continue
+        chain = getattr(opt, "chained_optimizers", None)
+        if chain is not None:
+            stack.extend(reversed(list(chain)))
+            continue
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None:
+            stack.append(inner)
+    return found

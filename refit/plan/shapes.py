@@ -1,0 +1,70 @@
+"""The global Megatron tensors of a dense Llama / Qwen2 / Qwen3 model, from its dimensions alone.
+
+An engine that knows its model only from a config (vLLM) asks the planner for its expected tensors
+the same way a receiver plans a pull: these descriptors through `targets_for` at the engine's
+layout. So the engine's shapes and the pulled shapes come from one rule and cannot disagree.
+
+Names are Megatron-Core's local-spec names (`input_layernorm`, `pre_mlp_layernorm`); the fused-norm
+names of the Transformer-Engine spec map to the same Hugging Face tensors. Every descriptor is the
+whole tensor (a replicated shard, rank 0 of 1): `targets_for` reads only role, dtype and global shape.
+"""
+
+from __future__ import annotations
+
+from refit.errors import LayoutError
+from refit.plan.targets import EngineLayout, Target, targets_for
+from refit.types import ModelMeta, Role, TensorDesc
+
+
+def dense_tensors(model: ModelMeta) -> list[TensorDesc]:
+    """Every parameter of a dense GPT model as Megatron-Core holds it, in model order.
+
+    `model.padded_vocab_size` sets the vocabulary tables' rows; `qkv_bias` adds the fused QKV bias
+    (Qwen2), `qk_layernorm` the per-head q/k norms (Qwen3), `tied_embeddings` drops the output layer,
+    `gated_linear_unit` makes fc1 `[gate; up]`.
+    """
+    if model.num_experts:
+        raise LayoutError(
+            f"{model.architecture}: {model.num_experts} experts; only dense models have fixed shapes here"
+        )
+    h, d, f = model.hidden_size, model.kv_channels, model.ffn_hidden_size
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
+    shapes: list[tuple[str, Role, tuple[int, ...]]] = [
+        ("embedding.word_embeddings.weight", Role.VOCAB_PARALLEL, (model.padded_vocab_size, h))
+    ]
+    for i in range(model.num_layers):
+        p = f"decoder.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", Role.REPLICATED, (h,)),
+            (p + "self_attention.linear_qkv.weight", Role.QKV_COLUMN, (qkv, h)),
+        ]
+        if model.qkv_bias:
+            shapes.append((p + "self_attention.linear_qkv.bias", Role.QKV_COLUMN, (qkv,)))
+        if model.qk_layernorm:
+            shapes += [
+                (p + "self_attention.q_layernorm.weight", Role.REPLICATED, (d,)),
+                (p + "self_attention.k_layernorm.weight", Role.REPLICATED, (d,)),
+            ]
+        fc1 = (Role.GATED_MLP_COLUMN, (2 * f, h)) if model.gated_linear_unit else (Role.COLUMN, (f, h))
+        shapes += [
+            (p + "self_attention.linear_proj.weight", Role.ROW, (h, model.num_attention_heads * d)),
+            (p + "pre_mlp_layernorm.weight", Role.REPLICATED, (h,)),
+            (p + "mlp.linear_fc1.weight", *fc1),
+            (p + "mlp.linear_fc2.weight", Role.ROW, (h, f)),
+        ]
+    shapes.append(("decoder.final_layernorm.weight", Role.REPLICATED, (h,)))
+    if not model.tied_embeddings:
+        shapes.append(("output_layer.weight", Role.VOCAB_PARALLEL, (model.padded_vocab_size, h)))
+    return [
+        TensorDesc.shard(name=name, role=role, dtype=model.params_dtype, global_shape=shape, rank=0, size=1)
+        for name, role, shape in shapes
+    ]
+
+
+def dense_targets(model: ModelMeta, layout: EngineLayout) -> dict[str, Target]:
+    """The targets an engine rank at `layout` holds of a dense model, by target name."""
+    out: dict[str, Target] = {}
+    for desc in dense_tensors(model):
+        for target in targets_for(model, desc, layout):
+            out[target.hf_name] = target
+    return out

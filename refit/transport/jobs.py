@@ -1,0 +1,134 @@
+"""What a refit moves, as the transport sees it: reads, per-remote jobs, and the merging of ranges.
+
+Pure values and functions (no NIXL, no torch), so the translation from a plan to transfers is
+tested on its own. The plan is taken by shape (`PlannedRead`), not imported: planning sits below
+the transport's callers, not below the transport.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from refit.errors import LayoutError
+from refit.types import Region, SourceRecord
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReadOp:
+    """One contiguous (or strided) read: `count` blocks of `nbytes`, each `stride` bytes apart."""
+
+    local_addr: int
+    remote_addr: int
+    nbytes: int
+    count: int = 1
+    local_stride: int = 0
+    remote_stride: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReadJob:
+    """Everything to pull from one remote agent (one of its memory kinds) in one refit."""
+
+    agent_name: str
+    ops: Sequence[ReadOp]
+    local_device: str = "cpu"
+    local_device_id: int = 0
+    remote_device: str = "cpu"
+    remote_device_id: int = 0
+
+
+def merge_reads(ops: Sequence[ReadOp]) -> list[tuple[int, int, int]]:
+    """Expand strided ops and merge ranges that are adjacent on both sides.
+
+    Returns `(local_addr, remote_addr, nbytes)` triples; a fast link pays per descriptor, so a
+    sliced plan must not explode into thousands of small reads when its ranges touch.
+    """
+    flat: list[tuple[int, int, int]] = []
+    for op in ops:
+        for i in range(op.count):
+            flat.append((op.local_addr + i * op.local_stride, op.remote_addr + i * op.remote_stride, op.nbytes))
+    flat.sort(key=lambda r: r[1])
+    merged: list[list[int]] = []
+    for local, remote, n in flat:
+        if n <= 0:
+            continue
+        if merged:
+            last = merged[-1]
+            if last[0] + last[2] == local and last[1] + last[2] == remote:
+                last[2] += n
+                continue
+        merged.append([local, remote, n])
+    return [(a, b, c) for a, b, c in merged]
+
+
+class PlannedRead(Protocol):
+    """One read of a plan (`refit.plan.planner.Read`): `count` blocks of `block_bytes` from a trainer region."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def region(self) -> int: ...
+    @property
+    def remote_offset(self) -> int: ...
+    @property
+    def local_offset(self) -> int: ...
+    @property
+    def block_bytes(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def remote_stride(self) -> int: ...
+
+
+class PlanReads(Protocol):
+    """What `jobs_for` needs of a plan (`refit.plan.planner.Plan`)."""
+
+    @property
+    def reads(self) -> Sequence[PlannedRead]: ...
+
+
+def jobs_for(
+    plan: PlanReads,
+    sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
+    staging_addr: int,
+    local_device: str,
+    local_device_id: int,
+) -> list[ReadJob]:
+    """The READ jobs of `plan`: one per (trainer rank, remote device), ordered by rank then device.
+
+    Each planned read becomes one `ReadOp` from its region's address into the staging buffer at
+    `staging_addr`; the staged blocks of a read are packed (local stride = block size).
+    """
+    records = sources.values() if isinstance(sources, Mapping) else sources
+    by_rank = {s.rank: s for s in records}
+    regions: dict[tuple[int, int], Region] = {(s.rank, g.index): g for s in by_rank.values() for g in s.regions}
+    groups: dict[tuple[int, str, int], list[ReadOp]] = defaultdict(list)
+    for r in plan.reads:
+        region = regions.get((r.rank, r.region))
+        if region is None:
+            # The planner only plans from the records it was given: a plan paired with other sources.
+            raise LayoutError(f"the plan reads region {r.region} of rank {r.rank}, which the sources do not have")
+        groups[(r.rank, region.device, region.device_id)].append(
+            ReadOp(
+                local_addr=staging_addr + r.local_offset,
+                remote_addr=region.addr + r.remote_offset,
+                nbytes=r.block_bytes,
+                count=r.count,
+                local_stride=r.block_bytes,
+                remote_stride=r.remote_stride,
+            )
+        )
+    return [
+        ReadJob(
+            agent_name=by_rank[rank].agent_name,
+            ops=ops,
+            local_device=local_device,
+            local_device_id=local_device_id,
+            remote_device=device,
+            remote_device_id=device_id,
+        )
+        for (rank, device, device_id), ops in sorted(groups.items())
+    ]

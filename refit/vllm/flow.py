@@ -1,0 +1,412 @@
+"""The one refit of a running vLLM engine: resolve -> prefetch -> pause -> install -> finish -> reset -> resume.
+
+`refit_llm` (`vllm.LLM`), `refit_async_llm` (`AsyncLLM`) and the fleet (one server's HTTP routes) run
+this one state machine. Each gives it a `Control`: the eight engine calls the machine makes, written in
+about 20 lines against its engine (`driver.py`, `fleet.py`).
+
+Design: a sans-IO step machine. `refit_steps` is a generator that yields `Step`s (an engine call, a
+sleep between polls, the catalog lookup) and receives each result, or has the step's exception thrown
+back into it; it never does I/O or waits itself. Two runners execute the steps:
+
+* `run`: plain blocking calls (`LLM`, HTTP). It needs no event loop and creates none, so it works in the
+  fleet's worker threads and when the caller already runs a loop.
+* `run_async`: awaits each call (`AsyncLLM`); polls are `asyncio.sleep`, and the blocking catalog lookup
+  runs in a thread, so the event loop is never blocked.
+
+The alternative, an async core with a sync runner, needs `asyncio.run` for every synchronous refit, which
+fails when the calling thread already runs a loop (notebooks, async servers) and costs a loop per call.
+With a step machine the sequence and all its error paths are written once, and the unit tests drive it
+with a fake control and a fake clock through the runner production uses.
+
+Error paths:
+
+* resolve or prefetch fails (a pull that fails or times out, a catalog model that differs from the
+  engine's): raised before anything pauses; the engine never stopped serving its old weights.
+* `update` fails: the update session is closed on the TP ranks that still hold it open (`finish`
+  without a version: the refit backend raises a failure on the last rank only), then the engine resumes.
+* once `pause` has been attempted, `resume` always runs, also on error or cancellation; a failed resume
+  after an earlier error is logged (the earlier error is raised), after a successful install it raises.
+* the engine's failures become `EngineError` (a `RefitError` keeps its class); programming errors
+  (`PROGRAMMING_ERRORS`) propagate unchanged, never disguised as an engine refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from refit import errors
+from refit.catalog.client import CatalogClient
+from refit.config import DEFAULT_TIMEOUTS
+from refit.errors import ConfigError, EngineError, RefitError, TransferTimeoutError, VersionNotFoundError
+from refit.types import VersionState
+
+logger = logging.getLogger(__name__)
+
+# Bugs in refit or in a caller's control, not an engine's answer: they keep their class.
+PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
+    TypeError,
+    AttributeError,
+    NameError,
+    LookupError,
+    AssertionError,
+    ImportError,
+    NotImplementedError,
+)
+CONTROL_OPS = frozenset({"init", "rpc", "pause", "start", "update", "finish", "reset", "resume"})
+RUNNER_OPS = frozenset({"resolve", "sleep"})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RefitReport:
+    """What one refit of one engine did. Times in seconds, measured by the caller's clock except `wire_s`."""
+
+    version: int
+    bytes: int  # pulled by all ranks together
+    bytes_per_rank: tuple[int, ...]
+    wire_s: float  # the slowest rank's NIXL transfer
+    prefetch_s: float  # prefetch requested -> every rank staged (the engine kept generating)
+    stall_s: float  # pause -> resume: the only time generation stopped
+    install_s: float  # the slowest rank's install (layerwise reload)
+    seconds: float  # the whole call
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RefitPlan:
+    """What to refit an engine to, and the deadlines of the refit.
+
+    Attributes:
+        version: the version to install; None: the newest READY one.
+        ready: `version` is already known to be READY (the fleet resolves it once for all its servers),
+            so the catalog is not asked again.
+        timeout_s: deadline of the pull (the backend's own) and of the prefetch wait (plus `grace_s`).
+        catalog_timeout_s: deadline of one catalog call (the driver's and each worker's).
+    """
+
+    catalog: str
+    name: str = "default"
+    version: int | None = None
+    ready: bool = False
+    replica: int = 0
+    timeout_s: float = DEFAULT_TIMEOUTS.update_s
+    catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s
+    poll_s: float = DEFAULT_TIMEOUTS.poll_s
+    grace_s: float = DEFAULT_TIMEOUTS.grace_s
+
+    def __post_init__(self) -> None:
+        if not self.catalog or not self.name:
+            raise ConfigError(f"catalog and name must be set, got catalog={self.catalog!r} name={self.name!r}")
+        if self.version is not None and (not isinstance(self.version, int) or self.version < 0):
+            raise ConfigError(f"version must be None or a non-negative int, got {self.version!r}")
+        if self.ready and self.version is None:
+            raise ConfigError("ready=True needs the version it vouches for")
+        if self.replica < 0:
+            raise ConfigError(f"replica must be >= 0, got {self.replica}")
+        for key in ("timeout_s", "catalog_timeout_s", "poll_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not self.grace_s >= 0:
+            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Step:
+    """One thing the machine asks its runner to do: a `Control` method, "sleep" or "resolve"."""
+
+    op: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.op not in CONTROL_OPS | RUNNER_OPS:
+            raise ConfigError(f"unknown refit step {self.op!r}")
+
+
+class Control(Protocol):
+    """The calls the machine makes on one engine (blocking). `rpc` reaches the refit backend of every
+    TP rank (`collective_rpc("weight_transfer_engine", kwargs=...)`) and returns one dict per rank."""
+
+    def init(self, info: dict[str, Any]) -> None: ...
+    def rpc(self, **kwargs: Any) -> list[dict[str, Any]]: ...
+    def pause(self) -> None: ...
+    def start(self) -> None: ...
+    def update(self, version: int) -> None: ...
+    def finish(self, weight_version: str | None) -> None: ...
+    def reset(self) -> bool | None: ...  # False: the prefix cache was not reset; None: the engine did not say
+    def resume(self) -> None: ...
+
+
+class AsyncControl(Protocol):
+    """`Control` for an engine whose calls are coroutines (`AsyncLLM`)."""
+
+    async def init(self, info: dict[str, Any]) -> None: ...
+    async def rpc(self, **kwargs: Any) -> list[dict[str, Any]]: ...
+    async def pause(self) -> None: ...
+    async def start(self) -> None: ...
+    async def update(self, version: int) -> None: ...
+    async def finish(self, weight_version: str | None) -> None: ...
+    async def reset(self) -> bool | None: ...
+    async def resume(self) -> None: ...
+
+
+# -- pure helpers -------------------------------------------------------------------------------------------
+
+
+def init_info(
+    *,
+    catalog: str,
+    name: str = "default",
+    replica: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUTS.update_s,
+    catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+) -> dict[str, Any]:
+    """The refit backend's `init_info` for `init_weight_transfer_engine`."""
+    if not catalog or replica < 0 or timeout_s <= 0 or catalog_timeout_s <= 0:
+        raise ConfigError("catalog must be set, replica >= 0, timeout_s > 0 and catalog_timeout_s > 0")
+    return {
+        "catalog": catalog,
+        "name": name,
+        "replica": replica,
+        "timeout_s": timeout_s,
+        "catalog_timeout_s": catalog_timeout_s,
+    }
+
+
+def resolve_version(
+    *,
+    catalog: str,
+    name: str,
+    version: int | None,
+    timeout_s: float,
+    catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+) -> int:
+    """The version to install: `version` once it is READY, or the newest READY one."""
+    with CatalogClient(catalog, timeout_s=catalog_timeout_s) as client:
+        if version is not None:
+            return client.wait_ready(name=name, version=version, timeout_s=timeout_s).version
+        info = client.latest(name=name, state=VersionState.READY)
+        if info is None:
+            raise VersionNotFoundError(f"no READY version of {name!r} in the catalog at {catalog}")
+        return info.version
+
+
+def error_from_status(status: dict[str, Any]) -> RefitError:
+    """The refit error a worker reported (by class name; nothing is unpickled)."""
+    cls = getattr(errors, str(status.get("error_type")), None)
+    message = f"TP rank {status.get('tp_rank')}: {status.get('error')}"
+    if isinstance(cls, type) and issubclass(cls, RefitError):
+        return cls(message)
+    return EngineError(f"{status.get('error_type')}: {message}")
+
+
+def prefetch_done(statuses: Sequence[dict[str, Any]], version: int) -> bool:
+    """True once every rank has `version` staged; raises the first rank's error if a pull failed."""
+    for s in statuses:
+        if s.get("version") == version and s.get("state") == "failed":
+            raise error_from_status(s)
+    return all(s.get("version") == version and s.get("state") == "staged" for s in statuses)
+
+
+def report(
+    *, version: int, staged: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]], times: dict[str, float]
+) -> RefitReport:
+    """The `RefitReport` of the ranks' statuses when staged and after the install, and the caller's times."""
+    per_rank = tuple(int(s.get("bytes", 0)) for s in sorted(staged, key=lambda s: s["tp_rank"]))
+    return RefitReport(
+        version=version,
+        bytes=sum(per_rank),
+        bytes_per_rank=per_rank,
+        wire_s=max(float(s.get("wire_s", 0.0)) for s in staged),
+        prefetch_s=times["prefetch"],
+        stall_s=times["stall"],
+        install_s=max(float(s.get("last", {}).get("install_s", 0.0)) for s in after),
+        seconds=times["total"],
+    )
+
+
+def close_session(finish: Callable[[], Any]) -> None:
+    """After a failed `update_weights`, end the update session on the TP ranks that still hold it open.
+
+    The refit backend raises a failure on the last TP rank only (vLLM's executor mis-pairs replies
+    otherwise), so the other ranks' sessions stay open; `finish_weight_update` closes them, and raises
+    on the last rank, whose session vLLM already closed.
+    """
+    try:
+        finish()
+    except Exception:
+        logger.debug("closing the failed update session", exc_info=True)
+
+
+# -- the machine ----------------------------------------------------------------------------------------------
+
+Machine = Generator[Step, Any, RefitReport]
+
+
+def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_counter) -> Machine:
+    """The refit of one engine as steps (see the module docstring); returns its `RefitReport`."""
+    t0 = clock()
+    if plan.ready and plan.version is not None:  # RefitPlan refuses ready without a version
+        version = plan.version
+    else:
+        version = yield Step(
+            op="resolve",
+            kwargs={
+                "catalog": plan.catalog,
+                "name": plan.name,
+                "version": plan.version,
+                "timeout_s": plan.timeout_s,
+                "catalog_timeout_s": plan.catalog_timeout_s,
+            },
+        )
+    info = init_info(
+        catalog=plan.catalog,
+        name=plan.name,
+        replica=plan.replica,
+        timeout_s=plan.timeout_s,
+        catalog_timeout_s=plan.catalog_timeout_s,
+    )
+    yield from _call("init", "init_weight_transfer_engine", info=info)
+    staged = yield from _prefetch(plan, version, clock)
+    t_pause = clock()
+    try:
+        yield from _swap(version)
+    except GeneratorExit:  # the runner abandoned the machine: nothing may be yielded any more
+        raise
+    except BaseException:
+        yield from _resume(version, after_error=True)
+        raise
+    yield from _resume(version, after_error=False)
+    t_resume = clock()
+    after = yield from _call("rpc", "the refit backend's status", op="status")
+    times = {"prefetch": t_pause - t0, "stall": t_resume - t_pause, "total": clock() - t0}
+    out = report(version=version, staged=staged, after=after, times=times)
+    logger.info(
+        "refit v%d: %d bytes (%s per rank), wire %.3fs, stall %.3fs",
+        version,
+        out.bytes,
+        out.bytes_per_rank,
+        out.wire_s,
+        out.stall_s,
+    )
+    return out
+
+
+def _call(call: str, what: str, /, **kwargs: Any) -> Generator[Step, Any, Any]:
+    """One engine call; its failure becomes an EngineError unless it is a RefitError or a programming error."""
+    try:
+        return (yield Step(op=call, kwargs=kwargs))
+    except (RefitError, *PROGRAMMING_ERRORS):
+        raise
+    except Exception as exc:
+        raise EngineError(f"vLLM refused {what}: {exc}") from exc
+
+
+def _prefetch(plan: RefitPlan, version: int, clock: Callable[[], float]) -> Generator[Step, Any, Any]:
+    # The pull enforces timeout_s itself; the grace lets its own error (which names what was late) win.
+    deadline = clock() + plan.timeout_s + plan.grace_s
+    statuses = yield from _call("rpc", f"the prefetch of v{version}", op="prefetch", version=version)
+    while not prefetch_done(statuses, version):
+        if clock() > deadline:
+            raise TransferTimeoutError(f"prefetch of v{version} not staged on every rank after {plan.timeout_s}s")
+        yield Step(op="sleep", kwargs={"seconds": plan.poll_s})
+        statuses = yield from _call("rpc", f"the prefetch of v{version}", op="status")
+    return statuses
+
+
+def _swap(version: int) -> Generator[Step, Any, None]:
+    what = f"the update to v{version}"
+    yield from _call("pause", f"to pause for {what}")
+    yield from _call("start", what)
+    try:
+        yield from _call("update", what, version=version)
+    except Exception:
+        yield from _close_session()
+        raise
+    yield from _call("finish", what, weight_version=str(version))
+    if (yield from _call("reset", f"the prefix-cache reset after {what}")) is False:
+        logger.warning("refit v%d: the prefix cache could not be reset (blocks still held)", version)
+
+
+def _close_session() -> Generator[Step, Any, None]:
+    """`close_session` as a step: `finish` without a version, its error (expected on the last rank) ignored."""
+    try:
+        yield Step(op="finish", kwargs={"weight_version": None})
+    except Exception:
+        logger.debug("closing the failed update session", exc_info=True)
+
+
+def _resume(version: int, *, after_error: bool) -> Generator[Step, Any, None]:
+    if not after_error:
+        yield from _call("resume", f"to resume after the update to v{version}")
+        return
+    try:
+        yield Step(op="resume")
+    except Exception:  # the refit's own error is the one to raise
+        logger.exception("could not resume the engine after a failed refit to v%d", version)
+
+
+# -- runners -------------------------------------------------------------------------------------------------
+
+
+def run(machine: Machine, control: Control, *, sleep: Callable[[float], None] = time.sleep) -> RefitReport:
+    """Run the machine's steps with blocking calls on `control` (no event loop needed)."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = machine.send(reply) if error is None else machine.throw(error)
+        except StopIteration as done:
+            return done.value
+        reply, error = None, None
+        try:
+            if step.op == "sleep":
+                sleep(step.kwargs["seconds"])
+            elif step.op == "resolve":
+                reply = resolve_version(**step.kwargs)
+            else:
+                reply = getattr(control, step.op)(**step.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - thrown into the machine, which handles or re-raises it
+            error = exc
+
+
+async def run_async(machine: Machine, control: AsyncControl) -> RefitReport:
+    """Run the machine's steps by awaiting `control`; the catalog lookup runs in a thread."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = machine.send(reply) if error is None else machine.throw(error)
+        except StopIteration as done:
+            return done.value
+        reply, error = None, None
+        try:
+            if step.op == "sleep":
+                await asyncio.sleep(step.kwargs["seconds"])
+            elif step.op == "resolve":
+                reply = await asyncio.to_thread(resolve_version, **step.kwargs)
+            else:
+                reply = await getattr(control, step.op)(**step.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - cancellation too: the machine resumes the engine first
+            error = exc
+
+
+__all__ = [
+    "PROGRAMMING_ERRORS",
+    "AsyncControl",
+    "Control",
+    "RefitPlan",
+    "RefitReport",
+    "Step",
+    "close_session",
+    "error_from_status",
+    "init_info",
+    "prefetch_done",
+    "refit_steps",
+    "report",
+    "resolve_version",
+    "run",
+    "run_async",
+]
