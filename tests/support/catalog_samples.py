@@ -27,27 +27,21 @@ def model(**changes: object) -> ModelMeta:
 def source(rank: int, *, tp_size: int = 1, agent: str | None = None, metadata: bytes = b"nixl\x00meta") -> SourceRecord:
     """Rank `rank`'s part: one column-parallel, one row-parallel and one replicated tensor."""
     tp = rank % tp_size
-    col = TensorDesc(
+    col = TensorDesc.shard(
         name="decoder.layers.0.mlp.linear_fc1.weight",
         role=Role.GATED_MLP_COLUMN,
         dtype="bfloat16",
-        local_shape=(256 // tp_size, 64),
         global_shape=(256, 64),
-        partition_dim=0,
-        partition_stride=2,
-        offset=tp * 128 // tp_size,
-        region=0,
-        byte_offset=0,
+        rank=tp,
+        size=tp_size,
     )
-    row = TensorDesc(
+    row = TensorDesc.shard(
         name="decoder.layers.0.mlp.linear_fc2.weight",
         role=Role.ROW,
         dtype="bfloat16",
-        local_shape=(64, 128 // tp_size),
         global_shape=(64, 128),
-        partition_dim=1,
-        offset=tp * 128 // tp_size,
-        region=0,
+        rank=tp,
+        size=tp_size,
         byte_offset=col.nbytes,
     )
     norm = TensorDesc(

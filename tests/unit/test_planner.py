@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 
@@ -46,24 +45,12 @@ def source(rank: int, tp_rank: int, tp: int, dp_rank: int = 0, dp: int = 1) -> S
     """One trainer rank with every shard packed back to back in one region, in TENSORS order."""
     descs, offset = [], 0
     for name, (role, shape, dim, stride) in TENSORS.items():
-        local = list(shape)
-        if dim >= 0:
-            local[dim] //= tp
-        descs.append(
-            TensorDesc(
-                name=name,
-                role=role,
-                dtype="float32",
-                local_shape=tuple(local),
-                global_shape=shape,
-                partition_dim=dim,
-                partition_stride=stride,
-                offset=tp_rank * local[dim] // stride if dim >= 0 else 0,
-                region=0,
-                byte_offset=offset,
-            )
+        assert (dim, stride) == (role.partition_dim, role.partition_stride), name
+        desc = TensorDesc.shard(
+            name=name, role=role, dtype="float32", global_shape=shape, rank=tp_rank, size=tp, byte_offset=offset
         )
-        offset += math.prod(local) * ITEM
+        descs.append(desc)
+        offset += desc.nbytes
     return SourceRecord(
         rank=rank,
         coords=ParallelCoords(tp_rank=tp_rank, tp_size=tp, dp_rank=dp_rank, dp_size=dp),

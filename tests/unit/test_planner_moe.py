@@ -45,13 +45,10 @@ def fc2(e: int) -> str:
 
 
 def _desc(name: str, role: Role, shape: tuple[int, ...], dim: int, stride: int, rank: int, size: int, at: int):
-    local = list(shape)
-    if dim >= 0:
-        local[dim] //= size
-    return TensorDesc(
-        name=name, role=role, dtype="bfloat16", local_shape=tuple(local), global_shape=shape, partition_dim=dim,
-        partition_stride=stride, offset=rank * local[dim] // stride if dim >= 0 else 0, byte_offset=at,
-    )  # fmt: skip
+    assert (dim, stride) == (role.partition_dim, role.partition_stride), name
+    return TensorDesc.shard(
+        name=name, role=role, dtype="bfloat16", global_shape=shape, rank=rank, size=size, byte_offset=at
+    )
 
 
 def source(rank: int, *, tp: tuple[int, int] = (0, 1), ep: tuple[int, int] = (0, 1), etp: tuple[int, int] = (0, 1)):
