@@ -32,6 +32,12 @@ class EngineSpec:
     catalog declares". The rest place this rank in the engine's own tensor- and expert-parallel
     groups and say how it names, splits and pads its tensors; `layout()` turns them into the
     planner's `EngineLayout`, the one place where that translation happens.
+
+    MoE models: `num_experts` routed experts per MoE layer (0: a dense model), each with an FFN of
+    `moe_ffn_hidden_size`; `ffn_hidden_size` is the dense MLP layers' FFN (Megatron's
+    `TransformerConfig.ffn_hidden_size`, HF `intermediate_size`), which a model without dense layers
+    (Mixtral) sets to its expert FFN, as Megatron's default `moe_ffn_hidden_size` does. Both are
+    compared with the catalog's, so a dense engine never takes a MoE model or the reverse.
     """
 
     architecture: str
@@ -43,6 +49,8 @@ class EngineSpec:
     ffn_hidden_size: int
     vocab_size: int
     tied_embeddings: bool
+    num_experts: int = 0  # routed experts per MoE layer; 0: a dense model
+    moe_ffn_hidden_size: int = 0  # each routed expert's FFN; 0 for a dense model
     tp_rank: int = 0
     tp_size: int = 1
     ep_rank: int = 0
@@ -61,14 +69,17 @@ class EngineSpec:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"engine {name} must be positive, got {getattr(self, name)}")
-        if self.ffn_hidden_size < 0:
-            raise ConfigError(f"engine ffn_hidden_size must be >= 0, got {self.ffn_hidden_size}")
+        for name in ("ffn_hidden_size", "num_experts", "moe_ffn_hidden_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"engine {name} must be >= 0, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"engine num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_query_groups {self.num_query_groups}"
             )
         self.layout()  # the parallel positions and vocabulary fields: EngineLayout's own checks
+        if self.num_experts and self.num_experts % self.ep_size:
+            raise ConfigError(f"engine ep_size {self.ep_size} does not divide its num_experts {self.num_experts}")
 
     def layout(self) -> EngineLayout:
         """The planner's view of this engine rank (raises ConfigError for an invalid position)."""
@@ -130,6 +141,10 @@ def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:
             diffs.append(f"{name}: engine {engine!r} vs catalog {catalog!r}")
     if spec.vocab_size > model.padded_vocab_size:
         diffs.append(f"vocab_size: engine {spec.vocab_size} > catalog's padded {model.padded_vocab_size}")
+    if model.num_experts % spec.ep_size:
+        diffs.append(
+            f"ep_size: engine EP size {spec.ep_size} does not divide the catalog's {model.num_experts} experts"
+        )
     if diffs:
         raise ModelMismatchError("engine does not match the catalog's model: " + "; ".join(diffs))
 
@@ -139,10 +154,15 @@ def spec_from_hf_config(
 ) -> EngineSpec:
     """The EngineSpec of a model described by a transformers config (HF models, vLLM's hf_config).
 
-    `engine` sets the spec's other engine fields (expert parallelism, `vocab_padding`, ...).
+    `engine` sets the spec's other engine fields (expert parallelism, `vocab_padding`, ...). MoE
+    configs give the expert count (`num_experts`, Mixtral's `num_local_experts`) and the expert FFN
+    (`moe_intermediate_size`; Mixtral, which has no dense layers, sizes its experts by
+    `intermediate_size`); `ffn_hidden_size` is always `intermediate_size`, the dense layers' FFN.
     """
     c: Any = config
     heads = c.num_attention_heads
+    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 0
+    moe_ffn = (getattr(c, "moe_intermediate_size", None) or c.intermediate_size) if experts else 0
     return EngineSpec(
         architecture=architecture,
         num_layers=c.num_hidden_layers,
@@ -153,6 +173,8 @@ def spec_from_hf_config(
         ffn_hidden_size=c.intermediate_size,
         vocab_size=c.vocab_size,
         tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        num_experts=experts,
+        moe_ffn_hidden_size=moe_ffn,
         tp_rank=tp_rank,
         tp_size=tp_size,
         **engine,

@@ -28,6 +28,12 @@ class HFEngine:
     layer really is the embedding table. A model whose config says tied but whose `lm_head` was untied
     expects it, and the catalog's tied model then fails the check naming it, instead of leaving the
     untied output layer on its old weights.
+
+    MoE models (transformers 5.x): routed experts live in two fused 3-D parameters per layer,
+    `mlp.experts.gate_up_proj` `[E, 2F, H]` (gate rows first, then up) and `mlp.experts.down_proj`
+    `[E, H, F]`. The engine expects them under the per-expert checkpoint names the planner targets
+    (`mlp.experts.{e}.gate_proj.weight` -> `gate_up_proj[e, :F]`, `up_proj` -> `gate_up_proj[e, F:]`,
+    `down_proj` -> `down_proj[e]`) and installs into those views, so the fused storage is kept.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -38,7 +44,7 @@ class HFEngine:
         self._config = config
         arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         self._architecture = architecture_from_hf(arch)
-        self._params = dict(model.named_parameters())
+        self._params = _install_views(model)
 
     def spec(self) -> EngineSpec:
         return spec_from_hf_config(self._config, architecture=self._architecture)
@@ -53,3 +59,31 @@ class HFEngine:
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy every tensor into its parameter, in the order of `tensors`: all of them, or none."""
         install_tensors(self._params, tensors)
+
+
+# transformers' fused expert parameters, and the per-expert names each expert's slices go by.
+_GATE_UP, _DOWN = ".experts.gate_up_proj", ".experts.down_proj"
+
+
+def _install_views(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> the tensor `install` writes: each parameter, with fused experts cut into per-expert views."""
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.ndim != 3 or not name.endswith((_GATE_UP, _DOWN)):
+            out[name] = p
+            continue
+        experts = modules[name.rsplit(".", 1)[0]]
+        layout = {k: getattr(experts, k, None) for k in ("is_transposed", "is_concatenated", "has_gate", "has_bias")}
+        # Only the layout whose slices are known: [E, out, in], gate then up concatenated, no biases.
+        if layout != {"is_transposed": False, "is_concatenated": True, "has_gate": True, "has_bias": False}:
+            raise ConfigError(f"{name}: fused experts laid out as {layout}; HFEngine knows [E, 2F, H] gate-up only")
+        prefix = name[: -len("gate_up_proj" if name.endswith(_GATE_UP) else "down_proj")]
+        for e in range(p.shape[0]):
+            if name.endswith(_GATE_UP):
+                f = p.shape[1] // 2
+                out[f"{prefix}{e}.gate_proj.weight"] = p[e, :f]
+                out[f"{prefix}{e}.up_proj.weight"] = p[e, f:]
+            else:
+                out[f"{prefix}{e}.down_proj.weight"] = p[e]
+    return out

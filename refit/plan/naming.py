@@ -5,9 +5,16 @@ Qwen2 adds q/k/v biases and Qwen3 adds q/k norms, which follow from the model's 
 than from separate tables. Both the local-spec names and the Transformer-Engine fused-norm names
 (`linear_qkv.layer_norm_weight`) are understood.
 
-The MoE names (router, shared experts, routed experts in both Megatron namings) follow DeepSeek-V3 /
-Qwen3-MoE checkpoints. They are planner-only today: the Megatron reader refuses MoE models, so only
-synthetic sources (the benchmark's, the unit tests') publish them.
+MoE models (Qwen3-MoE, Mixtral, Qwen2-MoE, and DeepSeek-V3's names for the planner) add the router
+(`mlp.router.weight` -> `mlp.gate.weight`), routed experts and shared experts. A routed expert is one
+tensor per expert in Megatron, in either naming (SequentialMLP `mlp.experts.local_experts.{e}.linear_fc1`
+or TEGroupedMLP `mlp.experts.linear_fc1.weight{e}`, `e` always the *global* expert id), and maps to the
+per-expert checkpoint names `model.layers.L.mlp.experts.{e}.{gate,up,down}_proj.weight` that vLLM's
+loaders take; `HFEngine` installs them into slices of transformers 5.x's fused expert parameters.
+Mixtral uses the same names (transformers keeps it under `mlp.` in memory; its checkpoints' and vLLM's
+`block_sparse_moe.experts.{e}.w1/w3/w2` are a rename an engine makes itself). Shared experts are named
+per architecture: Qwen2-MoE's single `mlp.shared_expert.*` with its `mlp.shared_expert_gate`, and
+DeepSeek's `mlp.shared_experts.*` for every other architecture.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 _HF_TO_ARCH = {hf: arch for arch, hf in ARCHITECTURES.items()}
 
@@ -50,11 +60,20 @@ _LAYER_TABLE: dict[str, tuple[str, ...]] = {
     "mlp.linear_fc1.layer_norm_{p}": ("post_attention_layernorm.{p}",),
     "mlp.linear_fc1.{p}": ("mlp.gate_proj.{p}", "mlp.up_proj.{p}"),
     "mlp.linear_fc2.{p}": ("mlp.down_proj.{p}",),
-    # MoE (DeepSeek-V3 / Qwen3-MoE names): router, its bias, shared experts.
+    # MoE: the router and its bias (DeepSeek-V3's name), and DeepSeek's shared experts.
     "mlp.router.{p}": ("mlp.gate.{p}",),
     "mlp.router.expert_bias": ("mlp.gate.e_score_correction_bias",),
     "mlp.shared_experts.linear_fc1.{p}": ("mlp.shared_experts.gate_proj.{p}", "mlp.shared_experts.up_proj.{p}"),
     "mlp.shared_experts.linear_fc2.{p}": ("mlp.shared_experts.down_proj.{p}",),
+}
+# Entries an architecture names its own way (they replace the shared table's).
+_ARCH_LAYER_TABLES: dict[str, dict[str, tuple[str, ...]]] = {
+    # Qwen2-MoE: one shared expert, scaled by sigmoid(shared_expert_gate(x)) like Megatron's gate_weight.
+    "qwen2_moe": {
+        "mlp.shared_experts.linear_fc1.{p}": ("mlp.shared_expert.gate_proj.{p}", "mlp.shared_expert.up_proj.{p}"),
+        "mlp.shared_experts.linear_fc2.{p}": ("mlp.shared_expert.down_proj.{p}",),
+        "mlp.shared_experts.gate_weight": ("mlp.shared_expert_gate.weight",),
+    },
 }
 _TOP_TABLE: dict[str, tuple[str, ...]] = {
     "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
@@ -62,11 +81,16 @@ _TOP_TABLE: dict[str, tuple[str, ...]] = {
     "decoder.final_layernorm.bias": ("model.norm.bias",),
     "output_layer.weight": ("lm_head.weight",),
 }
-_LAYER_MAP: dict[str, tuple[str, ...]] = {
-    key.format(p=p): tuple(n.format(p=p) for n in names)
-    for key, names in _LAYER_TABLE.items()
-    for p in ("weight", "bias")
-}
+
+
+def _expand(table: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    return {
+        key.format(p=p): tuple(n.format(p=p) for n in names) for key, names in table.items() for p in ("weight", "bias")
+    }
+
+
+_LAYER_MAP = _expand(_LAYER_TABLE)
+_ARCH_LAYER_MAPS = {arch: _LAYER_MAP | _expand(table) for arch, table in _ARCH_LAYER_TABLES.items()}
 
 # A routed expert, one global tensor per expert, in the TEGroupedMLP form (`experts.linear_fc1.weight7`)
 # or the SequentialMLP form (`experts.local_experts.7.linear_fc1.weight`).
@@ -108,11 +132,12 @@ def expert_index(megatron_name: str) -> int:
     return expert.expert
 
 
-def hf_names(megatron_name: str, *, gated: bool = True) -> tuple[str, ...]:
+def hf_names(megatron_name: str, *, gated: bool = True, architecture: str = "") -> tuple[str, ...]:
     """The HF name(s) of a global Megatron parameter name; LayoutError if it has none.
 
     One name, `(q, k, v)` for a fused QKV, or `(gate, up)` for a gated fc1. With `gated=False` a
-    fc1 maps to its single up projection.
+    fc1 maps to its single up projection. `architecture` (refit's id) picks the names an
+    architecture spells its own way (Qwen2-MoE's shared expert); any other, or none, gets the shared table.
     """
     if megatron_name in _TOP_TABLE:
         return _TOP_TABLE[megatron_name]
@@ -123,9 +148,10 @@ def hf_names(megatron_name: str, *, gated: bool = True) -> tuple[str, ...]:
         names = tuple(f"{prefix}{n}.{expert.param}" for n in names)
     else:
         m = _LAYER.match(megatron_name)
-        if m is None or m.group(2) not in _LAYER_MAP:
+        table = _ARCH_LAYER_MAPS.get(architecture, _LAYER_MAP)
+        if m is None or m.group(2) not in table:
             raise LayoutError(f"no Hugging Face name for Megatron parameter {megatron_name!r}")
-        names = tuple(f"model.layers.{m.group(1)}.{n}" for n in _LAYER_MAP[m.group(2)])
+        names = tuple(f"model.layers.{m.group(1)}.{n}" for n in table[m.group(2)])
     if len(names) == 2 and not gated:  # a non-gated MLP has a single up projection
         return names[1:]
     return names

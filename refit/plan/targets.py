@@ -22,8 +22,9 @@ Two schemes name and split the targets:
 
 MoE experts (expert roles) are one global tensor per expert. In both schemes an engine rank needs
 only the experts of its expert-parallel rank (contiguous blocks of `num_experts / ep_size`), split
-within each expert by its expert-TP rank. Planner only for now: the Megatron reader refuses MoE
-models and the receiver does not pass expert parallelism to `EngineLayout`.
+within each expert by its expert-TP rank. In the `hf` scheme an expert's fc1 yields its `gate_proj`
+and `up_proj` targets and fc2 its `down_proj` (per-expert names; `HFEngine` maps them onto slices of
+transformers' fused `gate_up_proj` / `down_proj` parameters).
 """
 
 from __future__ import annotations
@@ -210,7 +211,11 @@ def _expert_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) ->
         return []
     t, tp = layout.expert_tp
     megatron = layout.scheme is Scheme.MEGATRON
-    names = (desc.name,) if megatron else hf_names(desc.name, gated=model.gated_linear_unit)
+    names = (
+        (desc.name,)
+        if megatron
+        else hf_names(desc.name, gated=model.gated_linear_unit, architecture=model.architecture)
+    )
     if desc.role is Role.EXPERT_ROW:
         return [_target(desc, names[0], 1, (_even(desc.global_shape[1], tp, t, f"{desc.name} columns"),))]
     if desc.role is Role.EXPERT_COLUMN:
@@ -249,7 +254,7 @@ def _megatron_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) 
 
 def _hf_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
     """Hugging Face-named targets, split by vLLM's TP convention."""
-    names = hf_names(desc.name, gated=model.gated_linear_unit)
+    names = hf_names(desc.name, gated=model.gated_linear_unit, architecture=model.architecture)
     t, tp, role, shape = layout.tp_rank, layout.tp_size, desc.role, desc.global_shape
     if role is Role.QKV_COLUMN:
         expected = (model.num_attention_heads + 2 * model.num_query_groups) * model.kv_channels

@@ -53,13 +53,19 @@ def apply_cpu_shims() -> None:
     * RotaryEmbedding (and the MoE router) move tensors to `torch.cuda.current_device()`.
     * DotProductAttention enters `get_cuda_rng_tracker().fork()`, which needs CUDA RNG state; the
       tracker class is patched so every tracker (also ones created after a reset) is a no-op.
+    * The MoE router's `RouterGatingLinearFunction` names `te_general_gemm`, which `moe_utils` binds
+      only when Transformer Engine imports (NameError otherwise); bound to None it takes the plain
+      torch matmul path.
     The causal mask (`get_default_causal_mask` builds it on "cuda") is avoided by passing an
     explicit mask in the forward pass instead of a shim.
     """
     from megatron.core.tensor_parallel import random as mpu_random
+    from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     mpu_random.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()  # type: ignore[method-assign]
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _send(results: Any, seq: int, rank: int, ok: bool, value: Any) -> None:

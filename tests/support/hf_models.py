@@ -16,13 +16,17 @@ from typing import Any, Literal
 
 import torch
 
-Architecture = Literal["llama", "qwen2", "qwen3"]
+Architecture = Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe"]
 
 _HF_CLASSES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
 }
+MOE_ARCHITECTURES = frozenset({"qwen3_moe", "mixtral", "qwen2_moe"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -40,6 +44,10 @@ class ModelCase:
     hf_config: dict[str, Any] = field(hash=False)
     make_vocab_size_divisible_by: int = 128
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # MoE only: the router weights are drawn this many times larger so that the top-k choice has wide
+    # margins and cannot flip between HF and Megatron over rounding; experts are scaled so they matter.
+    router_scale: float = 1.0
+    expert_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.architecture not in _HF_CLASSES:
@@ -49,6 +57,8 @@ class ModelCase:
         cfg = self.hf_config
         if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
             raise ValueError(f"{self.id}: num_attention_heads must be a multiple of num_key_value_heads")
+        if self.is_moe and self.num_experts < 1:
+            raise ValueError(f"{self.id}: a MoE case needs num_experts (num_local_experts for Mixtral)")
 
     # Shape shortcuts (HF names -> the quantities the Megatron layout is defined by).
     @property
@@ -74,6 +84,51 @@ class ModelCase:
     @property
     def ffn_hidden_size(self) -> int:
         return int(self.hf_config["intermediate_size"])
+
+    # MoE shape (HF names -> Megatron quantities); dense cases answer "no experts".
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture in MOE_ARCHITECTURES
+
+    @property
+    def num_experts(self) -> int:
+        if not self.is_moe:
+            return 0
+        return int(self.hf_config.get("num_experts") or self.hf_config.get("num_local_experts") or 0)
+
+    @property
+    def moe_ffn_hidden_size(self) -> int:
+        """Routed expert FFN size: Qwen's `moe_intermediate_size`, Mixtral's `intermediate_size`."""
+        if self.architecture == "mixtral":
+            return self.ffn_hidden_size
+        return int(self.hf_config["moe_intermediate_size"])
+
+    @property
+    def moe_topk(self) -> int:
+        return int(self.hf_config["num_experts_per_tok"])
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        """Whether the top-k routing probabilities are renormalised (Mixtral always does)."""
+        return self.architecture == "mixtral" or bool(self.hf_config.get("norm_topk_prob", False))
+
+    @property
+    def shared_expert_ffn_size(self) -> int | None:
+        """Qwen2-MoE's shared expert (always gated by `shared_expert_gate`); None elsewhere."""
+        if self.architecture != "qwen2_moe":
+            return None
+        return int(self.hf_config["shared_expert_intermediate_size"])
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Per layer: True where HF builds a sparse MoE block (transformers' Qwen*Moe decoder-layer rule)."""
+        if not self.is_moe:
+            return (False,) * self.num_layers
+        if self.architecture == "mixtral":
+            return (True,) * self.num_layers
+        dense = set(self.hf_config.get("mlp_only_layers", ()))
+        step = int(self.hf_config.get("decoder_sparse_step", 1))
+        return tuple(i not in dense and (i + 1) % step == 0 for i in range(self.num_layers))
 
     @property
     def vocab_size(self) -> int:
@@ -145,9 +200,66 @@ LLAMA_BF16 = dataclasses.replace(LLAMA_GQA, id="llama-gqa-bf16", dtype="bfloat16
 # Vocab 1000 padded to multiples of 384 x TP: 1152 rows at TP 1 but 1536 at TP 2.
 LLAMA_PAD384 = dataclasses.replace(LLAMA_PADDED, id="llama-pad384", make_vocab_size_divisible_by=384)
 
+# Mixture of experts: 4 layers, 4 experts, top 2. Dense layers sit on both sides of the PP=2 stage
+# boundary (Qwen3-MoE: MoE, dense | dense, MoE; Qwen2-MoE: dense, MoE | dense, MoE); Mixtral has none.
+_MOE_SCALES = dict(router_scale=100.0, expert_scale=5.0)
+QWEN3_MOE = ModelCase(
+    "qwen3-moe",
+    "qwen3_moe",
+    _cfg(
+        num_hidden_layers=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1, 2],
+        norm_topk_prob=True,
+        rope_theta=1000000.0,
+    ),
+    make_vocab_size_divisible_by=64,
+    **_MOE_SCALES,
+)
+MIXTRAL = ModelCase(
+    "mixtral",
+    "mixtral",
+    _cfg(num_hidden_layers=4, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0),
+    make_vocab_size_divisible_by=64,
+    **_MOE_SCALES,
+)
+QWEN2_MOE = ModelCase(
+    "qwen2-moe-shared",
+    "qwen2_moe",
+    _cfg(
+        num_hidden_layers=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        norm_topk_prob=False,
+        rope_theta=1000000.0,
+    ),
+    make_vocab_size_divisible_by=64,
+    **_MOE_SCALES,
+)
+# fp32 only: in bf16 the scaled router and experts amplify rounding (a megatron-core TP2 EP2 ETP2
+# model differed from HF by 0.5 in the logits), so a bf16 MoE logits comparison proves little.
+MOE_CASES = (QWEN3_MOE, MIXTRAL, QWEN2_MOE)
+
 CASES: dict[str, ModelCase] = {
     c.id: c
-    for c in (LLAMA_GQA, LLAMA_1KV_TIED, QWEN2_BIAS, QWEN3_QKNORM, LLAMA_PADDED, LLAMA_4L, LLAMA_BF16, LLAMA_PAD384)
+    for c in (
+        LLAMA_GQA,
+        LLAMA_1KV_TIED,
+        QWEN2_BIAS,
+        QWEN3_QKNORM,
+        LLAMA_PADDED,
+        LLAMA_4L,
+        LLAMA_BF16,
+        LLAMA_PAD384,
+        *MOE_CASES,
+    )
 }
 
 
@@ -184,7 +296,9 @@ def build_hf_model(case: ModelCase, seed: int) -> torch.nn.Module:
 
     Every parameter is redrawn from a generator seeded with `seed` (construction-time init is
     ignored): matrices ~ N(0, 0.02), norm weights ~ 1 + N(0, 0.1), biases ~ N(0, 0.02). Norms are
-    not left at 1.0 so that a norm routed to the wrong place changes the result.
+    not left at 1.0 so that a norm routed to the wrong place changes the result. MoE routers
+    (`mlp.gate.weight`) are multiplied by `case.router_scale` and routed experts (`mlp.experts.*`)
+    and shared experts (`mlp.shared_expert*`, the gate too) by `case.expert_scale`.
     """
     import transformers
 
@@ -195,6 +309,10 @@ def build_hf_model(case: ModelCase, seed: int) -> torch.nn.Module:
         for name, param in model.named_parameters():  # tied weights appear once
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             value = 1.0 + 0.1 * noise if param.ndim == 1 and "norm" in name else 0.02 * noise
+            if name.endswith(".mlp.gate.weight"):
+                value = value * case.router_scale
+            elif ".mlp.experts." in name or ".mlp.shared_expert" in name:
+                value = value * case.expert_scale
             param.copy_(value.to(param.dtype))
     model.to(case.torch_dtype)
     return model.eval()

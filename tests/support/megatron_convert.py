@@ -9,14 +9,27 @@ Owns the per-rank *local* state dict a Megatron-Core 0.16.1 GPTModel chunk built
 * gated fc1: each rank holds `[gate_r ; up_r]` (its TP slice of gate, then of up);
 * row-parallel `linear_proj` / `linear_fc2`: split on dim 1;
 * word embeddings / output layer: zero-padded to the padded vocab, then split by rows;
-* norms (incl. Qwen3 q/k norms): replicated.
+* norms (incl. Qwen3 q/k norms): replicated;
+* MoE layers (Qwen3-MoE, Mixtral, Qwen2-MoE; transformers 5.x keeps routed experts fused as
+  `mlp.experts.gate_up_proj` `[E, 2F, H]` (gate rows first) and `mlp.experts.down_proj` `[E, H, F]`):
+  the router `mlp.gate.weight` -> `mlp.router.weight`, replicated; expert parallel rank `ep` holds the
+  contiguous block of global experts `ep * E/EP + j` as `mlp.experts.local_experts.{j}` (SequentialMLP),
+  each split over *expert* tensor parallelism (ETP, independent of TP): fc1 `[gate_r ; up_r]`, fc2 on
+  dim 1; Qwen2-MoE's shared expert -> `mlp.shared_experts.linear_fc1/fc2` split over TP like a dense
+  MLP, its `shared_expert_gate.weight` -> `mlp.shared_experts.gate_weight`, replicated.
 
 Layout source: NVIDIA/Megatron-LM at tag `core_v0.16.1`, `megatron/core/`: `transformer/attention.py`
 (`SelfAttention.get_query_key_value_tensors`: the per-group QKV split, and the all-gather when
 `num_query_groups < TP`), `transformer/mlp.py` (`MLP.__init__`: fc1 with `stride=2`; `glu`: gate first),
 `tensor_parallel/layers.py` (`ColumnParallelLinear` / `RowParallelLinear` partition dims and
 `_initialize_affine_weight_cpu`'s strided split), `tensor_parallel/utils.py` (`VocabUtility`: vocab rows
-per rank) and `models/gpt/gpt_layer_specs.py` (`get_gpt_layer_local_spec`: the parameter names). The
+per rank), `models/gpt/gpt_layer_specs.py` (`get_gpt_layer_local_spec`: the parameter names),
+`transformer/moe/moe_layer.py` (`MoELayer.local_expert_indices`: `ep_rank * num_local_experts + j`),
+`transformer/moe/experts.py` (`SequentialMLP`: one expert MLP per local expert, built with the expert
+tensor parallel group), `transformer/moe/shared_experts.py` (`SharedExpertMLP`: a TP-split MLP plus the
+`gate_weight` `[1, H]` applied as `sigmoid(x @ gate_weight.T)`) and `transformer/moe/router.py`
+(`TopKRouter.weight` `[E, H]`) and HF's `modeling_qwen3_moe.py` / `modeling_mixtral.py` /
+`modeling_qwen2_moe.py` (transformers 5.x: `gate_up_proj[e].chunk(2)` is gate, up). The
 same conventions as refit itself sees them: the role table in docs/architecture.md.
 """
 
@@ -68,6 +81,48 @@ def _vocab_rows(table: torch.Tensor, padded_vocab: int, tp_size: int, tp_rank: i
     return _tp_chunk(padded, tp_size, tp_rank, 0)
 
 
+def _gated_mlp(take: Any, src: str, dst: str, size: int, rank: int) -> dict[str, torch.Tensor]:
+    """HF `{src}gate_proj/up_proj/down_proj` -> Megatron `{dst}linear_fc1` `[gate_r ; up_r]` and `linear_fc2`."""
+    gate = _tp_chunk(take(src + "gate_proj.weight"), size, rank, 0)
+    up = _tp_chunk(take(src + "up_proj.weight"), size, rank, 0)
+    return {
+        dst + "linear_fc1.weight": torch.cat([gate, up], dim=0),
+        dst + "linear_fc2.weight": _tp_chunk(take(src + "down_proj.weight"), size, rank, 1),
+    }
+
+
+def _moe_mlp(
+    take: Any,
+    hf_sd: Mapping[str, torch.Tensor],
+    src: str,
+    dst: str,
+    tp_size: int,
+    tp_rank: int,
+    ep_size: int,
+    ep_rank: int,
+    etp_size: int,
+    etp_rank: int,
+) -> dict[str, torch.Tensor]:
+    out = {dst + "mlp.router.weight": take("mlp.gate.weight").clone()}
+    gate_up, down = take("mlp.experts.gate_up_proj"), take("mlp.experts.down_proj")
+    experts, ffn = gate_up.shape[0], gate_up.shape[1] // 2
+    if experts % ep_size:
+        raise ValueError(f"{src}: {experts} experts do not split over EP={ep_size}")
+    per_rank = experts // ep_size
+    for j in range(per_rank):
+        expert = ep_rank * per_rank + j
+        gate = _tp_chunk(gate_up[expert, :ffn], etp_size, etp_rank, 0)
+        up = _tp_chunk(gate_up[expert, ffn:], etp_size, etp_rank, 0)
+        local = dst + f"mlp.experts.local_experts.{j}."
+        out[local + "linear_fc1.weight"] = torch.cat([gate, up], dim=0)
+        out[local + "linear_fc2.weight"] = _tp_chunk(down[expert], etp_size, etp_rank, 1)
+    if src + "mlp.shared_expert.gate_proj.weight" in hf_sd:
+        out.update(_gated_mlp(take, "mlp.shared_expert.", dst + "mlp.shared_experts.", tp_size, tp_rank))
+    if src + "mlp.shared_expert_gate.weight" in hf_sd:
+        out[dst + "mlp.shared_experts.gate_weight"] = take("mlp.shared_expert_gate.weight").clone()
+    return out
+
+
 def hf_to_megatron_local(
     hf_sd: Mapping[str, torch.Tensor],
     case_or_config: Any,
@@ -78,18 +133,30 @@ def hf_to_megatron_local(
     pre_process: bool,
     post_process: bool,
     padded_vocab: int,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    etp_size: int | None = None,
+    etp_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The local Megatron state dict of one TP rank of one model chunk.
+    """The local Megatron state dict of one (TP, EP, ETP) rank of one model chunk.
 
     `layers` are the global layer ids the chunk holds, in order: HF `model.layers.{layers[i]}`
     becomes local `decoder.layers.{i}`. `pre_process` adds the word embeddings, `post_process` the
     final norm and (untied only) `output_layer.weight`. Qwen2 qkv biases and Qwen3 q/k norms are
-    emitted when the HF state dict has them. Every HF tensor of the selected layers is consumed;
+    emitted when the HF state dict has them. A layer whose HF tensors include fused experts
+    (`mlp.experts.gate_up_proj`) is converted as a MoE layer for expert parallel rank `ep_rank` of
+    `ep_size` and expert tensor parallel rank `etp_rank` of `etp_size` (None: TP, Megatron's default);
+    other layers ignore the expert arguments. Every HF tensor of the selected layers is consumed;
     an unknown one raises, so a new HF tensor cannot be silently dropped.
     """
     heads, groups, head_dim, tied = _shape_params(case_or_config)
+    etp_size = tp_size if etp_size is None else etp_size
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} outside TP={tp_size}")
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank {ep_rank} outside EP={ep_size}")
+    if not 0 <= etp_rank < etp_size:
+        raise ValueError(f"etp_rank {etp_rank} outside ETP={etp_size}")
     out: dict[str, torch.Tensor] = {}
     for local, layer in enumerate(layers):
         src, dst = _HF_LAYER.format(layer), f"decoder.layers.{local}."
@@ -124,10 +191,10 @@ def hf_to_megatron_local(
             out[dst + "self_attention.k_layernorm.weight"] = take("self_attn.k_norm.weight").clone()
         out[dst + "self_attention.linear_proj.weight"] = _tp_chunk(take("self_attn.o_proj.weight"), tp_size, tp_rank, 1)
         out[dst + "pre_mlp_layernorm.weight"] = take("post_attention_layernorm.weight").clone()
-        gate = _tp_chunk(take("mlp.gate_proj.weight"), tp_size, tp_rank, 0)
-        up = _tp_chunk(take("mlp.up_proj.weight"), tp_size, tp_rank, 0)
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-        out[dst + "mlp.linear_fc2.weight"] = _tp_chunk(take("mlp.down_proj.weight"), tp_size, tp_rank, 1)
+        if src + "mlp.experts.gate_up_proj" not in hf_sd:
+            out.update(_gated_mlp(take, "mlp.", dst + "mlp.", tp_size, tp_rank))
+        else:
+            out.update(_moe_mlp(take, hf_sd, src, dst, tp_size, tp_rank, ep_size, ep_rank, etp_size, etp_rank))
         unused = sorted(k for k in hf_sd if k.startswith(src) and k not in used)
         if unused:
             raise KeyError(f"HF tensors the converter does not know how to place: {unused}")

@@ -1,11 +1,11 @@
 """Trainer-side model steps run on every rank of a `TrainerCluster` (see cluster.py).
 
 Owns how a real megatron-core 0.16.1 GPTModel is built on CPU from a `ModelCase` (TP / PP / VPP
-layouts, local layer spec), filled with an HF checkpoint through the independent converter, updated
-in place, run forward and dropped. Each function has the cluster's signature
-`fn(state, rank, world_size, **kwargs)` and returns a small picklable value; models live in
-`state[key]` (one GPTModel, or a list of chunks with VPP). megatron-core is imported lazily so the
-test process can import this module cheaply.
+layouts, and EP / ETP for mixture-of-experts cases; local layer spec), filled with an HF checkpoint
+through the independent converter, updated in place, run forward and dropped. Each function has the
+cluster's signature `fn(state, rank, world_size, **kwargs)` and returns a small picklable value;
+models live in `state[key]` (one GPTModel, or a list of chunks with VPP). megatron-core is imported
+lazily so the test process can import this module cheaply.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.support.megatron_convert import hf_to_megatron_local
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_LAYOUTS: dict[tuple[int, int, int | None], dict[str, Any]] = {}
+_LAYOUTS: dict[tuple[int, int, int | None, int, int], dict[str, Any]] = {}
 
 
 def _parallel_state_snapshot() -> dict[str, Any]:
@@ -39,7 +39,7 @@ def _parallel_state_snapshot() -> dict[str, Any]:
     }
 
 
-def _ensure_model_parallel(tp: int, pp: int, vpp: int | None) -> None:
+def _ensure_model_parallel(tp: int, pp: int, vpp: int | None, ep: int = 1, etp: int | None = None) -> None:
     """Make Megatron's parallel state the one of this layout.
 
     Each layout's groups are created once and kept: switching back restores the saved state instead
@@ -49,12 +49,14 @@ def _ensure_model_parallel(tp: int, pp: int, vpp: int | None) -> None:
     """
     from megatron.core import parallel_state as ps
 
-    key = (tp, pp, vpp)
+    key = (tp, pp, vpp, ep, tp if etp is None else etp)  # Megatron's ETP defaults to TP
     if ps.model_parallel_is_initialized():
         current = (
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
             ps.get_virtual_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_tensor_parallel_world_size(),
         )
         if current == key:
             return
@@ -67,16 +69,59 @@ def _ensure_model_parallel(tp: int, pp: int, vpp: int | None) -> None:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         create_gloo_process_groups=False,  # the default group is gloo already
     )
     _LAYOUTS[key] = _parallel_state_snapshot()
 
 
-def transformer_config(case: ModelCase, *, tp: int, pp: int, vpp: int | None, params_dtype: torch.dtype) -> Any:
+def moe_config(case: ModelCase) -> dict[str, Any]:
+    """The TransformerConfig fields that make Megatron's MoE layers compute what HF's do; {} when dense.
+
+    * `moe_layer_freq`: HF's per-layer sparse/dense rule (`mlp_only_layers`, `decoder_sparse_step`).
+    * Routing: HF takes softmax over all experts, then the top k, and renormalises them when
+      `norm_topk_prob` (Mixtral always). Megatron's default (top k of the logits, softmax over those k)
+      equals the renormalised form; `moe_router_pre_softmax` (softmax first, top k kept as is) the other.
+    * Qwen2-MoE's shared expert is gated by `sigmoid(x @ gate.T)`: `moe_shared_expert_gate`.
+    * On CPU: the `allgather` dispatcher (`alltoall` creates a CUDA stream when built) and
+      SequentialMLP experts (`moe_grouped_gemm=False`); no load balancing loss, no expert bias.
+    """
+    if not case.is_moe:
+        return {}
+    return {
+        "num_moe_experts": case.num_experts,
+        "moe_ffn_hidden_size": case.moe_ffn_hidden_size,
+        "moe_router_topk": case.moe_topk,
+        "moe_layer_freq": [int(m) for m in case.moe_layers],
+        "moe_router_pre_softmax": not case.norm_topk_prob,
+        "moe_router_score_function": "softmax",
+        "moe_router_load_balancing_type": "none",
+        "moe_aux_loss_coeff": 0.0,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": False,
+        "moe_shared_expert_intermediate_size": case.shared_expert_ffn_size,
+        "moe_shared_expert_gate": case.shared_expert_ffn_size is not None,
+    }
+
+
+def transformer_config(
+    case: ModelCase,
+    *,
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    params_dtype: torch.dtype,
+    ep: int = 1,
+    etp: int | None = None,
+) -> Any:
     """Megatron TransformerConfig equivalent to the HF config of `case` (megatron.md section 5.2)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    moe = moe_config(case)
+    if ep != 1 or etp is not None:
+        moe.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     return TransformerConfig(
         num_layers=case.num_layers,
         hidden_size=case.hidden_size,
@@ -89,8 +134,9 @@ def transformer_config(case: ModelCase, *, tp: int, pp: int, vpp: int | None, pa
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=case.architecture == "qwen2",
-        qk_layernorm=case.architecture == "qwen3",
+        add_qkv_bias=case.architecture == "qwen2"
+        or (case.architecture == "qwen2_moe" and case.hf_config.get("qkv_bias", True)),
+        qk_layernorm=case.architecture in ("qwen3", "qwen3_moe"),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -106,6 +152,7 @@ def transformer_config(case: ModelCase, *, tp: int, pp: int, vpp: int | None, pa
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        **moe,
     )
 
 
@@ -125,6 +172,14 @@ def _converted(state: dict, key: str, hf_sd: Mapping[str, torch.Tensor]) -> list
     meta = state[f"{key}/meta"]
     case, tp, vocab = meta["case"], meta["tp"], meta["padded_vocab"]
     tp_rank = ps.get_tensor_model_parallel_rank()
+    experts = {}
+    if case.is_moe:
+        experts = dict(
+            ep_size=meta["ep"],
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            etp_size=meta["etp"],
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+        )
     return [
         hf_to_megatron_local(
             hf_sd,
@@ -135,9 +190,19 @@ def _converted(state: dict, key: str, hf_sd: Mapping[str, torch.Tensor]) -> list
             pre_process=chunk.pre_process,
             post_process=chunk.post_process,
             padded_vocab=vocab,
+            **experts,
         )
         for chunk in _chunks(state[key])
     ]
+
+
+def _local_expert_ids(chunk: torch.nn.Module) -> dict[int, list[int]]:
+    """Global layer id -> the global expert ids this rank holds there, read from Megatron's MoELayer."""
+    return {
+        int(layer.layer_number) - 1: [int(i) for i in layer.mlp.local_expert_indices]
+        for layer in chunk.decoder.layers
+        if hasattr(layer.mlp, "local_expert_indices")
+    }
 
 
 def _load_hf(path: str) -> dict[str, torch.Tensor]:
@@ -158,12 +223,16 @@ def build(
     pp: int = 1,
     vpp: int | None = None,
     params_dtype: str | None = None,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> dict[str, Any]:
     """Build the GPTModel chunk(s) of this rank for `case` at TP x PP (x VPP), load `hf_path` into them.
 
-    The rest of the world is data parallel. `params_dtype` defaults to the case's dtype; every
-    parameter gets it (as Megatron's Float16Module does for bf16 training). The converted state dict
-    must match the model exactly (only `*_extra_state` may be missing).
+    The rest of the world is data parallel. MoE cases also take expert parallelism `ep` and expert
+    tensor parallelism `etp` (None: TP); the rest of the world is then expert data parallel too.
+    `params_dtype` defaults to the case's dtype; every parameter gets it (as Megatron's Float16Module
+    does for bf16 training). The converted state dict must match the model exactly (only
+    `*_extra_state` may be missing). `load` and `logits` switch back to the model's layout first.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -174,6 +243,13 @@ def build(
         raise KeyError(f"a model is already stored under {key!r}; drop it first")
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not a multiple of TP*PP = {tp * pp}")
+    etp_size = tp if etp is None else etp
+    if (ep != 1 or etp is not None) and not case.is_moe:
+        raise ValueError(f"{case.id} has no experts: EP={ep} / ETP={etp} do not apply")
+    if world_size % (etp_size * ep * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of ETP*EP*PP = {etp_size * ep * pp}")
+    if case.is_moe and case.num_experts % ep:
+        raise ValueError(f"{case.id}: {case.num_experts} experts do not split over EP={ep}")
     if case.tied and pp > 1:
         raise NotImplementedError(
             f"{case.id}: tied embeddings with PP={pp} cannot run on CPU (megatron-core 0.16.1 calls "
@@ -182,8 +258,8 @@ def build(
     if vpp is not None and case.num_layers % (pp * vpp):
         raise ValueError(f"{case.id}: {case.num_layers} layers do not split into PP={pp} x VPP={vpp} chunks")
     dtype = _DTYPES[params_dtype or case.dtype]
-    _ensure_model_parallel(tp, pp, vpp)
-    config = transformer_config(case, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype)
+    _ensure_model_parallel(tp, pp, vpp, ep, etp)
+    config = transformer_config(case, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype, ep=ep, etp=etp)
     vocab = padded_vocab(case, tp)
     pp_rank = ps.get_pipeline_model_parallel_rank()
 
@@ -207,7 +283,16 @@ def build(
         # Like Megatron's Float16Module: the local spec's torch norms are created fp32 whatever params_dtype is.
         chunks.append(chunk.to(dtype).eval())
     state[key] = chunks if vpp is not None else chunks[0]
-    state[f"{key}/meta"] = {"case": case, "tp": tp, "pp": pp, "vpp": vpp, "padded_vocab": vocab}
+    state[f"{key}/meta"] = {
+        "case": case,
+        "tp": tp,
+        "pp": pp,
+        "vpp": vpp,
+        "ep": ep,
+        "etp": etp_size,
+        "padded_vocab": vocab,
+        "layout": (tp, pp, vpp, ep, etp),
+    }
 
     try:
         for chunk, local_sd in zip(chunks, _converted(state, key, _load_hf(hf_path)), strict=True):
@@ -223,6 +308,10 @@ def build(
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": pp_rank,
         "dp_rank": ps.get_data_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(),
+        "etp_rank": ps.get_expert_tensor_parallel_rank(),
+        "edp_rank": ps.get_expert_data_parallel_rank(),
+        "local_experts": [_local_expert_ids(c) for c in chunks],
         "layers": [_global_layers(c) for c in chunks],
         "pre_process": [c.pre_process for c in chunks],
         "post_process": [c.post_process for c in chunks],
@@ -232,6 +321,7 @@ def build(
 
 def load(state: dict, rank: int, world_size: int, *, key: str, hf_path: str) -> dict[str, Any]:
     """Copy new HF weights into the existing parameters of `state[key]` in place (storage unchanged)."""
+    _ensure_model_parallel(*state[f"{key}/meta"]["layout"])  # the ranks the converter reads are per layout
     hf_sd = _load_hf(hf_path)
     updated = 0
     with torch.no_grad():
@@ -252,19 +342,32 @@ def load(state: dict, rank: int, world_size: int, *, key: str, hf_path: str) -> 
 
 
 def logits(state: dict, rank: int, world_size: int, *, key: str, tokens: list[list[int]]) -> torch.Tensor | None:
-    """Logits `[batch, seq, vocab]` (vocab padding cut off) from TP rank 0; `None` on other ranks. PP=1 only."""
+    """Logits `[batch, seq, vocab]` (vocab padding cut off) from TP rank 0 of the last stage; `None` elsewhere.
+
+    With PP each stage runs its layers and hands the hidden states `[seq, batch, hidden]` to the same
+    position of the next stage by point-to-point send / recv (no VPP).
+    """
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     meta = state[f"{key}/meta"]
-    if meta["pp"] != 1:
-        raise NotImplementedError("logits() runs the forward pass of one stage: PP must be 1")
+    if meta["vpp"] is not None:
+        raise NotImplementedError("logits() does not run interleaved (VPP) schedules")
+    _ensure_model_parallel(*meta["layout"])
     model = state[key]
     ids = torch.tensor(tokens, dtype=torch.long)
     seq = ids.shape[1]
     position_ids = torch.arange(seq, dtype=torch.long).expand_as(ids)
     causal_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
     with torch.no_grad():
+        if not model.pre_process:
+            hidden = torch.empty((seq, ids.shape[0], meta["case"].hidden_size), dtype=next(model.parameters()).dtype)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
         out = model(ids, position_ids, causal_mask, runtime_gather_output=True)
+        if not model.post_process:
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
     if ps.get_tensor_model_parallel_rank() != 0:
         return None
     return out[..., : meta["case"].vocab_size].float().clone()

@@ -31,7 +31,14 @@ def spec(**changes: object) -> EngineSpec:
 def test_the_model_fields_are_exactly_those_shared_with_model_meta() -> None:
     shared = {f.name for f in dataclasses.fields(EngineSpec)} & {f.name for f in dataclasses.fields(ModelMeta)}
     assert set(MODEL_FIELDS) == shared
-    assert {"architecture", "num_query_groups", "tied_embeddings", "vocab_size"} <= shared
+    assert {
+        "architecture",
+        "num_query_groups",
+        "tied_embeddings",
+        "vocab_size",
+        "num_experts",
+        "moe_ffn_hidden_size",
+    } <= shared
 
 
 def test_from_meta_copies_the_model_and_takes_the_engine_fields() -> None:
@@ -67,6 +74,9 @@ def test_layout_carries_every_engine_convention() -> None:
         ({"vocab_size": -1}, "vocab sizes"),
         ({"num_layers": 0}, "num_layers"),
         ({"num_query_groups": 3}, "not a multiple of num_query_groups 3"),
+        ({"num_experts": -1}, "num_experts must be >= 0"),
+        ({"moe_ffn_hidden_size": -1}, "moe_ffn_hidden_size must be >= 0"),
+        ({"num_experts": 6, "ep_rank": 1, "ep_size": 4}, "ep_size 4 does not divide its num_experts 6"),
     ],
 )
 def test_invalid_specs_are_refused_naming_the_field(changes: dict, match: str) -> None:
@@ -117,3 +127,25 @@ def test_check_install_with_a_device_checks_that_each_tensor_can_be_copied() -> 
         check_install(expected, {"w": torch.zeros(3, 2)}, device=torch.device("cpu"))
     with pytest.raises(ModelMismatchError, match="missing"):
         check_install(expected, {}, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"num_experts": 8, "moe_ffn_hidden_size": 16},
+            "num_experts: engine 8 vs catalog 0",
+        ),  # MoE engine, dense model
+        ({"moe_ffn_hidden_size": 16}, "moe_ffn_hidden_size: engine 16 vs catalog 0"),
+    ],
+)
+def test_a_moe_engine_refuses_a_dense_catalog(changes: dict, match: str) -> None:
+    assert META.num_experts == 0
+    with pytest.raises(ModelMismatchError, match=match):
+        check_compatible(spec(**changes), META)
+
+
+def test_a_dense_hf_config_has_no_experts_and_engine_ep_of_a_dense_model_is_allowed() -> None:
+    s = spec_from_hf_config(hm.hf_config(hm.LLAMA_GQA), architecture="llama")
+    assert (s.num_experts, s.moe_ffn_hidden_size, s.ffn_hidden_size) == (0, 0, hm.LLAMA_GQA.ffn_hidden_size)
+    check_compatible(spec(ep_rank=1, ep_size=2), META)  # nothing to split: a dense model at engine EP 2

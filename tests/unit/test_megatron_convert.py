@@ -99,6 +99,8 @@ def rebuild_hf(case: hm.ModelCase, shards: list[dict], layers: list[int], pre: b
             out[dst + "self_attn.k_norm.weight"] = shards[0][src + "self_attention.k_layernorm.weight"]
         out[dst + "self_attn.o_proj.weight"] = column_split(src + "self_attention.linear_proj.weight", nh * d)
         fc1, per_rank = src + "mlp.linear_fc1.weight", f // tp
+        if fc1 not in shards[0]:  # a MoE layer: rebuilt by rebuild_moe_mlp
+            continue
         out[dst + "mlp.gate_proj.weight"] = torch.stack([shards[r // per_rank][fc1][r % per_rank] for r in range(f)])
         out[dst + "mlp.up_proj.weight"] = torch.stack(
             [shards[r // per_rank][fc1][per_rank + r % per_rank] for r in range(f)]
@@ -283,3 +285,233 @@ def test_perturbed_state_dict_changes_every_element_and_keeps_ties(case: hm.Mode
         assert new["lm_head.weight"] is new["model.embed_tokens.weight"]
     model.load_state_dict(new)
     assert all(torch.equal(p, new[n]) for n, p in model.named_parameters())
+
+
+# --- mixture of experts -------------------------------------------------------------------------
+# Megatron-Core 0.16.1 (transformer/moe/moe_layer.py, experts.py, shared_experts.py, router.py): EP rank
+# `ep` holds global experts [ep * E/EP, (ep + 1) * E/EP) as local_experts.0.., each an MLP split over
+# the expert tensor parallel group (ETP): fc1 rows [gate_r ; up_r] (stride 2), fc2 columns. The shared
+# expert is a TP-split MLP; router and shared-expert gate are whole on every rank. HF (transformers 5.x)
+# keeps experts fused: gate_up_proj [E, 2F, H] with gate rows first, down_proj [E, H, F].
+
+MOE_LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, 1), (2, 2, 1), (2, 2, 2), (1, 4, 2), (2, 4, 1)]
+
+
+def moe_shards(
+    case: hm.ModelCase, sd: dict, tp: int, ep: int, etp: int | None, layers: list[int], pre: bool, post: bool
+):
+    """Every (tp_rank, ep_rank, etp_rank) combination's local state dict."""
+    etp_size = tp if etp is None else etp
+    return {
+        (t, e, x): hf_to_megatron_local(
+            sd,
+            case,
+            tp_size=tp,
+            tp_rank=t,
+            layers=layers,
+            pre_process=pre,
+            post_process=post,
+            padded_vocab=hm.padded_vocab(case, tp),
+            ep_size=ep,
+            ep_rank=e,
+            etp_size=etp,
+            etp_rank=x,
+        )
+        for t in range(tp)
+        for e in range(ep)
+        for x in range(etp_size)
+    }
+
+
+def expected_moe_shapes(
+    case: hm.ModelCase, sd: dict, tp: int, ep: int, etp: int, layers: list[int], pre: bool, post: bool
+):
+    """Local names and shapes of one rank of a local-spec MoE GPTModel (the attention part as for dense)."""
+    out = expected_local_shapes(case, sd, tp, len(layers), pre, post)
+    h, fm, e = case.hidden_size, case.moe_ffn_hidden_size, case.num_experts
+    for i, layer in enumerate(layers):
+        if not case.moe_layers[layer]:
+            continue
+        p = f"decoder.layers.{i}.mlp."
+        del out[p + "linear_fc1.weight"], out[p + "linear_fc2.weight"]
+        out[p + "router.weight"] = (e, h)
+        for j in range(e // ep):
+            out[p + f"experts.local_experts.{j}.linear_fc1.weight"] = (2 * fm // etp, h)
+            out[p + f"experts.local_experts.{j}.linear_fc2.weight"] = (h, fm // etp)
+        if case.shared_expert_ffn_size:
+            fs = case.shared_expert_ffn_size
+            out[p + "shared_experts.linear_fc1.weight"] = (2 * fs // tp, h)
+            out[p + "shared_experts.linear_fc2.weight"] = (h, fs // tp)
+            out[p + "shared_experts.gate_weight"] = (1, h)
+    return out
+
+
+def rebuild_moe_mlp(case: hm.ModelCase, shards: dict, tp: int, ep: int, etp: int, local: int, layer: int) -> dict:
+    """HF MoE tensors of one layer, element row by element row from where Megatron keeps them."""
+    src, dst = f"decoder.layers.{local}.mlp.", f"model.layers.{layer}.mlp."
+    e, fm = case.num_experts, case.moe_ffn_hidden_size
+    per_ep, rows_etp = e // ep, fm // etp
+
+    def expert(g: int) -> tuple[int, int]:  # (ep rank, local index)
+        return g // per_ep, g % per_ep
+
+    def fc(g: int, etp_rank: int, which: str, tp_rank: int = 0) -> torch.Tensor:
+        ep_rank, j = expert(g)
+        return shards[(tp_rank, ep_rank, etp_rank)][src + f"experts.local_experts.{j}.linear_{which}.weight"]
+
+    gate_up, down = [], []
+    for g in range(e):
+        gate = [fc(g, r // rows_etp, "fc1")[r % rows_etp] for r in range(fm)]
+        up = [fc(g, r // rows_etp, "fc1")[rows_etp + r % rows_etp] for r in range(fm)]
+        gate_up.append(torch.stack(gate + up))
+        down.append(torch.stack([fc(g, c // rows_etp, "fc2")[:, c % rows_etp] for c in range(fm)], dim=1))
+    out = {
+        dst + "gate.weight": shards[(0, 0, 0)][src + "router.weight"],
+        dst + "experts.gate_up_proj": torch.stack(gate_up),
+        dst + "experts.down_proj": torch.stack(down),
+    }
+    if case.shared_expert_ffn_size:
+        fs = case.shared_expert_ffn_size
+        per_tp = fs // tp
+        fc1, fc2 = src + "shared_experts.linear_fc1.weight", src + "shared_experts.linear_fc2.weight"
+        out[dst + "shared_expert.gate_proj.weight"] = torch.stack(
+            [shards[(r // per_tp, 0, 0)][fc1][r % per_tp] for r in range(fs)]
+        )
+        out[dst + "shared_expert.up_proj.weight"] = torch.stack(
+            [shards[(r // per_tp, 0, 0)][fc1][per_tp + r % per_tp] for r in range(fs)]
+        )
+        out[dst + "shared_expert.down_proj.weight"] = torch.stack(
+            [shards[(c // per_tp, 0, 0)][fc2][:, c % per_tp] for c in range(fs)], dim=1
+        )
+        out[dst + "shared_expert_gate.weight"] = shards[(0, 0, 0)][src + "shared_experts.gate_weight"]
+    return out
+
+
+def assert_independent_of_other_axes(shards: dict) -> None:
+    """Routed experts depend only on (ep, etp) ranks; everything else only on the TP rank."""
+    for (t, e, x), shard in shards.items():
+        for name, tensor in shard.items():
+            twin = shards[(0, e, x)][name] if ".experts.local_experts." in name else shards[(t, 0, 0)][name]
+            assert torch.equal(tensor, twin), ((t, e, x), name)
+
+
+@pytest.mark.parametrize("case", [hm.QWEN3_MOE, hm.MIXTRAL, hm.QWEN2_MOE], ids=lambda c: c.id)
+@pytest.mark.parametrize(("tp", "ep", "etp"), MOE_LAYOUTS, ids=lambda v: str(v))
+def test_every_moe_tensor_is_where_the_layout_says(hf_state, case: hm.ModelCase, tp: int, ep: int, etp) -> None:
+    sd = hf_state(case)
+    etp_size = tp if etp is None else etp
+    layers = list(range(case.num_layers))
+    shards = moe_shards(case, sd, tp, ep, etp, layers, pre=True, post=True)
+    want = expected_moe_shapes(case, sd, tp, ep, etp_size, layers, pre=True, post=True)
+    for shard in shards.values():
+        assert {k: tuple(v.shape) for k, v in shard.items()} == want
+    assert_independent_of_other_axes(shards)
+    rebuilt = rebuild_hf(case, [shards[(t, 0, 0)] for t in range(tp)], layers, pre=True, post=True)
+    for i, layer in enumerate(layers):
+        if case.moe_layers[layer]:
+            rebuilt.update(rebuild_moe_mlp(case, shards, tp, ep, etp_size, i, layer))
+    assert set(rebuilt) == set(sd)
+    for name, tensor in sd.items():
+        assert torch.equal(rebuilt[name], tensor), name
+
+
+@pytest.mark.parametrize("case", [hm.QWEN3_MOE, hm.QWEN2_MOE], ids=lambda c: c.id)
+def test_moe_pipeline_chunks_mix_dense_and_moe_layers(hf_state, case: hm.ModelCase) -> None:
+    sd = hf_state(case)
+    for layers in ([0, 1], [2, 3]):
+        assert {case.moe_layers[layer] for layer in layers} == {True, False}  # both kinds per stage
+        shards = moe_shards(case, sd, 2, 2, 1, layers, pre=layers[0] == 0, post=layers[-1] == 3)
+        rebuilt = rebuild_hf(case, [shards[(t, 0, 0)] for t in range(2)], layers, layers[0] == 0, layers[-1] == 3)
+        for i, layer in enumerate(layers):
+            if case.moe_layers[layer]:
+                rebuilt.update(rebuild_moe_mlp(case, shards, 2, 2, 1, i, layer))
+        assert {int(k.split(".")[2]) for k in rebuilt if k.startswith("model.layers.")} == set(layers)
+        for name, tensor in rebuilt.items():
+            assert torch.equal(tensor, sd[name]), name
+
+
+def test_moe_layout_on_a_readable_example() -> None:
+    """E=4, F=2, H=1 at EP=2, ETP=2: EP rank 1 holds experts 2, 3 as local 0, 1; ETP rank r holds row r
+    of gate and of up ([gate_r ; up_r]) and column r of down."""
+    case = hm.ModelCase(
+        "tiny-moe",
+        "mixtral",
+        dict(
+            vocab_size=4,
+            hidden_size=1,
+            intermediate_size=2,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        make_vocab_size_divisible_by=1,
+    )
+    gate_up = torch.tensor([[[100.0 * e + 10 * k + r] for k in range(2) for r in range(2)] for e in range(4)])
+    sd = {
+        "model.layers.0.input_layernorm.weight": torch.ones(1),
+        "model.layers.0.post_attention_layernorm.weight": torch.ones(1),
+        "model.layers.0.self_attn.q_proj.weight": torch.ones(1, 1),
+        "model.layers.0.self_attn.k_proj.weight": torch.ones(1, 1),
+        "model.layers.0.self_attn.v_proj.weight": torch.ones(1, 1),
+        "model.layers.0.self_attn.o_proj.weight": torch.ones(1, 1),
+        "model.layers.0.mlp.gate.weight": torch.tensor([[1.0], [2.0], [3.0], [4.0]]),
+        "model.layers.0.mlp.experts.gate_up_proj": gate_up,  # expert e, gate (k=0) / up (k=1), row r
+        "model.layers.0.mlp.experts.down_proj": torch.tensor([[[1000.0 * e + c for c in range(2)]] for e in range(4)]),
+    }
+
+    def local(ep_rank: int, etp_rank: int) -> dict:
+        out = hf_to_megatron_local(
+            sd,
+            case,
+            tp_size=1,
+            tp_rank=0,
+            layers=[0],
+            pre_process=False,
+            post_process=False,
+            padded_vocab=4,
+            ep_size=2,
+            ep_rank=ep_rank,
+            etp_size=2,
+            etp_rank=etp_rank,
+        )
+        return {k.removeprefix("decoder.layers.0.mlp."): v.flatten().tolist() for k, v in out.items() if ".mlp." in k}
+
+    assert local(1, 1) == {
+        "router.weight": [1.0, 2.0, 3.0, 4.0],
+        "experts.local_experts.0.linear_fc1.weight": [201.0, 211.0],  # expert 2: gate row 1, up row 1
+        "experts.local_experts.0.linear_fc2.weight": [2001.0],
+        "experts.local_experts.1.linear_fc1.weight": [301.0, 311.0],
+        "experts.local_experts.1.linear_fc2.weight": [3001.0],
+    }
+    assert local(0, 0)["experts.local_experts.1.linear_fc1.weight"] == [100.0, 110.0]
+    with pytest.raises(ValueError, match="4 experts do not split over EP=3"):
+        hf_to_megatron_local(
+            sd,
+            case,
+            tp_size=1,
+            tp_rank=0,
+            layers=[0],
+            pre_process=False,
+            post_process=False,
+            padded_vocab=4,
+            ep_size=3,
+            ep_rank=0,
+            etp_size=1,
+            etp_rank=0,
+        )
+
+
+def test_moe_case_shapes_follow_hf_rules() -> None:
+    assert hm.QWEN3_MOE.moe_layers == (True, False, False, True)  # mlp_only_layers=[1, 2]
+    assert hm.QWEN2_MOE.moe_layers == (False, True, False, True)  # decoder_sparse_step=2
+    assert hm.MIXTRAL.moe_layers == (True,) * 4
+    assert (hm.MIXTRAL.num_experts, hm.MIXTRAL.moe_ffn_hidden_size, hm.MIXTRAL.norm_topk_prob) == (4, 32, True)
+    assert (hm.QWEN2_MOE.shared_expert_ffn_size, hm.QWEN2_MOE.norm_topk_prob) == (48, False)
+    assert not hm.LLAMA_GQA.is_moe and hm.LLAMA_GQA.num_experts == 0
+    for case in (hm.QWEN3_MOE, hm.MIXTRAL, hm.QWEN2_MOE):
+        model = hm.build_hf_model(case, seed=1)
+        for i, moe in enumerate(case.moe_layers):
+            assert hasattr(model.model.layers[i].mlp, "experts") == moe, (case.id, i)

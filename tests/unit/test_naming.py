@@ -136,8 +136,11 @@ def _megatron_names(arch: str, layers: int, *, fused_norms: bool) -> list[str]:
     return names
 
 
+DENSE = sorted(a for a in ARCHITECTURES if a in ("llama", "mistral", "qwen2", "qwen3"))
+
+
 @pytest.mark.parametrize("fused_norms", [False, True], ids=["local", "te"])
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", DENSE)
 def test_names_are_exactly_the_hf_models_parameters(arch: str, fused_norms: bool) -> None:
     transformers = pytest.importorskip("transformers")
     hf_class = ARCHITECTURES[arch]
@@ -151,3 +154,65 @@ def test_names_are_exactly_the_hf_models_parameters(arch: str, fused_norms: bool
     mapped = [n for m in _megatron_names(arch, 2, fused_norms=fused_norms) for n in hf_names(m)]
     assert len(mapped) == len(set(mapped))
     assert set(mapped) == set(model.state_dict())
+
+
+def _moe_megatron_names(arch: str, *, grouped: bool) -> list[str]:
+    """A 2-layer MoE model's parameters: layer 0 MoE (4 experts), layer 1 dense (`mlp_only_layers=[1]`)."""
+    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"]
+    for i in range(2):
+        p = f"decoder.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "pre_mlp_layernorm.weight"]
+        names += [p + "self_attention.linear_qkv.weight", p + "self_attention.linear_proj.weight"]
+        if arch == "qwen2_moe":
+            names.append(p + "self_attention.linear_qkv.bias")
+        else:
+            names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
+        if i == 1:
+            names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+            continue
+        names.append(p + "mlp.router.weight")
+        for e in range(4):
+            for fc in (1, 2):
+                names.append(
+                    f"{p}mlp.experts.linear_fc{fc}.weight{e}"
+                    if grouped
+                    else f"{p}mlp.experts.local_experts.{e}.linear_fc{fc}.weight"
+                )
+        if arch == "qwen2_moe":
+            names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight"]
+            names.append(p + "mlp.shared_experts.gate_weight")
+    return names
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["sequential", "grouped"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_moe_names_are_exactly_the_checkpoints_tensors(arch: str, grouped: bool, tmp_path) -> None:
+    """The names vLLM's loaders read: what transformers writes to a checkpoint (per-expert tensors)."""
+    transformers = pytest.importorskip("transformers")
+    safetensors = pytest.importorskip("safetensors")
+    hf_class = ARCHITECTURES[arch]
+    config = getattr(transformers, hf_class.replace("ForCausalLM", "Config"))(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_experts=4,
+        num_experts_per_tok=2, mlp_only_layers=[1], num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=4, tie_word_embeddings=False, shared_expert_intermediate_size=8,
+    )  # fmt: skip
+    getattr(transformers, hf_class)(config).save_pretrained(tmp_path)
+    with safetensors.safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    mapped = [n for m in _moe_megatron_names(arch, grouped=grouped) for n in hf_names(m, architecture=arch)]
+    assert len(mapped) == len(set(mapped))
+    assert set(mapped) == stored
+
+
+def test_shared_experts_are_named_per_architecture() -> None:
+    fc1 = L + "mlp.shared_experts.linear_fc1.weight"
+    assert hf_names(fc1, architecture="qwen2_moe") == (
+        HL + "mlp.shared_expert.gate_proj.weight",
+        HL + "mlp.shared_expert.up_proj.weight",
+    )
+    assert hf_names(fc1, architecture="deepseek_v3") == hf_names(fc1)  # DeepSeek's plural names
+    assert hf_names(L + "mlp.shared_experts.gate_weight", architecture="qwen2_moe") == (
+        HL + "mlp.shared_expert_gate.weight",
+    )
+    with pytest.raises(LayoutError, match="gate_weight"):
+        hf_names(L + "mlp.shared_experts.gate_weight")  # no gated shared expert in DeepSeek's names

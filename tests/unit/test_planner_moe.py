@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from refit.errors import ConfigError, ModelMismatchError
@@ -51,9 +53,16 @@ def _desc(name: str, role: Role, shape: tuple[int, ...], dim: int, stride: int, 
     )
 
 
-def source(rank: int, *, tp: tuple[int, int] = (0, 1), ep: tuple[int, int] = (0, 1), etp: tuple[int, int] = (0, 1)):
+def source(
+    rank: int,
+    *,
+    tp: tuple[int, int] = (0, 1),
+    ep: tuple[int, int] = (0, 1),
+    etp: tuple[int, int] = (0, 1),
+    experts: int = E,
+):
     """A trainer rank: dense shards of TP rank tp[0] of tp[1], then the experts of its EP rank, packed."""
-    per = E // ep[1]
+    per = experts // ep[1]
     specs = [(n, *spec, *tp) for n, spec in DENSE.items()]
     for e in range(ep[0] * per, (ep[0] + 1) * per):
         specs += [
@@ -191,3 +200,34 @@ def test_engine_layout_rejects_unknown_scheme_and_bad_positions() -> None:
 def test_expert_index_reads_both_megatron_expert_namings() -> None:
     assert expert_index(fc1(17)) == 17
     assert expert_index(L + "mlp.experts.local_experts.5.linear_fc2.weight") == 5
+
+
+@pytest.mark.parametrize("scheme", ["megatron", "hf"])
+@pytest.mark.parametrize("engine_ep", [4, 8])
+def test_engine_ep_4_and_8_read_their_experts_whole_striped_over_the_edp_replicas(engine_ep: int, scheme: str) -> None:
+    # 8 experts; trainer EP2 x EDP2: ranks 0 and 2 hold experts 0-3, ranks 1 and 3 hold experts 4-7.
+    model = dataclasses.replace(META, num_experts=8)
+    srcs = [source(r, ep=(r % 2, 2), experts=8) for r in range(4)]
+    per_engine_rank = 8 // engine_ep
+    for ep_rank in range(engine_ep):
+        owned = set(range(ep_rank * per_engine_rank, (ep_rank + 1) * per_engine_rank))
+        replicas = {r for r in range(4) if r % 2 == min(owned) // 4}  # the EDP copies of the owning EP rank
+        by_stripe = {}
+        for stripe in (0, 1):
+            layout = EngineLayout(scheme=scheme, ep_rank=ep_rank, ep_size=engine_ep)
+            plan = plan_refit(model=model, sources=srcs, layout=layout, stripe=stripe)
+            assert {expert_index(t.source) for t in plan.targets if ".mlp.experts." in t.source} == owned
+            pieces = [p for p in plan.pieces if ".mlp.experts." in p.tensor]
+            assert {p.rank for p in pieces} == replicas  # both copies serve, and nobody else
+            # Whole experts, each byte once: fc1 [2FE, H] and fc2 [H, FE], at the offset the trainer published.
+            assert sum(p.nbytes for p in pieces) == per_engine_rank * 3 * FE * H * ITEM
+            for p in pieces:  # fc1 rows (gate, then up) or fc2 columns, at the offset the trainer published
+                row = H * ITEM if "linear_fc1" in p.tensor else ITEM
+                assert p.remote_offset == offset_of(srcs[p.rank], p.tensor) + p.start * row, p
+            by_stripe[stripe] = {p.tensor: p.rank for p in pieces}
+        # Another stripe (another engine rank's rotation) takes each run from the other replica.
+        assert all(by_stripe[0][t] != by_stripe[1][t] for t in by_stripe[0])
+    if scheme == "hf":
+        names = {t.hf_name for t in plan.targets}
+        assert "model.layers.0.mlp.experts.7.up_proj.weight" in names  # the last EP rank's expert
+        assert "model.layers.0.mlp.experts.0.up_proj.weight" not in names
