@@ -28,11 +28,12 @@ class Role(StrEnum):
     EXPERT_GATED_COLUMN = "expert_gated_column"  # expert linear_fc1 of a gated MLP: [gate_r; up_r], dim 0
     EXPERT_COLUMN = "expert_column"  # expert linear_fc1 without gating, dim 0
     EXPERT_ROW = "expert_row"  # expert linear_fc2, dim 1
+    EXPERT_REPLICATED = "expert_replicated"  # an expert tensor expert TP does not split (the fc2 bias)
 
     @property
     def partition_dim(self) -> int:
         """The dimension Megatron-Core splits a tensor of this role on (-1: not split)."""
-        if self is Role.REPLICATED:
+        if self in (Role.REPLICATED, Role.EXPERT_REPLICATED):
             return -1
         return 1 if self in (Role.ROW, Role.EXPERT_ROW) else 0
 
@@ -62,7 +63,11 @@ def _non_negative(name: str, value: int) -> None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ParallelCoords:
-    """Where one trainer rank sits in the Megatron parallel layout."""
+    """Where one trainer rank sits in the Megatron parallel layout.
+
+    Dense layers are split by TP and copied on DP replicas. MoE experts are spread over EP, each
+    expert split by expert TP (`etp`, independent of TP) and copied on expert-DP (`edp`) replicas.
+    """
 
     tp_rank: int = 0
     tp_size: int = 1
@@ -72,9 +77,13 @@ class ParallelCoords:
     ep_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
+    edp_rank: int = 0
+    edp_size: int = 1
 
     def __post_init__(self) -> None:
-        for kind in ("tp", "pp", "ep", "dp"):
+        for kind in ("tp", "pp", "ep", "dp", "etp", "edp"):
             rank, size = getattr(self, f"{kind}_rank"), getattr(self, f"{kind}_size")
             _positive(f"{kind}_size", size)
             if not 0 <= rank < size:

@@ -36,7 +36,8 @@ _ROLE_FROM_PB: dict[int, Role] = {v: r for r, v in _ROLE_TO_PB.items()}
 _STATE_TO_PB: dict[VersionState, int] = {s: pb.VersionState.Value(f"VERSION_STATE_{s.name}") for s in VersionState}
 _STATE_FROM_PB: dict[int, VersionState] = {v: s for s, v in _STATE_TO_PB.items()}
 
-_COORD_FIELDS = tuple(f"{kind}_{what}" for kind in ("tp", "pp", "ep", "dp") for what in ("rank", "size"))
+_COORD_KINDS = ("tp", "pp", "ep", "dp", "etp", "edp")
+_COORD_FIELDS = tuple(f"{kind}_{what}" for kind in _COORD_KINDS for what in ("rank", "size"))
 _MODEL_FIELDS = tuple(ModelMeta.__dataclass_fields__)
 
 
@@ -82,7 +83,10 @@ def coords_to_proto(coords: ParallelCoords) -> pb.ParallelCoords:
 
 
 def coords_from_proto(msg: pb.ParallelCoords) -> ParallelCoords:
-    return ParallelCoords(**{f: getattr(msg, f) for f in _COORD_FIELDS})
+    values = {f: getattr(msg, f) for f in _COORD_FIELDS}
+    for kind in ("etp", "edp"):  # absent in records written before expert coordinates existed
+        values[f"{kind}_size"] = values[f"{kind}_size"] or 1
+    return ParallelCoords(**values)
 
 
 def model_to_proto(model: ModelMeta) -> pb.ModelMeta:

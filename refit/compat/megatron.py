@@ -2,7 +2,7 @@
 
 refit reads a Megatron-Core model as Megatron itself describes it, not by parameter names:
 `parallel_state`'s getters, the module classes that decide a parameter's role, the attributes
-`set_tensor_model_parallel_attributes` sets on parameters, the expert marker, each layer's global
+`set_tensor_model_parallel_attributes` sets on parameters, the MoE layer that holds experts, each layer's global
 `layer_number`, a GPTModel's own attributes, the `.module` chain of its wrappers and the chain of a
 Megatron optimizer. megatron-core is imported only inside these functions. When an upgrade moves
 one of them, the contract tests (`tests/unit/test_compat_megatron.py`) and the calls here fail with
@@ -125,6 +125,7 @@ def parallel_ranks() -> MegatronRanks:
 _VOCAB_EMBEDDING = ("megatron.core.tensor_parallel.layers", "VocabParallelEmbedding")
 _ATTENTION = ("megatron.core.transformer.attention", "Attention")
 _MLP = ("megatron.core.transformer.mlp", "MLP")
+_MOE_LAYER = ("megatron.core.transformer.moe.moe_layer", "MoELayer")
 
 
 def _class(where: tuple[str, str]) -> type:
@@ -154,7 +155,30 @@ def gated_fc1(module: nn.Module) -> nn.Module | None:
     return _attr(module, "linear_fc1", "MLP")
 
 
-# -- parameters: set_tensor_model_parallel_attributes and the expert marker ----------------------------
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoEParts:
+    """What refit reads of one MoELayer: its routed experts, the global ids it holds, its router's bias."""
+
+    experts: nn.Module  # SequentialMLP (`local_experts.{j}.linear_fc*`) or TEGroupedMLP (`linear_fc*.weight{j}`)
+    local_expert_ids: tuple[int, ...]  # global expert id of local expert j
+    expert_bias: torch.Tensor | None  # the router's persistent `expert_bias` buffer, when enabled
+
+
+def moe_parts(module: nn.Module) -> MoEParts | None:
+    """The routed experts of a MoELayer; None for any other module.
+
+    Expert parameters are recognised by where they sit, not by a marker: Megatron sets its expert
+    marker (`allreduce=False`) only under expert parallelism > 1.
+    """
+    if not isinstance(module, _class(_MOE_LAYER)):
+        return None
+    experts = _attr(module, "experts", "MoELayer")
+    ids = tuple(int(i) for i in _attr(module, "local_expert_indices", "MoELayer"))
+    router = _attr(module, "router", "MoELayer")
+    return MoEParts(experts=experts, local_expert_ids=ids, expert_bias=getattr(router, "expert_bias", None))
+
+
+# -- parameters: set_tensor_model_parallel_attributes ------------------------------------------------------
 
 
 def tensor_parallel_split(param: torch.Tensor) -> tuple[int, int] | None:
@@ -167,14 +191,6 @@ def tensor_parallel_split(param: torch.Tensor) -> tuple[int, int] | None:
         return None
     require(hasattr(param, "partition_dim"), "parameter attribute partition_dim")
     return int(param.partition_dim), int(getattr(param, "partition_stride", 1))
-
-
-def is_expert_parameter(param: torch.Tensor) -> bool:
-    """Megatron's expert marker: expert parameters are not all-reduced over data parallel (`allreduce=False`).
-
-    Megatron sets it only when expert_model_parallel_size > 1; with EP 1 expert weights look dense.
-    """
-    return getattr(param, "allreduce", True) is False
 
 
 # -- GPTModel attributes, wrappers, layers -----------------------------------------------------------------
@@ -251,6 +267,9 @@ class TransformerShape:
     add_bias_linear: bool
     qk_layernorm: bool
     num_moe_experts: int  # 0: dense
+    moe_ffn_hidden_size: int  # each routed expert's FFN (0 for a dense model)
+    moe_shared_expert_size: int  # the shared experts' FFN (0: none)
+    moe_shared_expert_gate: bool
     multi_latent_attention: bool
 
 
@@ -259,6 +278,7 @@ def transformer_shape(config: Any) -> TransformerShape:
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         require(isinstance(getattr(config, field, None), int), f"TransformerConfig.{field}")
     heads = config.num_attention_heads
+    experts = int(getattr(config, "num_moe_experts", None) or 0)
     return TransformerShape(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -270,7 +290,12 @@ def transformer_shape(config: Any) -> TransformerShape:
         add_qkv_bias=bool(getattr(config, "add_qkv_bias", False)),
         add_bias_linear=bool(getattr(config, "add_bias_linear", False)),
         qk_layernorm=bool(getattr(config, "qk_layernorm", False)),
-        num_moe_experts=int(getattr(config, "num_moe_experts", None) or 0),
+        num_moe_experts=experts,
+        moe_ffn_hidden_size=int(getattr(config, "moe_ffn_hidden_size", None) or config.ffn_hidden_size)
+        if experts
+        else 0,
+        moe_shared_expert_size=int(getattr(config, "moe_shared_expert_intermediate_size", None) or 0),
+        moe_shared_expert_gate=bool(getattr(config, "moe_shared_expert_gate", False)),
         multi_latent_attention=bool(getattr(config, "multi_latent_attention", False)),
     )
 

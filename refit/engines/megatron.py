@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class MegatronEngine:
-    """One engine rank holding a Megatron-Core GPTModel (TP any, PP 1; dense models).
+    """One engine rank holding a Megatron-Core GPTModel (TP, EP and expert TP any; PP 1).
 
     `install` is all-or-nothing: every name, shape, dtype and source tensor is checked before the
     first byte is written (`install_tensors`), so a refused install leaves the old weights untouched.
@@ -47,12 +47,13 @@ class MegatronEngine:
             raise ConfigError("MegatronEngine needs pipeline parallel size 1 and one model chunk")
         self.model = chunks[0]
         # The reader's metadata is what a trainer of this model would publish: the engine is that
-        # model at its own TP (its padded vocabulary included). Expert parallelism stays at its
-        # defaults because the reader refuses MoE models.
+        # model at its own TP, EP and expert TP (its padded vocabulary included), so it asks for
+        # exactly the experts its EP rank holds, split as its expert-TP rank holds them.
         meta = model_meta(chunks, architecture=architecture, vocab_size=vocab_size)
         self._spec = EngineSpec.from_meta(
             meta, architecture=architecture or "", tp_rank=coords.tp_rank, tp_size=coords.tp_size,
-            scheme=Scheme.MEGATRON,
+            ep_rank=coords.ep_rank, ep_size=coords.ep_size, expert_tp_rank=coords.etp_rank,
+            expert_tp_size=coords.etp_size, scheme=Scheme.MEGATRON,
         )  # fmt: skip
         self._params = {p.name: p.param for p in local_parameters(chunks, coords)}
 

@@ -78,6 +78,10 @@ def parallel_coords() -> tuple[int, int, ParallelCoords]:
         ep_size=r.ep_size,
         dp_rank=r.dp_rank,
         dp_size=r.dp_size,
+        etp_rank=r.etp_rank,
+        etp_size=r.etp_size,
+        edp_rank=r.edp_rank,
+        edp_size=r.edp_size,
     )
     return dist.get_rank(), dist.get_world_size(), coords
 
@@ -85,6 +89,12 @@ def parallel_coords() -> tuple[int, int, ParallelCoords]:
 def infer_architecture(config: object) -> str:
     """Best guess of the HF family from a TransformerConfig; pass `architecture=` to be explicit."""
     shape = mcore.transformer_shape(config)
+    if shape.num_moe_experts:
+        if shape.qk_layernorm:
+            return "qwen3_moe"
+        if shape.add_qkv_bias or shape.moe_shared_expert_gate:
+            return "qwen2_moe"
+        return "mixtral"
     if shape.qk_layernorm:
         return "qwen3"
     if shape.add_qkv_bias:
@@ -97,8 +107,6 @@ def model_meta(chunks: Sequence[nn.Module], *, architecture: str | None, vocab_s
     first = chunks[0]
     cfg = mcore.model_config(first)
     shape = mcore.transformer_shape(cfg)
-    if shape.num_moe_experts:
-        raise LayoutError("mixture-of-experts models are not supported yet (expert roles come with MoE work)")
     if shape.multi_latent_attention:
         raise LayoutError("multi-latent attention is not supported yet")
     # Descriptors carry each tensor's own dtype; the metadata names the one holding most bytes.
@@ -120,6 +128,8 @@ def model_meta(chunks: Sequence[nn.Module], *, architecture: str | None, vocab_s
         qkv_bias=shape.add_qkv_bias or shape.add_bias_linear,
         qk_layernorm=shape.qk_layernorm,
         gated_linear_unit=shape.gated_linear_unit,
+        num_experts=shape.num_moe_experts,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
         params_dtype=max(bytes_by_dtype, key=bytes_by_dtype.__getitem__),
     )
 
@@ -140,55 +150,124 @@ def _special_roles(chunk: nn.Module) -> dict[int, Role]:
     return roles
 
 
+# A routed expert's parameter within its experts module: SequentialMLP (`local_experts.3.linear_fc1.weight`)
+# or TEGroupedMLP (`linear_fc1.weight3`), with the *local* expert index.
+_LOCAL_EXPERT = re.compile(
+    r"^(?:local_experts\.(?P<j1>\d+)\.linear_fc(?P<fc1>[12])\.(?P<p1>weight|bias)"
+    r"|linear_fc(?P<fc2>[12])\.(?P<p2>weight|bias)(?P<j2>\d+))$"
+)
+
+
+def global_expert_name(local_name: str, local_expert_ids: Sequence[int]) -> tuple[str, int, str]:
+    """(name with the global expert id, fc number, "weight"/"bias") of a routed expert's parameter.
+
+    `local_name` is relative to the experts module; `local_expert_ids[j]` is local expert j's global id.
+    """
+    m = _LOCAL_EXPERT.match(local_name)
+    if m is None:
+        raise LayoutError(
+            f"experts.{local_name}: unknown expert parameter (refit reads SequentialMLP and TEGroupedMLP experts; "
+            "the legacy GroupedMLP's weight1/weight2 are not supported)"
+        )
+    j = int(m["j1"] or m["j2"])
+    if j >= len(local_expert_ids):
+        raise LayoutError(f"experts.{local_name}: local expert {j}, but the layer holds {len(local_expert_ids)}")
+    e, fc, kind = local_expert_ids[j], int(m["fc1"] or m["fc2"]), m["p1"] or m["p2"]
+    name = f"local_experts.{e}.linear_fc{fc}.{kind}" if m["j1"] is not None else f"linear_fc{fc}.{kind}{e}"
+    return name, fc, kind
+
+
+def _expert_roles(chunk: nn.Module, gated: bool) -> tuple[dict[int, tuple[str, Role]], list[tuple[str, torch.Tensor]]]:
+    """id(expert parameter) -> (chunk-level name with the global expert id, role); and the routers'
+    expert-bias buffers, which training updates like weights but `named_parameters` does not list."""
+    experts: dict[int, tuple[str, Role]] = {}
+    buffers: list[tuple[str, torch.Tensor]] = []
+    for prefix, module in chunk.named_modules():
+        parts = mcore.moe_parts(module)
+        if parts is None:
+            continue
+        for local_name, p in parts.experts.named_parameters():
+            name, fc, kind = global_expert_name(local_name, parts.local_expert_ids)
+            if fc == 2:
+                role = Role.EXPERT_ROW if kind == "weight" else Role.EXPERT_REPLICATED
+            else:
+                role = Role.EXPERT_GATED_COLUMN if gated else Role.EXPERT_COLUMN
+            experts[id(p)] = (f"{prefix}.experts.{name}", role)
+        if parts.expert_bias is not None:
+            buffers.append((f"{prefix}.router.expert_bias", parts.expert_bias))
+    return experts, buffers
+
+
 def _layer_index_map(chunk: nn.Module) -> dict[int, int]:
     """Local layer index -> global 0-based layer index, for one chunk."""
     return {i: number - 1 for i, number in enumerate(mcore.layer_numbers(chunk))}
 
 
 def local_parameters(chunks: Sequence[nn.Module], coords: ParallelCoords) -> list[LocalParam]:
-    """Every parameter this rank publishes, with its role and place in the global tensor."""
+    """Every tensor this rank publishes, with its role and place in the global tensor.
+
+    Dense tensors are placed by TP; routed experts by expert TP, under their global expert id.
+    """
     out: list[LocalParam] = []
     seen: set[int] = set()
     for chunk in chunks:
         special = _special_roles(chunk)
+        experts, buffers = _expert_roles(chunk, mcore.transformer_shape(mcore.model_config(chunk)).gated_linear_unit)
         layers = _layer_index_map(chunk)
         tied_copy = mcore.shares_embeddings(chunk) and not mcore.is_first_stage(chunk)
-        for name, param in chunk.named_parameters():
+        for name, param in [*chunk.named_parameters(), *buffers]:
             if id(param) in seen:
                 continue
             seen.add(id(param))
             if tied_copy and name == "output_layer.weight":
                 # The last stage's copy of tied embeddings: the first stage publishes the original.
                 continue
+            expert = experts.get(id(param))
+            if expert is not None:
+                name = expert[0]
             m = _LAYER_PREFIX.match(name)
             if m is not None:
                 name = f"decoder.layers.{layers[int(m.group(1))]}." + name[m.end() :]
-            out.append(_describe(name, param, special.get(id(param)), coords.tp_size, coords.tp_rank))
+            if expert is not None:
+                out.append(_describe(name, param, expert[1], coords.etp_size, coords.etp_rank))
+            else:
+                out.append(_describe(name, param, _dense_role(param, special.get(id(param))), coords.tp_size,
+                                     coords.tp_rank))  # fmt: skip
     return out
 
 
-def _describe(name: str, param: torch.Tensor, special: Role | None, tp_size: int, tp_rank: int) -> LocalParam:
-    shape = tuple(param.shape)
-    if mcore.is_expert_parameter(param):
-        raise LayoutError(f"{name} is an expert parameter; MoE is not supported yet")
+def _dense_role(param: torch.Tensor, special: Role | None) -> Role:
     split = mcore.tensor_parallel_split(param)
     if split is None:
+        return Role.REPLICATED
+    return special if special is not None else (Role.COLUMN if split[0] == 0 else Role.ROW)
+
+
+def _describe(name: str, param: torch.Tensor, role: Role, size: int, rank: int) -> LocalParam:
+    """`param` as rank `rank` of the `size` ranks (TP, or expert TP) that split tensors of `role`."""
+    shape = tuple(param.shape)
+    split = mcore.tensor_parallel_split(param)
+    dim, stride = role.partition_dim, role.partition_stride
+    if dim == -1:
+        if split is not None and size > 1:
+            raise LayoutError(f"{name}: split on dim {split[0]} over {size} ranks, but a {role.value} tensor is whole")
         return LocalParam(
-            name=name, param=param, role=Role.REPLICATED, partition_dim=-1, partition_stride=1, offset=0,
-            global_shape=shape,
+            name=name, param=param, role=role, partition_dim=-1, partition_stride=1, offset=0, global_shape=shape,
         )  # fmt: skip
-    dim, stride = split
-    role = special if special is not None else (Role.COLUMN if dim == 0 else Role.ROW)
-    if stride != role.partition_stride:
-        raise LayoutError(f"{name}: partition_stride {stride}, but a {role.value} tensor has {role.partition_stride}")
-    if role.partition_dim != dim:
-        raise LayoutError(f"{name}: split on dim {dim}, but a {role.value} tensor is split on {role.partition_dim}")
+    # Megatron marks every split tensor (expert tensors may lack the marks in other linear classes:
+    # then the role alone says how they are split).
+    if split is not None and split[1] != stride:
+        raise LayoutError(f"{name}: partition_stride {split[1]}, but a {role.value} tensor has {stride}")
+    if split is not None and split[0] != dim:
+        raise LayoutError(f"{name}: split on dim {split[0]}, but a {role.value} tensor is split on {dim}")
+    if dim >= len(shape):
+        raise LayoutError(f"{name}: a {role.value} tensor split on dim {dim}, but it has shape {list(shape)}")
     global_shape = list(shape)
-    global_shape[dim] = shape[dim] * tp_size
+    global_shape[dim] = shape[dim] * size
     try:
         _, offset = shard_geometry(
             name=name, global_shape=tuple(global_shape), partition_dim=dim, partition_stride=stride,
-            rank=tp_rank, size=tp_size,
+            rank=rank, size=size,
         )  # fmt: skip
     except ConfigError as exc:
         raise LayoutError(str(exc)) from exc

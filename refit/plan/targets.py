@@ -198,7 +198,7 @@ def _qkv_rows(model: ModelMeta, layout: EngineLayout) -> tuple[tuple[Interval, .
     return q, k, v
 
 
-EXPERT_ROLES = frozenset({Role.EXPERT_GATED_COLUMN, Role.EXPERT_COLUMN, Role.EXPERT_ROW})
+EXPERT_ROLES = frozenset({Role.EXPERT_GATED_COLUMN, Role.EXPERT_COLUMN, Role.EXPERT_ROW, Role.EXPERT_REPLICATED})
 
 
 def _expert_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> list[Target]:
@@ -216,6 +216,8 @@ def _expert_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) ->
         if megatron
         else hf_names(desc.name, gated=model.gated_linear_unit, architecture=model.architecture)
     )
+    if desc.role is Role.EXPERT_REPLICATED:
+        return [_target(desc, names[0], None, ())]
     if desc.role is Role.EXPERT_ROW:
         return [_target(desc, names[0], 1, (_even(desc.global_shape[1], tp, t, f"{desc.name} columns"),))]
     if desc.role is Role.EXPERT_COLUMN:

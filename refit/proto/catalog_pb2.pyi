@@ -19,6 +19,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_EXPERT_GATED_COLUMN: _ClassVar[Role]
     ROLE_EXPERT_COLUMN: _ClassVar[Role]
     ROLE_EXPERT_ROW: _ClassVar[Role]
+    ROLE_EXPERT_REPLICATED: _ClassVar[Role]
 
 class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,13 +37,14 @@ ROLE_REPLICATED: Role
 ROLE_EXPERT_GATED_COLUMN: Role
 ROLE_EXPERT_COLUMN: Role
 ROLE_EXPERT_ROW: Role
+ROLE_EXPERT_REPLICATED: Role
 VERSION_STATE_UNSPECIFIED: VersionState
 VERSION_STATE_STAGING: VersionState
 VERSION_STATE_READY: VersionState
 VERSION_STATE_RETIRED: VersionState
 
 class ParallelCoords(_message.Message):
-    __slots__ = ("tp_rank", "tp_size", "pp_rank", "pp_size", "ep_rank", "ep_size", "dp_rank", "dp_size")
+    __slots__ = ("tp_rank", "tp_size", "pp_rank", "pp_size", "ep_rank", "ep_size", "dp_rank", "dp_size", "etp_rank", "etp_size", "edp_rank", "edp_size")
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     PP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,10 @@ class ParallelCoords(_message.Message):
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     DP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ETP_RANK_FIELD_NUMBER: _ClassVar[int]
+    ETP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EDP_RANK_FIELD_NUMBER: _ClassVar[int]
+    EDP_SIZE_FIELD_NUMBER: _ClassVar[int]
     tp_rank: int
     tp_size: int
     pp_rank: int
@@ -59,7 +65,11 @@ class ParallelCoords(_message.Message):
     ep_size: int
     dp_rank: int
     dp_size: int
-    def __init__(self, tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., dp_rank: _Optional[int] = ..., dp_size: _Optional[int] = ...) -> None: ...
+    etp_rank: int
+    etp_size: int
+    edp_rank: int
+    edp_size: int
+    def __init__(self, tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., dp_rank: _Optional[int] = ..., dp_size: _Optional[int] = ..., etp_rank: _Optional[int] = ..., etp_size: _Optional[int] = ..., edp_rank: _Optional[int] = ..., edp_size: _Optional[int] = ...) -> None: ...
 
 class ModelMeta(_message.Message):
     __slots__ = ("architecture", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size", "padded_vocab_size", "vocab_size", "tied_embeddings", "qkv_bias", "qk_layernorm", "gated_linear_unit", "num_experts", "moe_ffn_hidden_size", "params_dtype")

@@ -46,7 +46,8 @@ class Publisher:
         catalog: the catalog's "host:port".
         model: a GPTModel (possibly DDP/Float16Module-wrapped) or the list of its virtual-pipeline chunks.
         name: the model's name in the catalog (several models can share one catalog).
-        architecture: HF family ("llama", "qwen2", "qwen3"); inferred from the config when omitted.
+        architecture: HF family ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", ...);
+            inferred from the config when omitted.
         vocab_size: the true (unpadded) vocabulary, when Megatron padded it; 0 leaves it to the engine.
         snapshots: 0 publishes live parameters; k > 0 keeps the last k versions readable in copies.
         optimizer: a torch or Megatron optimizer; with snapshots=0, each step first retires the version.

@@ -51,7 +51,10 @@ def _when(ts: float) -> str:
 
 
 def _coords(c: ParallelCoords) -> str:
-    return f"tp{c.tp_rank}/{c.tp_size} pp{c.pp_rank}/{c.pp_size} ep{c.ep_rank}/{c.ep_size} dp{c.dp_rank}/{c.dp_size}"
+    dense = f"tp{c.tp_rank}/{c.tp_size} pp{c.pp_rank}/{c.pp_size} ep{c.ep_rank}/{c.ep_size} dp{c.dp_rank}/{c.dp_size}"
+    if c.ep_size == c.etp_size == c.edp_size == 1:
+        return dense
+    return f"{dense} etp{c.etp_rank}/{c.etp_size} edp{c.edp_rank}/{c.edp_size}"
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -54,11 +54,15 @@ def gpt_model(case: hm.ModelCase, **config_overrides: Any) -> Any:
     )
 
 
-def build_pair(state: dict, rank: int, world_size: int, *, case: str, init_path: str, truth_path: str, tp: int) -> int:
+def build_pair(
+    state: dict, rank: int, world_size: int, *, case: str, init_path: str, truth_path: str, tp: int, ep: int = 1,
+    etp: int | None = None,
+) -> int:  # fmt: skip
+    """The engine (from `init_path`) and the ground truth (from `truth_path`) at TP x EP x ETP."""
     for key, path in (("engine", init_path), ("truth", truth_path)):
         state.pop(key, None)
         state.pop(f"{key}/meta", None)
-        trainer_ops.build(state, rank, world_size, key=key, case=case, hf_path=path, tp=tp)
+        trainer_ops.build(state, rank, world_size, key=key, case=case, hf_path=path, tp=tp, ep=ep, etp=etp)
     return sum(p.numel() for p in _model(state, "engine").parameters())
 
 
@@ -90,6 +94,7 @@ def refit_and_compare(
         "differ": differ,
         "storage_kept": ptrs == {n: p.data_ptr() for n, p in engine.named_parameters()},
         "tensors": result.num_tensors,
+        "param_bytes": sum(p.numel() * p.element_size() for p in engine.parameters()),
     }
 
 

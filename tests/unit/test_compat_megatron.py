@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from refit.compat import megatron as mcore
-from refit.errors import ConfigError, DependencyError
+from refit.errors import ConfigError, DependencyError, LayoutError
 from refit.megatron import model as reader
 from refit.types import ParallelCoords, Role
 from tests.support import hf_models as hm
@@ -92,23 +92,74 @@ def test_parallel_state_getters(world: None) -> None:
     assert reader.parallel_coords() == (0, 1, ParallelCoords())
 
 
-def test_tensor_parallel_attributes_and_expert_marker(world: None) -> None:
-    from megatron.core.model_parallel_config import ModelParallelConfig
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
+def test_tensor_parallel_attributes(world: None) -> None:
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     t = torch.nn.Parameter(torch.zeros(4, 2))
     assert mcore.tensor_parallel_split(t) is None
     set_tensor_model_parallel_attributes(t, True, 1, 2)
     mcore.require(mcore.tensor_parallel_split(t) == (1, 2), "set_tensor_model_parallel_attributes")
 
-    def expert_linear(ep: int) -> torch.nn.Parameter:
-        config = ModelParallelConfig(expert_model_parallel_size=ep, use_cpu_initialization=True)
-        layer = ColumnParallelLinear(4, 8, config=config, init_method=torch.nn.init.zeros_, bias=False, is_expert=True)
-        return layer.weight
 
-    mcore.require(mcore.is_expert_parameter(expert_linear(2)), "the expert marker (allreduce=False) with EP 2")
-    assert not mcore.is_expert_parameter(expert_linear(1))  # Megatron marks experts only under EP > 1
-    assert not mcore.is_expert_parameter(t)
+def test_moe_layers_experts_router_bias_and_roles(world: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Qwen2-MoE-shaped GPTModel (dense layer 1, shared expert with its gate, router expert bias):
+    MoELayer's experts, global expert ids and bias buffer, and the roles the reader gives them."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from tests.support.trainer_ops import transformer_config
+
+    case = hm.QWEN2_MOE
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))  # the router's buffers
+    config = transformer_config(case, tp=1, pp=1, vpp=None, params_dtype=torch.float32)
+    config = dataclasses.replace(config, moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=hm.padded_vocab(case, 1),
+                     max_sequence_length=64, position_embedding_type="rope")  # fmt: skip
+    moe = [i for i, sparse in enumerate(case.moe_layers) if sparse]
+    assert moe and len(moe) < case.num_layers  # the case mixes dense and MoE layers
+    for i, layer in enumerate(model.decoder.layers):
+        parts = mcore.moe_parts(layer.mlp)
+        if i not in moe:
+            assert parts is None
+            continue
+        mcore.require(parts is not None, "MoELayer")
+        mcore.require(parts.local_expert_ids == tuple(range(case.num_experts)), "MoELayer.local_expert_indices")
+        mcore.require(parts.experts is layer.mlp.experts, "MoELayer.experts")
+        mcore.require(parts.expert_bias is layer.mlp.router.expert_bias, "TopKRouter.expert_bias")
+        assert parts.expert_bias is not None and parts.expert_bias.shape == (case.num_experts,)
+    assert mcore.moe_parts(model.decoder.layers[moe[0]].self_attention) is None
+
+    roles = {p.name: p.role for p in reader.local_parameters([model], ParallelCoords())}
+    m = f"decoder.layers.{moe[0]}.mlp."
+    for e in range(case.num_experts):
+        assert roles[f"{m}experts.local_experts.{e}.linear_fc1.weight"] is Role.EXPERT_GATED_COLUMN
+        assert roles[f"{m}experts.local_experts.{e}.linear_fc2.weight"] is Role.EXPERT_ROW
+    assert roles[f"{m}router.weight"] is Role.REPLICATED
+    assert roles[f"{m}router.expert_bias"] is Role.REPLICATED  # a buffer, published like a weight
+    assert roles[f"{m}shared_experts.linear_fc1.weight"] is Role.GATED_MLP_COLUMN
+    assert roles[f"{m}shared_experts.linear_fc2.weight"] is Role.ROW
+    assert roles[f"{m}shared_experts.gate_weight"] is Role.REPLICATED
+    dense = f"decoder.layers.{next(i for i in range(case.num_layers) if i not in moe)}.mlp."
+    assert roles[f"{dense}linear_fc1.weight"] is Role.GATED_MLP_COLUMN
+    meta = reader.model_meta([model], architecture="qwen2_moe", vocab_size=case.vocab_size)
+    assert (meta.num_experts, meta.moe_ffn_hidden_size) == (case.num_experts, case.moe_ffn_hidden_size)
+    assert meta.ffn_hidden_size == case.ffn_hidden_size
+
+
+def test_expert_names_become_global_in_both_megatron_namings() -> None:
+    """Local expert j of an EP rank is global expert `local_expert_ids[j]`, in SequentialMLP's and
+    TEGroupedMLP's naming; the legacy GroupedMLP is refused by name."""
+    ids = (4, 5, 6, 7)  # EP rank 1 of 2, 8 experts
+    assert reader.global_expert_name("local_experts.2.linear_fc1.weight", ids) == (
+        "local_experts.6.linear_fc1.weight", 1, "weight"
+    )  # fmt: skip
+    assert reader.global_expert_name("linear_fc2.weight0", ids) == ("linear_fc2.weight4", 2, "weight")
+    assert reader.global_expert_name("linear_fc2.bias3", ids) == ("linear_fc2.bias7", 2, "bias")
+    with pytest.raises(LayoutError, match=r"GroupedMLP"):
+        reader.global_expert_name("weight1", ids)
+    with pytest.raises(LayoutError, match=r"local expert 4, but the layer holds 4"):
+        reader.global_expert_name("local_experts.4.linear_fc1.weight", ids)
 
 
 def test_gpt_model_modules_attributes_and_roles(world: None) -> None:

@@ -84,6 +84,15 @@ def test_claim_and_coords_round_trip() -> None:
     assert wire.claim_from_proto(wire.claim_to_proto(c)) == c
     coords = ParallelCoords(tp_rank=1, tp_size=2, pp_rank=2, pp_size=4, ep_rank=0, ep_size=1, dp_rank=7, dp_size=8)
     assert wire.coords_from_proto(wire.coords_to_proto(coords)) == coords
+    moe = ParallelCoords(tp_size=2, ep_rank=3, ep_size=4, etp_rank=1, etp_size=2, edp_rank=0, edp_size=1, dp_size=4)
+    assert wire.coords_from_proto(wire.coords_to_proto(moe)) == moe
+
+
+def test_coords_written_before_expert_fields_read_as_one_expert_group() -> None:
+    msg = wire.coords_to_proto(ParallelCoords(tp_size=2, dp_size=4))
+    msg.ClearField("etp_size")
+    msg.ClearField("edp_size")
+    assert wire.coords_from_proto(msg) == ParallelCoords(tp_size=2, dp_size=4)
 
 
 def test_every_enum_member_has_a_proto_value() -> None:
