@@ -37,6 +37,7 @@ _CI = [
     (hm.QWEN2_MOE, 2, 2, 2, 2),
     (hm.MIXTRAL, 1, 4, 2, 1),
     (hm.QWEN3_MOE, 2, 1, 2, 2),
+    (hm.QWEN3_MOE_BF16, 2, 2, 2, 1),
 ]
 _GRID = [
     (case, tp, ep, etp, pp)
@@ -114,22 +115,27 @@ def test_megatron_engine_with_ep2_pulls_only_its_experts(trainer, catalog, engin
     assert all(engine_cluster.run(f"{ENGINE}:logits_equal"))
 
 
-def test_moe_catalog_and_dense_engine_refuse_each_other_before_any_pull(trainer, catalog) -> None:
-    """A dense engine against a MoE version, and an engine with other experts: refused before any
-    pull, and the engine keeps its weights."""
-    t = trainer(hm.QWEN3_MOE, tp=1, ep=2, etp=1, pp=1)
-    t.publish(1)
-    dense = hm.build_hf_model(hm.QWEN3_QKNORM, seed=5)
-    engines = [dense]
-    more_experts = hm.build_hf_model(
-        hm.ModelCase("qwen3-moe-8e", "qwen3_moe", {**hm.QWEN3_MOE.hf_config, "num_experts": 8}), seed=5
-    )
-    engines.append(more_experts)
-    for model in engines:
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with Receiver(catalog=catalog, engine=HFEngine(model), name=t.name) as rcv:
-            with pytest.raises(ModelMismatchError) as err:
-                rcv.update_weights()
-            assert "num_experts" in str(err.value) or "expert" in str(err.value)
-            assert rcv.stats.registrations == 0  # nothing was staged
-        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+def _refused(catalog: str, name: str, model: torch.nn.Module, field: str) -> None:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with Receiver(catalog=catalog, engine=HFEngine(model), name=name) as rcv:
+        with pytest.raises(ModelMismatchError, match=field):
+            rcv.update_weights()
+        assert rcv.stats.registrations == 0  # refused before any staging was registered or pulled into
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_moe_and_dense_models_refuse_each_other_before_any_pull(trainer, catalog) -> None:
+    """A dense engine against a MoE version and the reverse, and engines whose experts differ in
+    number or size: refused before any pull, naming the field, and the engine keeps its weights."""
+    moe = trainer(hm.QWEN3_MOE, tp=1, ep=2, etp=1, pp=1)
+    moe.publish(1)
+    _refused(catalog, moe.name, hm.build_hf_model(hm.QWEN3_QKNORM, seed=5), "num_experts")
+    cfg = hm.QWEN3_MOE.hf_config
+    more = hm.ModelCase("qwen3-moe-8e", "qwen3_moe", {**cfg, "num_experts": 8})
+    _refused(catalog, moe.name, hm.build_hf_model(more, seed=5), "num_experts")
+    wider = hm.ModelCase("qwen3-moe-f64", "qwen3_moe", {**cfg, "moe_intermediate_size": 64})
+    _refused(catalog, moe.name, hm.build_hf_model(wider, seed=5), "moe_ffn_hidden_size")
+
+    dense = trainer(hm.QWEN3_QKNORM, tp=2, pp=1)
+    dense.publish(1)
+    _refused(catalog, dense.name, hm.build_hf_model(hm.QWEN3_MOE, seed=5), "num_experts")

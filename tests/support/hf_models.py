@@ -246,6 +246,8 @@ QWEN2_MOE = ModelCase(
 # fp32 only: in bf16 the scaled router and experts amplify rounding (a megatron-core TP2 EP2 ETP2
 # model differed from HF by 0.5 in the logits), so a bf16 MoE logits comparison proves little.
 MOE_CASES = (QWEN3_MOE, MIXTRAL, QWEN2_MOE)
+# bf16 MoE for refits, where weights are compared bit for bit and logits HF against HF.
+QWEN3_MOE_BF16 = dataclasses.replace(QWEN3_MOE, id="qwen3-moe-bf16", dtype="bfloat16")
 
 CASES: dict[str, ModelCase] = {
     c.id: c
@@ -259,6 +261,7 @@ CASES: dict[str, ModelCase] = {
         LLAMA_BF16,
         LLAMA_PAD384,
         *MOE_CASES,
+        QWEN3_MOE_BF16,
     )
 }
 
