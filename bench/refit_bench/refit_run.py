@@ -8,6 +8,11 @@ NIXL registrations. In the same run: the copy ceiling, a raw NIXL READ of the sa
 two processes, and the classic refit (gather on trainer rank 0, then broadcast to every receiver).
 
     refit-bench refit --shape llama-100m --tp 2 --engine-tp 1 --versions 3 [--device cuda] [--json -]
+    refit-bench refit --shape moe-1b --tp 1 --ep 2 --dp 2 --engine-tp 2 --engine-ep 2
+
+MoE shapes take trainer expert parallelism (`--ep`, `--etp`; the rest of the world is expert data
+parallel) and engine expert parallelism (`--engine-ep`: vLLM's convention, EP over the engine's TP
+ranks with whole experts), so each engine rank pulls only the experts it owns.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=2, help="trainer tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="trainer pipeline parallel size")
     p.add_argument("--dp", type=int, default=1, help="trainer data parallel size (replicas to stripe over)")
+    p.add_argument("--ep", type=int, default=1, help="trainer expert parallel size (MoE shapes)")
+    p.add_argument("--etp", type=int, default=None, help="trainer expert tensor parallel size (default: TP)")
     p.add_argument("--engine-tp", type=int, default=1)
+    p.add_argument("--engine-ep", type=int, default=1, help="engine expert parallel size: 1, or the engine TP")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (each engine-tp receivers)")
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -67,14 +75,17 @@ def run(args: argparse.Namespace) -> int:
 class TrainerRank:
     """One trainer process: a Megatron GPTModel and a Publisher."""
 
-    def __init__(self, *, rank: int, world: int, port: int, tp: int, pp: int, shape: str, device: str, catalog: str):
+    def __init__(
+        self, *, rank: int, world: int, port: int, tp: int, pp: int, shape: str, device: str, catalog: str, ep: int = 1,
+        etp: int | None = None,
+    ) -> None:  # fmt: skip
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # no Apex / TE: expected
         from refit_bench.synthetic import build_gpt, init_trainer_rank
 
         if device == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        init_trainer_rank(rank, world, port, tp=tp, pp=pp)
+        init_trainer_rank(rank, world, port, tp=tp, pp=pp, ep=ep, etp=etp)
         torch.manual_seed(1234 + rank)
         self.model = build_gpt(SHAPES[shape], device=device)
         self.catalog = catalog
@@ -130,8 +141,11 @@ class BufferEngine:
 class ReceiverRank:
     """One engine rank: a BufferEngine shaped from the catalog, and a Receiver."""
 
-    def __init__(self, *, catalog: str, tp_rank: int, tp_size: int, replica: int, device: str, gpu: int = 0):
+    def __init__(
+        self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0
+    ) -> None:
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
+        self.ep_size = ep_size
         self.device = measure.torch_device(device, gpu)
         if device == "cuda":
             torch.cuda.set_device(self.device)
@@ -141,15 +155,18 @@ class ReceiverRank:
         from refit import Receiver
         from refit.catalog.client import CatalogClient
         from refit.engines.base import EngineSpec, TensorSpec
-        from refit.plan.shapes import dense_targets
+        from refit.plan.planner import plan_refit
 
         with CatalogClient(self.catalog) as client:
             info = client.wait_ready(name=NAME, version=1, timeout_s=600)
-        spec = EngineSpec.from_meta(info.model, tp_rank=self.tp_rank, tp_size=self.tp_size)
+            sources = client.get_sources(name=NAME, version=1)
+        # Engine EP spreads whole experts over the engine's TP ranks (vLLM's expert parallelism).
+        experts = dict(ep_rank=self.tp_rank, ep_size=self.ep_size, expert_tp_size=1) if self.ep_size > 1 else {}
+        spec = EngineSpec.from_meta(info.model, tp_rank=self.tp_rank, tp_size=self.tp_size, **experts)
         # Its tensors are the planner's targets of the model at the layout the Receiver plans with,
         # as a vLLM engine learns its own; the Receiver then checks every plan against them.
-        targets = dense_targets(info.model, spec.layout())
-        shapes = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in targets.items()}
+        targets = plan_refit(model=info.model, sources=sources, layout=spec.layout()).targets
+        shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in targets}
         self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
                             replica=self.replica, timeout_s=600)  # fmt: skip
 
@@ -214,7 +231,9 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     shape = SHAPES[args.shape]
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
-    keys = ("shape", "tp", "pp", "dp", "engine_tp", "replicas", "versions", "device", "receiver_gpu")
+    keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
+            "receiver_gpu")  # fmt: skip
+    _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
     bar = tqdm(total=2 + args.versions + 2, desc="refit", unit="step", disable=not progress)
@@ -223,12 +242,13 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         store = rendezvous()  # held until the trainers are gone
         trainers = [
             Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=store.port, tp=args.tp, pp=args.pp,
-                   shape=shape.name, device=args.device, catalog=server.address)
+                   ep=args.ep, etp=args.etp, shape=shape.name, device=args.device, catalog=server.address)
             for r in range(world)
         ]  # fmt: skip
         rcvs = [
             Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
-                   tp_size=args.engine_tp, replica=i // args.engine_tp, device=args.device, gpu=args.receiver_gpu)
+                   tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
+                   gpu=args.receiver_gpu)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -289,9 +309,38 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
     }
 
 
+def _check_layout(args: argparse.Namespace, shape: Any) -> None:
+    """Refuse, before any process starts, layouts Megatron or the engine cannot build."""
+    world, etp = args.tp * args.pp * args.dp, args.etp or args.tp
+    if (args.ep > 1 or args.etp or args.engine_ep > 1) and not shape.num_experts:
+        raise SystemExit(f"--ep/--etp/--engine-ep need a MoE shape; {shape.name} is dense")
+    if world % (etp * args.ep * args.pp):
+        raise SystemExit(f"world {world} (TP*PP*DP) is not a multiple of ETP*EP*PP = {etp * args.ep * args.pp}")
+    if shape.num_experts and shape.num_experts % args.ep:
+        raise SystemExit(f"{shape.num_experts} experts do not split over EP {args.ep}")
+    if args.engine_ep not in (1, args.engine_tp):
+        raise SystemExit(f"--engine-ep must be 1 or the engine TP ({args.engine_tp}), got {args.engine_ep}")
+
+
 def _one_replica_bytes(sources: list[Any]) -> list[int]:
-    """Bytes each rank of one data-parallel replica holds (the classic design gathers one copy)."""
-    return [sum(d.nbytes for d in s.tensors) for s in sorted(sources, key=lambda s: s.rank) if s.coords.dp_rank == 0]
+    """Bytes of one copy of the model per trainer rank (the classic design gathers one copy).
+
+    Each distinct shard (a tensor's rows at one offset) is counted once, on the lowest rank that
+    holds it: with DP that is the first replica; with EP, each expert's owner in the first expert-DP
+    replica, which need not be a rank of the first dense replica.
+    """
+    seen: set[tuple[str, int, tuple[int, ...]]] = set()
+    out = []
+    for s in sorted(sources, key=lambda s: s.rank):
+        mine = 0
+        for d in s.tensors:
+            key = (d.name, d.offset, d.local_shape)
+            if key not in seen:
+                seen.add(key)
+                mine += d.nbytes
+        if mine:  # ranks with nothing of their own (later replicas) take no part in the classic gather
+            out.append(mine)
+    return out
 
 
 def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], receivers: int, bar: Any) -> list:
@@ -353,8 +402,11 @@ def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], r
 def _print(result: dict[str, Any]) -> None:
     c, s = result["config"], result["summary"]
     print(report.machine_line(result["machine"]))
-    print(f"model {c['shape']} bf16; trainer TP{c['tp']} PP{c['pp']} DP{c['dp']} -> engine TP{c['engine_tp']} "
-          f"x {c['replicas']} replica(s); trainer registration {result['trainer_registration_s']:.3f}s")  # fmt: skip
+    moe = f" EP{c['ep']} ETP{c['etp'] or c['tp']}" if c.get("ep", 1) > 1 or c.get("etp") else ""
+    engine_ep = f" EP{c['engine_ep']}" if c.get("engine_ep", 1) > 1 else ""
+    registration = f"trainer registration {result['trainer_registration_s']:.3f}s"
+    print(f"model {c['shape']} bf16; trainer TP{c['tp']} PP{c['pp']} DP{c['dp']}{moe} -> engine TP{c['engine_tp']}"
+          f"{engine_ep} x {c['replicas']} replica(s); {registration}")  # fmt: skip
     head = ["v", "bytes/rcv", "wire bytes", "reads", "publish s", "plan s", "wire s", "install(stall) s", "total s",
             "GB/s", "new regs"]  # fmt: skip
     rows, prev = [], None

@@ -1,4 +1,5 @@
-"""Synthetic Llama-shaped Megatron models for the demo and the benchmarks (no weights downloaded)."""
+"""Synthetic Llama-shaped Megatron models, dense or mixture-of-experts, for the demo and the benchmarks
+(no weights downloaded)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Shape:
-    """A Llama-style decoder shape."""
+    """A Llama-style decoder shape; with `num_experts`, every layer's MLP is a MoE of gated experts
+    (Mixtral / Qwen3-MoE style: router, `num_experts` experts of `moe_ffn_hidden_size`, no shared one)."""
 
     name: str
     num_layers: int
@@ -19,6 +21,9 @@ class Shape:
     num_query_groups: int
     ffn_hidden_size: int
     vocab_size: int
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_topk: int = 2
 
     @property
     def kv_channels(self) -> int:
@@ -28,7 +33,10 @@ class Shape:
     def num_params(self) -> int:
         h, d = self.hidden_size, self.kv_channels
         qkv = (self.num_attention_heads + 2 * self.num_query_groups) * d * h
-        layer = qkv + self.num_attention_heads * d * h + 3 * self.ffn_hidden_size * h + 2 * h
+        mlp = 3 * self.ffn_hidden_size * h
+        if self.num_experts:
+            mlp = self.num_experts * (3 * self.moe_ffn_hidden_size * h + h)  # experts and router rows
+        layer = qkv + self.num_attention_heads * d * h + mlp + 2 * h
         return self.num_layers * layer + 2 * self.vocab_size * h + h
 
 
@@ -47,21 +55,35 @@ SHAPES = {
               ffn_hidden_size=14336, vocab_size=128256),
         Shape(name="llama-3-8b", num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
               ffn_hidden_size=14336, vocab_size=128256),
+        Shape(name="moe-tiny", num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+              ffn_hidden_size=512, vocab_size=1024, num_experts=8, moe_ffn_hidden_size=128),
+        # MoE: 32 experts of 512 per layer, top 4 (0.94 GB of bf16, most of it in experts).
+        Shape(name="moe-1b", num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
+              ffn_hidden_size=4096, vocab_size=32000, num_experts=32, moe_ffn_hidden_size=512, moe_topk=4),
+        # Qwen3-30B-A3B's layer shapes (128 experts of 768, top 8) with 12 of its 48 layers: 16 GB of bf16.
+        Shape(name="qwen3-30b-a3b-12l", num_layers=12, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
+              ffn_hidden_size=6144, vocab_size=151936, num_experts=128, moe_ffn_hidden_size=768, moe_topk=8),
     )
 }  # fmt: skip
 
 
-def init_trainer_rank(rank: int, world_size: int, port: int, *, tp: int, pp: int) -> None:
+def init_trainer_rank(
+    rank: int, world_size: int, port: int, *, tp: int, pp: int, ep: int = 1, etp: int | None = None
+) -> None:
     """torch.distributed (gloo) and Megatron parallel state for one trainer process.
 
-    `port` is that of the parent's `procs.rendezvous()` store.
+    `port` is that of the parent's `procs.rendezvous()` store. `ep` / `etp`: expert parallel and
+    expert tensor parallel sizes (MoE shapes; Megatron's ETP defaults to TP).
     """
     from megatron.core import parallel_state as ps
 
     from refit_bench.procs import join_group
 
     join_group("gloo", rank=rank, world_size=world_size, port=port)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )  # fmt: skip
 
 
 def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
@@ -69,7 +91,7 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
 
@@ -101,10 +123,15 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
         bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        **_moe_config(shape),
     )
+    if shape.num_experts:  # one spec per layer: the MoE layers' MLP is a MoELayer
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         vocab_size=shape.vocab_size,
         max_sequence_length=4096,
         pre_process=ps.is_pipeline_first_stage(),
@@ -112,8 +139,30 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
     )
+    if device == "cuda":
+        model = model.cuda()  # the MoE router creates its weight on the CPU whatever the initialisation
     # Megatron's Float16Module would cast every parameter (norms too) to the training dtype.
     return model.to(dtype)
+
+
+def _moe_config(shape: Shape) -> dict[str, Any]:
+    """MoE fields of the TransformerConfig: SequentialMLP experts and the allgather dispatcher, which
+    megatron-core builds without CUDA (its alltoall dispatcher creates a CUDA stream)."""
+    from megatron.core import parallel_state as ps
+
+    if not shape.num_experts:
+        return {}
+    return {
+        "num_moe_experts": shape.num_experts,
+        "moe_ffn_hidden_size": shape.moe_ffn_hidden_size,
+        "moe_router_topk": shape.moe_topk,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": False,
+        "moe_router_load_balancing_type": "none",
+        "moe_aux_loss_coeff": 0.0,
+        "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
+    }
 
 
 def hf_engine_model(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:

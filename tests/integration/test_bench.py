@@ -69,6 +69,19 @@ def test_refit_reports_phases_bytes_and_references(tmp_path: Path) -> None:
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
+def test_moe_refit_with_engine_ep_moves_each_receiver_only_its_experts() -> None:
+    out = bench("refit", "--shape", "moe-tiny", "--tp", "1", "--ep", "2", "--dp", "2", "--engine-tp", "2",
+                "--engine-ep", "2", "--versions", "2", "--iters", "1", "--no-baseline")  # fmt: skip
+    shape = SHAPES["moe-tiny"]
+    h = shape.hidden_size
+    experts = shape.num_layers * shape.num_experts * 3 * shape.moe_ffn_hidden_size * h * 2  # bf16
+    for r in out["versions"]:
+        # Half of the experts, and about half of the dense part (engine TP 2): never the other experts.
+        assert r["bytes_per_receiver"] < (shape.num_params * 2 - experts) * 0.6 + experts / 2
+        assert r["bytes_per_receiver"] > experts / 2
+    assert out["config"]["engine_ep"] == 2 and out["summary"]["gbps"] > 0
+
+
 @pytest.mark.vllm
 def test_vllm_mode_reports_stall_apart_from_wire() -> None:
     pytest.importorskip("vllm")
