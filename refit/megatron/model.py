@@ -5,7 +5,9 @@ Roles come from module types and the tensor-parallel attributes Megatron sets on
 `linear_qkv` of an attention module, the gated fc1 is the `linear_fc1` of an MLP with a gated
 linear unit, vocab tables are the word embedding and the GPT output layer. Pipeline-local layer
 numbers become global through each layer's own `layer_number`, which already accounts for virtual
-pipeline chunks and uneven stages. The publisher and `MegatronEngine` both read models here; every
+pipeline chunks and uneven stages. Routed experts are the parameters of a MoELayer's experts module:
+renamed to their global expert id (`local_expert_indices`) and placed by expert TP instead of TP; the
+router's `expert_bias` buffer is published with them. The publisher and `MegatronEngine` both read models here; every
 megatron-core internal is reached through `refit.compat.megatron`.
 """
 
