@@ -106,6 +106,18 @@ def load_nixl_api() -> ModuleType:
         return _api
 
 
+class _ClosedAgent:
+    """Stands in for the NIXL agent after `NixlAgent.close()`: any use is a TransportError."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):  # protocol probes (copy, pickle, hasattr) get the usual answer
+            raise AttributeError(attr)
+        raise TransportError(f"NIXL agent {self._name} is closed")
+
+
 class NixlAgent:
     """A process's NIXL agent: registrations, remote peers and batched READs.
 
@@ -288,7 +300,12 @@ class NixlAgent:
     # -- life cycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Drop peers and registrations; transfers still in flight are released (NIXL cancels what it can)."""
+        """Drop peers and registrations, then the NIXL agent itself; idempotent.
+
+        Transfers still in flight are released (NIXL cancels what it can). The agent and its UCX
+        progress thread end here, not whenever this object is collected; later calls raise
+        TransportError.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -308,6 +325,8 @@ class NixlAgent:
                 except Exception:
                     logger.debug("deregister_memory failed", exc_info=True)
             self._registrations.clear()
+            # The last reference to NIXL's agent: its destructor stops the progress thread now.
+            self._agent = _ClosedAgent(self.name)
 
     def __enter__(self) -> NixlAgent:
         return self

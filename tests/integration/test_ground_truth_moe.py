@@ -6,10 +6,9 @@ tensor parallelism (ETP, independent of TP) and pipeline stages that hold dense 
 The cases route decisively (router weights drawn large, checked below on the very tokens used), so a
 logits match is a statement about every expert's weights, not about a lucky tie-break.
 
-Behind `make soak`, not `make test`: its eight layouts leave their process groups alive in the shared
-trainer cluster (each layout's parallel state is created once and kept). Measured after it ran: 239
-gloo TCP loop threads per trainer process, each waking ~1.4% of a core, and the suite after it ran
-29 minutes instead of 11 on the 2-core CI machine.
+Dropping a model frees the process groups of layouts no stored model uses (tests/support/layouts.py):
+before that, these eight layouts left ~360 threads per idle trainer process, ~10% of a core each, and
+the suite after them ran 29 minutes instead of 11. The last test checks nothing is left behind.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from safetensors.torch import save_file
 from tests.support import hf_models as hm
 from tests.support.cluster import ClusterError, TrainerCluster
 
-pytestmark = pytest.mark.soak
 OPS = "tests.support.trainer_ops"
 TOKENS = [[1, 5, 9, 2, 7, 3, 11, 4, 250, 0, 17, 42], [3, 3, 8, 200, 6, 1, 2, 77, 5, 9, 511, 13]]
 ATOL = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -174,3 +172,16 @@ def test_expert_layouts_that_do_not_fit_are_refused_clearly(trainer_cluster, tmp
     with pytest.raises(ClusterError, match=r"has no experts"):
         trainer_cluster.run(f"{OPS}:build", key="gt-moe-bad", case=hm.LLAMA_4L.id, hf_path=path, tp=1, ep=2)
     assert all("gt-moe-bad" not in p["keys"] for p in trainer_cluster.run(f"{OPS}:ping"))
+
+
+def test_dropping_models_frees_their_layouts_process_groups(trainer_cluster, built) -> None:
+    """Idle trainer processes hold no process group of a layout no model uses: only the world's."""
+    key, _ = built(hm.MIXTRAL, hm.build_hf_model(hm.MIXTRAL, seed=1).state_dict(), tp=2, ep=2, etp=1, pp=2)
+    held = trainer_cluster.run("tests.support.trainer_ops:resources")
+    assert all(r["process_groups"] > 1 and r["layouts"] for r in held)
+    trainer_cluster.run(f"{OPS}:drop", key=key)
+    if any(p["keys"] for p in trainer_cluster.run(f"{OPS}:ping")):
+        pytest.skip("another model is still stored on the cluster")
+    for r in trainer_cluster.run("tests.support.trainer_ops:resources"):
+        assert r["process_groups"] == 1 and r["layouts"] == [], r["process_groups"]
+        assert r["threads"] < 64, r["thread_names"]

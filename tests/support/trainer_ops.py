@@ -15,65 +15,11 @@ from typing import Any
 
 import torch
 
+from tests.support import layouts
 from tests.support.hf_models import ModelCase, get_case, padded_vocab
 from tests.support.megatron_convert import hf_to_megatron_local
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-_LAYOUTS: dict[tuple[int, int, int | None, int, int], dict[str, Any]] = {}
-
-
-def _parallel_state_snapshot() -> dict[str, Any]:
-    """Megatron's parallel state: the private module globals that `initialize_model_parallel` sets."""
-    import inspect
-
-    from megatron.core import parallel_state as ps
-
-    return {
-        k: v
-        for k, v in vars(ps).items()
-        if k.startswith("_")
-        and not k.startswith("__")
-        and not (inspect.isroutine(v) or inspect.ismodule(v) or inspect.isclass(v))
-    }
-
-
-def _ensure_model_parallel(tp: int, pp: int, vpp: int | None, ep: int = 1, etp: int | None = None) -> None:
-    """Make Megatron's parallel state the one of this layout.
-
-    Each layout's groups are created once and kept: switching back restores the saved state instead
-    of creating a fresh set of gloo groups (`destroy_model_parallel` forgets groups without freeing
-    them, and each gloo group holds threads, so re-initialising per test piles up hundreds of
-    threads per rank). Models built under an earlier layout keep their own process groups.
-    """
-    from megatron.core import parallel_state as ps
-
-    key = (tp, pp, vpp, ep, tp if etp is None else etp)  # Megatron's ETP defaults to TP
-    if ps.model_parallel_is_initialized():
-        current = (
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-            ps.get_virtual_pipeline_model_parallel_world_size(),
-            ps.get_expert_model_parallel_world_size(),
-            ps.get_expert_tensor_parallel_world_size(),
-        )
-        if current == key:
-            return
-        ps.destroy_model_parallel()
-    if key in _LAYOUTS:
-        for name, value in _LAYOUTS[key].items():
-            setattr(ps, name, value)
-        return
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-        create_gloo_process_groups=False,  # the default group is gloo already
-    )
-    _LAYOUTS[key] = _parallel_state_snapshot()
 
 
 def moe_config(case: ModelCase) -> dict[str, Any]:
@@ -258,7 +204,7 @@ def build(
     if vpp is not None and case.num_layers % (pp * vpp):
         raise ValueError(f"{case.id}: {case.num_layers} layers do not split into PP={pp} x VPP={vpp} chunks")
     dtype = _DTYPES[params_dtype or case.dtype]
-    _ensure_model_parallel(tp, pp, vpp, ep, etp)
+    layouts.ensure_model_parallel(tp, pp, vpp, ep, etp)
     config = transformer_config(case, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype, ep=ep, etp=etp)
     vocab = padded_vocab(case, tp)
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -321,7 +267,7 @@ def build(
 
 def load(state: dict, rank: int, world_size: int, *, key: str, hf_path: str) -> dict[str, Any]:
     """Copy new HF weights into the existing parameters of `state[key]` in place (storage unchanged)."""
-    _ensure_model_parallel(*state[f"{key}/meta"]["layout"])  # the ranks the converter reads are per layout
+    layouts.ensure_model_parallel(*state[f"{key}/meta"]["layout"])  # the ranks the converter reads are per layout
     hf_sd = _load_hf(hf_path)
     updated = 0
     with torch.no_grad():
@@ -353,7 +299,7 @@ def logits(state: dict, rank: int, world_size: int, *, key: str, tokens: list[li
     meta = state[f"{key}/meta"]
     if meta["vpp"] is not None:
         raise NotImplementedError("logits() does not run interleaved (VPP) schedules")
-    _ensure_model_parallel(*meta["layout"])
+    layouts.ensure_model_parallel(*meta["layout"])
     model = state[key]
     ids = torch.tensor(tokens, dtype=torch.long)
     seq = ids.shape[1]
@@ -374,9 +320,14 @@ def logits(state: dict, rank: int, world_size: int, *, key: str, tokens: list[li
 
 
 def drop(state: dict, rank: int, world_size: int, *, key: str) -> bool:
-    """Forget the model stored under `key`; True if there was one."""
+    """Forget the model stored under `key`, and free the layouts no stored model uses; True if there was one.
+
+    Every rank runs it (the cluster runs each command on all ranks), so all ranks free the same groups.
+    """
     state.pop(f"{key}/meta", None)
-    return state.pop(key, None) is not None
+    dropped = state.pop(key, None) is not None
+    layouts.free_unused_layouts(state)
+    return dropped
 
 
 # --- diagnostics for the harness's own tests ---------------------------------------------------
@@ -394,6 +345,37 @@ def ping(state: dict, rank: int, world_size: int) -> dict[str, Any]:
         "pid": os.getpid(),
         "threads": torch.get_num_threads(),
         "keys": sorted(k for k in state if not k.startswith("_")),
+    }
+
+
+def resources(state: dict, rank: int, world_size: int) -> dict[str, Any]:
+    """What this worker holds: OS threads (by name), its CPU seconds so far, live process groups, layouts."""
+    import collections
+    import os
+
+    import torch.distributed as dist
+
+    names: collections.Counter[str] = collections.Counter()
+    cpu_by_name: collections.Counter[str] = collections.Counter()
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended while being listed
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        names[name] += 1
+        cpu_by_name[name] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    times = os.times()
+    return {
+        "threads": sum(names.values()),
+        "thread_names": dict(names),
+        "thread_cpu_s": dict(cpu_by_name),
+        "cpu_s": times.user + times.system,
+        "process_groups": len(dist.distributed_c10d._world.pg_map),
+        "layouts": sorted(layouts.LAYOUTS, key=str),
     }
 
 
