@@ -23,16 +23,14 @@ from tests.support.refit_harness import OPS, assert_same_logits, assert_same_wei
 ENGINE = "tests.support.engine_ops"
 
 
-def _layout(case: hm.ModelCase, tp: int, ep: int, etp: int, pp: int, *, soak: bool = False):
-    marks = [pytest.mark.soak] if soak else []
-    return pytest.param(case, dict(tp=tp, ep=ep, etp=etp, pp=pp), id=f"{case.id}-tp{tp}-ep{ep}-etp{etp}-pp{pp}",
-                        marks=marks)  # fmt: skip
+def _layout(case: hm.ModelCase, tp: int, ep: int, etp: int, pp: int):
+    return pytest.param(case, dict(tp=tp, ep=ep, etp=etp, pp=pp), id=f"{case.id}-tp{tp}-ep{ep}-etp{etp}-pp{pp}")
 
 
-# A CI slice that takes every value of TP {1, 2}, EP {1, 2, 4}, ETP {1, 2}, PP {1, 2} and every case
-# (shared experts, dense layers among MoE layers, a stage boundary across both); the rest of the
-# 8-process grid runs under `make soak`.
-_CI = [
+# Every trainer layout of TP {1, 2} x EP {1, 2, 4} x ETP {1, 2} x PP {1, 2} that fits 8 processes (the
+# rest of the world is data / expert-data parallel), each with one of the cases (shared experts, dense
+# layers among MoE layers, a stage boundary across both), plus a few chosen pairs and bf16.
+_CHOSEN = [
     (hm.QWEN3_MOE, 1, 2, 1, 1),
     (hm.QWEN2_MOE, 2, 2, 2, 2),
     (hm.MIXTRAL, 1, 4, 2, 1),
@@ -48,7 +46,7 @@ _GRID = [
     if etp * ep * pp <= 8 and tp * pp <= 8
     for case in (hm.MOE_CASES[(tp + ep + etp + pp) % 3],)
 ]
-LAYOUTS = [_layout(*c) for c in _CI] + [_layout(*c, soak=True) for c in _GRID if c not in _CI]
+LAYOUTS = [_layout(*c) for c in _CHOSEN] + [_layout(*c) for c in _GRID if c not in _CHOSEN]
 
 
 @pytest.mark.parametrize(("case", "layout"), LAYOUTS)
