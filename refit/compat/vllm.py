@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from refit.errors import DependencyError
+from refit.errors import DependencyError, ModelMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +129,103 @@ def mark_presharded(param: torch.Tensor) -> Callable[[], None]:
         restore = _restorer(param, ("is_sharded_weight",))
         param.is_sharded_weight = True  # type: ignore[attr-defined]
     return restore
+
+
+_ROUTED = "vllm.model_executor.layers.fused_moe.routed_experts"
+# A routed-experts layer's parameters and what its weight loader calls the shards of each (vLLM's FusedMoE
+# convention): w13 `[experts, 2 * F / tp, H]` holds gate (w1) rows then up (w3) rows, w2 `[experts, H, F / tp]`.
+EXPERT_PARAMS = {"w1": "w13_weight", "w3": "w13_weight", "w2": "w2_weight"}
+
+
+def is_routed_experts(module: torch.nn.Module) -> bool:
+    """Whether `module` is vLLM's `RoutedExperts` (the fused expert weights of one MoE layer)."""
+    return isinstance(module, _vllm_attr(_ROUTED, "RoutedExperts"))
+
+
+def expert_parallel(module: torch.nn.Module) -> tuple[int, int]:
+    """(EP rank, EP size) of a routed-experts layer; (0, 1) when vLLM does not use expert parallelism."""
+    try:
+        parallel = module.moe_config.moe_parallel_config
+        return (int(parallel.ep_rank), int(parallel.ep_size)) if parallel.use_ep else (0, 1)
+    except AttributeError as exc:
+        raise moved("RoutedExperts.moe_config.moe_parallel_config.{use_ep,ep_rank,ep_size}") from exc
+
+
+def local_experts(module: torch.nn.Module, num_experts: int) -> list[int]:
+    """Global ids of the experts a routed-experts layer holds, in the order of its local slots."""
+    try:
+        to_local = module._map_global_expert_id_to_local_expert_id
+    except AttributeError as exc:
+        raise moved("RoutedExperts._map_global_expert_id_to_local_expert_id") from exc
+    slots = {int(to_local(e)): e for e in range(num_experts)}
+    slots.pop(-1, None)
+    return [slots[s] for s in sorted(slots)]
+
+
+def load_experts_presharded(module: torch.nn.Module) -> Callable[[], None]:
+    """Make a routed-experts layer's loader take each expert's rows as this rank's slice already; returns the undo.
+
+    Its weight loader cuts the rank's share of the FFN rows (gate, up) or columns (down) out of a
+    whole expert at `moe_parallel_config.tp_rank * F / tp_size`; told that the layer is rank 0 of 1,
+    it copies what it is given as it is. Nothing else reads those two fields while the layer loads
+    and re-runs its post-load processing (the forward pass does, so undo only after the layerwise
+    reload is finalized). Layers that pad the FFN across ranks load differently and are refused.
+    """
+    try:
+        config = module.moe_config
+        parallel = config.moe_parallel_config
+        padded = bool(config.tp_shard_with_padding)
+        parallel.tp_rank, parallel.tp_size  # noqa: B018 - both must exist before either is set
+    except AttributeError as exc:
+        raise moved("RoutedExperts.moe_config.{moe_parallel_config.tp_rank,tp_size,tp_shard_with_padding}") from exc
+    if padded:
+        raise ModelMismatchError(f"{type(module).__name__}: experts padded across TP ranks are not supported")
+    restore = _restorer(parallel, ("tp_rank", "tp_size"))
+    parallel.tp_rank, parallel.tp_size = 0, 1
+    return restore
+
+
+def redo_expert_processing(module: torch.nn.Module) -> Callable[[], None]:
+    """Make a reload of a routed-experts layer re-run its whole post-load processing; returns the undo.
+
+    vLLM 0.32's unquantized MoE method, once its kernel exists, treats every later processing as a
+    weight update: it copies the new weights into the kernel's tensors as they are and skips the
+    experts' own post-load step (`fused_experts.process_weights_after_loading`). On CPU that step pads
+    the FFN to the kernel's alignment and prepacks the weights (AMX / vector layouts), so a layerwise
+    reload leaves unpacked values in the prepacked tensors (wrong outputs; at engine TP 2 with an FFN
+    below the alignment the copy fails: "The size of tensor a (64) must match the size of tensor b (32)").
+    Without a kernel the layer is processed as at start-up, and the reload then copies the processed
+    tensors into the original storage. The undo puts the old kernel back if the layer was not processed
+    (its loads abandoned): call it after the layerwise reload is finalized.
+    """
+    method = getattr(module, "quant_method", None)
+    if method is None or not hasattr(method, "moe_kernel"):
+        raise moved("RoutedExperts.quant_method.moe_kernel")
+    old = method.moe_kernel
+    method.moe_kernel = None
+
+    def restore() -> None:
+        if method.moe_kernel is None:
+            method.moe_kernel = old
+
+    return restore
+
+
+def load_expert(param: torch.Tensor, tensor: torch.Tensor, *, weight_name: str, shard: str, expert: int) -> bool:
+    """Load one expert's slice through `param`'s weight loader (vLLM's `RoutedExperts.weight_loader`).
+
+    `shard` is "w1" (gate), "w3" (up) or "w2" (down); `expert` the global expert id, which the loader
+    maps to its local slot. False if the layer does not hold that expert (the loader's own answer).
+    """
+    loaded = weight_loader(param)(
+        param=param,
+        loaded_weight=tensor,
+        weight_name=weight_name,
+        shard_id=shard,
+        expert_id=expert,
+        return_success=True,
+    )
+    return loaded is not False
 
 
 def is_vocab_parallel(module: torch.nn.Module) -> bool:

@@ -12,13 +12,23 @@ into the original kernel tensors, so parameter storage is kept (CUDA graphs stay
 parameters are always loaded whole (q, k and v together; gate and up together): a partial load would
 leave the rest uninitialized. A parameter shared by several layers (tied embeddings: the output
 layer reads the embedding table) is loaded into every one of them, so each is processed again.
-Every vLLM internal used here goes through `refit.compat.vllm`.
+
+MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral): routed experts arrive under the per-expert HF names
+(`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`) and go through the loader of vLLM's
+fused expert layer (`w13_weight` `[E, 2F/tp, H]`: gate as shard w1, up as w3; `w2_weight`
+`[E, H, F/tp]` as w2), all experts of a layer in one pass, so the layer is processed once. Mixtral's
+MoE block is `block_sparse_moe` in vLLM (the router too). Without expert parallelism vLLM splits
+every expert's FFN by the engine TP, which is the planner's default `EngineLayout.expert_tp`; with it
+(`enable_expert_parallel`) a rank holds whole experts of its EP rank, which the engine reads from
+vLLM's layers. Every vLLM internal used here goes through `refit.compat.vllm`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,10 +37,10 @@ import torch
 from refit.compat import vllm as compat
 from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
-from refit.errors import ConfigError, ModelMismatchError
+from refit.errors import ConfigError, EngineError, ModelMismatchError
 from refit.plan.naming import architecture_from_hf
-from refit.plan.shapes import dense_targets
-from refit.plan.targets import Target
+from refit.plan.shapes import model_tensors
+from refit.plan.targets import EngineLayout, Target, targets_for
 from refit.types import ModelMeta
 
 logger = logging.getLogger(__name__)
@@ -45,13 +55,51 @@ _FUSED = {
 }
 
 
-def vllm_target(hf_name: str) -> tuple[str, str | int | None]:
-    """The vLLM parameter an HF tensor loads into, and the shard id its weight loader takes."""
+# A routed expert's HF name, and the shard vLLM's fused expert loader calls each projection.
+_EXPERT = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>\w+_proj)\.weight$")
+_EXPERT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+# The MoE block's module name in vLLM where it is not the HF checkpoint's `mlp` (router and experts).
+_MOE_BLOCK = {"mixtral": "block_sparse_moe"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertLoad:
+    """Where one routed expert's HF tensor goes in vLLM: its fused expert layer's parameter, shard, expert id."""
+
+    module: str  # the routed-experts layer (vLLM's `RoutedExperts`)
+    param: str  # full parameter name (`...experts.w13_weight`)
+    shard: str  # "w1" (gate), "w3" (up), "w2" (down)
+    expert: int  # global expert id
+
+
+def vllm_target(hf_name: str, architecture: str = "") -> tuple[str, str | int | None]:
+    """The vLLM parameter a dense HF tensor loads into, and the shard id its weight loader takes.
+
+    `architecture` (refit's id) applies vLLM's own module names (Mixtral's router is `block_sparse_moe.gate`).
+    """
+    block = _MOE_BLOCK.get(architecture)
+    if block and ".mlp.gate." in hf_name:
+        hf_name = hf_name.replace(".mlp.gate.", f".{block}.gate.")
     parts = hf_name.split(".")
     if len(parts) >= 2 and parts[-2] in _FUSED:
         fused, shard = _FUSED[parts[-2]]
         return ".".join([*parts[:-2], fused, parts[-1]]), shard
     return hf_name, None
+
+
+def expert_target(hf_name: str, experts: Mapping[str, str]) -> ExpertLoad | None:
+    """The load of a routed expert's HF tensor, or None for any other name.
+
+    `experts` maps each decoder layer's prefix (`model.layers.3`) to its routed-experts module's name.
+    """
+    m = _EXPERT.match(hf_name)
+    if m is None or m["proj"] not in _EXPERT_SHARDS:
+        return None
+    module = experts.get(m["layer"])
+    if module is None:
+        raise ModelMismatchError(f"{hf_name}: vLLM has no routed experts in {m['layer']}")
+    shard = _EXPERT_SHARDS[m["proj"]]
+    return ExpertLoad(module=module, param=f"{module}.{compat.EXPERT_PARAMS[shard]}", shard=shard, expert=int(m["e"]))
 
 
 class VLLMEngine:
@@ -92,15 +140,22 @@ class VLLMEngine:
         arch = (getattr(self._cfg, "architectures", None) or ["?"])[0]
         self._architecture = architecture_from_hf(arch)
         self._vocab_modules = {n: m for n, m in model.named_modules() if compat.is_vocab_parallel(m)}
+        self._expert_modules = _routed_experts(model) if _num_experts(self._cfg) else {}
+        # decoder layer prefix (`model.layers.3`) -> its routed-experts layer's name
+        self._experts = {_layer_prefix(n): n for n in self._expert_modules}
+        ep_rank, ep_size = self._expert_parallel()
         self._spec = spec_from_hf_config(
             self._cfg,
             architecture=self._architecture,
             tp_rank=tp_rank,
             tp_size=tp_size,
+            ep_rank=ep_rank,
+            ep_size=ep_size,
             vocab_padding=self._vocab_padding(),
         )
         self._layout = self._spec.layout()
-        self._targets = dense_targets(self._model_meta(), self._layout)
+        shared = int(getattr(self._cfg, "shared_expert_intermediate_size", 0) or 0)
+        self._targets = _targets(self._model_meta(), self._layout, self._moe_layers(), shared)
         self._check_against_model()
         self._expected = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in self._targets.items()}
         self._aliases = _aliases(model)
@@ -121,43 +176,76 @@ class VLLMEngine:
         """Load a complete, validated set of this rank's tensors (see the class docstring)."""
         self._validate(tensors)
         # A shared parameter's other layers load right after it: no other layer's failure falls between them.
-        loads = [
-            (param, shard, tensors[name])
-            for name in sorted(tensors, key=_layer_order)
-            for target, shard in [vllm_target(name)]
-            for param in (target, *self._aliases.get(target, ()))
-        ]
-        compat.initialize_layerwise_reload(self.model)
+        # Layer by layer, so all experts of a MoE layer load together and the layer is processed once.
+        loads: list[tuple[str, str | int | ExpertLoad | None, torch.Tensor]] = []
+        for name in sorted(tensors, key=_layer_order):
+            expert = expert_target(name, self._experts)
+            if expert is not None:
+                loads.append((expert.param, expert, tensors[name]))
+                continue
+            target, shard = vllm_target(name, self._architecture)
+            loads += [(param, shard, tensors[name]) for param in (target, *self._aliases.get(target, ()))]
         undo: list[Callable[[], None]] = []
-        loaded = False
         try:
-            params = dict(self.model.named_parameters())  # reload gives tied layers a parameter each
-            marked: set[str] = set()
-            for target, shard, tensor in loads:
-                param = params[target]
-                if target not in marked:
-                    marked.add(target)
-                    module = self._vocab_modules.get(target.rpartition(".")[0])
-                    undo.append(compat.load_vocab_rows_only(module) if module else compat.mark_presharded(param))
-                loader = compat.weight_loader(param)
-                if shard is None:
-                    loader(param, tensor)
-                else:
-                    loader(param, tensor, shard)
-            loaded = True
-        finally:
+            # Before the reload starts: a refusal here has changed nothing.
+            for module in self._expert_modules.values():
+                undo.append(compat.load_experts_presharded(module))
+                if self._device.type == "cpu":  # vLLM skips the CPU experts' padding and prepacking on a reload
+                    undo.append(compat.redo_expert_processing(module))
+            compat.initialize_layerwise_reload(self.model)
+            loaded = False
             try:
+                self._load(loads, undo)
+                loaded = True
+            finally:
                 if not loaded:
                     dropped = compat.abandon_pending_layers(self.model)
                     logger.error("vLLM install failed part-way; pending layers dropped, kept old: %s", dropped)
                 compat.finalize_layerwise_reload(self.model, self.model_config)
-            finally:
-                for restore in reversed(undo):
-                    restore()
+        finally:
+            for restore in reversed(undo):
+                restore()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _load(
+        self, loads: list[tuple[str, str | int | ExpertLoad | None, torch.Tensor]], undo: list[Callable[[], None]]
+    ) -> None:
+        """Feed every load to its parameter's loader (inside a layerwise reload; `undo` collects the restores)."""
+        params = dict(self.model.named_parameters())  # reload gives tied layers a parameter each
+        marked: set[str] = set()
+        for target, shard, tensor in loads:
+            param = params[target]
+            if isinstance(shard, ExpertLoad):
+                if not compat.load_expert(param, tensor, weight_name=target, shard=shard.shard, expert=shard.expert):
+                    raise EngineError(f"{target}: vLLM's expert loader did not take expert {shard.expert}")
+                continue
+            if target not in marked:
+                marked.add(target)
+                module = self._vocab_modules.get(target.rpartition(".")[0])
+                undo.append(compat.load_vocab_rows_only(module) if module else compat.mark_presharded(param))
+            loader = compat.weight_loader(param)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+
+    def _expert_parallel(self) -> tuple[int, int]:
+        """(EP rank, EP size) of this worker's expert layers, which vLLM sets up (`enable_expert_parallel`)."""
+        found = {compat.expert_parallel(m) for m in self._expert_modules.values()}
+        if len(found) > 1:
+            raise ModelMismatchError(f"vLLM expert layers disagree on their expert parallelism: {sorted(found)}")
+        for module in self._expert_modules.values():
+            compat.load_experts_presharded(module)()  # refuses layers whose experts it cannot load pre-sharded
+        return found.pop() if found else (0, 1)
+
+    def _moe_layers(self) -> frozenset[int]:
+        """Decoder layers with routed experts, as vLLM built them (the config's sparse step and dense layers)."""
+        if _num_experts(self._cfg) and not self._experts:
+            raise ModelMismatchError(f"{self._architecture}: the config has experts, but vLLM built no expert layers")
+        return frozenset(int(p.rpartition(".")[2]) for p in self._experts)
 
     def _vocab_padding(self) -> int:
         paddings = {compat.vocab_padding(m) for m in self._vocab_modules.values()}
@@ -180,8 +268,10 @@ class VLLMEngine:
             padded_vocab_size=math.ceil(s.vocab_size / padding) * padding,
             vocab_size=s.vocab_size,
             tied_embeddings=s.tied_embeddings,
-            qkv_bias=self._architecture == "qwen2" or bool(getattr(self._cfg, "attention_bias", False)),
-            qk_layernorm=self._architecture == "qwen3",
+            qkv_bias=self._architecture in ("qwen2", "qwen2_moe") or bool(getattr(self._cfg, "attention_bias", False)),
+            qk_layernorm=self._architecture in ("qwen3", "qwen3_moe"),
+            num_experts=s.num_experts,
+            moe_ffn_hidden_size=s.moe_ffn_hidden_size,
             params_dtype=dtype_name(self.model_config.dtype),
         )
 
@@ -189,14 +279,22 @@ class VLLMEngine:
         """Every vLLM parameter must be fed, with exactly the rows it holds (as recorded at load time)."""
         recorded = _recorded_shapes(self.model)
         fed: dict[str, int] = {}
+        experts: dict[str, list[tuple[ExpertLoad, Target]]] = {}
         for name, target in self._targets.items():
-            param, _ = vllm_target(name)
+            load = expert_target(name, self._experts)
+            if load is not None:
+                experts.setdefault(load.param, []).append((load, target))
+                continue
+            param, _ = vllm_target(name, self._architecture)
             fed[param] = fed.get(param, 0) + target.shape[0]
-        problems = [f"{n}: not in the vLLM model" for n in sorted(set(fed) - set(recorded))]
+        problems = [f"{n}: not in the vLLM model" for n in sorted((set(fed) | set(experts)) - set(recorded))]
         for name, shape in recorded.items():
             rows = fed.get(name)
             module = self._vocab_modules.get(name.rpartition(".")[0])
-            if rows is None:
+            if name in experts:
+                held = compat.local_experts(self._expert_modules[experts[name][0][0].module], self._spec.num_experts)
+                problems += _expert_problems(name, shape, held, experts[name])
+            elif rows is None:
                 problems.append(f"{name}: no HF tensor feeds it")
             elif module is not None:
                 problems += _vocab_problems(name, self._targets[name], compat.vocab_rows(module), shape[0])
@@ -214,6 +312,27 @@ class VLLMEngine:
                 raise ModelMismatchError(f"{name}: on {t.device}; the engine loads from cpu or {self._device.type}")
 
 
+def _expert_problems(
+    name: str, shape: tuple[int, ...], held: list[int], loads: list[tuple[ExpertLoad, Target]]
+) -> list[str]:
+    """A fused expert parameter `[experts, rows, cols]` must hold exactly the planned experts, each whole.
+
+    vLLM's slots must hold the plan's experts in ascending order (its linear placement: EP rank r holds
+    the r-th contiguous block), and each expert's shards must fill a slot: gate then up rows of `w13`, `w2` whole.
+    """
+    planned = sorted({load.expert for load, _ in loads})
+    if held != planned:
+        return [f"{name}: vLLM's slots hold experts {held}, the plan gives {planned}"]
+    per_expert: dict[int, list[Target]] = {}
+    for load, target in sorted(loads, key=lambda lt: lt[0].shard):  # w1 (gate) before w3 (up)
+        per_expert.setdefault(load.expert, []).append(target)
+    for expert, targets in per_expert.items():
+        rows = sum(t.shape[0] for t in targets)
+        if len(shape) != 3 or shape[0] != len(held) or (rows, *targets[0].shape[1:]) != shape[1:]:
+            return [f"{name}: {list(shape)} in vLLM, expert {expert} gives {[list(t.shape) for t in targets]}"]
+    return []
+
+
 def _vocab_problems(name: str, target: Target, held: tuple[int, int], table_rows: int) -> list[str]:
     """The rows of the real vocabulary vLLM's layer holds must be exactly the target's rows."""
     start, stop = held
@@ -221,6 +340,29 @@ def _vocab_problems(name: str, target: Target, held: tuple[int, int], table_rows
     if stop - start != rows[1] - rows[0] or (stop > start and rows[0] != start) or stop - start > table_rows:
         return [f"{name}: vLLM holds vocabulary rows [{start}, {stop}), the plan gives [{rows[0]}, {rows[1]})"]
     return []
+
+
+def _num_experts(config: Any) -> int:
+    return int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0)
+
+
+def _layer_prefix(module_name: str) -> str:
+    """`model.layers.3` of `model.layers.3.mlp.experts` (a module inside a decoder layer)."""
+    m = re.match(r"^(.*?\.layers\.\d+)\.", module_name)
+    if m is None:
+        raise ModelMismatchError(f"vLLM expert layer {module_name!r} is not inside a decoder layer")
+    return m[1]
+
+
+def _routed_experts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """name -> vLLM's routed-experts layer (one per MoE decoder layer; a second one would be left unfed
+    and fail the start-up check)."""
+    return {n: m for n, m in model.named_modules() if compat.is_routed_experts(m)}
+
+
+def _targets(model: ModelMeta, layout: EngineLayout, moe_layers: frozenset[int], shared: int) -> dict[str, Target]:
+    """The targets an engine rank holds, by target name: the planner's targets of every tensor of the model."""
+    return {t.hf_name: t for desc in model_tensors(model, moe_layers, shared) for t in targets_for(model, desc, layout)}
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
@@ -231,8 +373,10 @@ def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     derived from the old values (on CPU: the output layer's packed copy of the embedding table).
     """
     names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+    # Each module once: a module reached by two paths (vLLM's MoE runner holds the router) is one layer, no alias.
+    for prefix, module in model.named_modules():
+        for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            names.setdefault(id(param), []).append(f"{prefix}.{key}" if prefix else key)
     return {n: tuple(o for o in group if o != n) for group in names.values() if len(group) > 1 for n in group}
 
 

@@ -1,4 +1,5 @@
-"""The global Megatron tensors of a dense Llama / Qwen2 / Qwen3 model, from its dimensions alone.
+"""The global Megatron tensors of a Llama / Qwen2 / Qwen3 model, or of a Qwen3-MoE / Mixtral / Qwen2-MoE
+model, from its dimensions alone (and, for MoE, which layers are sparse).
 
 An engine that knows its model only from a config (vLLM) asks the planner for its expected tensors
 the same way a receiver plans a pull: these descriptors through `targets_for` at the engine's
@@ -11,7 +12,10 @@ whole tensor (a replicated shard, rank 0 of 1): `targets_for` reads only role, d
 
 from __future__ import annotations
 
-from refit.errors import LayoutError
+import dataclasses
+import re
+
+from refit.errors import LayoutError, ModelMismatchError
 from refit.plan.targets import EngineLayout, Target, targets_for
 from refit.types import ModelMeta, Role, TensorDesc
 
@@ -59,6 +63,50 @@ def dense_tensors(model: ModelMeta) -> list[TensorDesc]:
         TensorDesc.shard(name=name, role=role, dtype=model.params_dtype, global_shape=shape, rank=0, size=1)
         for name, role, shape in shapes
     ]
+
+
+def model_tensors(model: ModelMeta, moe_layers: frozenset[int] = frozenset(), shared: int = 0) -> list[TensorDesc]:
+    """The global Megatron tensors of a dense or MoE model: `dense_tensors`, with MoE blocks in `moe_layers`.
+
+    Which layers are MoE is not part of `ModelMeta` (Megatron's `moe_layer_freq`, HF's
+    `mlp_only_layers` / `decoder_sparse_step`): the engine says, from the model it built.
+
+    A MoE layer's dense MLP is replaced by its router `[E, H]`, each routed expert's fc1 `[2F, H]` (gate;
+    up) and fc2 `[H, F]` under its global id, and (Qwen2-MoE) a shared expert of FFN `shared` with its gate.
+    """
+    if not model.num_experts:
+        return dense_tensors(model)
+    if model.architecture not in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        raise ModelMismatchError(f"{model.architecture}: MoE models of this architecture are not supported here")
+    if shared and model.architecture != "qwen2_moe":
+        raise ModelMismatchError(f"{model.architecture}: shared experts are supported for qwen2_moe only")
+    h, f, dtype = model.hidden_size, model.moe_ffn_hidden_size, model.params_dtype
+    out: list[TensorDesc] = []
+    for desc in dense_tensors(dataclasses.replace(model, num_experts=0, moe_ffn_hidden_size=0)):
+        m = re.match(r"^decoder\.layers\.(\d+)\.mlp\.linear_fc([12])\.weight$", desc.name)
+        if m is None or int(m[1]) not in moe_layers:
+            out.append(desc)
+            continue
+        if m[2] == "2":
+            continue
+        p = f"decoder.layers.{m[1]}.mlp."
+        shapes: list[tuple[str, Role, tuple[int, ...]]] = [
+            (p + "router.weight", Role.REPLICATED, (model.num_experts, h))
+        ]
+        fc1 = (Role.EXPERT_GATED_COLUMN, (2 * f, h)) if model.gated_linear_unit else (Role.EXPERT_COLUMN, (f, h))
+        for e in range(model.num_experts):
+            shapes += [
+                (f"{p}experts.local_experts.{e}.linear_fc1.weight", *fc1),
+                (f"{p}experts.local_experts.{e}.linear_fc2.weight", Role.EXPERT_ROW, (h, f)),
+            ]
+        if shared:
+            shapes += [
+                (p + "shared_experts.linear_fc1.weight", Role.GATED_MLP_COLUMN, (2 * shared, h)),
+                (p + "shared_experts.linear_fc2.weight", Role.ROW, (h, shared)),
+                (p + "shared_experts.gate_weight", Role.REPLICATED, (1, h)),
+            ]
+        out += [TensorDesc.shard(name=n, role=r, dtype=dtype, global_shape=s, rank=0, size=1) for n, r, s in shapes]
+    return out
 
 
 def dense_targets(model: ModelMeta, layout: EngineLayout) -> dict[str, Target]:

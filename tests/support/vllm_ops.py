@@ -65,13 +65,16 @@ def save_checkpoint(case: hm.ModelCase, version: int, path: Path) -> Path:
 class Trainer:
     """One Megatron model on the trainer cluster at a TP/PP layout, publishing under its own catalog name."""
 
-    def __init__(self, cluster: Any, catalog: str, tmp: Path, case: hm.ModelCase, *, tp: int, pp: int = 1) -> None:
+    def __init__(
+        self, cluster: Any, catalog: str, tmp: Path, case: hm.ModelCase, *, tp: int, pp: int = 1, **moe: int
+    ) -> None:
+        """`moe`: a MoE case's expert parallelism, `ep` and `etp` (see `trainer_ops.build`)."""
         self.cluster, self.catalog, self.tmp, self.case = cluster, catalog, tmp, case
         self.name = f"{case.id}-tp{tp}-pp{pp}-{next(_names)}"
         self.vocab = case.vocab_size if hm.padded_vocab(case, tp) != case.vocab_size else 0
         self._published = False
         path = self._state_file(1)
-        cluster.run(BUILD, key=self.name, case=case.to_dict(), hf_path=str(path), tp=tp, pp=pp)
+        cluster.run(BUILD, key=self.name, case=case.to_dict(), hf_path=str(path), tp=tp, pp=pp, **moe)
 
     def _state_file(self, version: int) -> Path:
         from safetensors.torch import save_file
@@ -119,10 +122,11 @@ def engine_kwargs(path: Path, tp: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_engine(path: Path, tp: int) -> Iterator[Any]:
+def running_engine(path: Path, tp: int, **extra: Any) -> Iterator[Any]:
     """A `vllm.LLM` with the refit backend on checkpoint `path` at engine TP `tp`, shut down afterwards.
 
-    `VLLM_ALLOW_INSECURE_SERIALIZATION` lets `collective_rpc` send this module's functions to the workers.
+    `extra`: more `LLM` arguments (`enable_expert_parallel=True`). `VLLM_ALLOW_INSECURE_SERIALIZATION`
+    lets `collective_rpc` send this module's functions to the workers.
     """
     from vllm import LLM
 
@@ -130,7 +134,7 @@ def running_engine(path: Path, tp: int) -> Iterator[Any]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        llm = LLM(**engine_kwargs(path, tp))
+        llm = LLM(**engine_kwargs(path, tp), **extra)
         try:
             yield llm
         finally:
@@ -226,3 +230,65 @@ def install_constants(worker: Any, *, meta: str, validate: bool = True) -> dict[
         "moved": moved([layout], [storage(model)]),
         "unchanged": {n: bool(torch.equal(before[n], params[n])) for n in watched},
     }
+
+
+def digest(model: torch.nn.Module) -> dict[str, str]:
+    """The bytes of every non-empty parameter and buffer of a vLLM worker's model: `{name: sha256}`.
+
+    Run in the workers with `llm.apply_model(digest)`. Covers what vLLM keeps in parameters after its
+    post-load processing: on CPU the fused experts in their prepacked layout, routers, norms, embedding
+    tables (linear layers keep their packed weights outside parameters: `probe` covers those).
+    """
+    import hashlib
+
+    out: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        for key, t in tensors.items():
+            if t.numel() > 0:
+                raw = t.detach().contiguous().view(-1).view(torch.uint8)
+                out[f"{prefix}.{key}"] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    return out
+
+
+def load_checkpoint(worker: Any, path: str) -> int:
+    """In a vLLM worker: load an HF safetensors file through vLLM's own loader (layerwise reload, `load_weights`).
+
+    vLLM gets whole HF tensors and cuts its rank's slices itself: the ground truth a refit must equal.
+    MoE layers get their kernel dropped first: vLLM 0.32 otherwise takes a reload for a weight update and
+    skips the CPU experts' padding and prepacking (wrong experts at TP 1, a shape error at TP 2), while
+    without a kernel the layer is processed as at start-up (the tests check that against a fresh engine).
+    Returns the number of parameters vLLM reports loaded.
+    """
+    from safetensors.torch import load_file
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+    )
+
+    model = worker.model_runner.model
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            module.quant_method.moe_kernel = None
+    weights = load_file(path)
+    initialize_layerwise_reload(model)
+    loaded = model.load_weights(sorted(weights.items()))
+    finalize_layerwise_reload(model, worker.model_runner.model_config)
+    return len(loaded)
+
+
+def probe(llm: Any, prompts: list[list[int]] = PROMPTS, max_tokens: int = 8) -> list[list[tuple[int, list]]]:
+    """Greedy tokens with the top-5 logprobs of every step: equal only for bit-identical forward passes."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False, logprobs=5)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [
+        [
+            (tok, sorted((k, v.logprob) for k, v in step.items()))
+            for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
+        ]
+        for o in outs
+    ]
