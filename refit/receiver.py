@@ -24,7 +24,8 @@ from refit.dtypes import device_of
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors
 from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble
-from refit.plan.planner import Plan, plan_refit, stripe
+from refit.plan.cost import DEFAULT_COST, LinkCost
+from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.transport.jobs import jobs_for
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord, UpdateResult, VersionInfo, VersionState
@@ -81,6 +82,10 @@ class Receiver:
         catalog_timeout_s: deadline of each catalog call.
         max_staging_bytes: refuse (before allocating or pulling anything) a refit whose staging
             buffer would exceed this; staging holds one version of this rank's tensors.
+        link_cost: the link the planner prices reads with (`refit.plan.cost`: `IB_RAIL` by default,
+            `NVLINK` or `GPU_LOCAL` within a host, `CPU_UCX` between CPU processes): it decides when
+            a hole is read along and when a strided slice is read as its enclosing block.
+        max_overread: the most unneeded bytes enclosing blocks may add, as a share of needed bytes.
         on_after_wire: called with the version number after its bytes are pulled and before the
             receiver re-checks that the version is still READY (to instrument, or to race a trainer
             step in tests); an exception it raises fails the fetch.
@@ -96,6 +101,8 @@ class Receiver:
         timeout_s: float = DEFAULT_TIMEOUTS.update_s,
         catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
         max_staging_bytes: int | None = None,
+        link_cost: LinkCost = DEFAULT_COST,
+        max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
@@ -105,6 +112,9 @@ class Receiver:
         if on_after_wire is not None and not callable(on_after_wire):
             raise ConfigError(f"on_after_wire must be callable, got {type(on_after_wire).__name__}")
         self._max_staging = max_staging_bytes
+        if max_overread < 0:
+            raise ConfigError(f"max_overread must be >= 0, got {max_overread}")
+        self._link_cost, self._max_overread = link_cost, max_overread
         self.engine = engine
         self.name = name
         self._spec = engine.spec()
@@ -159,7 +169,8 @@ class Receiver:
         if key == self._plan_key and self._plan is not None:
             return self._plan
         check_compatible(self._spec, info.model)
-        plan = plan_refit(model=info.model, sources=sources, layout=self._layout, stripe=self._stripe)
+        plan = plan_refit(model=info.model, sources=sources, layout=self._layout, stripe=self._stripe,
+                          cost=self._link_cost, max_overread=self._max_overread)  # fmt: skip
         planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
         check_tensors(self.engine.expected(), planned)
         self._plan_key, self._plan = key, plan

@@ -10,7 +10,11 @@ are exact; `exact=True` plans every engine rank instead.
 
 Network model: one NIC per GPU, `nic_gbps` per direction, full duplex, non-blocking fabric, trainer
 and engine on separate nodes (or, `colocated`, GPU i of both on the same node, where same-node
-traffic rides NVLink). Modelled time is the most loaded link's bytes over its bandwidth.
+traffic rides NVLink). Descriptors cost time (`refit.plan.cost`): each engine rank pays its
+descriptors' time on the link they cross, on top of its bytes; the trainer side answers RDMA READs
+in its NIC and pays bytes only. Every plan is made for the NIC's cost, so the planner's choices
+(holes read along, strided slices read as their enclosing block) are the ones this link favours.
+Modelled time is the slowest link: bytes over bandwidth, plus descriptors on the engine side.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import dataclass, field
 
 from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
-from refit.plan.planner import Plan, plan_refit, stripe
+from refit.plan.cost import IB_RAIL, NVLINK, LinkCost
+from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import EngineLayout, Scheme
 from refit.types import ModelMeta, SourceRecord, TensorDesc
 
@@ -83,31 +88,65 @@ class Fabric:
     nic_gbps: float = 50.0  # GB/s per GPU NIC, per direction
     nvlink_gbps: float = 450.0  # GB/s per GPU, per direction
     colocated: bool = False
+    nic_descriptor_us: float = IB_RAIL.descriptor_s * 1e6  # per descriptor an engine rank posts over its NIC
+    nvlink_descriptor_us: float = NVLINK.descriptor_s * 1e6  # per descriptor over NVLink (colocated only)
+
+    @property
+    def nic(self) -> LinkCost:
+        return LinkCost(bandwidth_Bps=self.nic_gbps * 1e9, descriptor_s=self.nic_descriptor_us * 1e-6)
+
+    @property
+    def nvlink(self) -> LinkCost:
+        return LinkCost(bandwidth_Bps=self.nvlink_gbps * 1e9, descriptor_s=self.nvlink_descriptor_us * 1e-6)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Traffic:
-    """Bytes per link of one whole refit (every engine rank of every replica)."""
+    """Bytes and descriptors per link of one whole refit (every engine rank of every replica).
+
+    Bytes per link are wire bytes: what the planner reads, holes and enclosing blocks included.
+    """
 
     sent: list[int]  # per trainer GPU, over its NIC
     received: list[int]  # per engine GPU, over its NIC
     nvlink_sent: list[int]
     nvlink_received: list[int]
+    descriptors: list[int]  # per engine GPU, over its NIC
+    nvlink_descriptors: list[int]  # per engine GPU, over NVLink
+    staging: list[int]  # staging bytes per engine GPU
+    needed_nic_bytes: int  # bytes the engines need that cross NICs (the lower bound's bytes)
     target_bytes: int  # what the engine ranks hold after the refit, summed
-    reads: int  # transfer descriptors, summed over engine ranks
+    reads: int  # planned reads (a strided read counted once), summed over engine ranks
     planned: int  # plan_refit calls
     plan_seconds: float
-    per_pair: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # (trainer, engine) -> bytes
+    per_pair: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # (trainer, engine) -> needed
+    per_pair_wire: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)  # ... -> wire bytes
 
-    def seconds(self, fabric: Fabric) -> float:
-        nic = max(max(self.sent), max(self.received)) / (fabric.nic_gbps * 1e9)
-        nvl = max(max(self.nvlink_sent), max(self.nvlink_received)) / (fabric.nvlink_gbps * 1e9)
-        return max(nic, nvl)
+    def engine_seconds(self, fabric: Fabric, *, descriptors: bool = True) -> list[float]:
+        """Each engine GPU's time: its busier link's bytes, plus (by default) that link's descriptors."""
+        nic, nvl, on = fabric.nic, fabric.nvlink, int(descriptors)
+        return [
+            max(
+                nic.seconds(nbytes=self.received[g], descriptors=on * self.descriptors[g]),
+                nvl.seconds(nbytes=self.nvlink_received[g], descriptors=on * self.nvlink_descriptors[g]),
+            )
+            for g in range(len(self.received))
+        ]
+
+    def seconds(self, fabric: Fabric, *, descriptors: bool = True) -> float:
+        """The slowest link: trainer NICs and NVLink by bytes, engine ranks by bytes and descriptors."""
+        trainer = max(max(self.sent) / fabric.nic.bandwidth_Bps, max(self.nvlink_sent) / fabric.nvlink.bandwidth_Bps)
+        return max(trainer, max(self.engine_seconds(fabric, descriptors=descriptors)))
+
+    def descriptor_seconds(self, fabric: Fabric) -> float:
+        """The most any engine rank spends on descriptors."""
+        nic, nvl = fabric.nic.descriptor_s, fabric.nvlink.descriptor_s
+        return max(n * nic + m * nvl for n, m in zip(self.descriptors, self.nvlink_descriptors, strict=True))
 
     def lower_bound(self, fabric: Fabric) -> float:
-        """NIC bytes over the aggregate NIC bandwidth of the busier side."""
-        bw = fabric.nic_gbps * 1e9
-        return max(sum(self.sent) / (len(self.sent) * bw), sum(self.received) / (len(self.received) * bw))
+        """Needed NIC bytes over the aggregate NIC bandwidth of the busier side (no descriptors)."""
+        bw = fabric.nic.bandwidth_Bps
+        return self.needed_nic_bytes / (min(len(self.sent), len(self.received)) * bw)
 
 
 def first_replica_only(sources: Sequence[SourceRecord]) -> list[SourceRecord]:
@@ -167,6 +206,37 @@ def _target_bytes(plan: Plan) -> int:
     return sum(math.prod(t.shape) * DTYPE_SIZES[t.dtype] for t in plan.targets)
 
 
+Key = tuple[tuple[int, ...], int]  # (set of equal replicas, index of the member a plan reads from)
+
+
+def _per_key(plan: Plan, holders: _Holders) -> dict[Key, list[int]]:
+    """Needed bytes, wire bytes and descriptors of `plan`, per set of equal replicas and chosen member.
+
+    A read's wire bytes go to its pieces, each taking its staged span and the hole after it; its
+    descriptors go to its first piece, less one where its first block merges with the last block of
+    the read before it (as `refit.plan.cost.count_descriptors` counts them).
+    """
+    out: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 0])
+    pieces = sorted(plan.pieces, key=lambda p: p.local_offset)
+    reads = sorted(plan.reads, key=lambda r: r.local_offset)
+    ends = {(r.rank, r.region, r.local_offset + r.nbytes, r.remote_offset + (r.count - 1) * r.remote_stride
+             + r.block_bytes) for r in reads if r.descriptors}  # fmt: skip
+    i = 0
+    for r in reads:
+        end, keys = r.local_offset + r.nbytes, []
+        while i < len(pieces) and pieces[i].local_offset < end:
+            p = pieces[i]
+            group = holders.group(p.tensor, p.dim, p.start, p.stop)
+            keys.append((group, group.index(p.rank)))
+            out[keys[-1]][0] += p.nbytes
+            following = pieces[i + 1].local_offset if i + 1 < len(pieces) else end
+            out[keys[-1]][1] += min(following, end) - p.local_offset
+            i += 1
+        merged = (r.rank, r.region, r.local_offset, r.remote_offset) in ends
+        out[keys[0]][2] += r.descriptors - int(merged and r.descriptors > 0)
+    return out
+
+
 def simulate(
     *,
     model: ModelMeta,
@@ -176,66 +246,79 @@ def simulate(
     fabric: Fabric,
     stripe: bool = True,
     exact: bool = False,
+    max_overread: float = MAX_OVERREAD,
     progress: Callable[[int], object] | None = None,
 ) -> Traffic:
     """Plan every engine rank (or one per position, see the module docstring) and add up the links.
 
+    Each plan is priced for the fabric's NIC (`plan_refit(cost=fabric.nic, max_overread=...)`).
     `stripe=False` plans against `first_replica_only(sources)`: every byte from the first copy.
     `progress(n)` is called after each plan_refit call with the number of engine ranks it covered.
     """
     srcs = list(sources) if stripe else first_replica_only(sources)
     holders = _Holders(srcs)
     n_trainer = max(s.rank for s in srcs) + 1
-    by_engine: list[dict[int, int]] = [defaultdict(int) for _ in range(engine.world)]
+    # Per engine GPU: trainer rank -> [needed bytes, wire bytes, descriptors].
+    by_engine: list[dict[int, list[int]]] = [defaultdict(lambda: [0, 0, 0]) for _ in range(engine.world)]
+    staging = [0] * engine.world
     target_bytes = reads = planned = 0
     t0 = time.perf_counter()
     for t in range(engine.tp):
-        replicas = range(engine.replicas) if exact else range(1)
-        for k in replicas:
-            plan = plan_refit(model=model, sources=srcs, layout=engine.layout(t), stripe=engine.stripe(k, t))
+        for k in range(engine.replicas) if exact else range(1):
+            plan = plan_refit(
+                model=model, sources=srcs, layout=engine.layout(t), stripe=engine.stripe(k, t), cost=fabric.nic,
+                max_overread=max_overread,
+            )  # fmt: skip
             planned += 1
             covered = 1 if exact else engine.replicas
             target_bytes += _target_bytes(plan) * covered
             reads += len(plan.reads) * covered
-            if exact:
-                for rank, nbytes in plan.bytes_by_rank.items():
-                    by_engine[k * engine.tp + t][rank] += nbytes
-            else:
-                # Bytes per (set of equal replicas, index of the chosen member): shift the index per replica.
-                per_group: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
-                for p in plan.pieces:
-                    group = holders.group(p.tensor, p.dim, p.start, p.stop)
-                    per_group[(group, group.index(p.rank))] += p.nbytes
-                base = engine.stripe(0, t)
-                for r in range(engine.replicas):
-                    shift = engine.stripe(r, t) - base
-                    dest = by_engine[r * engine.tp + t]
-                    for (group, index), nbytes in per_group.items():
-                        dest[group[(index + shift) % len(group)]] += nbytes
+            # Per (set of equal replicas, chosen member): a replica whose stripe is larger by d reads
+            # from the member d places further on (exact: only this replica, shift 0).
+            per_key = _per_key(plan, holders)
+            base = engine.stripe(k, t)
+            for r in [k] if exact else range(engine.replicas):
+                shift = engine.stripe(r, t) - base
+                dest = by_engine[r * engine.tp + t]
+                staging[r * engine.tp + t] = plan.staging_bytes
+                for (group, index), counts in per_key.items():
+                    into = dest[group[(index + shift) % len(group)]]
+                    for j, n in enumerate(counts):
+                        into[j] += n
             if progress is not None:
                 progress(covered)
     seconds = time.perf_counter() - t0
     logger.info("planned %d engine ranks with %d plan_refit calls in %.1f s", engine.world, planned, seconds)
-    sent, received = [0] * n_trainer, [0] * engine.world
-    nvl_sent, nvl_received = [0] * n_trainer, [0] * engine.world
+    sent, received, descriptors = [0] * n_trainer, [0] * engine.world, [0] * engine.world
+    nvl_sent, nvl_received, nvl_descriptors = [0] * n_trainer, [0] * engine.world, [0] * engine.world
     per_pair: dict[tuple[int, int], int] = {}
+    per_pair_wire: dict[tuple[int, int], int] = {}
+    needed_nic = 0
     for g, flows in enumerate(by_engine):
-        for rank, nbytes in flows.items():
-            per_pair[(rank, g)] = nbytes
+        for rank, (needed, wire, n) in flows.items():
+            per_pair[(rank, g)], per_pair_wire[(rank, g)] = needed, wire
             if fabric.colocated and rank // trainer_gpus_per_node == g // engine.gpus_per_node:
-                nvl_sent[rank] += nbytes
-                nvl_received[g] += nbytes
+                nvl_sent[rank] += wire
+                nvl_received[g] += wire
+                nvl_descriptors[g] += n
             else:
-                sent[rank] += nbytes
-                received[g] += nbytes
+                sent[rank] += wire
+                received[g] += wire
+                descriptors[g] += n
+                needed_nic += needed
     return Traffic(
         sent=sent,
         received=received,
         nvlink_sent=nvl_sent,
         nvlink_received=nvl_received,
+        descriptors=descriptors,
+        nvlink_descriptors=nvl_descriptors,
+        staging=staging,
+        needed_nic_bytes=needed_nic,
         target_bytes=target_bytes,
         reads=reads,
         planned=planned,
         plan_seconds=seconds,
         per_pair=per_pair,
+        per_pair_wire=per_pair_wire,
     )

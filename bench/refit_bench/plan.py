@@ -3,9 +3,12 @@
 Trainer sources are synthesized from a model config (no weights) and a Megatron layout; every engine
 rank is planned with `refit.plan.planner.plan_refit` (one plan per engine position, reused across
 replicas by symmetry unless `--exact`). Printed per scenario: bytes sent and received per NIC, the
-most loaded NIC, the modelled refit time, the lower bound (NIC bytes over the aggregate NIC
-bandwidth of the busier side), with source striping and with every byte taken from the first
-replica, and the published anchor beside them.
+most loaded NIC, descriptors per engine rank (max and mean) and the most time an engine rank spends
+on them, the modelled refit time (the slowest link: bytes over bandwidth, plus the engine side's
+descriptors), the lower bound (needed NIC bytes over the aggregate NIC bandwidth of the busier
+side), with source striping and with every byte taken from the first replica, and the published
+anchor beside them. Each engine rank is planned for the NIC's cost (`refit.plan.cost`), so the
+planner reads small holes along and strided slices as their enclosing block where that is cheaper.
 
 Examples:
     refit-bench plan --preset deepseek-v3-nemo
@@ -27,6 +30,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from refit.plan.cost import IB_RAIL
+from refit.plan.planner import MAX_OVERREAD
 from refit.plan.targets import Scheme
 from refit_bench.cluster_model import EngineFleet, Fabric, Traffic, simulate
 from refit_bench.plan_presets import PRESETS, Scenario
@@ -58,6 +63,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--wire-dtype", help="dtype of GEMM weights on the wire, e.g. float8_e4m3fn (default: bf16)")
     p.add_argument("--nic-gbps", type=float, default=50.0, help="GB/s per GPU NIC per direction (default 50)")
     p.add_argument("--nvlink-gbps", type=float, default=450.0, help="GB/s NVLink per GPU per direction (450)")
+    p.add_argument(
+        "--descriptor-us",
+        type=float,
+        default=IB_RAIL.descriptor_s * 1e6,
+        help=f"us per descriptor an engine rank posts over its NIC (default {IB_RAIL.descriptor_s * 1e6:g}, IB rail)",
+    )
+    p.add_argument(
+        "--max-overread",
+        type=float,
+        default=MAX_OVERREAD,
+        help=f"staging the planner may add for enclosing blocks, per needed byte (default {MAX_OVERREAD:g})",
+    )
     p.add_argument("--colocated", action="store_true", help="trainer and engine GPU i share a node")
     p.add_argument("--no-stripe", action="store_true", help="only the first-replica row (no striping)")
     p.add_argument("--exact", action="store_true", help="plan every engine rank (no reuse across replicas)")
@@ -90,15 +107,24 @@ def _row(label: str, traffic: Traffic, fabric: Fabric) -> dict[str, Any]:
     side = "trainer" if max(traffic.sent) >= max(traffic.received) else "engine"
     index = (traffic.sent if side == "trainer" else traffic.received).index(busiest)
     seconds, bound = traffic.seconds(fabric), traffic.lower_bound(fabric)
+    engine_s = traffic.engine_seconds(fabric)
+    slowest = max(range(len(engine_s)), key=engine_s.__getitem__)
+    descriptors = [a + b for a, b in zip(traffic.descriptors, traffic.nvlink_descriptors, strict=True)]
     return {
         "label": label,
         "bytes_sent": sum(traffic.sent) + sum(traffic.nvlink_sent),
         "bytes_received": sum(traffic.received) + sum(traffic.nvlink_received),
+        "needed_bytes": sum(traffic.per_pair.values()),
         "nic_bytes_sent": traffic.sent,
         "nic_bytes_received": traffic.received,
         "nvlink_bytes": sum(traffic.nvlink_sent),
         "most_loaded_nic": {"side": side, "gpu": index, "bytes": busiest},
+        "descriptors_per_engine_rank": {"max": max(descriptors), "mean": sum(descriptors) / len(descriptors)},
+        "descriptor_s": traffic.descriptor_seconds(fabric),
+        "slowest_engine_rank": {"gpu": slowest, "seconds": engine_s[slowest], "descriptors": descriptors[slowest]},
+        "staging_bytes_max": max(traffic.staging),
         "modelled_s": seconds,
+        "modelled_bytes_only_s": traffic.seconds(fabric, descriptors=False),
         "lower_bound_s": bound,
         "most_loaded_over_bound": seconds / bound if bound else 0.0,
         "target_bytes": traffic.target_bytes,
@@ -111,7 +137,10 @@ def _row(label: str, traffic: Traffic, fabric: Fabric) -> dict[str, Any]:
 def run_scenario(s: Scenario, args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(s.model)
     meta, sources = synthesize_sources(cfg, s.trainer, linear_dtype=s.linear_dtype)
-    fabric = Fabric(nic_gbps=args.nic_gbps, nvlink_gbps=args.nvlink_gbps, colocated=args.colocated)
+    fabric = Fabric(
+        nic_gbps=args.nic_gbps, nvlink_gbps=args.nvlink_gbps, colocated=args.colocated,
+        nic_descriptor_us=args.descriptor_us,
+    )  # fmt: skip
     variants = [("first replica", False)] if args.no_stripe else [("striped", True), ("first replica", False)]
     rows = []
     with tqdm(
@@ -130,6 +159,7 @@ def run_scenario(s: Scenario, args: argparse.Namespace) -> dict[str, Any]:
                 fabric=fabric,
                 stripe=stripe,
                 exact=args.exact,
+                max_overread=args.max_overread,
                 progress=bar.update,
             )
             rows.append(_row(label, traffic, fabric))
@@ -147,6 +177,7 @@ def run_scenario(s: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         "fabric": asdict(fabric),
         "model_bytes": model_bytes(cfg, linear_dtype=s.linear_dtype),
         "exact": args.exact,
+        "max_overread": args.max_overread,
         "rows": rows,
         "anchor": asdict(s.anchor) if s.anchor else None,
         "assumptions": list(s.assumptions),
@@ -161,20 +192,24 @@ def print_table(result: dict[str, Any]) -> None:
     a = result["anchor"]
     print(f"\n== {result['scenario']}: {result['model']} ({result['wire_dtype']} GEMM weights on the wire)")
     print(f"   trainer {result['trainer']['describe']}  ->  engine {result['engine']['describe']}")
+    f = result["fabric"]
     print(
         f"   model {result['model_bytes'] / GB:.1f} GB; engine ranks hold {result['rows'][0]['target_bytes'] / GB:.1f}"
-        f" GB in all; NIC {result['fabric']['nic_gbps']:g} GB/s, NVLink {result['fabric']['nvlink_gbps']:g} GB/s"
+        f" GB in all; NIC {f['nic_gbps']:g} GB/s and {f['nic_descriptor_us']:g} us a descriptor,"
+        f" NVLink {f['nvlink_gbps']:g} GB/s; enclosing blocks up to {result['max_overread']:g} x needed bytes"
     )
     print(
         f"   {'':14} {'sent GB/NIC min mean max':>26} {'recv GB/NIC min mean max':>26} {'busiest NIC':>18}"
-        f" {'modelled s':>10} {'bound s':>8} {'ratio':>6} {'reads':>10}"
+        f" {'desc/rank max':>13} {'mean':>11} {'desc ms':>9} {'bytes s':>7} {'modelled s':>10} {'bound s':>8}"
+        f" {'ratio':>6} {'staging GB':>10}"
     )
     for r in result["rows"]:
-        m = r["most_loaded_nic"]
+        m, d = r["most_loaded_nic"], r["descriptors_per_engine_rank"]
         print(
             f"   {r['label']:14} {_stats(r['nic_bytes_sent']):>26} {_stats(r['nic_bytes_received']):>26} "
-            f"{m['side']:>7} {m['gpu']:4d} {m['bytes'] / GB:5.1f}G {r['modelled_s']:10.3f} "
-            f"{r['lower_bound_s']:8.3f} {r['most_loaded_over_bound']:6.3f} {r['reads']:10d}"
+            f"{m['side']:>7} {m['gpu']:4d} {m['bytes'] / GB:5.1f}G {d['max']:13,d} {d['mean']:11,.0f} "
+            f"{r['descriptor_s'] * 1e3:9.1f} {r['modelled_bytes_only_s']:7.3f} {r['modelled_s']:10.3f} "
+            f"{r['lower_bound_s']:8.3f} {r['most_loaded_over_bound']:6.3f} {r['staging_bytes_max'] / GB:10.2f}"
         )
     if a:
         span = f"{a['low_s']:g}" if a["low_s"] == a["high_s"] else f"{a['low_s']:g}-{a['high_s']:g}"
@@ -193,8 +228,13 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
     width, xs = 0.2, range(len(results))
     for i, (key, label) in enumerate((("striped", "modelled, striped"), ("first replica", "modelled, first replica"))):
-        vals = [next((r["modelled_s"] for r in res["rows"] if r["label"] == key), 0.0) for res in results]
-        top.bar([x + (i - 1.5) * width for x in xs], vals, width, label=label)
+        rows = [next((r for r in res["rows"] if r["label"] == key), None) for res in results]
+        bytes_only = [r["modelled_bytes_only_s"] if r else 0.0 for r in rows]
+        extra = [r["modelled_s"] - r["modelled_bytes_only_s"] if r else 0.0 for r in rows]
+        at = [x + (i - 1.5) * width for x in xs]
+        bar = top.bar(at, bytes_only, width, label=f"{label}: bytes")
+        top.bar(at, extra, width, bottom=bytes_only, color=bar.patches[0].get_facecolor(), alpha=0.45, hatch="//",
+                label=f"{label}: + descriptors")  # fmt: skip
     top.bar(
         [x + 0.5 * width for x in xs],
         [res["rows"][0]["lower_bound_s"] for res in results],

@@ -82,6 +82,46 @@ PRESETS: dict[str, Scenario] = {
                 "3 layers on stages 0, 14 and 15, 4 elsewhere",
                 "engine: vLLM TP32 without expert parallelism, so each expert is split 32 ways (64 rows of 2048)",
                 "MTP layer not refitted",
+                "each expert's linear_fc2 slice is 7,168 rows of 128 bytes, 4,096 bytes apart: 7,168 descriptors, "
+                "or its 29 MB enclosing block for 0.9 MB needed; the staging budget (--max-overread) decides",
+            ),
+        ),
+        Scenario(
+            name="deepseek-v3-nemo-ep32",
+            model="deepseek-v3",
+            trainer=TrainerLayout(tp=1, pp=16, ep=16, dp=16),
+            engine=EngineFleet(tp=32, ep=32, replicas=8),
+            anchor=Anchor(
+                who="NeMo-RL nccl_reshard (NCCL M2N)",
+                low_s=2.39,
+                high_s=2.83,
+                setup="DeepSeek-V3 BF16, Megatron PP16 x EP16 -> vLLM TP32 x DP8, H100",
+                source="NVIDIA-NeMo/RL docs/design-docs/nccl-reshard-refit.md (commit 7ea279abf)",
+            ),
+            assumptions=(
+                "what if: deepseek-v3-nemo with engine expert parallelism (EP32 within each TP32 replica, 8 "
+                "whole experts per GPU), which is not the published engine layout",
+                "BF16 end to end; trainer and MTP as in deepseek-v3-nemo",
+            ),
+        ),
+        Scenario(
+            name="qwen3-235b-miles",
+            model="qwen3-235b-a22b",
+            trainer=TrainerLayout(tp=4, pp=4, ep=16, dp=4),
+            engine=EngineFleet(tp=32, ep=32, replicas=2, scheme=Scheme.HF),
+            anchor=Anchor(
+                who="Miles / SGLang P2P (Mooncake RDMA WRITE)",
+                low_s=3.162,
+                high_s=3.162,
+                setup="Qwen3-235B-A22B, Megatron TP4 PP4 CP2 EP16 (8 nodes) -> SGLang TP32 EP32 (8 nodes), H100",
+                source="radixark/miles docs/advanced/p2p-weight-transfer.md (commit 31f1ca961)",
+            ),
+            assumptions=(
+                "BF16 on the wire: the publication gives no dtype for this row, and BF16 is the checkpoint's own",
+                "CP2 only adds weight copies, so it is folded into DP: TP4 PP4 EP16 DP4 on 64 GPUs (EDP1 experts); "
+                "94 layers over 4 stages: 23, 24, 24, 23",
+                "engine: 64 GPUs = 2 replicas of TP32 EP32 (4 whole experts per GPU); Hugging Face names, where "
+                "TP32 over 4 KV heads holds each KV head on 8 ranks (Megatron's own split cannot)",
             ),
         ),
         Scenario(

@@ -155,6 +155,7 @@ class ReceiverRank:
         from refit import Receiver
         from refit.catalog.client import CatalogClient
         from refit.engines.base import EngineSpec, TensorSpec
+        from refit.plan import cost
         from refit.plan.planner import plan_refit
 
         with CatalogClient(self.catalog) as client:
@@ -167,8 +168,10 @@ class ReceiverRank:
         # as a vLLM engine learns its own; the Receiver then checks every plan against them.
         targets = plan_refit(model=info.model, sources=sources, layout=spec.layout()).targets
         shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in targets}
+        # Reads are priced for the link they cross: UCX between CPU processes, cuda_ipc within a host.
+        link = cost.CPU_UCX if self.device.type == "cpu" else cost.GPU_LOCAL
         self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
-                            replica=self.replica, timeout_s=600)  # fmt: skip
+                            replica=self.replica, timeout_s=600, link_cost=link)  # fmt: skip
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["cmd"] != "update":

@@ -3,11 +3,13 @@
 QKV un-interleaving, gate/up splitting, vocab-padding removal and TP slicing were all decided by
 the planner as row intervals; here each target is cut out of the pieces that cover it. Rows a target
 holds past the published ones (an engine's own vocabulary padding) are zeros, and so is a target
-with no rows at all (an engine rank whose vocabulary share is all padding).
+with no rows at all (an engine rank whose vocabulary share is all padding). A piece the planner read
+as its enclosing block is a strided view of staging, cut like any other.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -18,9 +20,21 @@ from refit.plan.planner import Piece, Plan
 
 
 def piece_view(piece: Piece, staging: torch.Tensor) -> torch.Tensor:
-    """The staged bytes of `piece` as a dense tensor (a view of `staging`, a flat uint8 buffer)."""
-    raw = staging[piece.local_offset : piece.local_offset + piece.nbytes]
-    return raw.view(torch_dtype(piece.dtype)).view(piece.shape)
+    """The staged bytes of `piece` as a tensor of its shape (a view of `staging`, a flat uint8 buffer).
+
+    Dense, unless the piece was read as its enclosing block: then block i (the i-th index over the
+    dims before `piece.dim`) starts `local_stride` bytes after block i - 1, and the view skips the
+    unneeded bytes between blocks.
+    """
+    raw = staging[piece.local_offset : piece.local_offset + piece.staged_bytes].view(torch_dtype(piece.dtype))
+    if not piece.local_stride or piece.count == 1:
+        return raw.view(piece.shape)
+    assert piece.dim is not None  # only a slice of an inner dim is strided
+    shape, item = piece.shape, raw.element_size()
+    block = piece.local_stride // item  # elements from one block's start to the next
+    strides = [block * math.prod(shape[d + 1 : piece.dim]) for d in range(piece.dim)]
+    strides += [math.prod(shape[d + 1 :]) for d in range(piece.dim, len(shape))]
+    return raw.as_strided(shape, strides)
 
 
 def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:

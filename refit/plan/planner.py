@@ -6,6 +6,10 @@ receiver's staging buffer. Equal replicas (data-parallel copies, and TP copies o
 tensors) are striped: the pieces one replica set could serve are cut into contiguous runs of about
 equal bytes, one run per replica, rotated by the engine rank, so no trainer rank carries more than
 its share while each run still merges into few descriptors.
+
+Descriptors cost time (`refit.plan.cost`): a hole between two pieces of one source is read along
+when that is cheaper than a descriptor, and a strided slice (one descriptor per block) is read as
+its enclosing contiguous block and cut locally when that is cheaper, within a staging budget.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from refit.dtypes import DTYPE_SIZES
-from refit.errors import LayoutError, ModelMismatchError
+from refit.errors import ConfigError, LayoutError, ModelMismatchError
+from refit.plan.cost import DEFAULT_COST, LinkCost, block_descriptors, count_descriptors, enclose
 from refit.plan.targets import EngineLayout, Target, merge_intervals, targets_for
 from refit.types import ModelMeta, SourceRecord, TensorDesc
 
-# Holes up to this size between two pieces of one source are read along rather than splitting the read.
-MAX_GAP = 64 * 1024
+# Staging an enclosing block holds bytes the engine does not need; together they may add at most this
+# fraction of the bytes it does need (staging already holds a whole copy of the rank's tensors).
+MAX_OVERREAD = 0.25
 
 
 def stripe(*, replica: int, tp_rank: int, tp_size: int) -> int:
@@ -38,9 +44,11 @@ def stripe(*, replica: int, tp_rank: int, tp_size: int) -> int:
 class Piece:
     """One interval of one Megatron tensor, read from trainer rank `rank` into staging.
 
-    The read is `count` blocks of `block_bytes`; block i sits at `remote_offset + i*remote_stride`
-    in the trainer's region and lands at `local_offset + i*block_bytes` in staging, so the staged
-    piece is a dense tensor of `shape`.
+    The piece is `count` blocks of `block_bytes`; block i sits at `remote_offset + i*remote_stride`
+    in the trainer's region. In staging, block i starts at `local_offset + i*block_bytes` (the staged
+    piece is a dense tensor of `shape`) or, when `local_stride` is set, at `local_offset +
+    i*local_stride`: the piece was read as its enclosing block (every row of the blocks, the unwanted
+    bytes between them included), which staging mirrors, so the piece is a strided view there.
     """
 
     tensor: str
@@ -56,10 +64,19 @@ class Piece:
     count: int
     remote_stride: int
     local_offset: int = 0
+    local_stride: int = 0  # 0: blocks packed in staging; else read as the enclosing block (= remote_stride)
 
     @property
     def nbytes(self) -> int:
+        """The bytes the engine needs."""
         return self.block_bytes * self.count
+
+    @property
+    def staged_bytes(self) -> int:
+        """The bytes the piece spans in staging (its enclosing block when `local_stride` is set)."""
+        if not self.local_stride:
+            return self.nbytes
+        return (self.count - 1) * self.local_stride + self.block_bytes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,26 +95,50 @@ class Read:
     def nbytes(self) -> int:
         return self.block_bytes * self.count
 
+    @property
+    def descriptors(self) -> int:
+        """Transfer descriptors on the wire: one per block, unless the blocks touch (then one)."""
+        return block_descriptors(nbytes=self.block_bytes, count=self.count, stride=self.remote_stride)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
-    """Everything one engine rank does for one refit, before any byte moves."""
+    """Everything one engine rank does for one refit, before any byte moves, and what it costs."""
 
     targets: tuple[Target, ...]
     pieces: tuple[Piece, ...]
     reads: tuple[Read, ...]
     staging_bytes: int
     bytes_by_rank: dict[int, int]  # useful bytes per trainer rank
+    cost: LinkCost = DEFAULT_COST  # the link the plan was priced for
 
     @property
     def total_bytes(self) -> int:
-        """Bytes the engine needs (holes read along to merge reads are not counted)."""
+        """Bytes the engine needs (holes and enclosing blocks read along are not counted)."""
         return sum(self.bytes_by_rank.values())
 
     @property
     def wire_bytes(self) -> int:
-        """Bytes actually moved, holes included."""
+        """Bytes actually moved, holes and enclosing blocks included."""
         return sum(r.nbytes for r in self.reads)
+
+    @property
+    def wire_by_rank(self) -> dict[int, int]:
+        """Bytes actually moved, per trainer rank."""
+        out: dict[int, int] = defaultdict(int)
+        for r in self.reads:
+            out[r.rank] += r.nbytes
+        return dict(out)
+
+    @property
+    def descriptors(self) -> int:
+        """Transfer descriptors on the wire (a strided read is one per block)."""
+        return count_descriptors(self.reads)
+
+    @property
+    def modelled_s(self) -> float:
+        """Modelled seconds of the pull over `cost`: wire bytes over bandwidth plus descriptors."""
+        return self.cost.seconds(nbytes=self.wire_bytes, descriptors=self.descriptors)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -271,30 +312,43 @@ def _choose(needs: Iterable[_Need], stripe: int) -> list[_Choice]:
     return chosen
 
 
-def _place(chosen: list[_Choice], max_gap: int) -> tuple[list[Piece], list[Read], int]:
+def _span(geo: _Geometry) -> int:
+    """Bytes from the first block's start to the last block's end: the enclosing block of a strided slice."""
+    return (geo.count - 1) * geo.remote_stride + geo.block_bytes
+
+
+def _place(
+    located: Sequence[tuple[_Choice, _Geometry]], enclosed: set[int], bridges: Callable[[int], bool]
+) -> tuple[list[Piece], list[Read], int]:
     """Lay the chosen pieces out in staging and group them into reads; returns the staging size too.
 
-    Pieces are laid out per source in remote-address order. Small holes between consecutive
-    contiguous pieces of one source (a norm another replica serves, say) are mirrored in staging and
-    read along, so a source's pieces become a few large reads instead of one per tensor.
+    Pieces are laid out per source in remote-address order. Holes between consecutive contiguous
+    pieces of one source (a norm another replica serves, say) that `bridges` accepts are mirrored in
+    staging and read along, so a source's pieces become a few large reads instead of one per tensor.
+    A piece in `enclosed` counts as contiguous: its enclosing block is staged as it lies remotely.
     """
     # 1. Order every piece by its source address: trainer rank, region, remote offset.
-    located = [(c, _geometry(c.need, c.holder)) for c in chosen]
-    located.sort(key=lambda cg: (cg[0].holder.rank, cg[0].holder.desc.region, cg[1].remote_offset))
+    order = sorted(
+        range(len(located)),
+        key=lambda i: (located[i][0].holder.rank, located[i][0].holder.desc.region, located[i][1].remote_offset),
+    )
     end, placed, reads = 0, [], []
     current: _OpenRead | None = None
-    for choice, geo in located:
+    for i in order:
+        choice, geo = located[i]
         need, rank, desc = choice.need, choice.holder.rank, choice.holder.desc
         item = DTYPE_SIZES[desc.dtype]
-        # 2. A contiguous piece just after the open read of the same source joins it: the hole
-        #    between them (at most max_gap) is mirrored in staging, where the piece must stay aligned.
+        whole = i in enclosed
+        contiguous, span = (True, _span(geo)) if whole else (geo.count == 1, geo.nbytes)
+        # 2. A contiguous piece just after the open read of the same source joins it if the hole
+        #    between them is worth reading along; staging mirrors the hole, and the piece stays aligned.
         local: int | None = None
-        if current is not None and geo.count == 1 and (current.rank, current.region) == (rank, desc.region):
+        if current is not None and contiguous and (current.rank, current.region) == (rank, desc.region):
             gap = geo.remote_offset - (current.remote_offset + current.nbytes)
             after = current.local_offset + current.nbytes + gap
-            if 0 <= gap <= max_gap and after % item == 0:
+            if gap >= 0 and bridges(gap) and after % item == 0:
                 local = after
-                current.nbytes = after + geo.nbytes - current.local_offset
+                current.nbytes = after + span - current.local_offset
         if local is None:
             # 3. Otherwise the open read ends, and the piece starts at the next aligned staging offset.
             if current is not None:
@@ -316,15 +370,16 @@ def _place(chosen: list[_Choice], max_gap: int) -> tuple[list[Piece], list[Read]
                 count=geo.count,
                 remote_stride=geo.remote_stride,
                 local_offset=local,
+                local_stride=geo.remote_stride if whole else 0,
             )
         )
-        end = local + geo.nbytes
+        end = local + span
         # 4. A piece that joined no read opens one later pieces may join, or, strided, is a read of its own.
         if current is not None:
             continue
-        if geo.count == 1:
+        if contiguous:
             current = _OpenRead(rank=rank, region=desc.region, remote_offset=geo.remote_offset, local_offset=local,
-                                nbytes=geo.nbytes)  # fmt: skip
+                                nbytes=span)  # fmt: skip
         else:
             reads.append(Read(rank=rank, region=desc.region, remote_offset=geo.remote_offset, local_offset=local,
                               block_bytes=geo.block_bytes, count=geo.count,
@@ -341,12 +396,17 @@ def plan_refit(
     layout: EngineLayout,
     stripe: int | None = None,
     only: Iterable[str] | None = None,
-    max_gap: int = MAX_GAP,
+    cost: LinkCost = DEFAULT_COST,
+    max_gap: int | None = None,
+    max_overread: float = MAX_OVERREAD,
 ) -> Plan:
     """Plan one engine rank's pull of every tensor it needs (or of the HF names in `only`).
 
-    `stripe` rotates which replica serves which run (default: the engine TP rank); holes of up
-    to `max_gap` bytes between a source's pieces are read along to keep reads few.
+    `stripe` rotates which replica serves which run (default: the engine TP rank). `cost` prices
+    bytes and descriptors on the engine's link: a hole between two pieces of a source is read along
+    when that is cheaper than a descriptor (or, given `max_gap`, when it is at most that many bytes),
+    and a strided slice is read as its enclosing block when that is cheaper, the enclosing blocks'
+    unneeded bytes staying within `max_overread` times the bytes the engine needs (0: never).
 
     Raises ModelMismatchError when the engine layout cannot hold the model, and LayoutError when
     the published shards do not cover what the engine needs.
@@ -380,8 +440,19 @@ def plan_refit(
         dim = dims.pop()
         intervals = merge_intervals(iv for t in ts for iv in t.rows)
         needs.extend(_needs(name, dim, intervals, shards[name]))
-    # 4. One holder per need (striped over replicas), then the staging layout and the reads.
-    pieces, reads, staging = _place(_choose(needs, layout.tp_rank if stripe is None else stripe), max_gap)
+    # 4. One holder per need (striped over replicas), which strided slices to read whole, then the
+    #    staging layout and the reads.
+    if max_overread < 0 or (max_gap is not None and max_gap < 0):
+        raise ConfigError(f"max_overread ({max_overread}) and max_gap ({max_gap}) must be >= 0")
+    rotation = layout.tp_rank if stripe is None else stripe
+    located = [(c, _geometry(c.need, c.holder)) for c in _choose(needs, rotation)]
+    strided = [
+        (i, geo.block_bytes, geo.count, geo.remote_stride) for i, (_, geo) in enumerate(located) if geo.count > 1
+    ]
+    budget = max_overread * sum(geo.nbytes for _, geo in located)
+    enclosed = enclose(strided, cost=cost, budget=budget, seed=rotation)
+    bridges = cost.bridges if max_gap is None else (lambda gap: gap <= max_gap)
+    pieces, reads, staging = _place(located, enclosed, bridges)
     by_rank: dict[int, int] = defaultdict(int)
     for p in pieces:
         by_rank[p.rank] += p.nbytes
@@ -391,4 +462,5 @@ def plan_refit(
         reads=tuple(reads),
         staging_bytes=staging,
         bytes_by_rank=dict(by_rank),
+        cost=cost,
     )
