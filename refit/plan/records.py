@@ -1,0 +1,112 @@
+"""What a plan is: pieces of global tensors staged from trainer ranks, the reads that move them, and
+the plan that holds both with its modelled cost. Plain values; `refit.plan.planner` makes them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from refit.plan.cost import DEFAULT_COST, LinkCost, block_descriptors, count_descriptors
+from refit.plan.targets import Target
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Piece:
+    """One interval of one Megatron tensor, read from trainer rank `rank` into staging.
+
+    The piece is `count` blocks of `block_bytes`; block i sits at `remote_offset + i*remote_stride`
+    in the trainer's region. In staging, block i starts at `local_offset + i*block_bytes` (the staged
+    piece is a dense tensor of `shape`) or, when `local_stride` is set, at `local_offset +
+    i*local_stride`: the piece was read as its enclosing block (every row of the blocks, the unwanted
+    bytes between them included), which staging mirrors, so the piece is a strided view there.
+    """
+
+    tensor: str
+    rank: int
+    dim: int | None
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    dtype: str
+    region: int
+    remote_offset: int
+    block_bytes: int
+    count: int
+    remote_stride: int
+    local_offset: int = 0
+    local_stride: int = 0  # 0: blocks packed in staging; else read as the enclosing block (= remote_stride)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the engine needs."""
+        return self.block_bytes * self.count
+
+    @property
+    def staged_bytes(self) -> int:
+        """The bytes the piece spans in staging (its enclosing block when `local_stride` is set)."""
+        if not self.local_stride:
+            return self.nbytes
+        return (self.count - 1) * self.local_stride + self.block_bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Read:
+    """One transfer descriptor (or `count` strided ones): what the transport actually moves."""
+
+    rank: int
+    region: int
+    remote_offset: int
+    local_offset: int
+    block_bytes: int
+    count: int = 1
+    remote_stride: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.block_bytes * self.count
+
+    @property
+    def descriptors(self) -> int:
+        """Transfer descriptors on the wire: one per block, unless the blocks touch (then one)."""
+        return block_descriptors(nbytes=self.block_bytes, count=self.count, stride=self.remote_stride)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """Everything one engine rank does for one refit, before any byte moves, and what it costs."""
+
+    targets: tuple[Target, ...]
+    pieces: tuple[Piece, ...]
+    reads: tuple[Read, ...]
+    staging_bytes: int
+    bytes_by_rank: dict[int, int]  # useful bytes per trainer rank
+    cost: LinkCost = DEFAULT_COST  # the link the plan was priced for
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes the engine needs (holes and enclosing blocks read along are not counted)."""
+        return sum(self.bytes_by_rank.values())
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes actually moved, holes and enclosing blocks included."""
+        return sum(r.nbytes for r in self.reads)
+
+    @property
+    def wire_by_rank(self) -> dict[int, int]:
+        """Bytes actually moved, per trainer rank."""
+        out: dict[int, int] = defaultdict(int)
+        for r in self.reads:
+            out[r.rank] += r.nbytes
+        return dict(out)
+
+    @property
+    def descriptors(self) -> int:
+        """Transfer descriptors on the wire (a strided read is one per block)."""
+        return count_descriptors(self.reads)
+
+    @property
+    def modelled_s(self) -> float:
+        """Modelled seconds of the pull over `cost`: wire bytes over bandwidth plus descriptors."""
+        return self.cost.seconds(nbytes=self.wire_bytes, descriptors=self.descriptors)
