@@ -259,17 +259,18 @@ def install_tensors(params: Mapping[str, torch.Tensor], tensors: Mapping[str, to
     """
     check_install(specs_of(params), tensors)
     sources = _copyable_sources(params, tensors)
-    written = 0
     try:
         with torch.no_grad():
-            for name, source in sources.items():
-                params[name].copy_(source, non_blocking=True)
-                written += 1
+            # One batched call instead of a launch per tensor: a MoE engine holds thousands of small
+            # tensors, and per-tensor launches dominated its install (docs/benchmarks.md, MoE on H200s).
+            # torch groups the pairs by device and dtype and copies any it cannot batch one by one.
+            names = list(sources)
+            torch._foreach_copy_([params[n] for n in names], [sources[n] for n in names], non_blocking=True)
             for device in {p.device for p in params.values() if p.is_cuda}:
                 torch.cuda.synchronize(device)
     except Exception as exc:
         raise EngineError(
-            f"a device fault after {written} of {len(sources)} validated copies; the engine's weights are "
+            f"a device fault during {len(sources)} validated copies; the engine's weights are "
             f"now mixed and it must be refitted again: {exc}"
         ) from exc
 
