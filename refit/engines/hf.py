@@ -57,7 +57,7 @@ class HFEngine:
         return next(iter(self._params.values())).device
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy every tensor into its parameter, in the order of `tensors`: all of them, or none."""
+        """Copy every tensor into its parameter (one batched copy): all of them, or none."""
         install_tensors(self._params, tensors)
 
 
