@@ -214,7 +214,7 @@ def _per_key(plan: Plan, holders: _Holders) -> dict[Key, list[int]]:
 
     A read's wire bytes go to its pieces, each taking its staged span and the hole after it; its
     descriptors go to its first piece, less one where its first block merges with the last block of
-    the read before it (as `refit.plan.cost.count_descriptors` counts them).
+    the read before it (as `refit.plan.records.count_descriptors` counts them).
     """
     out: dict[Key, list[int]] = defaultdict(lambda: [0, 0, 0])
     pieces = sorted(plan.pieces, key=lambda p: p.local_offset)

@@ -81,51 +81,6 @@ DEFAULT_COST = IB_RAIL
 PRESETS: dict[str, LinkCost] = {"gpu-local": GPU_LOCAL, "nvlink": NVLINK, "ib-rail": IB_RAIL, "cpu-ucx": CPU_UCX}
 
 
-def block_descriptors(*, nbytes: int, count: int, stride: int) -> int:
-    """Descriptors of `count` blocks of `nbytes`, `stride` apart: one per block, unless they touch (then one)."""
-    if nbytes <= 0 or count <= 0:
-        return 0
-    return 1 if count == 1 or stride == nbytes else count
-
-
-class StridedRead(Protocol):
-    """A read of a plan (`refit.plan.planner.Read`) as `count_descriptors` sees it."""
-
-    @property
-    def rank(self) -> int: ...
-    @property
-    def region(self) -> int: ...
-    @property
-    def remote_offset(self) -> int: ...
-    @property
-    def local_offset(self) -> int: ...
-    @property
-    def block_bytes(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def remote_stride(self) -> int: ...
-
-
-def count_descriptors(reads: Iterable[StridedRead]) -> int:
-    """Descriptors the transport posts for `reads` (`refit.transport.jobs.merge_reads`, without expanding).
-
-    Strided blocks are one descriptor each. Blocks of different reads merge when they touch both in
-    staging and in the trainer's region; the staged blocks of a read are packed, so only the last
-    block of one read and the first of another can touch. Counted per (trainer rank, region).
-    """
-    total, firsts, lasts = 0, {}, []
-    for r in reads:
-        n = block_descriptors(nbytes=r.block_bytes, count=r.count, stride=r.remote_stride)
-        if not n:
-            continue
-        total += n
-        firsts[(r.rank, r.region, r.local_offset)] = r.remote_offset
-        last_end = r.remote_offset + (r.count - 1) * r.remote_stride + r.block_bytes
-        lasts.append((r.rank, r.region, r.local_offset + r.count * r.block_bytes, last_end))
-    return total - sum(1 for rank, region, local, remote in lasts if firsts.get((rank, region, local)) == remote)
-
-
 def enclose(strided: Iterable[tuple[int, int, int, int]], *, cost: LinkCost, budget: float, seed: int = 0) -> set[int]:
     """Which strided slices `(key, block_bytes, count, stride)` to read as their enclosing block.
 

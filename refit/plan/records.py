@@ -5,9 +5,10 @@ the plan that holds both with its modelled cost. Plain values; `refit.plan.plann
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from refit.plan.cost import DEFAULT_COST, LinkCost, block_descriptors, count_descriptors
+from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.targets import Target
 
 
@@ -110,3 +111,29 @@ class Plan:
     def modelled_s(self) -> float:
         """Modelled seconds of the pull over `cost`: wire bytes over bandwidth plus descriptors."""
         return self.cost.seconds(nbytes=self.wire_bytes, descriptors=self.descriptors)
+
+
+def block_descriptors(*, nbytes: int, count: int, stride: int) -> int:
+    """Descriptors of `count` blocks of `nbytes`, `stride` apart: one per block, unless they touch (then one)."""
+    if nbytes <= 0 or count <= 0:
+        return 0
+    return 1 if count == 1 or stride == nbytes else count
+
+
+def count_descriptors(reads: Iterable[Read]) -> int:
+    """Descriptors the transport posts for `reads` (`refit.transport.jobs.merge_reads`, without expanding).
+
+    Strided blocks are one descriptor each. Blocks of different reads merge when they touch both in
+    staging and in the trainer's region; the staged blocks of a read are packed, so only the last
+    block of one read and the first of another can touch. Counted per (trainer rank, region).
+    """
+    total, firsts, lasts = 0, {}, []
+    for r in reads:
+        n = block_descriptors(nbytes=r.block_bytes, count=r.count, stride=r.remote_stride)
+        if not n:
+            continue
+        total += n
+        firsts[(r.rank, r.region, r.local_offset)] = r.remote_offset
+        last_end = r.remote_offset + (r.count - 1) * r.remote_stride + r.block_bytes
+        lasts.append((r.rank, r.region, r.local_offset + r.count * r.block_bytes, last_end))
+    return total - sum(1 for rank, region, local, remote in lasts if firsts.get((rank, region, local)) == remote)

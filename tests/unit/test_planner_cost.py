@@ -16,8 +16,9 @@ import torch
 from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
 from refit.plan.assemble import assemble, piece_view
-from refit.plan.cost import CPU_UCX, GPU_LOCAL, IB_RAIL, NVLINK, LinkCost, count_descriptors, enclose, price
+from refit.plan.cost import CPU_UCX, GPU_LOCAL, IB_RAIL, NVLINK, LinkCost, enclose, price
 from refit.plan.planner import Piece, Plan, Read, plan_refit
+from refit.plan.records import count_descriptors
 from refit.plan.targets import EngineLayout, Target
 from refit.transport.jobs import jobs_for, merge_reads
 from refit.types import ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
