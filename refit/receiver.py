@@ -1,46 +1,68 @@
 """The engine hook: `Receiver.update_weights()` pulls a version and installs it into an engine.
 
 A refit is two steps, usable separately: `fetch` resolves the version, plans the byte ranges this
-engine rank needs, pulls them with one batched NIXL READ per trainer rank into a registered
-staging buffer, re-checks that the version is still READY (so bytes a trainer overwrote mid-pull
-are never used) and assembles the engine's tensors; `install` hands them to the engine. Nothing
-touches the engine before everything is staged and validated. A pull that fails or times out may
-leave transfers running into staging, so that buffer is set aside and the next pull gets a fresh
-one (`Receiver.stats` shows both).
+engine rank needs and pulls what fits the staging window; `install` puts it into the engine.
+
+Two ways to install, chosen per refit:
+
+* **Whole.** When the staged tensors fit the window and nothing is read straight into the engine,
+  everything is pulled into staging, the version is re-checked READY (bytes a trainer overwrote
+  mid-pull are never used) and the engine installs the complete set at once, validating first: the
+  engine holds the old version or the new one, never a mix. Engines without `destinations()` (vLLM)
+  always install this way.
+* **Streamed.** An engine that exposes `destinations()` (its live tensors; HF, Megatron) takes the
+  bounded path: tensors that are one contiguous run of a trainer rank's bytes are READ straight into
+  their engine memory (registered once), and the rest streams through a staging window of
+  `max_staging_bytes` (1 GiB by default) in chunks, the pull of one overlapping the install of the
+  previous. Engine memory changes during the refit, so it must not serve meanwhile (install while
+  generation is paused). The version is re-checked READY after the last byte is pulled; if a
+  trainer step raced the pull, or a read failed, the engine's weights are mixed: `Receiver.torn`
+  says so until a refit completes, and an unpinned `update_weights()` pulls the newest version again.
+
+A read that fails or times out may leave transfers running into staging, so those buffers are set
+aside and the next pull gets fresh ones (`Receiver.stats` shows both).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from refit.catalog.client import CatalogClient
+from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
-from refit.dtypes import device_of
+from refit.dtypes import DTYPE_SIZES
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors
 from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
-from refit.transport.jobs import jobs_for
+from refit.plan.targets import Target
+from refit.staging import StagingPool
 from refit.transport.nixl import NixlAgent
-from refit.types import SourceRecord, UpdateResult, VersionInfo, VersionState
+from refit.types import SourceRecord, UpdateResult, VersionState
 
 logger = logging.getLogger(__name__)
 
 _MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
 
-# Staging buffers a closed receiver could not free: a failed read may still write into them.
-_PARKED: list[torch.Tensor] = []
+DEFAULT_WINDOW = 1 << 30  # staging bytes per engine rank, for engines that take streamed installs
+# Smaller tensors go through staging: a direct read is one descriptor of its own, while staged
+# neighbours merge into few reads, and copying a small tensor costs less than a descriptor.
+DIRECT_MIN_BYTES = 64 << 10
 
 
 @dataclass(kw_only=True)
 class StagedVersion:
-    """A version pulled and validated, ready to install (valid until the next fetch)."""
+    """A version pulled (or, streamed, begun) and ready to install (valid until the next fetch).
+
+    `tensors` is the complete set when the version is installed whole; a streamed version holds its
+    first chunks in staging (`pulled` of them) and pulls the rest during `install`.
+    """
 
     version: int
     tensors: dict[str, torch.Tensor]
@@ -50,6 +72,10 @@ class StagedVersion:
     staging_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     generation: int = 0
+    streamed: bool = False
+    pulled: int = 0
+    plan: Plan | None = field(default=None, repr=False)
+    sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,15 +83,17 @@ class ReceiverStats:
     """A receiver's staging, at one moment.
 
     Attributes:
-        registrations: staging buffers registered with NIXL so far (1 while one buffer is reused).
-        staging_bytes: size of the current staging buffer (0: none allocated, or set aside).
+        registrations: buffers and engine storages registered with NIXL so far (constant while reused).
+        staging_bytes: size of the current staging buffers (0: none allocated, or set aside).
+        peak_staging_bytes: the most staging held at once so far.
         quarantined: staging buffers set aside after a failed or timed-out read, so far; the next
-            fetch pulls into a fresh buffer.
+            fetch pulls into fresh buffers.
         quarantined_bytes: bytes of those still held because a read into them may still be running.
     """
 
     registrations: int
     staging_bytes: int
+    peak_staging_bytes: int
     quarantined: int
     quarantined_bytes: int
 
@@ -80,15 +108,20 @@ class Receiver:
         replica: this engine's index among engine replicas; spreads reads over trainer replicas.
         timeout_s: default deadline of a whole update (waiting for READY plus the pull).
         catalog_timeout_s: deadline of each catalog call.
-        max_staging_bytes: refuse (before allocating or pulling anything) a refit whose staging
-            buffer would exceed this; staging holds one version of this rank's tensors.
+        max_staging_bytes: the staging window: at most this many staging bytes at once on this rank.
+            An engine with `destinations()` streams a larger refit through it (default 1 GiB); one
+            without installs whole, so a refit whose staging exceeds it is refused before anything
+            is allocated or pulled (default: no limit).
+        direct: read tensors that are one contiguous run of a trainer rank's bytes straight into
+            the engine's memory (engines with `destinations()`), skipping staging and its copy.
+        direct_min_bytes: smaller tensors are staged even when they could be read directly.
         link_cost: the link the planner prices reads with (`refit.plan.cost`: `IB_RAIL` by default,
             `NVLINK` or `GPU_LOCAL` within a host, `CPU_UCX` between CPU processes): it decides when
             a hole is read along and when a strided slice is read as its enclosing block.
         max_overread: the most unneeded bytes enclosing blocks may add, as a share of needed bytes.
-        on_after_wire: called with the version number after its bytes are pulled and before the
+        on_after_wire: called with the version number after its last byte is pulled and before the
             receiver re-checks that the version is still READY (to instrument, or to race a trainer
-            step in tests); an exception it raises fails the fetch.
+            step in tests); an exception it raises fails the refit.
     """
 
     def __init__(
@@ -101,6 +134,8 @@ class Receiver:
         timeout_s: float = DEFAULT_TIMEOUTS.update_s,
         catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
         max_staging_bytes: int | None = None,
+        direct: bool = True,
+        direct_min_bytes: int = DIRECT_MIN_BYTES,
         link_cost: LinkCost = DEFAULT_COST,
         max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
@@ -111,9 +146,8 @@ class Receiver:
             raise ConfigError("replica must be >= 0, timeout_s > 0 and max_staging_bytes positive")
         if on_after_wire is not None and not callable(on_after_wire):
             raise ConfigError(f"on_after_wire must be callable, got {type(on_after_wire).__name__}")
-        self._max_staging = max_staging_bytes
-        if max_overread < 0:
-            raise ConfigError(f"max_overread must be >= 0, got {max_overread}")
+        if max_overread < 0 or direct_min_bytes < 0:
+            raise ConfigError(f"max_overread ({max_overread}) and direct_min_bytes ({direct_min_bytes}) must be >= 0")
         self._link_cost, self._max_overread = link_cost, max_overread
         self.engine = engine
         self.name = name
@@ -123,14 +157,16 @@ class Receiver:
         self._timeout_s = timeout_s
         self._on_after_wire = on_after_wire
         self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s)
-        self._agent: NixlAgent | None = None
-        self._staging: torch.Tensor | None = None
-        self._quarantine: list[torch.Tensor] = []
-        self._registrations = 0
-        self._quarantined = 0
+        self._dests = _destinations(engine)
+        self._max_staging = max_staging_bytes
+        self._window = max_staging_bytes if max_staging_bytes is not None or self._dests is None else DEFAULT_WINDOW
+        self._direct = direct and self._dests is not None
+        self._direct_min = direct_min_bytes
+        self._pool: StagingPool | None = None
         self._plan_key: tuple | None = None
         self._plan: Plan | None = None
         self._generation = 0
+        self._torn = False
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -140,104 +176,111 @@ class Receiver:
         return self._plan
 
     @property
+    def torn(self) -> bool:
+        """Whether the engine's weights are a mix of versions: a streamed refit wrote part of them and
+        then failed. The engine must not serve until a refit completes (which clears this)."""
+        return self._torn
+
+    @property
+    def window(self) -> int | None:
+        """The staging window (None: an engine that installs whole, without a limit)."""
+        return self._window
+
+    @property
     def stats(self) -> ReceiverStats:
+        pool = self._pool
         return ReceiverStats(
-            registrations=self._registrations,
-            staging_bytes=0 if self._staging is None else self._staging.numel(),
-            quarantined=self._quarantined,
-            quarantined_bytes=sum(t.numel() for t in self._quarantine),
+            registrations=pool.registrations if pool else 0,
+            staging_bytes=pool.staging_bytes if pool else 0,
+            peak_staging_bytes=pool.peak_bytes if pool else 0,
+            quarantined=pool.quarantined if pool else 0,
+            quarantined_bytes=pool.quarantined_bytes if pool else 0,
         )
 
     # -- version resolution -----------------------------------------------------------------------
 
-    def _resolve(self, version: int | None, deadline: float) -> VersionInfo:
-        if version is not None:
-            remaining = max(deadline - time.monotonic(), _MIN_WAIT_S)
-            return self._client.wait_ready(name=self.name, version=version, timeout_s=remaining)
+    def _resolve(self, version: int | None, deadline: float) -> Resolved:
+        """The version to pull and its sources, in one catalog round trip when it is READY.
+
+        The sources come without tensor descriptors when the cached plan's layout digest matches.
+        """
+        known = self._plan_key[0] if self._plan_key is not None and self._plan_key[0] else ""
         while True:
-            info = self._client.latest(name=self.name, state=VersionState.READY)
-            if info is not None:
-                return info
-            if time.monotonic() > deadline:
-                raise VersionNotFoundError(f"no READY version of {self.name!r} in the catalog")
-            time.sleep(DEFAULT_TIMEOUTS.poll_s)
+            try:
+                resolved = self._client.resolve(name=self.name, version=version, known_layout=known)
+            except VersionNotFoundError:
+                if version is None:
+                    if time.monotonic() > deadline:
+                        raise VersionNotFoundError(f"no READY version of {self.name!r} in the catalog") from None
+                    time.sleep(DEFAULT_TIMEOUTS.poll_s)
+                    continue
+                resolved = None
+            if resolved is not None and resolved.info.state is VersionState.READY:
+                return resolved
+            # A pinned version not READY (or not published) yet: wait for it; this raises if it is
+            # retired, or not READY by the deadline.
+            assert version is not None  # the newest READY version is READY
+            remaining = max(deadline - time.monotonic(), _MIN_WAIT_S)
+            self._client.wait_ready(name=self.name, version=version, timeout_s=remaining)
 
-    # -- planning and staging -----------------------------------------------------------------------
+    def _check_ready(self, version: int) -> None:
+        """The seqlock check: a version retired while we read may have been overwritten mid-pull."""
+        if self._on_after_wire is not None:
+            self._on_after_wire(version)
+        state = self._client.get_version(name=self.name, version=version).state
+        if state is not VersionState.READY:
+            mixed = " the engine's weights are mixed until a refit completes" if self._torn else " nothing installed"
+            raise VersionRetiredError(
+                f"version {version} of {self.name!r} became {state.value} during the pull;{mixed}"
+            )
 
-    def _plan_for(self, info: VersionInfo, sources: list[SourceRecord]) -> Plan:
-        key = (info.model, tuple((s.rank, s.agent_name, s.regions, s.tensors) for s in sources))
+    # -- planning -----------------------------------------------------------------------------------
+
+    def _accepts_direct(self, target: Target) -> bool:
+        assert self._dests is not None
+        dest = self._dests.get(target.hf_name)
+        return (
+            dest is not None
+            and dest.is_contiguous()
+            and dest.numel() * DTYPE_SIZES[target.dtype] >= max(self._direct_min, 1)
+        )
+
+    def _plan_for(self, resolved: Resolved) -> Plan:
+        info, sources = resolved.info, resolved.sources
+        # The catalog's layout digest covers what a plan depends on; without one (an older catalog)
+        # the key is the records themselves.
+        key = (resolved.layout_digest, info.model, () if resolved.layout_digest else sources)
         if key == self._plan_key and self._plan is not None:
             return self._plan
+        if resolved.tensors_omitted:
+            raise VersionNotFoundError(f"{self.name!r} v{info.version}: the catalog omitted tensors for a stale plan")
         check_compatible(self._spec, info.model)
         plan = plan_refit(model=info.model, sources=sources, layout=self._layout, stripe=self._stripe,
-                          cost=self._link_cost, max_overread=self._max_overread)  # fmt: skip
+                          cost=self._link_cost, max_overread=self._max_overread,
+                          window=self._window if self._dests is not None else None,
+                          direct=self._accepts_direct if self._direct else None)  # fmt: skip
         planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
         check_tensors(self.engine.expected(), planned)
         self._plan_key, self._plan = key, plan
         return plan
 
-    def _ensure_staging(self, nbytes: int) -> torch.Tensor:
-        """One registered staging buffer, grown when needed, reused by every later refit."""
-        if self._agent is None:
-            self._agent = NixlAgent(prefix=f"refit-engine-{self.name}-tp{self._spec.tp_rank}")
-        self._release_quarantine()
-        device = self.engine.device
-        if self._staging is None or self._staging.numel() < nbytes or self._staging.device != device:
-            if self._staging is not None:
-                self._deregister(self._staging)
-                self._staging = None
-            staging = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-            where, where_id = device_of(staging)
-            self._agent.register(staging.data_ptr(), staging.numel(), device=where, device_id=where_id)
-            self._staging = staging
-            self._registrations += 1
-        return self._staging
-
-    def _quarantine_staging(self) -> None:
-        """Set staging aside after a failed read: a transfer NIXL could not stop may still write into it.
-
-        The next fetch pulls into a fresh buffer. The old one stays allocated and registered until
-        every transfer of the failed read has ended (freed earlier, its memory could become the new
-        staging buffer, or anything else, and take the late bytes), then it is deregistered and freed.
-        """
-        staging, self._staging = self._staging, None
-        if staging is None:
-            return
-        self._quarantine.append(staging)
-        self._quarantined += 1
-        logger.warning("%s: a read failed; its staging buffer (%d bytes) is set aside", self.name, staging.numel())
-        self._release_quarantine()
-
-    def _release_quarantine(self) -> None:
-        """Free the set-aside buffers once no transfer of a failed read is still running."""
-        if not self._quarantine or self._agent is None or self._agent.in_flight():
-            return
-        for staging in self._quarantine:
-            self._deregister(staging)
-        self._quarantine.clear()
-
-    def _deregister(self, staging: torch.Tensor) -> None:
-        assert self._agent is not None
-        where, where_id = device_of(staging)
-        try:
-            self._agent.deregister(staging.data_ptr(), staging.numel(), device=where, device_id=where_id)
-        except Exception:  # the buffer is dropped either way; NIXL frees its registration with the agent
-            logger.warning("%s: deregistering a staging buffer failed", self.name, exc_info=True)
+    def _pool_for(self) -> StagingPool:
+        if self._pool is None:
+            self._pool = StagingPool(NixlAgent(prefix=f"refit-engine-{self.name}-tp{self._spec.tp_rank}"), self.name)
+        return self._pool
 
     # -- the hook ------------------------------------------------------------------------------------
 
     def fetch(self, version: int | None = None, *, timeout_s: float | None = None) -> StagedVersion:
-        """Pull `version` (default: the newest READY one) into staging and validate it.
+        """Pull `version` (default: the newest READY one) into staging; the engine is never touched.
 
-        `timeout_s` (default: the receiver's) bounds the whole fetch. Raises VersionNotFoundError,
-        VersionNotReadyError (naming missing ranks), VersionRetiredError, ModelMismatchError,
-        CatalogUnavailableError or TransportError; the engine is never touched.
+        A version installed whole is pulled completely and validated. A streamed one is planned and
+        its first chunks (what fits the window) are pulled; `install` pulls the rest. `timeout_s`
+        (default: the receiver's) bounds the fetch. Raises VersionNotFoundError, VersionNotReadyError
+        (naming missing ranks), VersionRetiredError, ModelMismatchError, CatalogUnavailableError or
+        TransportError.
         """
-        if timeout_s is None:
-            timeout_s = self._timeout_s
-        elif not timeout_s > 0:
-            raise ConfigError(f"timeout_s must be > 0 (or None for the receiver's default), got {timeout_s!r}")
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + self._timeout(timeout_s)
         while True:
             try:
                 return self._fetch_once(version, deadline)
@@ -247,111 +290,127 @@ class Receiver:
                     raise
                 logger.info("%s: version retired during the pull; retrying with the newest", self.name)
 
+    def _timeout(self, timeout_s: float | None) -> float:
+        if timeout_s is None:
+            return self._timeout_s
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0 (or None for the receiver's default), got {timeout_s!r}")
+        return timeout_s
+
     def _fetch_once(self, version: int | None, deadline: float) -> StagedVersion:
         t0 = time.perf_counter()
-        # 1. Resolve the version, plan this rank's reads (cached while the sources stay the same) and
-        #    refuse, before allocating anything, a plan over the staging limit.
-        info = self._resolve(version, deadline)
-        sources = self._client.get_sources(name=self.name, version=info.version)
-        plan = self._plan_for(info, sources)
-        if self._max_staging is not None and plan.staging_bytes > self._max_staging:
+        # 1. Resolve the version and plan this rank's reads (cached while the sources stay the same);
+        #    a plan the engine cannot take is refused before anything is allocated.
+        resolved = self._resolve(version, deadline)
+        info, sources = resolved.info, resolved.sources
+        plan = self._plan_for(resolved)
+        if self._dests is None and self._max_staging is not None and plan.staging_bytes > self._max_staging:
             raise ConfigError(
-                f"version {info.version} needs {plan.staging_bytes} bytes of staging on this rank, "
-                f"over max_staging_bytes={self._max_staging}"
+                f"version {info.version} needs {plan.staging_bytes} bytes of staging on this rank, over "
+                f"max_staging_bytes={self._max_staging}; this engine installs whole sets (no destinations())"
             )
         t_plan = time.perf_counter()
-        # 2. Staging and one READ job per trainer rank (and remote memory kind); connect to each.
-        staging = self._ensure_staging(plan.staging_bytes)
-        assert self._agent is not None
-        jobs = jobs_for(plan, sources, staging.data_ptr(), *device_of(staging))
-        metadata = {s.agent_name: s.agent_metadata for s in sources}
-        for agent_name in dict.fromkeys(j.agent_name for j in jobs):
-            self._agent.connect(agent_name, metadata[agent_name])
+        streamed = self._dests is not None and (plan.streamed or bool(plan.direct))
+        # 2. Staging slots (two when chunks stream) and this fetch's reads: everything, or the first
+        #    chunks that fit the window.
         t_read = time.perf_counter()
-        # 3. The pull. After a failure, staging may still be written by a transfer that did not stop.
-        try:
-            descriptors = self._agent.read(jobs, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
-        except BaseException:
-            self._quarantine_staging()
-            raise
+        pulled, descriptors, slots = self._pool_for().prefetch(
+            plan, sources, deadline, self.engine.device, whole=not streamed
+        )
         t_wire = time.perf_counter()
-        if self._on_after_wire is not None:
-            self._on_after_wire(info.version)
-        # 4. The seqlock check: a version retired while we read may have been overwritten mid-pull.
-        state = self._client.get_version(name=self.name, version=info.version).state
-        if state is not VersionState.READY:
-            raise VersionRetiredError(
-                f"version {info.version} of {self.name!r} became {state.value} during the pull; nothing installed"
-            )
-        # 5. The engine's tensors, as views of staging where possible.
-        tensors = assemble(plan, staging)
+        tensors: dict[str, torch.Tensor] = {}
+        if not streamed:
+            # 3. Whole: validate, then the engine's tensors as views of staging where possible.
+            self._check_ready(info.version)
+            tensors = assemble(plan, slots[0])
         self._generation += 1
         t_done = time.perf_counter()
         return StagedVersion(
             version=info.version,
             tensors=tensors,
             bytes=plan.total_bytes,
-            num_sources=len({j.agent_name for j in jobs}),
+            num_sources=len({s.rank for s in sources if s.rank in plan.bytes_by_rank}),
             num_descriptors=descriptors,
-            staging_bytes=staging.numel(),
+            staging_bytes=plan.staging_bytes,
             generation=self._generation,
-            timings={
-                "plan": t_plan - t0,
-                "prepare": t_read - t_plan,
-                "wire": t_wire - t_read,
-                "validate": t_done - t_wire,
-            },
-        )
+            streamed=streamed,
+            pulled=pulled if streamed else 0,
+            plan=plan,
+            sources=tuple(sources),
+            timings={"plan": t_plan - t0, "prepare": t_read - t_plan, "wire": t_wire - t_read,
+                     "validate": t_done - t_wire},
+        )  # fmt: skip
 
-    def install(self, staged: StagedVersion) -> UpdateResult:
-        """Install a staged version into the engine (the engine validates before writing)."""
+    def install(self, staged: StagedVersion, *, timeout_s: float | None = None) -> UpdateResult:
+        """Install a staged version into the engine.
+
+        Whole: the engine validates, then writes everything. Streamed: the rest of the version is
+        pulled now (`timeout_s` bounds that, default: the receiver's), straight into the engine and
+        through the staging window; on failure `torn` is set and the error says the weights are mixed.
+        """
         if staged.generation != self._generation:
             raise ConfigError("this staged version was overwritten by a later fetch; fetch again")
-        t0 = time.perf_counter()
-        self.engine.install(staged.tensors)
-        install_s = time.perf_counter() - t0
-        timings = dict(staged.timings, install=install_s)
+        timings = dict(staged.timings)
+        descriptors = staged.num_descriptors
+        if staged.streamed:
+            assert staged.plan is not None and self._dests is not None and self._pool is not None
+            deadline = time.monotonic() + self._timeout(timeout_s)
+            self._torn = True  # from here on, engine memory may hold bytes of this version
+            descriptors += self._pool.stream(
+                plan=staged.plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests,
+                deadline=deadline, check_ready=lambda: self._check_ready(staged.version), timings=timings,
+            )  # fmt: skip
+            self._torn = False
+        else:
+            t0 = time.perf_counter()
+            self.engine.install(staged.tensors)
+            timings["install"] = time.perf_counter() - t0
+            self._torn = False
+        plan = staged.plan
         result = UpdateResult(
             version=staged.version,
             bytes=staged.bytes,
             seconds=sum(timings.values()),
-            num_tensors=len(staged.tensors),
+            num_tensors=len(plan.targets) if plan is not None else len(staged.tensors),
             num_sources=staged.num_sources,
-            num_descriptors=staged.num_descriptors,
+            num_descriptors=descriptors,
             staging_bytes=staged.staging_bytes,
+            direct_bytes=plan.direct_bytes if plan is not None else 0,
+            chunks=max(len(plan.chunks), 1) if plan is not None else 1,
             wire_seconds=timings["wire"],
-            install_seconds=install_s,
+            install_seconds=timings["install"],
             timings=timings,
         )
         logger.info(
-            "%s: installed v%d, %d bytes from %d source(s) in %.3fs (wire %.3fs, %.2f GB/s)",
-            self.name,
-            result.version,
-            result.bytes,
-            result.num_sources,
-            result.seconds,
-            result.wire_seconds,
-            result.gbps,
-        )
+            "%s: installed v%d, %d bytes from %d source(s) in %.3fs (wire %.3fs, %.2f GB/s, %d chunk(s))",
+            self.name, result.version, result.bytes, result.num_sources, result.seconds, result.wire_seconds,
+            result.gbps, result.chunks,
+        )  # fmt: skip
         return result
 
     def update_weights(self, version: int | None = None, *, timeout_s: float | None = None) -> UpdateResult:
-        """Fetch `version` (default: newest READY) and install it; the engine keeps its old weights on error."""
-        return self.install(self.fetch(version, timeout_s=timeout_s))
+        """Fetch `version` (default: newest READY) and install it.
+
+        On error an engine installed whole keeps its old weights. A streamed refit whose pull raced a
+        trainer step is pulled again from the newest version when unpinned; otherwise the error
+        says the engine's weights are mixed (`torn`).
+        """
+        deadline = time.monotonic() + self._timeout(timeout_s)
+        while True:
+            try:
+                staged = self._fetch_once(version, deadline)
+                return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
+            except VersionRetiredError:
+                if version is not None or time.monotonic() > deadline:
+                    raise
+                logger.info("%s: version retired during the pull; retrying with the newest", self.name)
 
     # -- life cycle ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._agent is not None:
-            self._release_quarantine()
-            if self._quarantine:
-                # Closing the agent cannot stop those transfers either: keep their memory out of reuse.
-                logger.warning("%s: a failed read is still running; its staging stays allocated", self.name)
-                _PARKED.extend(self._quarantine)
-            self._agent.close()
-            self._agent = None
-        self._quarantine.clear()
-        self._staging = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         self._client.close()
 
     def __enter__(self) -> Receiver:
@@ -359,3 +418,15 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _destinations(engine: Engine) -> Mapping[str, torch.Tensor] | None:
+    """The engine's live tensors by name, if it exposes them (then it takes streamed installs)."""
+    get = getattr(engine, "destinations", None)
+    if get is None:
+        return None
+    dests = dict(get())
+    expected = engine.expected()
+    if set(dests) != set(expected):
+        raise ConfigError(f"{type(engine).__name__}.destinations() and expected() name different tensors")
+    return dests

@@ -324,7 +324,9 @@ class UpdateResult:
     num_tensors: int = 0
     num_sources: int = 0
     num_descriptors: int = 0
-    staging_bytes: int = 0  # the receiver's registered staging buffer (reused across refits)
+    staging_bytes: int = 0  # staging this refit held at once (buffers are reused across refits)
+    direct_bytes: int = 0  # bytes read straight into the engine's memory, bypassing staging
+    chunks: int = 1  # staging chunks the refit streamed through (1: staged whole, installed at once)
     wire_seconds: float = 0.0
     install_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)

@@ -11,7 +11,8 @@ anchor beside them. Each engine rank is planned for the NIC's cost (`refit.plan.
 planner reads small holes along and strided slices as their enclosing block where that is cheaper.
 
 Examples:
-    refit-bench plan --preset deepseek-v3-nemo
+    refit-bench plan --preset deepseek-v3-nemo deepseek-v3-nemo-blocks
+    refit-bench plan --preset deepseek-v3-nemo --row-blocks 32 --engine-replicas 1
     refit-bench plan --preset kimi-k2-pplx deepseek-v3-nemo kimi-k2-miles --json out.json --plot out.png
     refit-bench plan --model llama-3-70b --trainer-tp 8 --trainer-pp 4 --trainer-dp 4 --engine-tp 8 --engine-replicas 8
 """
@@ -39,6 +40,7 @@ from refit_bench.trainer_sources import (
     TrainerLayout,
     available_models,
     load_config,
+    mirror_bytes,
     model_bytes,
     synthesize_sources,
 )
@@ -59,6 +61,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     for side, what in (("trainer", ("tp", "pp", "ep", "etp", "dp")), ("engine", ("tp", "ep", "replicas"))):
         for f in (*what, "gpus-per-node"):
             p.add_argument(f"--{side}-{f}", type=int, help=f"{side} {f} (overrides the preset)")
+    p.add_argument(
+        "--row-blocks",
+        type=int,
+        metavar="K",
+        help="trainer publishes row-parallel shards in K column blocks: Publisher(row_blocks=K) (overrides the preset)",
+    )
     p.add_argument("--scheme", choices=[s.value for s in Scheme], help="engine target names (default megatron)")
     p.add_argument("--wire-dtype", help="dtype of GEMM weights on the wire, e.g. float8_e4m3fn (default: bf16)")
     p.add_argument("--nic-gbps", type=float, default=50.0, help="GB/s per GPU NIC per direction (default 50)")
@@ -91,6 +99,7 @@ def _scenario(args: argparse.Namespace, base: Scenario | None) -> Scenario:
         base = Scenario(name="custom", model=args.model, trainer=TrainerLayout(), engine=EngineFleet())
     t = {f: getattr(args, f"trainer_{f.replace('-', '_')}") for f in ("tp", "pp", "ep", "etp", "dp", "gpus_per_node")}
     e = {f: getattr(args, f"engine_{f}") for f in ("tp", "ep", "replicas", "gpus_per_node")}
+    t["row_blocks"] = args.row_blocks
     if args.scheme:
         e["scheme"] = Scheme(args.scheme)
     return replace(
@@ -176,6 +185,7 @@ def run_scenario(s: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         },
         "fabric": asdict(fabric),
         "model_bytes": model_bytes(cfg, linear_dtype=s.linear_dtype),
+        "trainer_mirror_bytes_max": max(mirror_bytes(sources)),
         "exact": args.exact,
         "max_overread": args.max_overread,
         "rows": rows,
@@ -192,6 +202,9 @@ def print_table(result: dict[str, Any]) -> None:
     a = result["anchor"]
     print(f"\n== {result['scenario']}: {result['model']} ({result['wire_dtype']} GEMM weights on the wire)")
     print(f"   trainer {result['trainer']['describe']}  ->  engine {result['engine']['describe']}")
+    if result["trainer_mirror_bytes_max"]:
+        print(f"   trainer memory for column blocks (a live publisher's mirror): up to "
+              f"{result['trainer_mirror_bytes_max'] / GB:.2f} GB per rank")  # fmt: skip
     f = result["fabric"]
     print(
         f"   model {result['model_bytes'] / GB:.1f} GB; engine ranks hold {result['rows'][0]['target_bytes'] / GB:.1f}"

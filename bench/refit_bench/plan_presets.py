@@ -87,6 +87,27 @@ PRESETS: dict[str, Scenario] = {
             ),
         ),
         Scenario(
+            name="deepseek-v3-nemo-blocks",
+            model="deepseek-v3",
+            trainer=TrainerLayout(tp=1, pp=16, ep=16, dp=16, row_blocks=32),
+            engine=EngineFleet(tp=32, ep=1, replicas=8),
+            anchor=Anchor(
+                who="NeMo-RL nccl_reshard (NCCL M2N)",
+                low_s=2.39,
+                high_s=2.83,
+                setup="DeepSeek-V3 BF16, Megatron PP16 x EP16 -> vLLM TP32 x DP8, H100",
+                source="NVIDIA-NeMo/RL docs/design-docs/nccl-reshard-refit.md (commit 7ea279abf)",
+            ),
+            assumptions=(
+                "deepseek-v3-nemo (the published layouts, BF16, MTP not refitted) with the trainer publishing "
+                "Publisher(row_blocks=32): every row-parallel shard (attention linear_proj, dense and shared-expert "
+                "linear_fc2, each expert's linear_fc2) as 32 contiguous column blocks, so each engine rank's slice "
+                "of it is one block, one descriptor",
+                "the trainer pays for it in memory: a live publisher holds a blocked copy of those tensors (the "
+                "'trainer mirror' figure) and refreshes it per version; with snapshots the slots hold the blocks",
+            ),
+        ),
+        Scenario(
             name="deepseek-v3-nemo-ep32",
             model="deepseek-v3",
             trainer=TrainerLayout(tp=1, pp=16, ep=16, dp=16),

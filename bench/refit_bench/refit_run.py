@@ -9,10 +9,13 @@ two processes, and the classic refit (gather on trainer rank 0, then broadcast t
 
     refit-bench refit --shape llama-100m --tp 2 --engine-tp 1 --versions 3 [--device cuda] [--json -]
     refit-bench refit --shape moe-1b --tp 1 --ep 2 --dp 2 --engine-tp 2 --engine-ep 2
+    refit-bench refit --shape llama-100m --tp 1 --engine-tp 4 --row-blocks 4
 
 MoE shapes take trainer expert parallelism (`--ep`, `--etp`; the rest of the world is expert data
 parallel) and engine expert parallelism (`--engine-ep`: vLLM's convention, EP over the engine's TP
-ranks with whole experts), so each engine rank pulls only the experts it owns.
+ranks with whole experts), so each engine rank pulls only the experts it owns. `--row-blocks K`
+publishes with `Publisher(row_blocks=K)`: row-parallel shards as K column blocks (a live mirror,
+refreshed in each publish), so an engine at a higher TP reads each slice in one descriptor.
 """
 
 from __future__ import annotations
@@ -46,6 +49,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--engine-tp", type=int, default=1)
     p.add_argument("--engine-ep", type=int, default=1, help="engine expert parallel size: 1, or the engine TP")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (each engine-tp receivers)")
+    p.add_argument(
+        "--row-blocks",
+        type=int,
+        default=1,
+        metavar="K",
+        help="Publisher(row_blocks=K): row-parallel shards in K blocks",
+    )
+    p.add_argument(
+        "--max-staging-bytes", type=int, default=None, metavar="N",
+        help="Receiver(max_staging_bytes=N): the staging window per engine rank (default 1 GiB)",
+    )  # fmt: skip
+    p.add_argument("--no-direct", action="store_true", help="Receiver(direct=False): stage every tensor")
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
@@ -77,7 +92,7 @@ class TrainerRank:
 
     def __init__(
         self, *, rank: int, world: int, port: int, tp: int, pp: int, shape: str, device: str, catalog: str, ep: int = 1,
-        etp: int | None = None,
+        etp: int | None = None, row_blocks: int = 1,
     ) -> None:  # fmt: skip
         torch.set_num_threads(1)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # no Apex / TE: expected
@@ -89,6 +104,7 @@ class TrainerRank:
         torch.manual_seed(1234 + rank)
         self.model = build_gpt(SHAPES[shape], device=device)
         self.catalog = catalog
+        self.row_blocks = row_blocks
         self.pub: Any = None
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +112,7 @@ class TrainerRank:
 
         if msg["cmd"] == "register":
             t0 = time.perf_counter()
-            self.pub = Publisher(catalog=self.catalog, model=self.model, name=NAME)
+            self.pub = Publisher(catalog=self.catalog, model=self.model, name=NAME, row_blocks=self.row_blocks)
             return {"seconds": time.perf_counter() - t0, "registrations": self.pub.num_registrations}
         if msg["cmd"] == "publish":
             t0 = time.perf_counter()
@@ -132,6 +148,9 @@ class BufferEngine:
     def device(self) -> torch.device:
         return self._device
 
+    def destinations(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)  # streamed installs and direct reads write these, as HF and Megatron engines
+
     def install(self, tensors: dict[str, torch.Tensor]) -> None:
         from refit.engines.base import install_tensors
 
@@ -142,9 +161,11 @@ class ReceiverRank:
     """One engine rank: a BufferEngine shaped from the catalog, and a Receiver."""
 
     def __init__(
-        self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0
-    ) -> None:
+        self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
+        max_staging_bytes: int | None = None, direct: bool = True,
+    ) -> None:  # fmt: skip
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
+        self.max_staging_bytes, self.direct = max_staging_bytes, direct
         self.ep_size = ep_size
         self.device = measure.torch_device(device, gpu)
         if device == "cuda":
@@ -171,7 +192,9 @@ class ReceiverRank:
         # Reads are priced for the link they cross: UCX between CPU processes, cuda_ipc within a host.
         link = cost.CPU_UCX if self.device.type == "cpu" else cost.GPU_LOCAL
         self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
-                            replica=self.replica, timeout_s=600, link_cost=link)  # fmt: skip
+                            replica=self.replica, timeout_s=600, link_cost=link,
+                            max_staging_bytes=self.max_staging_bytes, direct=self.direct)  # fmt: skip
+        self.engine_bytes = sum(t.numel() * t.element_size() for t in self.rcv.engine.tensors.values())
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["cmd"] != "update":
@@ -188,7 +211,9 @@ class ReceiverRank:
             "version": result.version, "bytes": result.bytes, "wire_bytes": plan.wire_bytes,
             "staging_bytes": plan.staging_bytes, "descriptors": result.num_descriptors, "sources": result.num_sources,
             "timings": result.timings, "fetch_s": t1 - t0, "stall_s": t2 - t1, "total_s": t2 - t0,
-            "registrations": self.rcv.stats.registrations,
+            "registrations": self.rcv.stats.registrations, "peak_staging_bytes": self.rcv.stats.peak_staging_bytes,
+            "direct_bytes": result.direct_bytes, "chunks": result.chunks, "engine_bytes": self.engine_bytes,
+            "fixed_s": sum(result.timings.get(k, 0.0) for k in ("plan", "prepare", "validate")),
         }  # fmt: skip
 
 
@@ -235,7 +260,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu")  # fmt: skip
+            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -245,13 +270,14 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         store = rendezvous()  # held until the trainers are gone
         trainers = [
             Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=store.port, tp=args.tp, pp=args.pp,
-                   ep=args.ep, etp=args.etp, shape=shape.name, device=args.device, catalog=server.address)
+                   ep=args.ep, etp=args.etp, shape=shape.name, device=args.device, catalog=server.address,
+                   row_blocks=args.row_blocks)
             for r in range(world)
         ]  # fmt: skip
         rcvs = [
             Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
-                   gpu=args.receiver_gpu)
+                   gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -301,6 +327,12 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
         "bytes_per_receiver": max(g["bytes"] for g in got),
         "wire_bytes_per_receiver": max(g["wire_bytes"] for g in got),
         "staging_bytes": max(g["staging_bytes"] for g in got),
+        # Engine-side memory beyond the engine's own weights: the staging buffers held (peak so far).
+        "peak_staging_bytes": max(g["peak_staging_bytes"] for g in got),
+        "engine_extra_share": max(g["peak_staging_bytes"] / max(g["engine_bytes"], 1) for g in got),
+        "direct_bytes": max(g["direct_bytes"] for g in got),
+        "chunks": max(g["chunks"] for g in got),
+        "fixed_s": max(g["fixed_s"] for g in got),
         "descriptors": max(g["descriptors"] for g in got),
         "plan_s": max(x["plan"] for x in t),
         "prepare_s": max(x["prepare"] for x in t),
@@ -321,6 +353,8 @@ def _check_layout(args: argparse.Namespace, shape: Any) -> None:
         raise SystemExit(f"world {world} (TP*PP*DP) is not a multiple of ETP*EP*PP = {etp * args.ep * args.pp}")
     if shape.num_experts and shape.num_experts % args.ep:
         raise SystemExit(f"{shape.num_experts} experts do not split over EP {args.ep}")
+    if args.row_blocks < 1:
+        raise SystemExit(f"--row-blocks must be >= 1, got {args.row_blocks}")
     if args.engine_ep not in (1, args.engine_tp):
         raise SystemExit(f"--engine-ep must be 1 or the engine TP ({args.engine_tp}), got {args.engine_ep}")
 
@@ -410,18 +444,20 @@ def _print(result: dict[str, Any]) -> None:
     registration = f"trainer registration {result['trainer_registration_s']:.3f}s"
     print(f"model {c['shape']} bf16; trainer TP{c['tp']} PP{c['pp']} DP{c['dp']}{moe} -> engine TP{c['engine_tp']}"
           f"{engine_ep} x {c['replicas']} replica(s); {registration}")  # fmt: skip
-    head = ["v", "bytes/rcv", "wire bytes", "reads", "publish s", "plan s", "wire s", "install(stall) s", "total s",
-            "GB/s", "new regs"]  # fmt: skip
+    head = ["v", "bytes/rcv", "wire bytes", "reads", "publish s", "fixed s", "wire s", "install(stall) s", "total s",
+            "GB/s", "staging peak", "direct", "chunks", "new regs"]  # fmt: skip
     rows, prev = [], None
     for r in result["versions"]:
         regs = r["trainer_registrations"] + r["receiver_registrations"]
         rows.append([r["version"], f"{r['bytes_per_receiver']:,}", f"{r['wire_bytes_per_receiver']:,}",
-                     r["descriptors"], f"{r['publish_s']:.3f}", f"{r['plan_s']:.4f}", f"{r['wire_s']:.3f}",
+                     r["descriptors"], f"{r['publish_s']:.3f}", f"{r['fixed_s']:.4f}", f"{r['wire_s']:.3f}",
                      f"{r['stall_s']:.3f}", f"{r['wall_s']:.3f}", f"{r['bytes_per_receiver'] / r['wall_s'] / 1e9:.2f}",
+                     report.size(r["peak_staging_bytes"]), report.size(r["direct_bytes"]), r["chunks"],
                      "-" if prev is None else regs - prev])  # fmt: skip
         prev = regs
     print(report.table(head, rows))
-    staging = report.size(result["versions"][-1]["staging_bytes"])
+    last = result["versions"][-1]
+    staging = f"{report.size(last['peak_staging_bytes'])} = {last['engine_extra_share']:.2f}x the engine's weights"
     print(f"\nsteady state: {s['gbps']:.2f} GB/s end to end, {s['wire_gbps']:.2f} GB/s on the wire "
           f"({report.size(s['bytes_per_receiver'])} per receiver, staging {staging})")  # fmt: skip
     ref_rows = [

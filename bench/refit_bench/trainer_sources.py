@@ -11,6 +11,11 @@ expert bias), shared experts and routed experts (TEGroupedMLP names, one global 
 Rank order is Megatron's default: dense `tp-cp-ep-dp-pp` (TP fastest) and expert `tp-ep-dp-pp`.
 Context parallelism only adds weight copies, so fold it into `dp`.
 
+`TrainerLayout.row_blocks` models `Publisher(row_blocks=k)`: every row-parallel shard (attention
+`linear_proj`, dense and shared-expert `linear_fc2`, routed expert `linear_fc2`) is published as its
+column blocks (`refit.trainer.blocks`), in the bytes it took before. A live publisher holds those
+tensors once more in its mirror: `mirror_bytes` counts them per rank.
+
 Modelling assumption for FP8 anchors: `linear_dtype` sets the dtype of every GEMM weight (attention
 projections, dense and expert MLPs; not embeddings, output layer or router), as when the trainer
 publishes FP8-quantised copies. Block scales (4 bytes per 128x128 block, 0.02 % of FP8 bytes) are
@@ -27,6 +32,7 @@ from typing import Any
 
 from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError
+from refit.trainer.blocks import blocked_descs, check_requested
 from refit.types import ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -49,7 +55,10 @@ def load_config(name_or_path: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainerLayout:
-    """A Megatron trainer's parallel layout. World size is tp * pp * dp; experts use ep * etp * edp * pp."""
+    """A Megatron trainer's parallel layout. World size is tp * pp * dp; experts use ep * etp * edp * pp.
+
+    `row_blocks` is the publisher's (`Publisher(row_blocks=...)`): row-parallel shards as that many column blocks.
+    """
 
     tp: int = 1
     pp: int = 1
@@ -57,9 +66,11 @@ class TrainerLayout:
     ep: int = 1
     etp: int = 1
     gpus_per_node: int = 8
+    row_blocks: int = 1
 
     def __post_init__(self) -> None:
         ParallelCoords(tp_size=self.tp, pp_size=self.pp, ep_size=self.ep, dp_size=self.dp)  # the library's checks
+        check_requested(self.row_blocks)
         if self.etp <= 0 or self.gpus_per_node <= 0:
             raise ConfigError(f"trainer etp {self.etp} and gpus_per_node {self.gpus_per_node} must be positive")
         if (self.tp * self.dp) % (self.ep * self.etp):
@@ -87,7 +98,8 @@ class TrainerLayout:
         return rank % (self.tp * self.dp) % self.etp
 
     def describe(self) -> str:
-        return f"TP{self.tp} PP{self.pp} EP{self.ep} ETP{self.etp} DP{self.dp} ({self.world} GPUs)"
+        blocks = f", row-parallel shards in {self.row_blocks} column blocks" if self.row_blocks > 1 else ""
+        return f"TP{self.tp} PP{self.pp} EP{self.ep} ETP{self.etp} DP{self.dp} ({self.world} GPUs{blocks})"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -288,7 +300,19 @@ def synthesize_sources(
                 agent_name=f"trainer-{rank}",
                 agent_metadata=b"",
                 regions=(Region(index=0, addr=1 << 40, nbytes=max(offset, 1), device="cuda"),),
-                tensors=tuple(descs),
+                tensors=blocked_descs(descs, layout.row_blocks),
             )
         )
     return meta, sources
+
+
+def mirror_bytes(sources: list[SourceRecord]) -> list[int]:
+    """Per trainer rank, the bytes of the tensors it publishes as column blocks (several descriptors of
+    one name): what a live publisher's mirror holds (before its 256-byte alignment per tensor)."""
+    out = []
+    for src in sources:
+        counts: dict[str, int] = {}
+        for d in src.tensors:
+            counts[d.name] = counts.get(d.name, 0) + 1
+        out.append(sum(d.nbytes for d in src.tensors if counts[d.name] > 1))
+    return out

@@ -18,12 +18,15 @@ from google.protobuf.message import Message
 
 from refit import errors
 from refit.catalog import wire
+from refit.catalog.values import Resolved
 from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
 from refit.proto import catalog_pb2 as pb
 from refit.proto import catalog_pb2_grpc as pb_grpc
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CatalogClient", "Resolved", "format_ranks"]
 
 # Only these classes may be named by the server; anything else falls back to the status code.
 _ERRORS_BY_NAME: dict[str, type[errors.RefitError]] = {
@@ -204,6 +207,22 @@ class CatalogClient:
         """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
         response = self._call("GetSources", pb.GetSourcesRequest, name=name, version=version)
         return sorted((wire.source_from_proto(s) for s in response.sources), key=lambda s: s.rank)
+
+    def resolve(self, *, name: str, version: int | None = None, known_layout: str = "") -> Resolved:
+        """`version` (None: the newest READY one) with its state and sources, in one round trip.
+
+        Any state is returned for an explicit `version`; the caller checks `info.state`. When
+        `known_layout` is the version's `layout_digest` (a plan cached from an earlier resolve), the
+        sources come without tensor descriptors and `tensors_omitted` is True: a small message.
+
+        Raises:
+            VersionNotFoundError: `version` is unknown, or it is None and no version is READY (no
+                waiting: poll, or use `wait_ready` for a given version).
+        """
+        fields: dict[str, Any] = {"name": name, "known_layout": known_layout}
+        if version is not None:
+            fields["version"] = version
+        return wire.resolved_from_proto(self._call("Resolve", pb.ResolveRequest, **fields))
 
     def retire(self, *, name: str, version: int, and_older: bool = False) -> list[int]:
         """Mark `version` (and with `and_older` every older version) RETIRED; returns what changed.

@@ -8,8 +8,11 @@ unspecified (0) enum, which is what a sender that forgot to set a field produces
 
 from __future__ import annotations
 
+import hashlib
+
 from google.protobuf.message import DecodeError, Message
 
+from refit.catalog.values import Resolved
 from refit.errors import ConfigError
 from refit.proto import catalog_pb2 as pb
 from refit.types import (
@@ -198,6 +201,27 @@ def claim_from_proto(msg: pb.Claim) -> Claim:
     return Claim(name=msg.name, rank=msg.rank, agent_name=msg.agent_name, claimed_at=msg.claimed_at)
 
 
+def resolved_to_proto(r: Resolved) -> pb.ResolveResponse:
+    return _build(
+        pb.ResolveResponse,
+        info=version_to_proto(r.info),
+        sources=[source_to_proto(s) for s in r.sources],
+        layout_digest=r.layout_digest,
+        tensors_omitted=r.tensors_omitted,
+    )
+
+
+def resolved_from_proto(msg: pb.ResolveResponse) -> Resolved:
+    if not msg.HasField("info"):
+        raise ConfigError("resolve response without version info")
+    return Resolved(
+        info=version_from_proto(msg.info),
+        sources=tuple(sorted((source_from_proto(s) for s in msg.sources), key=lambda s: s.rank)),
+        layout_digest=msg.layout_digest,
+        tensors_omitted=msg.tensors_omitted,
+    )
+
+
 # --- serialized form (what the Redis store keeps) ------------------------------------------------------
 
 
@@ -225,3 +249,26 @@ def source_to_bytes(source: SourceRecord) -> bytes:
 
 def source_from_bytes(data: bytes) -> SourceRecord:
     return source_from_proto(_parse(pb.SourceRecord, data))
+
+
+# --- layout digests ----------------------------------------------------------------------------------
+
+
+def source_encodings(source: SourceRecord) -> tuple[bytes, bytes, str]:
+    """(record bytes, head bytes, source layout digest) of one source, from one protobuf encoding.
+
+    The head is the record without its tensor descriptors: what `Resolve` sends when the caller's
+    `known_layout` matches. The source layout digest is the SHA-256 (hex) of the deterministic
+    encoding of its rank, coords and tensor descriptors only: region addresses and the NIXL agent
+    change with every trainer restart, and a plan does not depend on them.
+    """
+    msg = source_to_proto(source)
+    layout = pb.SourceRecord(rank=msg.rank, coords=msg.coords, tensors=msg.tensors)
+    head = pb.SourceRecord()
+    head.CopyFrom(msg)
+    head.ClearField("tensors")
+    return (
+        msg.SerializeToString(deterministic=True),
+        head.SerializeToString(deterministic=True),
+        hashlib.sha256(layout.SerializeToString(deterministic=True)).hexdigest(),
+    )

@@ -67,6 +67,10 @@ class MegatronEngine:
     def device(self) -> torch.device:
         return next(iter(self._params.values())).device
 
+    def destinations(self) -> dict[str, torch.Tensor]:
+        """The live tensors `install` writes, by name: a receiver streams and reads straight into them."""
+        return dict(self._params)
+
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy every tensor into its parameter (one batched copy): all of them, or none."""
         install_tensors(self._params, tensors)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from refit.dtypes import torch_dtype
 from refit.errors import LayoutError
-from refit.plan.planner import Piece, Plan
+from refit.plan.records import Piece, Plan
+from refit.plan.targets import Target
 
 
 def piece_view(piece: Piece, staging: torch.Tensor) -> torch.Tensor:
@@ -71,3 +73,48 @@ def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
             raise LayoutError(f"{target.hf_name}: assembled {tuple(tensor.shape)}, expected {target.shape}")
         out[target.hf_name] = tensor
     return out
+
+
+def scatter(
+    pieces: Sequence[Piece], targets: Sequence[Target], staging: torch.Tensor, dests: Mapping[str, torch.Tensor]
+) -> None:
+    """Copy each staged piece straight into the parts of the engine tensors (`dests`) it covers.
+
+    The streamed counterpart of `assemble`: a target's pieces may arrive in different chunks, so
+    each piece is written where it belongs instead of being joined with the others first. One
+    batched copy per call. Padding rows are written by `zero_padding`.
+    """
+    by_source: dict[str, list[Target]] = defaultdict(list)
+    for t in targets:
+        by_source[t.source].append(t)
+    outs: list[torch.Tensor] = []
+    ins: list[torch.Tensor] = []
+    for p in pieces:
+        view = piece_view(p, staging)
+        for t in by_source[p.tensor]:
+            dest = dests[t.hf_name]
+            if t.dim is None:
+                outs.append(dest)
+                ins.append(view)
+                continue
+            at = 0
+            for a, b in t.rows:
+                lo, hi = max(a, p.start), min(b, p.stop)
+                if lo < hi:
+                    outs.append(dest.narrow(t.dim, at + lo - a, hi - lo))
+                    ins.append(view.narrow(t.dim, lo - p.start, hi - lo))
+                at += b - a
+    if outs:
+        with torch.no_grad():
+            torch._foreach_copy_(outs, ins, non_blocking=True)
+
+
+def zero_padding(targets: Sequence[Target], dests: Mapping[str, torch.Tensor]) -> None:
+    """Zero the rows of each target that no trainer publishes (an engine's own vocabulary padding)."""
+    with torch.no_grad():
+        for t in targets:
+            if t.dim is None:
+                continue
+            published = sum(b - a for a, b in t.rows)
+            if published < t.shape[t.dim]:
+                dests[t.hf_name].narrow(t.dim, published, t.shape[t.dim] - published).zero_()

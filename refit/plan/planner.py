@@ -17,15 +17,14 @@ its enclosing contiguous block and cut locally when that is cheaper, within a st
 from __future__ import annotations
 
 import itertools
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
-from refit.dtypes import DTYPE_SIZES
 from refit.errors import ConfigError, LayoutError, ModelMismatchError
+from refit.plan import window as window_
 from refit.plan.cost import DEFAULT_COST, LinkCost, enclose
-from refit.plan.records import Piece, Plan, Read
+from refit.plan.placement import Choice, Holder, Need, geometry
+from refit.plan.records import Chunk, DirectRead, Piece, Plan, Read
 from refit.plan.targets import EngineLayout, Target, merge_intervals, targets_for
 from refit.types import ModelMeta, SourceRecord, TensorDesc
 
@@ -43,70 +42,6 @@ def stripe(*, replica: int, tp_rank: int, tp_size: int) -> int:
     return replica * tp_size + tp_rank
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Holder:
-    """A trainer rank's shard that holds a need, and the need's first row in that shard."""
-
-    rank: int
-    desc: TensorDesc
-    local: int  # first local index along the need's dim (0 for a whole tensor)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Need:
-    """One interval of one global tensor the engine rank needs, and every replica that holds it."""
-
-    tensor: str
-    dim: int | None
-    start: int
-    stop: int
-    holders: tuple[_Holder, ...]
-
-    def holder(self, rank: int) -> _Holder:
-        for h in self.holders:
-            if h.rank == rank:
-                return h
-        raise AssertionError(f"rank {rank} does not hold {self.tensor}")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Choice:
-    """A need with the holder chosen to serve it."""
-
-    need: _Need
-    holder: _Holder
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Geometry:
-    """Where a need's bytes sit in its holder's region: `count` blocks, `remote_stride` apart."""
-
-    shape: tuple[int, ...]
-    remote_offset: int
-    block_bytes: int
-    count: int
-    remote_stride: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.block_bytes * self.count
-
-
-@dataclass(kw_only=True, slots=True)
-class _OpenRead:
-    """A contiguous read still growing while `_place` lays out one source's pieces."""
-
-    rank: int
-    region: int
-    remote_offset: int
-    local_offset: int
-    nbytes: int
-
-    def close(self) -> Read:
-        return Read(rank=self.rank, region=self.region, remote_offset=self.remote_offset,
-                    local_offset=self.local_offset, block_bytes=self.nbytes)  # fmt: skip
-
-
 def _segments(desc: TensorDesc) -> list[tuple[int, int, int]]:
     """(global start, global stop, local start) runs of a shard along its partition dim."""
     d, s = desc.partition_dim, desc.partition_stride
@@ -121,12 +56,12 @@ def _segments(desc: TensorDesc) -> list[tuple[int, int, int]]:
 
 def _needs(
     tensor: str, dim: int | None, intervals: Sequence[tuple[int, int]], shards: Sequence[tuple[int, TensorDesc]]
-) -> list[_Need]:
+) -> list[Need]:
     if dim is None:
-        holders = tuple(_Holder(rank=r, desc=d, local=0) for r, d in shards)
-        return [_Need(tensor=tensor, dim=None, start=0, stop=0, holders=holders)]
+        holders = tuple(Holder(rank=r, desc=d, local=0) for r, d in shards)
+        return [Need(tensor=tensor, dim=None, start=0, stop=0, holders=holders)]
     # 1. Cut each interval by every shard run that overlaps it.
-    cuts: dict[tuple[int, int], list[_Holder]] = defaultdict(list)
+    cuts: dict[tuple[int, int], list[Holder]] = defaultdict(list)
     for rank, desc in shards:
         if desc.partition_dim == -1:
             segs = [(0, desc.global_shape[dim], 0)]
@@ -138,10 +73,10 @@ def _needs(
             for a, b in intervals:
                 lo, hi = max(a, g0), min(b, g1)
                 if lo < hi:
-                    cuts[(lo, hi)].append(_Holder(rank=rank, desc=desc, local=l0 + lo - g0))
+                    cuts[(lo, hi)].append(Holder(rank=rank, desc=desc, local=l0 + lo - g0))
     # 2. The common case: every shard that touches an interval covers all of it; nothing to cut.
     if len(cuts) == len(intervals) and all(iv in cuts for iv in intervals):
-        return [_Need(tensor=tensor, dim=dim, start=a, stop=b, holders=tuple(cuts[(a, b)])) for a, b in intervals]
+        return [Need(tensor=tensor, dim=dim, start=a, stop=b, holders=tuple(cuts[(a, b)])) for a, b in intervals]
     # 3. Shards of different ranks can cut an interval at different points; split at every cut.
     bounds = sorted({x for ab in cuts for x in ab} | {x for ab in intervals for x in ab})
     needs = []
@@ -149,58 +84,36 @@ def _needs(
         points = [p for p in bounds if a <= p <= b]
         for lo, hi in itertools.pairwise(points):
             holders = [
-                _Holder(rank=h.rank, desc=h.desc, local=h.local + lo - c0)
+                Holder(rank=h.rank, desc=h.desc, local=h.local + lo - c0)
                 for (c0, c1), hs in cuts.items()
                 if c0 <= lo and hi <= c1
                 for h in hs
             ]
             if not holders:
                 raise LayoutError(f"no trainer rank publishes rows [{lo}, {hi}) of {tensor}")
-            needs.append(_Need(tensor=tensor, dim=dim, start=lo, stop=hi, holders=tuple(holders)))
+            needs.append(Need(tensor=tensor, dim=dim, start=lo, stop=hi, holders=tuple(holders)))
     return needs
 
 
-def _geometry(need: _Need, holder: _Holder) -> _Geometry:
-    """Where the bytes of `need` sit in the region of `holder`."""
-    desc = holder.desc
-    if need.dim is None:
-        return _Geometry(
-            shape=desc.local_shape, remote_offset=desc.byte_offset, block_bytes=desc.nbytes, count=1, remote_stride=0
-        )
-    item = DTYPE_SIZES[desc.dtype]
-    dim, width, local_shape = need.dim, need.stop - need.start, desc.local_shape
-    outer = math.prod(local_shape[:dim])
-    inner = math.prod(local_shape[dim + 1 :])
-    local_width = local_shape[dim]
-    shape = (*local_shape[:dim], width, *local_shape[dim + 1 :])
-    start = desc.byte_offset + holder.local * inner * item
-    if outer == 1 or width == local_width:  # the rows are contiguous in the shard
-        return _Geometry(shape=shape, remote_offset=start, block_bytes=outer * width * inner * item, count=1,
-                         remote_stride=0)  # fmt: skip
-    # A slice of an inner dim: one block per outer index, a full local row apart.
-    return _Geometry(shape=shape, remote_offset=start, block_bytes=width * inner * item, count=outer,
-                     remote_stride=local_width * inner * item)  # fmt: skip
-
-
-def _choose(needs: Iterable[_Need], stripe: int) -> list[_Choice]:
+def _choose(needs: Iterable[Need], stripe: int) -> list[Choice]:
     """Give each need one holder, striping runs of pieces over equal replicas."""
     # 1. Group the needs by the set of ranks that hold them (one replica set per group).
-    groups: dict[tuple[int, ...], list[_Need]] = defaultdict(list)
+    groups: dict[tuple[int, ...], list[Need]] = defaultdict(list)
     for need in needs:
         holders = need.holders
         key = (holders[0].rank,) if len(holders) == 1 else tuple(sorted({h.rank for h in holders}))
         groups[key].append(need)
-    chosen: list[_Choice] = []
+    chosen: list[Choice] = []
     for ranks, group in groups.items():
         if len(ranks) == 1:  # a single holder (an expert without copies, say): nothing to stripe
-            chosen.extend(_Choice(need=need, holder=need.holder(ranks[0])) for need in group)
+            chosen.extend(Choice(need=need, holder=need.holder(ranks[0])) for need in group)
             continue
         # 2. Order the group by where the first replica holds each need, so runs are contiguous there
         #    (and, replicas being laid out alike, on every other replica too).
         keyed = []
         for need in group:
             holder = need.holder(ranks[0])
-            geo = _geometry(need, holder)
+            geo = geometry(need, holder)
             keyed.append(((holder.desc.region, geo.remote_offset), geo.nbytes, need))
         keyed.sort(key=lambda k: k[0])
         # 3. Cut the ordered group into one run of about `share` bytes per replica, and give run i
@@ -210,85 +123,8 @@ def _choose(needs: Iterable[_Need], stripe: int) -> list[_Choice]:
             run = min(int(acc // share), len(ranks) - 1) if share else 0
             acc += size
             rank = ranks[(run + stripe) % len(ranks)]
-            chosen.append(_Choice(need=need, holder=need.holder(rank)))
+            chosen.append(Choice(need=need, holder=need.holder(rank)))
     return chosen
-
-
-def _span(geo: _Geometry) -> int:
-    """Bytes from the first block's start to the last block's end: the enclosing block of a strided slice."""
-    return (geo.count - 1) * geo.remote_stride + geo.block_bytes
-
-
-def _place(
-    located: Sequence[tuple[_Choice, _Geometry]], enclosed: set[int], bridges: Callable[[int], bool]
-) -> tuple[list[Piece], list[Read], int]:
-    """Lay the chosen pieces out in staging and group them into reads; returns the staging size too.
-
-    Pieces are laid out per source in remote-address order. Holes between consecutive contiguous
-    pieces of one source (a norm another replica serves, say) that `bridges` accepts are mirrored in
-    staging and read along, so a source's pieces become a few large reads instead of one per tensor.
-    A piece in `enclosed` counts as contiguous: its enclosing block is staged as it lies remotely.
-    """
-    # 1. Order every piece by its source address: trainer rank, region, remote offset.
-    order = sorted(
-        range(len(located)),
-        key=lambda i: (located[i][0].holder.rank, located[i][0].holder.desc.region, located[i][1].remote_offset),
-    )
-    end, placed, reads = 0, [], []
-    current: _OpenRead | None = None
-    for i in order:
-        choice, geo = located[i]
-        need, rank, desc = choice.need, choice.holder.rank, choice.holder.desc
-        item = DTYPE_SIZES[desc.dtype]
-        whole = i in enclosed
-        contiguous, span = (True, _span(geo)) if whole else (geo.count == 1, geo.nbytes)
-        # 2. A contiguous piece just after the open read of the same source joins it if the hole
-        #    between them is worth reading along; staging mirrors the hole, and the piece stays aligned.
-        local: int | None = None
-        if current is not None and contiguous and (current.rank, current.region) == (rank, desc.region):
-            gap = geo.remote_offset - (current.remote_offset + current.nbytes)
-            after = current.local_offset + current.nbytes + gap
-            if gap >= 0 and bridges(gap) and after % item == 0:
-                local = after
-                current.nbytes = after + span - current.local_offset
-        if local is None:
-            # 3. Otherwise the open read ends, and the piece starts at the next aligned staging offset.
-            if current is not None:
-                reads.append(current.close())
-                current = None
-            local = -(-end // item) * item
-        placed.append(
-            Piece(
-                tensor=need.tensor,
-                rank=rank,
-                dim=need.dim,
-                start=need.start,
-                stop=need.stop,
-                shape=geo.shape,
-                dtype=desc.dtype,
-                region=desc.region,
-                remote_offset=geo.remote_offset,
-                block_bytes=geo.block_bytes,
-                count=geo.count,
-                remote_stride=geo.remote_stride,
-                local_offset=local,
-                local_stride=geo.remote_stride if whole else 0,
-            )
-        )
-        end = local + span
-        # 4. A piece that joined no read opens one later pieces may join, or, strided, is a read of its own.
-        if current is not None:
-            continue
-        if contiguous:
-            current = _OpenRead(rank=rank, region=desc.region, remote_offset=geo.remote_offset, local_offset=local,
-                                nbytes=span)  # fmt: skip
-        else:
-            reads.append(Read(rank=rank, region=desc.region, remote_offset=geo.remote_offset, local_offset=local,
-                              block_bytes=geo.block_bytes, count=geo.count,
-                              remote_stride=geo.remote_stride))  # fmt: skip
-    if current is not None:
-        reads.append(current.close())
-    return placed, reads, end
 
 
 def plan_refit(
@@ -301,6 +137,8 @@ def plan_refit(
     cost: LinkCost = DEFAULT_COST,
     max_gap: int | None = None,
     max_overread: float = MAX_OVERREAD,
+    window: int | None = None,
+    direct: Callable[[Target], bool] | None = None,
 ) -> Plan:
     """Plan one engine rank's pull of every tensor it needs (or of the HF names in `only`).
 
@@ -309,6 +147,11 @@ def plan_refit(
     when that is cheaper than a descriptor (or, given `max_gap`, when it is at most that many bytes),
     and a strided slice is read as its enclosing block when that is cheaper, the enclosing blocks'
     unneeded bytes staying within `max_overread` times the bytes the engine needs (0: never).
+
+    `direct` (given an engine target, whether the engine can take a read straight into its memory)
+    lets every target that is one contiguous run of one trainer rank's bytes skip staging. The rest
+    is staged: in one chunk when it fits `window` bytes (or no window is given), else in chunks of
+    at most half the window each (`refit.plan.window`).
 
     Raises ModelMismatchError when the engine layout cannot hold the model, and LayoutError when
     the published shards do not cover what the engine needs.
@@ -334,7 +177,7 @@ def plan_refit(
     by_tensor: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         by_tensor[t.source].append(t)
-    needs: list[_Need] = []
+    needs: list[Need] = []
     for name, ts in by_tensor.items():
         dims = {t.dim for t in ts}
         if len(dims) != 1:
@@ -347,22 +190,38 @@ def plan_refit(
     if max_overread < 0 or (max_gap is not None and max_gap < 0):
         raise ConfigError(f"max_overread ({max_overread}) and max_gap ({max_gap}) must be >= 0")
     rotation = layout.tp_rank if stripe is None else stripe
-    located = [(c, _geometry(c.need, c.holder)) for c in _choose(needs, rotation)]
+    located = [(c, geometry(c.need, c.holder)) for c in _choose(needs, rotation)]
     strided = [
         (i, geo.block_bytes, geo.count, geo.remote_stride) for i, (_, geo) in enumerate(located) if geo.count > 1
     ]
     budget = max_overread * sum(geo.nbytes for _, geo in located)
     enclosed = enclose(strided, cost=cost, budget=budget, seed=rotation)
     bridges = cost.bridges if max_gap is None else (lambda gap: gap <= max_gap)
-    pieces, reads, staging = _place(located, enclosed, bridges)
+    # 5. Tensors read straight into the engine, then the staged rest in chunks that fit the window.
+    if window is not None and window <= 0:
+        raise ConfigError(f"window must be positive, got {window}")
+    chosen, direct_list = window_.direct_reads(located, enclosed, targets, direct) if direct else (set(), [])
+    keep = [i for i in range(len(located)) if i not in chosen]
+    renumber = {i: k for k, i in enumerate(keep)}
+    parts = window_.layout(
+        [located[i] for i in keep], {renumber[i] for i in enclosed if i in renumber}, bridges, window
+    )
     by_rank: dict[int, int] = defaultdict(int)
-    for p in pieces:
-        by_rank[p.rank] += p.nbytes
+    for c in parts:
+        for p in c.pieces:
+            by_rank[p.rank] += p.nbytes
+    for d in direct_list:
+        by_rank[d.rank] += d.nbytes
     return Plan(
         targets=tuple(targets),
-        pieces=tuple(pieces),
-        reads=tuple(reads),
-        staging_bytes=staging,
+        pieces=tuple(p for c in parts for p in c.pieces),
+        reads=tuple(r for c in parts for r in c.reads),
+        staging_bytes=window_.peak_staging(parts),
         bytes_by_rank=dict(by_rank),
         cost=cost,
+        chunks=parts,
+        direct=tuple(direct_list),
     )
+
+
+__all__ = ["MAX_OVERREAD", "Chunk", "DirectRead", "Piece", "Plan", "Read", "plan_refit", "stripe"]

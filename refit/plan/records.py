@@ -74,8 +74,38 @@ class Read:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DirectRead:
+    """One engine tensor read whole, as one contiguous run of a trainer rank's bytes, straight into
+    the engine's own memory: no staging, no copy."""
+
+    target: str  # the engine tensor's name (`Target.hf_name`)
+    rank: int
+    region: int
+    remote_offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Chunk:
+    """A part of a plan staged at once: its pieces, the reads that move them, and its staging size.
+
+    Offsets are the chunk's own (each chunk starts at 0 of whichever staging buffer it is pulled into).
+    """
+
+    pieces: tuple[Piece, ...]
+    reads: tuple[Read, ...]
+    staging_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
-    """Everything one engine rank does for one refit, before any byte moves, and what it costs."""
+    """Everything one engine rank does for one refit, before any byte moves, and what it costs.
+
+    `chunks` stream through staging one after another (one chunk when the staged pieces fit the
+    window); `pieces` and `reads` are all of theirs, each at its own chunk's offsets. `direct`
+    tensors bypass staging. `staging_bytes` is the staging held at once: the one chunk, or the two
+    largest chunks when the pull of one overlaps the install of the previous.
+    """
 
     targets: tuple[Target, ...]
     pieces: tuple[Piece, ...]
@@ -83,6 +113,13 @@ class Plan:
     staging_bytes: int
     bytes_by_rank: dict[int, int]  # useful bytes per trainer rank
     cost: LinkCost = DEFAULT_COST  # the link the plan was priced for
+    chunks: tuple[Chunk, ...] = ()
+    direct: tuple[DirectRead, ...] = ()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the staged pieces are split into several chunks (and so installed chunk by chunk)."""
+        return len(self.chunks) > 1
 
     @property
     def total_bytes(self) -> int:
@@ -92,7 +129,12 @@ class Plan:
     @property
     def wire_bytes(self) -> int:
         """Bytes actually moved, holes and enclosing blocks included."""
-        return sum(r.nbytes for r in self.reads)
+        return sum(r.nbytes for r in self.reads) + self.direct_bytes
+
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes read straight into the engine's memory."""
+        return sum(d.nbytes for d in self.direct)
 
     @property
     def wire_by_rank(self) -> dict[int, int]:
@@ -100,12 +142,15 @@ class Plan:
         out: dict[int, int] = defaultdict(int)
         for r in self.reads:
             out[r.rank] += r.nbytes
+        for d in self.direct:
+            out[d.rank] += d.nbytes
         return dict(out)
 
     @property
     def descriptors(self) -> int:
-        """Transfer descriptors on the wire (a strided read is one per block)."""
-        return count_descriptors(self.reads)
+        """Transfer descriptors on the wire (a strided read is one per block; a direct read is one)."""
+        chunks = self.chunks or (Chunk(pieces=self.pieces, reads=self.reads, staging_bytes=self.staging_bytes),)
+        return sum(count_descriptors(c.reads) for c in chunks) + len(self.direct)
 
     @property
     def modelled_s(self) -> float:

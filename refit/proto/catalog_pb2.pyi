@@ -299,6 +299,28 @@ class GetSourcesResponse(_message.Message):
     sources: _containers.RepeatedCompositeFieldContainer[SourceRecord]
     def __init__(self, sources: _Optional[_Iterable[_Union[SourceRecord, _Mapping]]] = ...) -> None: ...
 
+class ResolveRequest(_message.Message):
+    __slots__ = ("name", "version", "known_layout")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    known_layout: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., known_layout: _Optional[str] = ...) -> None: ...
+
+class ResolveResponse(_message.Message):
+    __slots__ = ("info", "sources", "layout_digest", "tensors_omitted")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    info: VersionInfo
+    sources: _containers.RepeatedCompositeFieldContainer[SourceRecord]
+    layout_digest: str
+    tensors_omitted: bool
+    def __init__(self, info: _Optional[_Union[VersionInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceRecord, _Mapping]]] = ..., layout_digest: _Optional[str] = ..., tensors_omitted: _Optional[bool] = ...) -> None: ...
+
 class RetireRequest(_message.Message):
     __slots__ = ("name", "version", "and_older")
     NAME_FIELD_NUMBER: _ClassVar[int]

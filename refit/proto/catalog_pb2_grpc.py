@@ -74,6 +74,11 @@ class CatalogStub:
                 request_serializer=refit_dot_proto_dot_catalog__pb2.RetireRequest.SerializeToString,
                 response_deserializer=refit_dot_proto_dot_catalog__pb2.RetireResponse.FromString,
                 _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/refit.v1.Catalog/Resolve',
+                request_serializer=refit_dot_proto_dot_catalog__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=refit_dot_proto_dot_catalog__pb2.ResolveResponse.FromString,
+                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/refit.v1.Catalog/Ping',
                 request_serializer=refit_dot_proto_dot_catalog__pb2.PingRequest.SerializeToString,
@@ -132,6 +137,13 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resolve(self, request, context):
+        """A version's state and its sources in one round trip (what a receiver needs for one refit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ping(self, request, context):
         """Answers once the server and its store are reachable; used by CatalogClient.ping().
         """
@@ -181,6 +193,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.Retire,
                     request_deserializer=refit_dot_proto_dot_catalog__pb2.RetireRequest.FromString,
                     response_serializer=refit_dot_proto_dot_catalog__pb2.RetireResponse.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=refit_dot_proto_dot_catalog__pb2.ResolveRequest.FromString,
+                    response_serializer=refit_dot_proto_dot_catalog__pb2.ResolveResponse.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
@@ -404,6 +421,33 @@ class Catalog:
             '/refit.v1.Catalog/Retire',
             refit_dot_proto_dot_catalog__pb2.RetireRequest.SerializeToString,
             refit_dot_proto_dot_catalog__pb2.RetireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refit.v1.Catalog/Resolve',
+            refit_dot_proto_dot_catalog__pb2.ResolveRequest.SerializeToString,
+            refit_dot_proto_dot_catalog__pb2.ResolveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,8 @@ registered as they are. A model whose parameters are separate allocations (a bar
 moved once into one arena per device, so registration stays at one region per device instead of
 one per tensor. Snapshot slots (for publishers that keep older versions readable) are arenas with
 the same packed layout, used round-robin by a `SnapshotRing` and filled by one copy per version.
+Tensors published as column blocks (`refit.trainer.blocks`) are stored blocked in those slots; a
+live publisher keeps them in a `BlockedMirror`, one more arena per device refreshed per version.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from refit.dtypes import device_of
 from refit.errors import ConfigError
+from refit.trainer.blocks import ColumnBlocks, copy_blocked
 from refit.types import Region
 
 logger = logging.getLogger(__name__)
@@ -100,6 +103,23 @@ def synchronize(tensors: Sequence[torch.Tensor]) -> None:
         torch.cuda.synchronize(device)
 
 
+def fill(
+    arenas: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    block_index: Sequence[int],
+    layouts: Sequence[ColumnBlocks | None],
+) -> None:
+    """Copy each tensor to its offset in its device's arena (blocked where it has a layout); wait for the copies.
+
+    copy_ on CUDA only queues the copy; no reader may be told about the arenas before it lands.
+    """
+    with torch.no_grad():
+        for t, offset, index, layout in zip(tensors, offsets, block_index, layouts, strict=True):
+            copy_blocked(arena_view(arenas[index], offset, t), t, layout)
+    synchronize(arenas)
+
+
 def _owned_block(arena: torch.Tensor) -> Block:
     device, device_id = device_of(arena)
     return Block(addr=arena.data_ptr(), nbytes=arena.numel(), device=device, device_id=device_id, owner=arena)
@@ -111,13 +131,19 @@ class SnapshotRing:
     A new version takes an empty slot if there is one, else the slot holding the oldest version
     (versions only increase, so this is a ring over the last `slots` versions, whatever the gaps
     between version numbers). That version is retired (by the caller's `retire`) before a byte of
-    its slot is overwritten, and the copy has landed before `write` returns.
+    its slot is overwritten, and the copy has landed before `write` returns. A tensor with a layout
+    in `layouts` is stored as its column blocks (no extra memory: the blocks take its bytes).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], slots: int) -> None:
+    def __init__(
+        self, tensors: Sequence[torch.Tensor], slots: int, layouts: Sequence[ColumnBlocks | None] | None = None
+    ) -> None:
         if slots < 1:
             raise ConfigError(f"a snapshot ring needs at least one slot, got {slots}")
         self._tensors = list(tensors)
+        self._layouts = list(layouts) if layouts is not None else [None] * len(self._tensors)
+        if len(self._layouts) != len(self._tensors):
+            raise ConfigError(f"{len(self._layouts)} layouts for {len(self._tensors)} tensors")
         self.offsets, sizes = packed_offsets(self._tensors)
         devices = list(sizes)
         # One arena per device per slot; every slot has the same layout.
@@ -160,12 +186,7 @@ class SnapshotRing:
             retire(old)
         # From here on the slot's bytes are neither the old version nor (yet) the new one.
         self._versions[slot] = None
-        arenas = self._arenas[slot]
-        with torch.no_grad():
-            for t, offset, index in zip(self._tensors, self.offsets, self.block_index, strict=True):
-                arena_view(arenas[index], offset, t).copy_(t)
-        # copy_ on CUDA only queues the copy; no reader may be told about the slot before it lands.
-        synchronize(arenas)
+        fill(self._arenas[slot], self._tensors, self.offsets, self.block_index, self._layouts)
         self._versions[slot] = version
         return slot
 
@@ -174,3 +195,27 @@ class SnapshotRing:
         held = self.versions
         self._versions = [None] * len(self._versions)
         return held
+
+
+class BlockedMirror:
+    """A registered copy of some live tensors in their column-block layout, refreshed for each version.
+
+    A live publisher (`snapshots=0`) cannot store a parameter blocked where the optimizer needs it
+    whole, so the tensors it publishes as column blocks are copied here (one arena per device,
+    registered once, packed like snapshot slots) by `refresh`, which returns once the copy has landed.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], layouts: Sequence[ColumnBlocks]) -> None:
+        if len(layouts) != len(tensors):
+            raise ConfigError(f"{len(layouts)} layouts for {len(tensors)} tensors")
+        self._tensors, self._layouts = list(tensors), list(layouts)
+        self.offsets, sizes = packed_offsets(self._tensors)
+        devices = list(sizes)
+        self._arenas = list(new_arenas(sizes).values())
+        self.blocks = [_owned_block(a) for a in self._arenas]
+        self.block_index = [devices.index(t.device) for t in self._tensors]
+        self.nbytes = sum(b.nbytes for b in self.blocks)
+
+    def refresh(self) -> None:
+        """Copy the tensors' current values in, blocked; the copy has landed (on GPU too) when this returns."""
+        fill(self._arenas, self._tensors, self.offsets, self.block_index, self._layouts)

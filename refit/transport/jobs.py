@@ -8,7 +8,7 @@ the transport's callers, not below the transport.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,23 +102,64 @@ def jobs_for(
     Each planned read becomes one `ReadOp` from its region's address into the staging buffer at
     `staging_addr`; the staged blocks of a read are packed (local stride = block size).
     """
+    ops = [
+        (r.rank, r.region, r.remote_offset, staging_addr + r.local_offset, r.block_bytes, r.count, r.remote_stride)
+        for r in plan.reads
+    ]
+    return _group(ops, sources, lambda _: (local_device, local_device_id))
+
+
+class PlannedDirect(Protocol):
+    """A direct read of a plan (`refit.plan.records.DirectRead`): one engine tensor, whole."""
+
+    @property
+    def target(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def region(self) -> int: ...
+    @property
+    def remote_offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+def direct_jobs(
+    reads: Iterable[PlannedDirect],
+    sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
+    destinations: Mapping[str, tuple[int, str, int]],
+) -> list[ReadJob]:
+    """The READ jobs that land each direct read in its engine tensor: `destinations` maps the target
+    to its (address, device, device id)."""
+    ops = [(r.rank, r.region, r.remote_offset, destinations[r.target][0], r.nbytes, 1, 0) for r in reads]
+    where = {destinations[r.target][0]: destinations[r.target][1:] for r in reads}
+    return _group(ops, sources, lambda addr: where[addr])
+
+
+def _group(
+    ops: Iterable[tuple[int, int, int, int, int, int, int]],
+    sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
+    local: Callable[[int], tuple[str, int]],
+) -> list[ReadJob]:
+    """(rank, region, remote offset, local address, block bytes, count, remote stride) reads as
+    jobs, one per (trainer rank, remote device, local device); `local` gives an address's device."""
     records = sources.values() if isinstance(sources, Mapping) else sources
     by_rank = {s.rank: s for s in records}
     regions: dict[tuple[int, int], Region] = {(s.rank, g.index): g for s in by_rank.values() for g in s.regions}
-    groups: dict[tuple[int, str, int], list[ReadOp]] = defaultdict(list)
-    for r in plan.reads:
-        region = regions.get((r.rank, r.region))
+    groups: dict[tuple[int, str, int, str, int], list[ReadOp]] = defaultdict(list)
+    for rank, index, remote_offset, local_addr, block, count, stride in ops:
+        region = regions.get((rank, index))
         if region is None:
             # The planner only plans from the records it was given: a plan paired with other sources.
-            raise LayoutError(f"the plan reads region {r.region} of rank {r.rank}, which the sources do not have")
-        groups[(r.rank, region.device, region.device_id)].append(
+            raise LayoutError(f"the plan reads region {index} of rank {rank}, which the sources do not have")
+        groups[(rank, region.device, region.device_id, *local(local_addr))].append(
             ReadOp(
-                local_addr=staging_addr + r.local_offset,
-                remote_addr=region.addr + r.remote_offset,
-                nbytes=r.block_bytes,
-                count=r.count,
-                local_stride=r.block_bytes,
-                remote_stride=r.remote_stride,
+                local_addr=local_addr,
+                remote_addr=region.addr + remote_offset,
+                nbytes=block,
+                count=count,
+                local_stride=block,
+                remote_stride=stride,
             )
         )
     return [
@@ -130,5 +171,5 @@ def jobs_for(
             remote_device=device,
             remote_device_id=device_id,
         )
-        for (rank, device, device_id), ops in sorted(groups.items())
+        for (rank, device, device_id, local_device, local_device_id), ops in sorted(groups.items())
     ]

@@ -161,6 +161,12 @@ class CatalogService(pb_grpc.CatalogServicer):
         return pb.GetSourcesResponse(sources=[wire.source_to_proto(s) for s in sources])
 
     @_rpc
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
+        version = _non_negative("version", request.version) if request.HasField("version") else None
+        resolved = self._store.resolve(name=_name(request.name), version=version, known_layout=request.known_layout)
+        return wire.resolved_to_proto(resolved)
+
+    @_rpc
     def Retire(self, request: pb.RetireRequest, context: grpc.ServicerContext) -> pb.RetireResponse:
         name, version = _name(request.name), _non_negative("version", request.version)
         changed = self._store.retire(name=name, version=version, and_older=request.and_older)

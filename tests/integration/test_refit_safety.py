@@ -5,7 +5,7 @@ In every failure case the engine must keep its previous weights, bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ import torch
 from refit import Receiver
 from refit.catalog.client import CatalogClient
 from refit.engines import HFEngine
+from refit.engines.base import EngineSpec, TensorSpec
 from refit.errors import (
     CatalogUnavailableError,
     ConfigError,
@@ -171,12 +172,34 @@ def test_second_publisher_for_a_taken_rank_is_refused(trainer, catalog, trainer_
         assert client.get_version(name=t.name, version=1).state.value == "READY"
 
 
+class WholeEngine:
+    """An engine that only installs complete sets (no `destinations()`, as vLLM's): it cannot stream."""
+
+    def __init__(self, inner: HFEngine) -> None:
+        self.inner = inner
+
+    def spec(self) -> EngineSpec:
+        return self.inner.spec()
+
+    def expected(self) -> Mapping[str, TensorSpec]:
+        return self.inner.expected()
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.inner.install(tensors)
+
+
 def test_staging_is_reported_and_a_limit_refuses_before_anything_moves(trainer, catalog) -> None:
+    """For an engine that installs whole, the window is a limit: a larger refit is refused up front."""
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     t.publish(1)
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
     before = snapshot(engine_model)
-    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, max_staging_bytes=1024) as rcv:
+    engine = WholeEngine(HFEngine(engine_model))
+    with Receiver(catalog=catalog, engine=engine, name=t.name, max_staging_bytes=1024) as rcv:
         with pytest.raises(ConfigError, match="max_staging_bytes=1024"):
             rcv.update_weights()
         assert rcv.stats.staging_bytes == 0 and rcv.stats.registrations == 0  # nothing allocated or registered

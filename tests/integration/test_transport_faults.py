@@ -84,7 +84,8 @@ def test_a_timed_out_read_never_lands_in_the_next_refits_staging(tcp_trainer: Tr
     t = tcp_trainer
     t.publish(1)
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
-    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+    # Staged whole (no direct reads): the engine keeps its weights, the staging buffer is set aside.
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, direct=False) as rcv:
         rcv.update_weights(version=1)
         assert_same_weights(engine_model, t.hf)
         first = rcv.stats
@@ -139,7 +140,7 @@ def test_a_failed_read_is_followed_by_a_bit_exact_refit(tcp_trainer: Trainer, ca
         publish(1, shift=1 << 44)
         engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
         before = snapshot(engine_model)
-        with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=mirror) as rcv:
+        with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=mirror, direct=False) as rcv:
             with pytest.raises(TransportError, match="could not start"):
                 rcv.update_weights(version=1)
             assert_unchanged(engine_model, before)
@@ -152,3 +153,32 @@ def test_a_failed_read_is_followed_by_a_bit_exact_refit(tcp_trainer: Trainer, ca
             assert rcv.update_weights().version == 2
             assert_same_weights(engine_model, t.hf)
             assert rcv.stats.registrations == 2 and rcv.stats.staging_bytes > 0
+
+
+def test_a_streamed_install_that_times_out_leaves_the_engine_torn_until_a_refit_completes(
+    tcp_trainer: Trainer, catalog: str
+) -> None:
+    """Streamed refits write engine memory as they go (direct reads, chunk installs): a READ that
+    stalls mid-install cannot leave the old weights, so the receiver says the engine is torn, and
+    the next refit waits for the abandoned READ to end before it writes the engine again."""
+    t = tcp_trainer
+    t.publish(1)
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    window = 64 << 10
+    with Receiver(
+        catalog=catalog, engine=HFEngine(engine_model), name=t.name, max_staging_bytes=window, direct_min_bytes=0
+    ) as rcv:
+        staged = rcv.fetch(version=1)  # the first chunks, pulled while the engine would still serve
+        assert staged.streamed and staged.pulled == 2
+        with stopped(t.cluster.pids), pytest.raises(TransferTimeoutError):
+            rcv.install(staged, timeout_s=READ_DEADLINE_S)
+        assert rcv.torn
+
+        v2 = t.step(seed=2)
+        t.cluster.run(f"{OPS}:invalidate", name=t.name)
+        t.publish(2)
+        result = rcv.update_weights(timeout_s=SETTLE_S)
+        assert result.version == 2 and result.chunks > 2 and result.direct_bytes > 0
+        assert not rcv.torn
+        assert_same_weights(engine_model, v2)
+        assert rcv.stats.peak_staging_bytes <= window

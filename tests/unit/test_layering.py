@@ -28,7 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "refit.catalog": VALUES | {"refit.catalog"},
     "refit.megatron": VALUES | {"refit.compat", "refit.megatron"},
     "refit.engines.base": VALUES | {"refit.plan"},
-    "refit.receiver": VALUES | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base"},
+    "refit.staging": VALUES | {"refit.plan", "refit.transport"},
+    "refit.receiver": VALUES
+    | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base", "refit.staging"},
     "refit.trainer": VALUES | {"refit.compat", "refit.megatron", "refit.transport", "refit.catalog", "refit.trainer"},
     "refit.engines": VALUES | {"refit.plan", "refit.compat", "refit.megatron", "refit.engines"},
     # vLLM orchestration sits on top: it hosts receivers and adapters, never the trainer.

@@ -9,12 +9,19 @@ publish: (1) RETIRED version -> VersionRetiredError; (2) world size or model dif
 (3) rank claimed by another agent -> RankTakenError; (4) rank's part published by another agent ->
 RankTakenError; else store the part, creating the version in STAGING, and flip it to READY once every
 rank 0..world_size-1 has published.
+
+Layout digest: publish also stores the part's source layout digest (`wire.source_encodings`) and its
+head (the record without tensors), and, whenever every rank 0..world_size-1 has a part, the version's
+layout digest (`version_layout`), so reads never recompute it. Until then the version's digest is "".
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
+from refit.catalog.values import Resolved
 from refit.errors import ConflictError, RankTakenError, VersionNotFoundError, VersionRetiredError
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
 
@@ -52,6 +59,13 @@ class Store(Protocol):
     def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
         """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
 
+    def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
+        """The version (the newest READY one when `version` is None) with its sources, read atomically.
+
+        Sources come without tensors when `known_layout` is non-empty and equals the version's layout
+        digest. VersionNotFoundError if the version is unknown, or `version` is None and none is READY.
+        """
+
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         """Mark the version (and with `and_older` every older one) RETIRED; returns what changed, ascending.
 
@@ -64,6 +78,10 @@ class Store(Protocol):
 
 def not_found(name: str, version: int) -> VersionNotFoundError:
     return VersionNotFoundError(f"{name!r} has no version {version}")
+
+
+def no_ready(name: str) -> VersionNotFoundError:
+    return VersionNotFoundError(f"{name!r} has no READY version")
 
 
 def retired(name: str, version: int) -> VersionRetiredError:
@@ -99,3 +117,22 @@ def conflict(
     if stored_world_size != world_size:
         diffs.insert(0, f"world_size: catalog {stored_world_size} vs publish {world_size}")
     return ConflictError(f"{name!r} v{version} disagrees with the catalog: " + "; ".join(diffs))
+
+
+# --- the version's layout digest, computed once per publish ----------------------------------------------
+
+LAYOUT_TAG = b"refit-layout-v1"
+
+
+def version_layout(*, world_size: int, model: bytes, layouts: Mapping[int, str]) -> str:
+    """The version's layout digest from its model bytes and its ranks' source layout digests.
+
+    "" unless every rank 0..world_size-1 has a digest. SHA-1 (hex) because Redis Lua has only
+    `redis.sha1hex`: lua.PUBLISH hashes exactly these bytes, so both stores give the same digest.
+    The inputs are already SHA-256 digests and the model; this is a cache key, not a signature.
+    """
+    if len(layouts) != world_size or any(r not in layouts for r in range(world_size)):
+        return ""
+    parts = [LAYOUT_TAG, str(world_size).encode(), b"%d:%s" % (len(model), model)]
+    parts += [f"{r}={layouts[r]}".encode() for r in range(world_size)]
+    return hashlib.sha1(b"\n".join(parts)).hexdigest()

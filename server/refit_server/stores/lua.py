@@ -1,4 +1,5 @@
-"""The Lua scripts that make the Redis store atomic: claim, release, publish, retire, and the latest lookup.
+"""The Lua scripts that make the Redis store atomic: claim, release, publish, retire, and the latest and
+resolve lookups.
 
 Kept as Python strings (not .lua files) so they ship with the package without package-data rules.
 Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key layout:
@@ -6,8 +7,13 @@ Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key
     P:names                     SET   every model name
     P:m:N:versions              ZSET  version numbers of model N (member = score = the number)
     P:m:N:claims                HASH  rank -> "<claimed_at>|<agent name>"
-    P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at
+    P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at,
+                                      layout (the version's layout digest; absent until every rank
+                                      published, and in versions written before digests existed)
     P:m:N:v:<version>:sources   HASH  rank -> SourceRecord protobuf
+    P:m:N:v:<version>:heads     HASH  rank -> SourceRecord protobuf without tensors (what Resolve sends
+                                      when the caller's known layout matches)
+    P:m:N:v:<version>:layouts   HASH  rank -> source layout digest (SHA-256 hex)
     P:m:N:v:<version>:agents    HASH  rank -> agent name that published the part
 
 P is the configured prefix and N the URL-quoted model name (so a ':' in a name cannot alias another
@@ -63,10 +69,15 @@ PUBLISH = """
 -- KEYS[4]  claims hash of the model
 -- KEYS[5]  versions zset of the model
 -- KEYS[6]  names set
+-- KEYS[7]  layouts hash   (rank -> source layout digest)
+-- KEYS[8]  heads hash     (rank -> SourceRecord protobuf without tensors)
 -- ARGV[1]  name            ARGV[2]  version          ARGV[3]  world_size (decimal)
 -- ARGV[4]  model bytes     ARGV[5]  rank             ARGV[6]  agent name
--- ARGV[7]  source bytes    ARGV[8]  now
+-- ARGV[7]  source bytes    ARGV[8]  now              ARGV[9]  source layout digest
+-- ARGV[10] head bytes
 -- The caller guarantees rank < world_size, so HLEN(agents) == world_size means every rank published.
+-- Once every rank has a layout digest, the version's layout digest is SHA-1 over exactly the bytes
+-- stores.base.version_layout hashes (keep the two in step); until then the field is absent.
 -- Reply:   {"ok", state, created_at, ready_at, rank...}
 --        | {"retired"} | {"conflict", world_size, model bytes} | {"claimed", holder} | {"published", holder}
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -92,10 +103,24 @@ else
 end
 redis.call('HSET', KEYS[2], ARGV[5], ARGV[7])
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+redis.call('HSET', KEYS[7], ARGV[5], ARGV[9])
+redis.call('HSET', KEYS[8], ARGV[5], ARGV[10])
 if state == 'STAGING' and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[3]) then
   state = 'READY'
   redis.call('HSET', KEYS[1], 'state', state, 'ready_at', ARGV[8])
 end
+local layout = ''
+if redis.call('HLEN', KEYS[7]) == tonumber(ARGV[3]) then
+  local flat = redis.call('HGETALL', KEYS[7])
+  local ranks = {}
+  for i = 1, #flat, 2 do table.insert(ranks, {tonumber(flat[i]), flat[i], flat[i + 1]}) end
+  table.sort(ranks, function(a, b) return a[1] < b[1] end)
+  local parts = {'refit-layout-v1', ARGV[3], string.len(ARGV[4]) .. ':' .. ARGV[4]}
+  for _, r in ipairs(ranks) do table.insert(parts, r[2] .. '=' .. r[3]) end
+  layout = redis.sha1hex(table.concat(parts, '\\n'))
+end
+-- Never stored empty: LATEST separates its reply's parts with "" because no field or value is empty.
+if layout == '' then redis.call('HDEL', KEYS[1], 'layout') else redis.call('HSET', KEYS[1], 'layout', layout) end
 local reply = redis.call('HMGET', KEYS[1], 'state', 'created_at', 'ready_at')
 table.insert(reply, 1, 'ok')
 for _, r in ipairs(redis.call('HKEYS', KEYS[3])) do table.insert(reply, r) end
@@ -144,4 +169,38 @@ for _, v in ipairs(versions) do
   end
 end
 return {}
+"""
+
+RESOLVE = """
+-- resolve: a version with its sources, read atomically (one round trip for a receiver's refit).
+-- KEYS[1]  versions zset of the model
+-- ARGV[1]  version number, or "" for the newest READY version
+-- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; + ":agents", ":sources", ":heads")
+-- ARGV[3]  the caller's known layout digest ("" never matches)
+-- Reply:   {} if not found
+--        | {version, omitted ("1": heads sent, "0": full records), n, HGETALL of the version hash (n
+--           items), m, the agents' ranks (m items), record...}
+local v = nil
+if ARGV[1] == '' then
+  for _, n in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
+    if redis.call('HGET', ARGV[2] .. n, 'state') == 'READY' then v = n break end
+  end
+  if not v then return {} end
+else
+  v = ARGV[1]
+  if redis.call('EXISTS', ARGV[2] .. v) == 0 then return {} end
+end
+local key = ARGV[2] .. v
+local fields = redis.call('HGETALL', key)
+local ranks = redis.call('HKEYS', key .. ':agents')
+local layout = redis.call('HGET', key, 'layout')
+local omitted = '0'
+if ARGV[3] ~= '' and layout == ARGV[3] then omitted = '1' end
+local records = redis.call('HVALS', key .. (omitted == '1' and ':heads' or ':sources'))
+local reply = {v, omitted, tostring(#fields)}
+for _, x in ipairs(fields) do table.insert(reply, x) end
+table.insert(reply, tostring(#ranks))
+for _, r in ipairs(ranks) do table.insert(reply, r) end
+for _, b in ipairs(records) do table.insert(reply, b) end
+return reply
 """

@@ -7,10 +7,13 @@ State dies with the process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
 
+from refit.catalog import wire
+from refit.catalog.values import Resolved
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
 from refit_server.stores import base
 
@@ -25,6 +28,9 @@ class _Version:
     created_at: float
     ready_at: float = 0.0
     sources: dict[int, SourceRecord] = field(default_factory=dict)
+    heads: dict[int, SourceRecord] = field(default_factory=dict)  # the sources without tensors
+    layouts: dict[int, str] = field(default_factory=dict)  # rank -> source layout digest
+    layout: str = ""  # the version's layout digest; "" until every rank has published
 
     def info(self, name: str, version: int) -> VersionInfo:
         return VersionInfo(
@@ -78,6 +84,10 @@ class MemoryStore:
         self, *, name: str, version: int, world_size: int, model: ModelMeta, source: SourceRecord, now: float
     ) -> VersionInfo:
         rank, agent = source.rank, source.agent_name
+        # Hashed outside the lock: the digest depends on nothing but this part.
+        _, _, layout = wire.source_encodings(source)
+        head = dataclasses.replace(source, tensors=())
+        model_bytes = wire.model_to_bytes(model)
         with self._lock:
             v = self._versions.get(name, {}).get(version)
             if v is not None:
@@ -102,7 +112,8 @@ class MemoryStore:
             else:
                 v = _Version(state=VersionState.STAGING, world_size=world_size, model=model, created_at=now)
                 self._versions.setdefault(name, {})[version] = v
-            v.sources[rank] = source
+            v.sources[rank], v.heads[rank], v.layouts[rank] = source, head, layout
+            v.layout = base.version_layout(world_size=world_size, model=model_bytes, layouts=v.layouts)
             # The service guarantees rank < world_size, so a full dict means every rank published.
             if v.state is VersionState.STAGING and len(v.sources) >= world_size:
                 v.state, v.ready_at = VersionState.READY, now
@@ -129,6 +140,24 @@ class MemoryStore:
         with self._lock:
             v = self._get(name, version)
             return [v.sources[r] for r in sorted(v.sources)]
+
+    def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
+        with self._lock:
+            if version is None:
+                versions = self._versions.get(name, {})
+                ready = [n for n, v in versions.items() if v.state is VersionState.READY]
+                if not ready:
+                    raise base.no_ready(name)
+                version = max(ready)
+            v = self._get(name, version)
+            omitted = bool(known_layout) and known_layout == v.layout
+            records = v.heads if omitted else v.sources
+            return Resolved(
+                info=v.info(name, version),
+                sources=tuple(records[r] for r in sorted(records)),
+                layout_digest=v.layout,
+                tensors_omitted=omitted,
+            )
 
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._lock:

@@ -19,6 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from refit.catalog import wire
+from refit.catalog.values import Resolved
 from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
 from refit_server.stores import base, lua
@@ -114,6 +115,12 @@ class _Keys:
     def agents(self, name: str, version: int) -> str:
         return f"{self.version(name, version)}:agents"
 
+    def layouts(self, name: str, version: int) -> str:
+        return f"{self.version(name, version)}:layouts"
+
+    def heads(self, name: str, version: int) -> str:
+        return f"{self.version(name, version)}:heads"
+
 
 def _info(name: str, version: int, fields: dict[bytes, bytes], ranks: Sequence[bytes]) -> VersionInfo:
     """A VersionInfo from a version hash (HGETALL) and its agents hash's keys."""
@@ -153,6 +160,7 @@ class RedisStore:
         self._publish = self._redis.register_script(lua.PUBLISH)
         self._retire = self._redis.register_script(lua.RETIRE)
         self._latest = self._redis.register_script(lua.LATEST)
+        self._resolve = self._redis.register_script(lua.RESOLVE)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.config.where}, prefix={self.config.prefix!r})"
@@ -198,10 +206,13 @@ class RedisStore:
             k.claims(name),
             k.versions(name),
             k.names(),
+            k.layouts(name, version),
+            k.heads(name, version),
         ]
-        args = [name, version, world_size, wire.model_to_bytes(model), rank, agent, wire.source_to_bytes(source)]
+        record, head, layout = wire.source_encodings(source)
+        args = [name, version, world_size, wire.model_to_bytes(model), rank, agent, record, repr(now), layout, head]
         with self._guard():
-            reply = self._publish(keys=keys, args=[*args, repr(now)])
+            reply = self._publish(keys=keys, args=args)
         status = reply[0].decode()
         if status == "retired":
             raise base.retired(name, version)
@@ -279,6 +290,25 @@ class RedisStore:
         if not exists:
             raise base.not_found(name, version)
         return sorted((wire.source_from_bytes(b) for b in blobs), key=lambda s: s.rank)
+
+    def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
+        args = ["" if version is None else version, self._keys.version_prefix(name), known_layout]
+        with self._guard():
+            reply = self._resolve(keys=[self._keys.versions(name)], args=args)
+        if not reply:
+            raise base.no_ready(name) if version is None else base.not_found(name, version)
+        number, omitted = int(reply[0]), reply[1] == b"1"
+        n = int(reply[2])
+        flat = reply[3 : 3 + n]
+        m = int(reply[3 + n])
+        ranks, blobs = reply[4 + n : 4 + n + m], reply[4 + n + m :]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        return Resolved(
+            info=_info(name, number, fields, ranks),
+            sources=tuple(sorted((wire.source_from_bytes(b) for b in blobs), key=lambda s: s.rank)),
+            layout_digest=fields.get(b"layout", b"").decode(),
+            tensors_omitted=omitted,
+        )
 
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._guard():

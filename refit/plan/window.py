@@ -1,0 +1,141 @@
+"""Bounded staging: which engine tensors skip staging (read straight into the engine), and how the
+rest is cut into chunks that stream through a staging window.
+
+A chunk is laid out like a whole plan (`refit.plan.placement.place`), at its own offsets, so each
+is pulled into one staging buffer and installed before that buffer is reused. Chunks follow the
+sources' address order, so a chunk's pieces still merge into few reads. A piece larger than a
+chunk is cut along its own dimension; only a piece that cannot be cut (a whole tensor, or a
+slice whose narrowest cut is larger) makes a chunk larger than the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from refit.plan.placement import Choice, Geometry, Holder, Need, enclosing_span, geometry, place
+from refit.plan.records import Chunk, DirectRead, Piece, Read
+from refit.plan.targets import Target
+
+logger = logging.getLogger(__name__)
+
+Located = tuple[Choice, Geometry]
+
+
+def direct_reads(
+    located: Sequence[Located], enclosed: set[int], targets: Sequence[Target], accept: Callable[[Target], bool]
+) -> tuple[set[int], list[DirectRead]]:
+    """The pieces that are, each alone, one whole engine tensor as one contiguous trainer run.
+
+    Such a tensor needs no staging: it is read into the engine's memory where `accept` allows it
+    (the engine's destination is contiguous and registered). Returns their indices in `located`
+    and their reads.
+    """
+    by_source: dict[str, list[Target]] = defaultdict(list)
+    for t in targets:
+        by_source[t.source].append(t)
+    chosen: set[int] = set()
+    reads: list[DirectRead] = []
+    for i, (choice, geo) in enumerate(located):
+        need = choice.need
+        if i in enclosed or geo.count != 1:
+            continue
+        users = [
+            t
+            for t in by_source[need.tensor]
+            if need.dim is None or any(a < need.stop and need.start < b for a, b in t.rows)
+        ]
+        if len(users) != 1:  # a piece several targets cut up (fused QKV, gate/up) goes through staging
+            continue
+        t = users[0]
+        whole = t.dim is None if need.dim is None else t.rows == ((need.start, need.stop),)
+        if not whole or tuple(geo.shape) != t.shape or t.dtype != choice.holder.desc.dtype or not accept(t):
+            continue
+        chosen.add(i)
+        reads.append(
+            DirectRead(
+                target=t.hf_name,
+                rank=choice.holder.rank,
+                region=choice.holder.desc.region,
+                remote_offset=geo.remote_offset,
+                nbytes=geo.nbytes,
+            )
+        )
+    return chosen, reads
+
+
+def _cut(choice: Choice, geo: Geometry, limit: int) -> list[Located]:
+    """`choice` cut along its dimension into pieces of at most `limit` bytes (where it can be)."""
+    need, holder = choice.need, choice.holder
+    width = need.stop - need.start
+    if need.dim is None or width <= 1:
+        return [(choice, geo)]
+    per_row = geo.nbytes // width
+    step = max(1, limit // per_row)
+    out: list[Located] = []
+    for start in range(need.start, need.stop, step):
+        stop = min(start + step, need.stop)
+        sub_holder = Holder(rank=holder.rank, desc=holder.desc, local=holder.local + start - need.start)
+        sub = Need(tensor=need.tensor, dim=need.dim, start=start, stop=stop, holders=(sub_holder,))
+        out.append((Choice(need=sub, holder=sub_holder), geometry(sub, sub_holder)))
+    return out
+
+
+def chunks(
+    located: Sequence[Located], enclosed: set[int], bridges: Callable[[int], bool], limit: int
+) -> list[tuple[list[Piece], list[Read], int]]:
+    """Lay `located` out as chunks of at most `limit` staging bytes each; `enclosed` as in `place`."""
+    # 1. Pieces in source order, each cut to fit (an enclosing block that does not fit is read strided).
+    items: list[tuple[Located, bool]] = []
+    for i, (choice, geo) in enumerate(located):
+        whole = i in enclosed and enclosing_span(geo) <= limit
+        if whole or geo.nbytes <= limit:
+            items.append(((choice, geo), whole))
+        else:
+            items.extend((part, False) for part in _cut(choice, geo, limit))
+    items.sort(key=lambda it: (it[0][0].holder.rank, it[0][0].holder.desc.region, it[0][1].remote_offset))
+    # 2. Greedy runs of about `limit` bytes; a run whose layout (alignment, holes read along) ends up
+    #    over the limit is halved until it fits or is a single piece.
+    runs: list[list[tuple[Located, bool]]] = []
+    acc = 0
+    for item in items:
+        size = enclosing_span(item[0][1]) if item[1] else item[0][1].nbytes
+        if not runs or acc + size > limit:
+            runs.append([])
+            acc = 0
+        runs[-1].append(item)
+        acc += size
+    out: list[tuple[list[Piece], list[Read], int]] = []
+    while runs:
+        run = runs.pop(0)
+        laid = place([it[0] for it in run], {k for k, it in enumerate(run) if it[1]}, bridges)
+        if laid[2] > limit and len(run) > 1:
+            half = len(run) // 2
+            runs[:0] = [run[:half], run[half:]]
+            continue
+        if laid[2] > limit:
+            logger.warning("a piece of %s needs %d staging bytes, over the chunk limit %d", run[0][0][0].need.tensor,
+                           laid[2], limit)  # fmt: skip
+        out.append(laid)
+    return out
+
+
+def layout(
+    located: Sequence[Located], enclosed: set[int], bridges: Callable[[int], bool], window: int | None
+) -> tuple[Chunk, ...]:
+    """The plan's staging: one chunk when everything fits `window` (or no window), else chunks of at
+    most half of it each, so one can be pulled while the previous is installed."""
+    pieces, reads, staging = place(located, enclosed, bridges)
+    if window is None or staging <= window:
+        return (Chunk(pieces=tuple(pieces), reads=tuple(reads), staging_bytes=staging),)
+    return tuple(
+        Chunk(pieces=tuple(p), reads=tuple(r), staging_bytes=s)
+        for p, r, s in chunks(located, enclosed, bridges, max(window // 2, 1))
+    )
+
+
+def peak_staging(parts: Sequence[Chunk]) -> int:
+    """Staging held at once: the one chunk, or the two largest when pulls overlap installs."""
+    sizes = sorted((c.staging_bytes for c in parts), reverse=True)
+    return sum(sizes[:2])

@@ -1,0 +1,269 @@
+"""A receiver's registered memory and the pulls into it: staging buffers, set-aside buffers of
+failed reads, the engine storages that direct reads write into, and the streamed install.
+
+Staging is one buffer per slot (one slot when a refit fits the window; two when chunks stream, one
+pulled while the other is installed), registered once and reused by every later refit. A read that
+fails or times out may leave transfers running into its buffers, so those are set aside
+(quarantined) and freed only once no transfer is still running; the next refit gets fresh ones.
+Engine storages are registered the first time a direct read targets them and stay registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from refit.config import DEFAULT_TIMEOUTS
+from refit.dtypes import device_of
+from refit.errors import TransportError
+from refit.plan.assemble import scatter, zero_padding
+from refit.plan.records import Chunk, Plan
+from refit.transport.jobs import ReadJob, direct_jobs, jobs_for
+from refit.transport.nixl import NixlAgent
+from refit.types import SourceRecord
+
+logger = logging.getLogger(__name__)
+
+# Staging buffers a closed receiver could not free: a failed read may still write into them.
+_PARKED: list[torch.Tensor] = []
+
+MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
+
+
+class StagingPool:
+    """Registered staging slots and engine storages of one receiver, on one NIXL agent."""
+
+    def __init__(self, agent: NixlAgent, label: str) -> None:
+        self.agent = agent
+        self._label = label
+        self._slots: list[torch.Tensor | None] = []
+        self._quarantine: list[torch.Tensor] = []
+        self._engine: dict[tuple[int, int], tuple[str, int]] = {}  # (addr, nbytes) -> device
+        self.registrations = 0
+        self.quarantined = 0
+        self.peak_bytes = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def staging_bytes(self) -> int:
+        return sum(s.numel() for s in self._slots if s is not None)
+
+    @property
+    def quarantined_bytes(self) -> int:
+        return sum(t.numel() for t in self._quarantine)
+
+    def slots(self, count: int, nbytes: int, device: torch.device) -> list[torch.Tensor]:
+        """`count` registered buffers of at least `nbytes` each on `device`, reused while large enough.
+
+        Slots beyond `count` are released, so the staging held is what this refit needs.
+        """
+        self.release_quarantine()
+        while len(self._slots) > count:
+            extra = self._slots.pop()
+            if extra is not None:
+                self._deregister(extra)
+        while len(self._slots) < count:
+            self._slots.append(None)
+        for i, slot in enumerate(self._slots):
+            if slot is not None and slot.numel() >= nbytes and slot.device == device:
+                continue
+            if slot is not None:
+                self._deregister(slot)
+                self._slots[i] = None
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+            where, where_id = device_of(buf)
+            self.agent.register(buf.data_ptr(), buf.numel(), device=where, device_id=where_id)
+            self._slots[i] = buf
+            self.registrations += 1
+        self.peak_bytes = max(self.peak_bytes, self.staging_bytes)
+        return [s for s in self._slots if s is not None]
+
+    def register_engine(self, storages: Iterable[torch.Tensor]) -> None:
+        """Register (once) the storages of engine tensors that direct reads write into."""
+        for t in storages:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key in self._engine:
+                continue
+            where, where_id = device_of(t)
+            self.agent.register(key[0], key[1], device=where, device_id=where_id)
+            self._engine[key] = (where, where_id)
+            self.registrations += 1
+
+    # -- pulls ---------------------------------------------------------------------------------------
+
+    def connect(self, sources: Sequence[SourceRecord], jobs: Sequence[ReadJob]) -> None:
+        metadata = {s.agent_name: s.agent_metadata for s in sources}
+        for agent_name in dict.fromkeys(j.agent_name for j in jobs):
+            self.agent.connect(agent_name, metadata[agent_name])
+
+    def read(self, jobs: list[ReadJob], deadline: float) -> int:
+        """Pull `jobs`; after a failure staging is set aside (a transfer that did not stop may still write)."""
+        try:
+            return self.agent.read(jobs, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
+        except BaseException:
+            self.quarantine()
+            raise
+
+    def stream(
+        self,
+        *,
+        plan: Plan,
+        sources: Sequence[SourceRecord],
+        pulled: int,
+        dests: Mapping[str, torch.Tensor],
+        deadline: float,
+        check_ready: Callable[[], None],
+        timings: dict[str, float],
+    ) -> int:
+        """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
+
+        Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
+        chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
+        reads go with the first pull. `check_ready` runs after the last byte has landed and before
+        the last chunk is installed. Adds "wire", "validate" and "install" seconds to `timings`.
+        """
+        slots = self._slots_of(plan)
+        chunks = plan.chunks
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"refit-pull-{self._label}")
+        executor = self._executor
+        # 1. Direct reads write engine memory: no transfer of an earlier failed read may still be running.
+        while self.agent.in_flight():
+            if time.monotonic() > deadline:
+                raise TransportError("a failed read into this engine is still running; try again later")
+            time.sleep(DEFAULT_TIMEOUTS.poll_s)
+        jobs: list[ReadJob] = []
+        if plan.direct:
+            self.register_engine(dests[d.target] for d in plan.direct)
+            where = {d.target: (dests[d.target].data_ptr(), *device_of(dests[d.target])) for d in plan.direct}
+            jobs = direct_jobs(plan.direct, sources, where)
+        ready, upto = pulled, pulled  # chunks [0, ready) are in their slots; the pull in flight ends at upto
+        if ready == 0 and chunks:
+            jobs += chunk_jobs(chunks[0], sources, slots[0])
+            upto = 1
+
+        def pull(k: int) -> tuple[Future[int], int]:
+            chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
+            self.connect(sources, chunk)
+            return executor.submit(self.read, chunk, deadline), k + 1
+
+        self.connect(sources, jobs)
+        pending = executor.submit(self.read, jobs, deadline) if jobs else None
+        wire = install = validate = 0.0
+        descriptors = 0
+        try:
+            for k in range(len(chunks) + (0 if chunks else 1)):
+                t0 = time.perf_counter()
+                while k < len(chunks) and k >= ready:
+                    if pending is None:
+                        pending, upto = pull(ready)
+                    descriptors += pending.result()
+                    pending, ready = None, upto
+                if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
+                    pending, upto = pull(k + 1)
+                last = k >= len(chunks) - 1
+                if last and pending is not None:
+                    descriptors += pending.result()
+                    pending = None
+                t1 = time.perf_counter()
+                wire += t1 - t0
+                if last:
+                    check_ready()
+                t2 = time.perf_counter()
+                validate += t2 - t1
+                if k < len(chunks):
+                    scatter(chunks[k].pieces, plan.targets, slots[k % len(slots)], dests)
+                    _synchronize(slots[0])  # a slot is refilled only after the copies out of it ran
+                install += time.perf_counter() - t2
+            zero_padding(plan.targets, dests)
+        finally:
+            if pending is not None:
+                pending.exception()  # a pull still in flight after a failure ends by its own deadline
+        timings["wire"] = timings.get("wire", 0.0) + wire
+        timings["validate"] = timings.get("validate", 0.0) + validate
+        timings["install"] = install
+        return descriptors
+
+    def prefetch(
+        self, plan: Plan, sources: Sequence[SourceRecord], deadline: float, device: torch.device, *, whole: bool
+    ) -> tuple[int, int, list[torch.Tensor]]:
+        """Allocate the plan's slots and pull every chunk (`whole`) or the first ones that fit.
+
+        Returns (chunks pulled, descriptors posted, slots).
+        """
+        count = 2 if plan.streamed else 1
+        slots = self.slots(count, _chunk_size(plan), device)
+        first = plan.chunks if whole else plan.chunks[:count]
+        jobs = [j for k, c in enumerate(first) for j in chunk_jobs(c, sources, slots[k % len(slots)])]
+        self.connect(sources, jobs)
+        return len(first), self.read(jobs, deadline) if jobs else 0, slots
+
+    def _slots_of(self, plan: Plan) -> list[torch.Tensor]:
+        held = [s for s in self._slots if s is not None]
+        if len(held) != (2 if plan.streamed else 1) or any(s.numel() < _chunk_size(plan) for s in held):
+            raise TransportError("the staging of this refit was replaced by a later fetch; fetch again")
+        return held
+
+    def quarantine(self) -> None:
+        """Set every slot aside after a failed read: a transfer NIXL could not stop may still write into it.
+
+        The buffers stay allocated and registered until every transfer of the failed read has ended
+        (freed earlier, their memory could be reused and take the late bytes).
+        """
+        held = [s for s in self._slots if s is not None]
+        self._slots = []
+        if not held:
+            return
+        self._quarantine.extend(held)
+        self.quarantined += len(held)
+        logger.warning("%s: a read failed; %d staging bytes are set aside", self._label, sum(s.numel() for s in held))
+        self.release_quarantine()
+
+    def release_quarantine(self) -> None:
+        """Free the set-aside buffers once no transfer of a failed read is still running."""
+        if not self._quarantine or self.agent.in_flight():
+            return
+        for staging in self._quarantine:
+            self._deregister(staging)
+        self._quarantine.clear()
+
+    def _deregister(self, staging: torch.Tensor) -> None:
+        where, where_id = device_of(staging)
+        try:
+            self.agent.deregister(staging.data_ptr(), staging.numel(), device=where, device_id=where_id)
+        except Exception:  # the buffer is dropped either way; NIXL frees its registration with the agent
+            logger.warning("%s: deregistering a staging buffer failed", self._label, exc_info=True)
+
+    def close(self) -> None:
+        """Drop every buffer and close the agent; buffers a failed read may still write stay parked."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.release_quarantine()
+        if self._quarantine:
+            # Closing the agent cannot stop those transfers either: keep their memory out of reuse.
+            logger.warning("%s: a failed read is still running; its staging stays allocated", self._label)
+            _PARKED.extend(self._quarantine)
+        self.agent.close()
+        self._quarantine.clear()
+        self._slots = []
+        self._engine.clear()
+
+
+def chunk_jobs(chunk: Chunk, sources: Sequence[SourceRecord], slot: torch.Tensor) -> list[ReadJob]:
+    """The READ jobs that fill `slot` with `chunk`."""
+    return jobs_for(chunk, sources, slot.data_ptr(), *device_of(slot))
+
+
+def _chunk_size(plan: Plan) -> int:
+    return max((c.staging_bytes for c in plan.chunks), default=0)
+
+
+def _synchronize(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
