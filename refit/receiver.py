@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import torch
 
@@ -42,9 +41,9 @@ from refit.plan.assemble import assemble
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import Target
-from refit.staging import StagingPool
+from refit.staging import ReceiverStats, StagedVersion, StagingPool
 from refit.transport.nixl import NixlAgent
-from refit.types import SourceRecord, UpdateResult, VersionState
+from refit.types import UpdateResult, VersionState
 
 logger = logging.getLogger(__name__)
 
@@ -54,48 +53,6 @@ DEFAULT_WINDOW = 1 << 30  # staging bytes per engine rank, for engines that take
 # Smaller tensors go through staging: a direct read is one descriptor of its own, while staged
 # neighbours merge into few reads, and copying a small tensor costs less than a descriptor.
 DIRECT_MIN_BYTES = 64 << 10
-
-
-@dataclass(kw_only=True)
-class StagedVersion:
-    """A version pulled (or, streamed, begun) and ready to install (valid until the next fetch).
-
-    `tensors` is the complete set when the version is installed whole; a streamed version holds its
-    first chunks in staging (`pulled` of them) and pulls the rest during `install`.
-    """
-
-    version: int
-    tensors: dict[str, torch.Tensor]
-    bytes: int
-    num_sources: int
-    num_descriptors: int
-    staging_bytes: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    generation: int = 0
-    streamed: bool = False
-    pulled: int = 0
-    plan: Plan | None = field(default=None, repr=False)
-    sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReceiverStats:
-    """A receiver's staging, at one moment.
-
-    Attributes:
-        registrations: buffers and engine storages registered with NIXL so far (constant while reused).
-        staging_bytes: size of the current staging buffers (0: none allocated, or set aside).
-        peak_staging_bytes: the most staging held at once so far.
-        quarantined: staging buffers set aside after a failed or timed-out read, so far; the next
-            fetch pulls into fresh buffers.
-        quarantined_bytes: bytes of those still held because a read into them may still be running.
-    """
-
-    registrations: int
-    staging_bytes: int
-    peak_staging_bytes: int
-    quarantined: int
-    quarantined_bytes: int
 
 
 class Receiver:
@@ -430,3 +387,6 @@ def _destinations(engine: Engine) -> Mapping[str, torch.Tensor] | None:
     if set(dests) != set(expected):
         raise ConfigError(f"{type(engine).__name__}.destinations() and expected() name different tensors")
     return dests
+
+
+__all__ = ["DEFAULT_WINDOW", "DIRECT_MIN_BYTES", "Receiver", "ReceiverStats", "StagedVersion"]
