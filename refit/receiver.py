@@ -184,7 +184,7 @@ class Receiver:
         """The seqlock check: a version retired while we read may have been overwritten mid-pull."""
         if self._on_after_wire is not None:
             self._on_after_wire(version)
-        state = self._client.get_version(name=self.name, version=version).state
+        state = self._client.version_state(name=self.name, version=version)
         if state is not VersionState.READY:
             mixed = " the engine's weights are mixed until a refit completes" if self._torn else " nothing installed"
             raise VersionRetiredError(
@@ -254,7 +254,7 @@ class Receiver:
             raise ConfigError(f"timeout_s must be > 0 (or None for the receiver's default), got {timeout_s!r}")
         return timeout_s
 
-    def _fetch_once(self, version: int | None, deadline: float) -> StagedVersion:
+    def _fetch_once(self, version: int | None, deadline: float, *, prefetch: bool = True) -> StagedVersion:
         t0 = time.perf_counter()
         # 1. Resolve the version and plan this rank's reads (cached while the sources stay the same);
         #    a plan the engine cannot take is refused before anything is allocated.
@@ -272,7 +272,7 @@ class Receiver:
         #    chunks that fit the window.
         t_read = time.perf_counter()
         pulled, descriptors, slots = self._pool_for().prefetch(
-            plan, sources, deadline, self.engine.device, whole=not streamed
+            plan, sources, deadline, self.engine.device, chunks=(2 if prefetch else 0) if streamed else 1
         )
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
@@ -355,7 +355,8 @@ class Receiver:
         deadline = time.monotonic() + self._timeout(timeout_s)
         while True:
             try:
-                staged = self._fetch_once(version, deadline)
+                # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
+                staged = self._fetch_once(version, deadline, prefetch=False)
                 return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
             except VersionRetiredError:
                 if version is not None or time.monotonic() > deadline:

@@ -10,6 +10,7 @@ Engine storages are registered the first time a direct read targets them and sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -90,6 +91,7 @@ class StagingPool:
         self.quarantined = 0
         self.peak_bytes = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._stream: torch.cuda.Stream | None = None
 
     @property
     def staging_bytes(self) -> int:
@@ -167,36 +169,42 @@ class StagingPool:
 
         Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
         chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
-        reads go with the first pull. `check_ready` runs after the last byte has landed and before
-        the last chunk is installed. Adds "wire", "validate" and "install" seconds to `timings`.
+        reads run beside that pipeline, on their own worker. `check_ready` runs after the last byte
+        has landed and before the last chunk is installed. Adds "wire", "validate" and "install"
+        seconds to `timings`.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"refit-pull-{self._label}")
+            # One worker pulls the chunks, the other the direct reads, so both stay in flight at once.
+            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"refit-pull-{self._label}")
         executor = self._executor
         # 1. Direct reads write engine memory: no transfer of an earlier failed read may still be running.
         while self.agent.in_flight():
             if time.monotonic() > deadline:
                 raise TransportError("a failed read into this engine is still running; try again later")
             time.sleep(DEFAULT_TIMEOUTS.poll_s)
-        jobs: list[ReadJob] = []
+        direct: Future[int] | None = None
         if plan.direct:
             self.register_engine(dests[d.target] for d in plan.direct)
             where = {d.target: (dests[d.target].data_ptr(), *device_of(dests[d.target])) for d in plan.direct}
             jobs = direct_jobs(plan.direct, sources, where)
-        ready, upto = pulled, pulled  # chunks [0, ready) are in their slots; the pull in flight ends at upto
-        if ready == 0 and chunks:
-            jobs += chunk_jobs(chunks[0], sources, slots[0])
-            upto = 1
+            self.connect(sources, jobs)
+            direct = executor.submit(self.read, jobs, deadline)
 
         def pull(k: int) -> tuple[Future[int], int]:
             chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
             self.connect(sources, chunk)
             return executor.submit(self.read, chunk, deadline), k + 1
 
-        self.connect(sources, jobs)
-        pending = executor.submit(self.read, jobs, deadline) if jobs else None
+        # 2. The chunk pipeline: chunks [0, ready) are in their slots; the pull in flight ends at upto.
+        #    A prefetched version already holds chunks 0 and 1, whose slots must be installed first.
+        ready = pulled
+        pending, upto = pull(0) if ready == 0 and chunks else (None, ready)
+        # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
+        # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
+        # reads of the next chunk and of direct reads), serializing pull and install.
+        copies = self._copy_stream(slots[0])
         wire = install = validate = 0.0
         descriptors = 0
         try:
@@ -210,9 +218,9 @@ class StagingPool:
                 if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
                     pending, upto = pull(k + 1)
                 last = k >= len(chunks) - 1
-                if last and pending is not None:
-                    descriptors += pending.result()
-                    pending = None
+                if last and direct is not None:
+                    descriptors += direct.result()
+                    direct = None
                 t1 = time.perf_counter()
                 wire += t1 - t0
                 if last:
@@ -220,31 +228,43 @@ class StagingPool:
                 t2 = time.perf_counter()
                 validate += t2 - t1
                 if k < len(chunks):
-                    scatter(chunks[k].pieces, plan.targets, slots[k % len(slots)], dests)
-                    _synchronize(slots[0])  # a slot is refilled only after the copies out of it ran
+                    with _on(copies):
+                        scatter(chunks[k].pieces, plan.targets, slots[k % len(slots)], dests)
+                    _wait(copies)  # a slot is refilled only after the copies out of it ran
                 install += time.perf_counter() - t2
-            zero_padding(plan.targets, dests)
+            with _on(copies):
+                zero_padding(plan.targets, dests)
+            _wait(copies)
         finally:
-            if pending is not None:
-                pending.exception()  # a pull still in flight after a failure ends by its own deadline
+            for f in (pending, direct):
+                if f is not None:
+                    f.exception()  # a pull still in flight after a failure ends by its own deadline
         timings["wire"] = timings.get("wire", 0.0) + wire
         timings["validate"] = timings.get("validate", 0.0) + validate
         timings["install"] = install
         return descriptors
 
     def prefetch(
-        self, plan: Plan, sources: Sequence[SourceRecord], deadline: float, device: torch.device, *, whole: bool
+        self, plan: Plan, sources: Sequence[SourceRecord], deadline: float, device: torch.device, *, chunks: int
     ) -> tuple[int, int, list[torch.Tensor]]:
-        """Allocate the plan's slots and pull every chunk (`whole`) or the first ones that fit.
+        """Allocate the plan's slots (two when chunks stream) and pull its first `chunks` chunks, at
+        most as many as there are slots unless the plan is a single chunk.
 
         Returns (chunks pulled, descriptors posted, slots).
         """
         count = 2 if plan.streamed else 1
         slots = self.slots(count, _chunk_size(plan), device)
-        first = plan.chunks if whole else plan.chunks[:count]
+        first = plan.chunks[: min(chunks, count)]
         jobs = [j for k, c in enumerate(first) for j in chunk_jobs(c, sources, slots[k % len(slots)])]
         self.connect(sources, jobs)
         return len(first), self.read(jobs, deadline) if jobs else 0, slots
+
+    def _copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
+        if not t.is_cuda:
+            return None
+        if self._stream is None or self._stream.device != t.device:
+            self._stream = torch.cuda.Stream(device=t.device)
+        return self._stream
 
     def _slots_of(self, plan: Plan) -> list[torch.Tensor]:
         held = [s for s in self._slots if s is not None]
@@ -307,6 +327,10 @@ def _chunk_size(plan: Plan) -> int:
     return max((c.staging_bytes for c in plan.chunks), default=0)
 
 
-def _synchronize(t: torch.Tensor) -> None:
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _wait(stream: torch.cuda.Stream | None) -> None:
+    if stream is not None:
+        stream.synchronize()

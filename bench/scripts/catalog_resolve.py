@@ -1,4 +1,4 @@
-"""Time `CatalogClient.resolve` at the Llama-3-8B shape: the receiver's catalog round trip per refit.
+"""Time `CatalogClient.resolve` and `version_state` at the Llama-3-8B shape: a receiver's catalog round trips.
 
 A real gRPC catalog on 127.0.0.1 in its own process, as deployed (`refit-catalog serve`; with
 `--same-process`, embedded in the measuring process, which then shares its GIL with the server's
@@ -7,9 +7,13 @@ Megatron trainer of Llama-3-8B publishes at TP1 (1 rank) and TP8 (8 ranks), and 
 per call of: `resolve` with the matching `known_layout` (tensors omitted: the cached-plan path),
 `resolve` without it (the full records), and today's three calls (latest, get_sources, get_version).
 `Ping` (an empty round trip) gives the scale: on a loaded machine every figure moves with it.
-A measurement to report, not a test. Usage:
 
-    .venv/bin/python bench/scripts/catalog_resolve.py [--calls 200] [--redis redis://127.0.0.1:6379/15]
+The READY re-check after every pull: `version_state` (GetState, the state alone) against
+`get_version` (the whole VersionInfo) and `ping`, `--calls` each, interleaved in blocks so that a
+change in the machine's load shifts all three alike; mean and median per call. `--state-only` skips
+the resolve figures. A measurement to report, not a test. Usage:
+
+    .venv/bin/python bench/scripts/catalog_resolve.py [--calls 200] [--redis redis://127.0.0.1:6379/15] [--state-only]
 """
 
 from __future__ import annotations
@@ -57,6 +61,25 @@ def mean_us(fn: Callable[[], object], calls: int) -> float:
     return statistics.fmean(times) * 1e6
 
 
+def interleaved_us(fns: dict[str, Callable[[], object]], calls: int, *, block: int = 25) -> dict[str, object]:
+    """`calls` timed calls of each of `fns`, run in blocks of `block` in turn: mean and median (us)."""
+    for fn in fns.values():  # warm the channel, the server's threads and the store's connection
+        for _ in range(min(10, calls)):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    while any(len(t) < calls for t in times.values()):
+        for key, fn in fns.items():
+            for _ in range(min(block, calls - len(times[key]))):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    out: dict[str, object] = {}
+    for key, t in times.items():
+        out[f"{key}_us"] = round(statistics.fmean(t) * 1e6, 1)
+        out[f"{key}_median_us"] = round(statistics.median(t) * 1e6, 1)
+    return out
+
+
 @contextlib.contextmanager
 def catalog(store: str, *, same_process: bool) -> Iterator[str]:
     """The address of a catalog serving `store`, for the block's duration."""
@@ -82,7 +105,7 @@ def catalog(store: str, *, same_process: bool) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def measure(store: str, tp: int, calls: int, *, same_process: bool) -> dict[str, object]:
+def measure(store: str, tp: int, calls: int, *, same_process: bool, state_only: bool) -> dict[str, object]:
     meta, sources = synthesize_sources(LLAMA_3_8B, TrainerLayout(tp=tp))
     name = f"llama-3-8b-tp{tp}"  # one Redis prefix serves both layouts
     with catalog(store, same_process=same_process) as address, CatalogClient(address) as client:
@@ -99,15 +122,29 @@ def measure(store: str, tp: int, calls: int, *, same_process: bool) -> dict[str,
             client.get_sources(name=name, version=info.version)
             client.get_version(name=name, version=info.version)
 
-        return {
+        row: dict[str, object] = {
             "store": store.split("?")[0],
             "catalog": "same process" if same_process else "own process",
             "tp": tp,
             "ranks": len(sources),
+            "calls": calls,
+            "load_1min": round(os.getloadavg()[0], 2),  # the machine's load as the figures were taken
+        }
+        # The READY re-check: the state alone, the whole VersionInfo, and the bare round trip for scale.
+        row |= interleaved_us(
+            {
+                "ping": client.ping,
+                "version_state": lambda: client.version_state(name=name, version=1),
+                "get_version": lambda: client.get_version(name=name, version=1),
+            },
+            calls,
+        )
+        if state_only:
+            return row
+        return row | {
             "tensors_per_rank": len(sources[0].tensors),
             "response_bytes_omitted": wire.resolved_to_proto(small).ByteSize(),
             "response_bytes_full": wire.resolved_to_proto(full).ByteSize(),
-            "ping_us": mean_us(client.ping, calls),  # the bare gRPC round trip, for scale
             "resolve_known_layout_us": mean_us(lambda: client.resolve(name=name, known_layout=known), calls),
             "resolve_given_version_known_layout_us": mean_us(
                 lambda: client.resolve(name=name, version=1, known_layout=known), calls
@@ -122,12 +159,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="'' to skip the Redis store")
     parser.add_argument("--same-process", action="store_true", help="embed the catalog in this process")
+    parser.add_argument("--state-only", action="store_true", help="only ping, version_state and get_version")
     args = parser.parse_args()
     stores = ["memory"] + ([f"{args.redis}?prefix=bench-resolve-{uuid.uuid4().hex[:8]}"] if args.redis else [])
     rows = []
     for store in stores:
-        for tp in (1, 8):
-            rows.append(measure(store, tp, args.calls, same_process=args.same_process))
+        for tp in (1,) if args.state_only else (1, 8):
+            rows.append(measure(store, tp, args.calls, same_process=args.same_process, state_only=args.state_only))
             print(json.dumps(rows[-1]), flush=True)
     if args.redis:  # drop the benchmark's keys
         import redis

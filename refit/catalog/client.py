@@ -191,6 +191,23 @@ class CatalogClient:
         response = self._call("GetVersion", pb.GetVersionRequest, name=name, version=version)
         return wire.version_from_proto(response.info)
 
+    def version_state(self, *, name: str, version: int) -> VersionState:
+        """The version's state alone: the receiver's READY re-check after every pull.
+
+        The smallest round trip the catalog has: no model, no ranks, one read in either store.
+
+        Raises:
+            ConfigError: `name` is not a non-empty str or `version` not an int >= 0 (before any RPC).
+            VersionNotFoundError: the version is unknown.
+        """
+        # Checked here, not only by the server: a bad argument must not cost a round trip.
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"version_state: model name must be a non-empty str, got {name!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
+        response = self._call("GetState", pb.GetStateRequest, name=name, version=version)
+        return wire.state_from_proto(response.state)
+
     def latest(self, *, name: str, state: VersionState = VersionState.READY) -> VersionInfo | None:
         """The highest-numbered version of `name` in `state`, or None."""
         response = self._call("Latest", pb.LatestRequest, name=name, state=wire.state_to_proto(state))

@@ -2,8 +2,9 @@
 rest is cut into chunks that stream through a staging window.
 
 A chunk is laid out like a whole plan (`refit.plan.placement.place`), at its own offsets, so each
-is pulled into one staging buffer and installed before that buffer is reused. Chunks follow the
-sources' address order, so a chunk's pieces still merge into few reads. A piece larger than a
+is pulled into one staging buffer and installed before that buffer is reused. Every chunk takes
+from each trainer rank in proportion to what that rank serves, so all their links carry every
+chunk, and follows each rank's address order, so its pieces still merge into few reads. A piece larger than a
 chunk is cut along its own dimension; only a piece that cannot be cut (a whole tensor, or a
 slice whose narrowest cut is larger) makes a chunk larger than the limit.
 """
@@ -11,7 +12,7 @@ slice whose narrowest cut is larger) makes a chunk larger than the limit.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 
 from refit.plan.placement import Choice, Geometry, Holder, Need, enclosing_span, geometry, place
@@ -86,26 +87,46 @@ def chunks(
     located: Sequence[Located], enclosed: set[int], bridges: Callable[[int], bool], limit: int
 ) -> list[tuple[list[Piece], list[Read], int]]:
     """Lay `located` out as chunks of at most `limit` staging bytes each; `enclosed` as in `place`."""
-    # 1. Pieces in source order, each cut to fit (an enclosing block that does not fit is read strided).
+
+    # 1. Each trainer rank's share of a chunk is in proportion to what it serves, so every rank's
+    #    link is busy during every chunk's pull and all ranks run out together. Pieces are cut to fit
+    #    their rank's share (an enclosing block that does not fit is read strided instead).
+    def span(i: int) -> int:
+        return enclosing_span(located[i][1]) if i in enclosed else located[i][1].nbytes
+
+    totals: dict[int, int] = defaultdict(int)
+    for i, (choice, _) in enumerate(located):
+        totals[choice.holder.rank] += span(i)
+    total = sum(totals.values()) or 1
+    quota = {rank: max(1, limit * n // total) for rank, n in totals.items()}
     items: list[tuple[Located, bool]] = []
     for i, (choice, geo) in enumerate(located):
-        whole = i in enclosed and enclosing_span(geo) <= limit
-        if whole or geo.nbytes <= limit:
+        share = quota[choice.holder.rank]
+        whole = i in enclosed and enclosing_span(geo) <= share
+        if whole or geo.nbytes <= share:
             items.append(((choice, geo), whole))
         else:
-            items.extend((part, False) for part in _cut(choice, geo, limit))
+            items.extend((part, False) for part in _cut(choice, geo, share))
     items.sort(key=lambda it: (it[0][0].holder.rank, it[0][0].holder.desc.region, it[0][1].remote_offset))
-    # 2. Greedy runs of about `limit` bytes; a run whose layout (alignment, holes read along) ends up
-    #    over the limit is halved until it fits or is a single piece.
-    runs: list[list[tuple[Located, bool]]] = []
-    acc = 0
+
+    # 2. Runs of about `limit` bytes: each takes about its quota from every rank, in address order.
+    def size(item: tuple[Located, bool]) -> int:
+        return enclosing_span(item[0][1]) if item[1] else item[0][1].nbytes
+
+    queues: dict[int, deque[tuple[Located, bool]]] = defaultdict(deque)
     for item in items:
-        size = enclosing_span(item[0][1]) if item[1] else item[0][1].nbytes
-        if not runs or acc + size > limit:
-            runs.append([])
-            acc = 0
-        runs[-1].append(item)
-        acc += size
+        queues[item[0][0].holder.rank].append(item)
+    runs: list[list[tuple[Located, bool]]] = []
+    while any(queues.values()):
+        run: list[tuple[Located, bool]] = []
+        for rank, queue in queues.items():
+            taken = 0
+            while queue and (taken == 0 or taken + size(queue[0]) <= quota[rank]):
+                taken += size(queue[0])
+                run.append(queue.popleft())
+        runs.append(run)
+    # 3. A run whose layout (alignment, holes read along) ends up over the limit is halved until it
+    #    fits or is a single piece.
     out: list[tuple[list[Piece], list[Read], int]] = []
     while runs:
         run = runs.pop(0)

@@ -259,6 +259,20 @@ class GetVersionResponse(_message.Message):
     info: VersionInfo
     def __init__(self, info: _Optional[_Union[VersionInfo, _Mapping]] = ...) -> None: ...
 
+class GetStateRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetStateResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: VersionState
+    def __init__(self, state: _Optional[_Union[VersionState, str]] = ...) -> None: ...
+
 class LatestRequest(_message.Message):
     __slots__ = ("name", "state")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class CatalogStub:
                 request_serializer=refit_dot_proto_dot_catalog__pb2.GetVersionRequest.SerializeToString,
                 response_deserializer=refit_dot_proto_dot_catalog__pb2.GetVersionResponse.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/refit.v1.Catalog/GetState',
+                request_serializer=refit_dot_proto_dot_catalog__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=refit_dot_proto_dot_catalog__pb2.GetStateResponse.FromString,
+                _registered_method=True)
         self.Latest = channel.unary_unary(
                 '/refit.v1.Catalog/Latest',
                 request_serializer=refit_dot_proto_dot_catalog__pb2.LatestRequest.SerializeToString,
@@ -109,6 +114,13 @@ class CatalogServicer:
 
     def GetVersion(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetState(self, request, context):
+        """A version's state only (no model, no ranks): the receiver's READY re-check after every pull.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -173,6 +185,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.GetVersion,
                     request_deserializer=refit_dot_proto_dot_catalog__pb2.GetVersionRequest.FromString,
                     response_serializer=refit_dot_proto_dot_catalog__pb2.GetVersionResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=refit_dot_proto_dot_catalog__pb2.GetStateRequest.FromString,
+                    response_serializer=refit_dot_proto_dot_catalog__pb2.GetStateResponse.SerializeToString,
             ),
             'Latest': grpc.unary_unary_rpc_method_handler(
                     servicer.Latest,
@@ -313,6 +330,33 @@ class Catalog:
             '/refit.v1.Catalog/GetVersion',
             refit_dot_proto_dot_catalog__pb2.GetVersionRequest.SerializeToString,
             refit_dot_proto_dot_catalog__pb2.GetVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refit.v1.Catalog/GetState',
+            refit_dot_proto_dot_catalog__pb2.GetStateRequest.SerializeToString,
+            refit_dot_proto_dot_catalog__pb2.GetStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -144,6 +144,11 @@ class CatalogService(pb_grpc.CatalogServicer):
         return pb.GetVersionResponse(info=wire.version_to_proto(info))
 
     @_rpc
+    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
+        state = self._store.get_state(name=_name(request.name), version=_non_negative("version", request.version))
+        return pb.GetStateResponse(state=wire.state_to_proto(state))
+
+    @_rpc
     def Latest(self, request: pb.LatestRequest, context: grpc.ServicerContext) -> pb.LatestResponse:
         state = wire.state_from_proto(request.state)
         info = self._store.latest(name=_name(request.name), state=state)

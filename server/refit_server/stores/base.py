@@ -50,6 +50,9 @@ class Store(Protocol):
     def get_version(self, *, name: str, version: int) -> VersionInfo:
         """The version, or VersionNotFoundError."""
 
+    def get_state(self, *, name: str, version: int) -> VersionState:
+        """The version's state alone, or VersionNotFoundError: the cheapest read a store has."""
+
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
         """The highest-numbered version of `name` in `state`, if any."""
 

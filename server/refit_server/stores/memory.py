@@ -123,6 +123,10 @@ class MemoryStore:
         with self._lock:
             return self._get(name, version).info(name, version)
 
+    def get_state(self, *, name: str, version: int) -> VersionState:
+        with self._lock:
+            return self._get(name, version).state
+
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
         with self._lock:
             versions = self._versions.get(name, {})

@@ -251,6 +251,15 @@ class RedisStore:
             raise base.not_found(name, version)
         return _info(name, version, fields, ranks)
 
+    def get_state(self, *, name: str, version: int) -> VersionState:
+        # One HGET of a short field: no script, no transaction, and the model bytes stay in Redis.
+        # A version hash always has `state` (publish creates it with every field), so nil means unknown.
+        with self._guard():
+            state = self._redis.hget(self._keys.version(name, version), "state")
+        if state is None:
+            raise base.not_found(name, version)
+        return VersionState(state.decode())
+
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
         with self._guard():
             reply = self._latest(keys=[self._keys.versions(name)], args=[state.value, self._keys.version_prefix(name)])
