@@ -162,15 +162,16 @@ class StagingPool:
         pulled: int,
         dests: Mapping[str, torch.Tensor],
         deadline: float,
-        check_ready: Callable[[], None],
+        start_check: Callable[[], Callable[[], None]],
         timings: dict[str, float],
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
         Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
         chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
-        reads run beside that pipeline, on their own worker. `check_ready` runs after the last byte
-        has landed and before the last chunk is installed. Adds "wire", "validate" and "install"
+        reads run beside that pipeline, on their own worker. `start_check` sends the READY re-check
+        once the last byte has landed and returns the wait for its answer, which runs after the last
+        chunk is installed. Adds "wire", "validate" (the check beyond the install) and "install"
         seconds to `timings`.
         """
         slots = self._slots_of(plan)
@@ -223,15 +224,19 @@ class StagingPool:
                     direct = None
                 t1 = time.perf_counter()
                 wire += t1 - t0
-                if last:
-                    check_ready()
+                # The READY re-check is sent once the last byte has landed; its round trip runs in
+                # gRPC's threads beside the last chunk's install, and the refit succeeds only if it passes.
+                finish = start_check() if last else None
                 t2 = time.perf_counter()
-                validate += t2 - t1
                 if k < len(chunks):
                     with _on(copies):
                         scatter(chunks[k].pieces, plan.targets, slots[k % len(slots)], dests)
                     _wait(copies)  # a slot is refilled only after the copies out of it ran
-                install += time.perf_counter() - t2
+                t3 = time.perf_counter()
+                install += t3 - t2
+                if finish is not None:
+                    finish()
+                validate += time.perf_counter() - t3 + t2 - t1
             with _on(copies):
                 zero_padding(plan.targets, dests)
             _wait(copies)

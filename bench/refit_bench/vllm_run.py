@@ -103,6 +103,8 @@ def measure_vllm(args: argparse.Namespace) -> dict[str, Any]:
                     "version": rep.version, "bytes": rep.bytes, "bytes_per_rank": list(rep.bytes_per_rank),
                     "wire_s": rep.wire_s, "prefetch_s": rep.prefetch_s, "stall_s": rep.stall_s,
                     "install_s": rep.install_s, "seconds": rep.seconds, "tokens_changed": after != before,
+                    "staging_bytes": rep.staging_bytes,
+                    "engine_extra_share": rep.staging_bytes / max(rep.bytes, 1) * len(rep.bytes_per_rank),
                 })  # fmt: skip
                 before = after
                 bar.update()
@@ -130,11 +132,12 @@ def _print(result: dict[str, Any]) -> None:
     print(report.machine_line(result["machine"]))
     print(f"model {c['shape']} bf16 ({result['model_bytes']:,} bytes); trainer TP{c['tp']} PP{c['pp']} -> vLLM TP"
           f"{c['engine_tp']}; engine start-up {result['engine_startup_s']:.1f}s")  # fmt: skip
-    head = ["v", "bytes per worker", "wire s", "prefetch s", "stall s", "install s", "total s", "tokens changed"]
+    head = ["v", "bytes per worker", "wire s", "prefetch s", "stall s", "install s", "total s", "staging",
+            "tokens changed"]  # fmt: skip
     rows = [
         [r["version"], " / ".join(f"{b:,}" for b in r["bytes_per_rank"]), f"{r['wire_s']:.3f}",
          f"{r['prefetch_s']:.3f}", f"{r['stall_s']:.3f}", f"{r['install_s']:.3f}", f"{r['seconds']:.3f}",
-         "yes" if r["tokens_changed"] else "no"]
+         f"{report.size(r['staging_bytes'])} ({r['engine_extra_share']:.2f}x)", "yes" if r["tokens_changed"] else "no"]
         for r in result["versions"]
     ]  # fmt: skip
     print(report.table(head, rows))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -207,6 +207,28 @@ class CatalogClient:
             raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
         response = self._call("GetState", pb.GetStateRequest, name=name, version=version)
         return wire.state_from_proto(response.state)
+
+    def version_state_later(self, *, name: str, version: int) -> Callable[[], VersionState]:
+        """`version_state`, sent now and answered later: returns a call that waits for the answer.
+
+        The round trip runs in gRPC's own threads while the caller goes on (the receiver installs
+        its last chunk meanwhile); the returned call raises what `version_state` would.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"version_state: model name must be a non-empty str, got {name!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
+        if self._closed:
+            raise CatalogError(f"catalog client for {self.address} is closed")
+        future = self._stub.GetState.future(pb.GetStateRequest(name=name, version=version), timeout=self.timeout_s)
+
+        def answer() -> VersionState:
+            try:
+                return wire.state_from_proto(future.result().state)
+            except grpc.RpcError as exc:
+                raise self._translate("GetState", exc) from None
+
+        return answer
 
     def latest(self, *, name: str, state: VersionState = VersionState.READY) -> VersionInfo | None:
         """The highest-numbered version of `name` in `state`, or None."""

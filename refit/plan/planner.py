@@ -139,6 +139,7 @@ def plan_refit(
     max_overread: float = MAX_OVERREAD,
     window: int | None = None,
     direct: Callable[[Target], bool] | None = None,
+    direct_min_bytes: int = 0,
 ) -> Plan:
     """Plan one engine rank's pull of every tensor it needs (or of the HF names in `only`).
 
@@ -149,7 +150,8 @@ def plan_refit(
     unneeded bytes staying within `max_overread` times the bytes the engine needs (0: never).
 
     `direct` (given an engine target, whether the engine can take a read straight into its memory)
-    lets every target that is one contiguous run of one trainer rank's bytes skip staging. The rest
+    lets every piece that lands as contiguous runs on both sides skip staging (runs of at least
+    `direct_min_bytes`; `refit.plan.window.direct_reads`). The rest
     is staged: in one chunk when it fits `window` bytes (or no window is given), else in chunks of
     at most half the window each (`refit.plan.window`).
 
@@ -200,7 +202,9 @@ def plan_refit(
     # 5. Tensors read straight into the engine, then the staged rest in chunks that fit the window.
     if window is not None and window <= 0:
         raise ConfigError(f"window must be positive, got {window}")
-    chosen, direct_list = window_.direct_reads(located, enclosed, targets, direct) if direct else (set(), [])
+    chosen, direct_list = (
+        window_.direct_reads(located, enclosed, targets, direct, direct_min_bytes) if direct else (set(), [])
+    )
     keep = [i for i in range(len(located)) if i not in chosen]
     renumber = {i: k for k, i in enumerate(keep)}
     parts = window_.layout(

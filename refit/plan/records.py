@@ -75,14 +75,15 @@ class Read:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DirectRead:
-    """One engine tensor read whole, as one contiguous run of a trainer rank's bytes, straight into
-    the engine's own memory: no staging, no copy."""
+    """A contiguous run of a trainer rank's bytes read straight into a contiguous run of one engine
+    tensor (the whole tensor, or some of its first-dimension rows): no staging, no copy."""
 
     target: str  # the engine tensor's name (`Target.hf_name`)
     rank: int
     region: int
     remote_offset: int
     nbytes: int
+    offset: int = 0  # where the run starts in the engine tensor, in bytes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -12,6 +12,7 @@ slice whose narrowest cut is larger) makes a chunk larger than the limit.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 
@@ -25,13 +26,20 @@ Located = tuple[Choice, Geometry]
 
 
 def direct_reads(
-    located: Sequence[Located], enclosed: set[int], targets: Sequence[Target], accept: Callable[[Target], bool]
+    located: Sequence[Located],
+    enclosed: set[int],
+    targets: Sequence[Target],
+    accept: Callable[[Target], bool],
+    min_bytes: int = 0,
 ) -> tuple[set[int], list[DirectRead]]:
-    """The pieces that are, each alone, one whole engine tensor as one contiguous trainer run.
+    """The pieces that land in the engine as contiguous runs on both sides, read there directly.
 
-    Such a tensor needs no staging: it is read into the engine's memory where `accept` allows it
-    (the engine's destination is contiguous and registered). Returns their indices in `located`
-    and their reads.
+    A piece qualifies when it is one contiguous run of its trainer rank's bytes and every part of
+    it that a target takes is a contiguous run of that engine tensor too: a whole tensor, or rows
+    of a tensor split on its first dimension (a TP shard of a column-parallel weight, the q, k or
+    v rows of one query group, a vocabulary share). Each such part becomes one read straight into
+    the engine's memory, where `accept` allows it (the destination is contiguous and registrable)
+    and it has at least `min_bytes`. Returns the pieces' indices in `located` and their reads.
     """
     by_source: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
@@ -39,31 +47,57 @@ def direct_reads(
     chosen: set[int] = set()
     reads: list[DirectRead] = []
     for i, (choice, geo) in enumerate(located):
-        need = choice.need
-        if i in enclosed or geo.count != 1:
-            continue
-        users = [
-            t
-            for t in by_source[need.tensor]
-            if need.dim is None or any(a < need.stop and need.start < b for a, b in t.rows)
-        ]
-        if len(users) != 1:  # a piece several targets cut up (fused QKV, gate/up) goes through staging
-            continue
-        t = users[0]
-        whole = t.dim is None if need.dim is None else t.rows == ((need.start, need.stop),)
-        if not whole or tuple(geo.shape) != t.shape or t.dtype != choice.holder.desc.dtype or not accept(t):
+        parts = None if i in enclosed or geo.count != 1 else _direct_parts(choice, geo, by_source, accept, min_bytes)
+        if parts is None:
             continue
         chosen.add(i)
-        reads.append(
-            DirectRead(
-                target=t.hf_name,
-                rank=choice.holder.rank,
-                region=choice.holder.desc.region,
-                remote_offset=geo.remote_offset,
-                nbytes=geo.nbytes,
-            )
-        )
+        reads.extend(parts)
     return chosen, reads
+
+
+def _direct_parts(
+    choice: Choice,
+    geo: Geometry,
+    by_source: dict[str, list[Target]],
+    accept: Callable[[Target], bool],
+    min_bytes: int,
+) -> list[DirectRead] | None:
+    """The direct reads of one contiguous piece, or None if any part of it must be staged."""
+    need, holder = choice.need, choice.holder
+    d = need.dim
+    parts: list[DirectRead] = []
+
+    def read(target: Target, src_byte: int, dst_byte: int, nbytes: int) -> DirectRead:
+        return DirectRead(target=target.hf_name, rank=holder.rank, region=holder.desc.region,
+                          remote_offset=geo.remote_offset + src_byte, nbytes=nbytes, offset=dst_byte)  # fmt: skip
+
+    for t in by_source[need.tensor]:
+        if d is None:
+            if t.dim is not None or tuple(geo.shape) != t.shape:
+                return None
+            parts.append(read(t, 0, 0, geo.nbytes))
+            continue
+        at = 0
+        for a, b in t.rows:
+            lo, hi = max(a, need.start), min(b, need.stop)
+            if lo < hi:
+                # Rows of a piece are contiguous on both sides where no dimension lies outside them,
+                # or where they are the whole piece and the whole tensor (a row-parallel shard at
+                # matched TP, say).
+                whole = tuple(geo.shape) == t.shape and hi - lo == t.shape[d]
+                sliced = math.prod(geo.shape[:d]) == 1 and math.prod(t.shape[:d]) == 1
+                if not (whole or sliced) or geo.shape[d + 1 :] != t.shape[d + 1 :]:
+                    return None
+                row = geo.nbytes // (need.stop - need.start)
+                parts.append(read(t, (lo - need.start) * row, (at + lo - a) * row, (hi - lo) * row))
+            at += b - a
+    if not parts:
+        return None
+    for part in parts:
+        target = next(t for t in by_source[need.tensor] if t.hf_name == part.target)
+        if part.nbytes < min_bytes or target.dtype != holder.desc.dtype or not accept(target):
+            return None
+    return parts
 
 
 def _cut(choice: Choice, geo: Geometry, limit: int) -> list[Located]:

@@ -122,6 +122,8 @@ class PlannedDirect(Protocol):
     def remote_offset(self) -> int: ...
     @property
     def nbytes(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
 
 
 def direct_jobs(
@@ -130,9 +132,9 @@ def direct_jobs(
     destinations: Mapping[str, tuple[int, str, int]],
 ) -> list[ReadJob]:
     """The READ jobs that land each direct read in its engine tensor: `destinations` maps the target
-    to its (address, device, device id)."""
-    ops = [(r.rank, r.region, r.remote_offset, destinations[r.target][0], r.nbytes, 1, 0) for r in reads]
-    where = {destinations[r.target][0]: destinations[r.target][1:] for r in reads}
+    to its (address, device, device id); a read lands `offset` bytes into it."""
+    ops = [(r.rank, r.region, r.remote_offset, destinations[r.target][0] + r.offset, r.nbytes, 1, 0) for r in reads]
+    where = {destinations[r.target][0] + r.offset: destinations[r.target][1:] for r in reads}
     return _group(ops, sources, lambda addr: where[addr])
 
 

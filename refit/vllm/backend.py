@@ -55,10 +55,15 @@ class RefitInitInfo(WeightTransferInitInfo):
     replica: int = 0
     timeout_s: float = DEFAULT_TIMEOUTS.update_s
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s
+    max_staging_bytes: int | None = None  # refuse, before any pull, a refit needing more staging per worker
 
     def __post_init__(self) -> None:
         if not self.catalog or self.replica < 0 or self.timeout_s <= 0 or self.catalog_timeout_s <= 0:
             raise ConfigError(f"invalid refit init_info: {self}")
+        if self.max_staging_bytes is not None and self.max_staging_bytes <= 0:
+            raise ConfigError(
+                f"invalid refit init_info: max_staging_bytes must be positive, got {self.max_staging_bytes}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -112,6 +117,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             replica=init_info.replica,
             timeout_s=init_info.timeout_s,
             catalog_timeout_s=init_info.catalog_timeout_s,
+            max_staging_bytes=init_info.max_staging_bytes,
         )
         self._init = init_info
         logger.info(
@@ -151,6 +157,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             "install_s": result.install_seconds,
             "wire_s": result.wire_seconds,
             "fetch_s": result.seconds - result.install_seconds,
+            "staging_bytes": result.staging_bytes,
         }
         return None
 
@@ -212,6 +219,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
                 bytes=staged.bytes,
                 wire_s=staged.timings.get("wire", 0.0),
                 fetch_s=sum(staged.timings.values()),
+                staging_bytes=staged.staging_bytes,
                 timings=dict(staged.timings),
             )
         return out

@@ -73,6 +73,7 @@ class RefitReport:
     stall_s: float  # pause -> resume: the only time generation stopped
     install_s: float  # the slowest rank's install (layerwise reload)
     seconds: float  # the whole call
+    staging_bytes: int = 0  # the most staging one rank held (engine memory beyond the weights)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -224,6 +225,7 @@ def report(
         stall_s=times["stall"],
         install_s=max(float(s.get("last", {}).get("install_s", 0.0)) for s in after),
         seconds=times["total"],
+        staging_bytes=max(int(s.get("staging_bytes", 0)) for s in staged),
     )
 
 

@@ -80,7 +80,10 @@ def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog
     engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
     t.publish(1)
     race = Race()
-    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, on_after_wire=race) as rcv:
+    # Staged whole (direct=False): nothing reaches the engine before the READY re-check, so a raced
+    # pull leaves the old weights. (Direct reads write the engine during the pull:
+    # test_refit_stream_safety.py covers that contract.)
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, on_after_wire=race, direct=False) as rcv:
         state: dict = {}
 
         def step_and_publish() -> None:
@@ -205,7 +208,7 @@ def test_staging_is_reported_and_a_limit_refuses_before_anything_moves(trainer, 
         assert rcv.stats.staging_bytes == 0 and rcv.stats.registrations == 0  # nothing allocated or registered
         assert rcv.plan is not None and rcv.plan.staging_bytes > 1024  # planned, then refused
     assert_unchanged(engine_model, before)
-    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, direct=False) as rcv:
         result = rcv.update_weights()
         assert rcv.stats.staging_bytes == result.staging_bytes and rcv.stats.registrations == 1
     model_bytes = sum(p.numel() * p.element_size() for p in engine_model.parameters())

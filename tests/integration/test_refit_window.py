@@ -28,7 +28,9 @@ def test_a_tiny_window_streams_bit_exact(trainer, catalog, case, layout, direct)
     ) as rcv:  # fmt: skip
         t.publish(1)
         r1 = rcv.update_weights()
-        assert r1.version == 1 and r1.chunks > 1 and not rcv.torn
+        assert r1.version == 1 and not rcv.torn
+        # Streamed: many chunks, unless every byte could be read straight into the engine.
+        assert r1.chunks > 1 or (direct and r1.direct_bytes == r1.bytes)
         assert (r1.direct_bytes > 0) == direct
         assert_same_weights(engine_model, t.hf)
         assert_same_logits(engine_model, t.hf)

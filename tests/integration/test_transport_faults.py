@@ -168,8 +168,8 @@ def test_a_streamed_install_that_times_out_leaves_the_engine_torn_until_a_refit_
     with Receiver(
         catalog=catalog, engine=HFEngine(engine_model), name=t.name, max_staging_bytes=window, direct_min_bytes=0
     ) as rcv:
-        staged = rcv.fetch(version=1)  # the first chunks, pulled while the engine would still serve
-        assert staged.streamed and staged.pulled == 2
+        staged = rcv.fetch(version=1)  # planned (and staged chunks prefetched) while the engine would serve
+        assert staged.streamed  # TP1 -> TP1: every tensor is read straight into the engine, in install
         with stopped(t.cluster.pids), pytest.raises(TransferTimeoutError):
             rcv.install(staged, timeout_s=READ_DEADLINE_S)
         assert rcv.torn
@@ -178,7 +178,7 @@ def test_a_streamed_install_that_times_out_leaves_the_engine_torn_until_a_refit_
         t.cluster.run(f"{OPS}:invalidate", name=t.name)
         t.publish(2)
         result = rcv.update_weights(timeout_s=SETTLE_S)
-        assert result.version == 2 and result.chunks > 2 and result.direct_bytes > 0
+        assert result.version == 2 and result.direct_bytes > 0
         assert not rcv.torn
         assert_same_weights(engine_model, v2)
         assert rcv.stats.peak_staging_bytes <= window

@@ -14,20 +14,10 @@ from refit.dtypes import torch_dtype
 from refit.errors import ConfigError
 from refit.plan.assemble import scatter, zero_padding
 from refit.plan.planner import Plan, plan_refit
-from refit.plan.records import Chunk
 from refit.plan.targets import EngineLayout, Target
-from tests.unit.test_assemble import expected, global_tensors, meta, trainer
+from tests.unit.test_assemble import NG, expected, global_tensors, meta, stage, trainer
 
 VOCAB, PADDED = 61, 64
-
-
-def stage_chunk(chunk: Chunk, buffers: dict[int, torch.Tensor]) -> torch.Tensor:
-    staging = torch.full((chunk.staging_bytes,), 0xFF, dtype=torch.uint8)
-    for r in chunk.reads:
-        for i in range(r.count):
-            src, dst = r.remote_offset + i * r.remote_stride, r.local_offset + i * r.block_bytes
-            staging[dst : dst + r.block_bytes] = buffers[r.rank][src : src + r.block_bytes]
-    return staging
 
 
 def run(plan: Plan, buffers: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,9 +25,9 @@ def run(plan: Plan, buffers: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]
     dests = {t.hf_name: torch.full(t.shape, float("nan"), dtype=torch_dtype(t.dtype)) for t in plan.targets}
     for d in plan.direct:
         raw = buffers[d.rank][d.remote_offset : d.remote_offset + d.nbytes]
-        dests[d.target].view(-1).view(torch.uint8).copy_(raw)
+        dests[d.target].view(-1).view(torch.uint8)[d.offset : d.offset + d.nbytes].copy_(raw)
     for chunk in plan.chunks:
-        scatter(chunk.pieces, plan.targets, stage_chunk(chunk, buffers), dests)
+        scatter(chunk.pieces, plan.targets, stage(chunk, buffers), dests)  # a chunk reads like a plan
     zero_padding(plan.targets, dests)
     return dests
 
@@ -73,17 +63,34 @@ def test_streamed_plans_give_every_target_its_rows(trainer_tp: int, engine_tp: i
     assert plan.total_bytes == sum(p.nbytes for p in plan.pieces) + plan.direct_bytes
 
 
-def test_direct_reads_skip_interleaved_targets() -> None:
+def test_fused_qkv_and_gate_up_are_read_directly_one_run_per_part() -> None:
     tensors = global_tensors(PADDED)
     sources, buffers = trainer(tensors, 1)
     plan = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=EngineLayout(vocab_size=VOCAB),
                       direct=lambda t: True)  # fmt: skip
-    direct = {d.target for d in plan.direct}
-    # q, k and v interleave by query group in Megatron's fused tensor. Gate and up are each one half
-    # of the trainer's fc1 at TP1: whole runs, read directly.
+    runs: dict[str, int] = {}
+    for d in plan.direct:
+        runs[d.target] = runs.get(d.target, 0) + 1
+    # q, k and v interleave by query group in Megatron's fused tensor: one run per group and part,
+    # each contiguous in the trainer and in the engine's q_proj, k_proj or v_proj.
     for name in ("q_proj", "k_proj", "v_proj"):
-        assert not any(name in t for t in direct), name
-    assert any("gate_proj" in t for t in direct) and any("up_proj" in t for t in direct)
+        assert runs[f"model.layers.0.self_attn.{name}.weight"] == NG
+    # Gate and up are each one half of the trainer's fc1 at TP1.
+    assert runs["model.layers.0.mlp.gate_proj.weight"] == runs["model.layers.0.mlp.up_proj.weight"] == 1
+    assert not plan.pieces  # everything landed directly
+    check(plan, tensors, buffers)
+
+
+def test_row_slices_of_a_wider_trainer_shard_are_staged() -> None:
+    # Trainer TP1 -> engine TP2: a row-parallel weight's columns are strided in the trainer shard.
+    tensors = global_tensors(PADDED)
+    sources, buffers = trainer(tensors, 1)
+    plan = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=EngineLayout(tp_rank=1, tp_size=2,
+                      vocab_size=VOCAB), direct=lambda t: True)  # fmt: skip
+    direct = {d.target for d in plan.direct}
+    assert "model.layers.0.self_attn.o_proj.weight" not in direct
+    assert "model.layers.0.mlp.down_proj.weight" not in direct
+    assert "model.layers.0.self_attn.q_proj.weight" in direct  # column-parallel rows stay contiguous
     check(plan, tensors, buffers)
 
 
