@@ -90,6 +90,10 @@ class ParallelCoords:
                 raise ConfigError(f"{kind}_rank {rank} outside [0, {size})")
 
 
+# ModelMeta's multi-latent attention dimensions (0 for any other attention).
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelMeta:
     """What a receiver must know about the trainer's model to plan and validate a refit.
@@ -114,6 +118,18 @@ class ModelMeta:
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
     params_dtype: str = "float32"
+    # Multi-latent attention (DeepSeek-V3, Kimi-K2); all 0 for other attention. `q_lora_rank` 0: q is
+    # projected straight from the hidden states (`linear_q_proj` / `q_proj`), without a query latent.
+    # An MLA model's `num_query_groups` is its head count and its `kv_channels` its `v_head_dim`.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    @property
+    def multi_latent_attention(self) -> bool:
+        return self.kv_lora_rank > 0
 
     def __post_init__(self) -> None:
         if not self.architecture:
@@ -130,6 +146,13 @@ class ModelMeta:
             _positive(name, getattr(self, name))
         _non_negative("vocab_size", self.vocab_size)
         _non_negative("num_experts", self.num_experts)
+        for name in MLA_FIELDS:
+            _non_negative(name, getattr(self, name))
+        if any(getattr(self, name) for name in MLA_FIELDS) and not self.multi_latent_attention:
+            raise ConfigError(f"MLA head dims set without a kv_lora_rank: {[getattr(self, n) for n in MLA_FIELDS]}")
+        if self.multi_latent_attention:
+            for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _positive(name, getattr(self, name))
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "

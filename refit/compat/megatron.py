@@ -168,13 +168,21 @@ def moe_parts(module: nn.Module) -> MoEParts | None:
     """The routed experts of a MoELayer; None for any other module.
 
     Expert parameters are recognised by where they sit, not by a marker: Megatron sets its expert
-    marker (`allreduce=False`) only under expert parallelism > 1.
+    marker (`allreduce=False`) only under expert parallelism > 1. The router's `expert_bias` is made
+    fp32 first, as Megatron's router does before it runs (see below).
     """
     if not isinstance(module, _class(_MOE_LAYER)):
         return None
     experts = _attr(module, "experts", "MoELayer")
     ids = tuple(int(i) for i in _attr(module, "local_expert_indices", "MoELayer"))
     router = _attr(module, "router", "MoELayer")
+    if getattr(router, "expert_bias", None) is not None:
+        # Megatron keeps the bias fp32 in a bf16 / fp16 model: after a cast (`.bfloat16()`, Float16Module)
+        # its router's next forward, save or load swaps in new fp32 storage. Done here first, so the tensor
+        # read (and registered) is the storage Megatron keeps, not one it is about to drop.
+        maintain = getattr(router, "_maintain_float32_expert_bias", None)
+        require(callable(maintain), "TopKRouter._maintain_float32_expert_bias")
+        maintain()
     return MoEParts(experts=experts, local_expert_ids=ids, expert_bias=getattr(router, "expert_bias", None))
 
 
@@ -271,6 +279,13 @@ class TransformerShape:
     moe_shared_expert_size: int  # the shared experts' FFN (0: none)
     moe_shared_expert_gate: bool
     multi_latent_attention: bool
+    # MLATransformerConfig's fields (0 unless multi_latent_attention; q_lora_rank 0: no query latent)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_head_dim: int = 0  # the no-rope part of a q / k head (HF qk_nope_head_dim)
+    qk_pos_emb_head_dim: int = 0  # the rope part (HF qk_rope_head_dim)
+    v_head_dim: int = 0
+    mtp_num_layers: int = 0  # multi-token prediction layers (0: none)
 
 
 def transformer_shape(config: Any) -> TransformerShape:
@@ -279,6 +294,10 @@ def transformer_shape(config: Any) -> TransformerShape:
         require(isinstance(getattr(config, field, None), int), f"TransformerConfig.{field}")
     heads = config.num_attention_heads
     experts = int(getattr(config, "num_moe_experts", None) or 0)
+    mla = bool(getattr(config, "multi_latent_attention", False))
+    if mla:
+        for field in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            require(isinstance(getattr(config, field, None), int), f"MLATransformerConfig.{field}")
     return TransformerShape(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -296,7 +315,13 @@ def transformer_shape(config: Any) -> TransformerShape:
         else 0,
         moe_shared_expert_size=int(getattr(config, "moe_shared_expert_intermediate_size", None) or 0),
         moe_shared_expert_gate=bool(getattr(config, "moe_shared_expert_gate", False)),
-        multi_latent_attention=bool(getattr(config, "multi_latent_attention", False)),
+        multi_latent_attention=mla,
+        q_lora_rank=int(getattr(config, "q_lora_rank", None) or 0) if mla else 0,
+        kv_lora_rank=int(getattr(config, "kv_lora_rank", None) or 0) if mla else 0,
+        qk_head_dim=int(getattr(config, "qk_head_dim", None) or 0) if mla else 0,
+        qk_pos_emb_head_dim=int(getattr(config, "qk_pos_emb_head_dim", None) or 0) if mla else 0,
+        v_head_dim=int(getattr(config, "v_head_dim", None) or 0) if mla else 0,
+        mtp_num_layers=int(getattr(config, "mtp_num_layers", None) or 0),
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from refit.dtypes import dtype_name
 from refit.errors import ConfigError, EngineError, ModelMismatchError
 from refit.plan.targets import DEFAULT_VOCAB_PADDING, EngineLayout, Scheme
-from refit.types import ModelMeta
+from refit.types import MLA_FIELDS, ModelMeta
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,6 +32,11 @@ class EngineSpec:
     catalog declares". The rest place this rank in the engine's own tensor- and expert-parallel
     groups and say how it names, splits and pads its tensors; `layout()` turns them into the
     planner's `EngineLayout`, the one place where that translation happens.
+
+    Multi-latent attention (DeepSeek-V3): the five MLA dimensions of `ModelMeta`, all compared, so an
+    MLA model and a GQA engine (all 0) of equal size, or MLA models of different latent or head dims,
+    refuse each other naming the field. An MLA spec's `num_query_groups` is its head count and its
+    `kv_channels` its `v_head_dim`, as the Megatron reader declares them.
 
     MoE models: `num_experts` routed experts per MoE layer (0: a dense model), each with an FFN of
     `moe_ffn_hidden_size`; `ffn_hidden_size` is the dense MLP layers' FFN (Megatron's
@@ -51,6 +56,12 @@ class EngineSpec:
     tied_embeddings: bool
     num_experts: int = 0  # routed experts per MoE layer; 0: a dense model
     moe_ffn_hidden_size: int = 0  # each routed expert's FFN; 0 for a dense model
+    # Multi-latent attention (ModelMeta's fields; all 0 for other attention, q_lora_rank 0: no query latent)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     tp_rank: int = 0
     tp_size: int = 1
     ep_rank: int = 0
@@ -69,7 +80,7 @@ class EngineSpec:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"engine {name} must be positive, got {getattr(self, name)}")
-        for name in ("ffn_hidden_size", "num_experts", "moe_ffn_hidden_size"):
+        for name in ("ffn_hidden_size", "num_experts", "moe_ffn_hidden_size", *MLA_FIELDS):
             if getattr(self, name) < 0:
                 raise ConfigError(f"engine {name} must be >= 0, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
@@ -155,26 +166,34 @@ def spec_from_hf_config(
     """The EngineSpec of a model described by a transformers config (HF models, vLLM's hf_config).
 
     `engine` sets the spec's other engine fields (expert parallelism, `vocab_padding`, ...). MoE
-    configs give the expert count (`num_experts`, Mixtral's `num_local_experts`) and the expert FFN
-    (`moe_intermediate_size`; Mixtral, which has no dense layers, sizes its experts by
-    `intermediate_size`); `ffn_hidden_size` is always `intermediate_size`, the dense layers' FFN.
+    configs give the expert count (`num_experts`, Mixtral's `num_local_experts`, DeepSeek's
+    `n_routed_experts`) and the expert FFN (`moe_intermediate_size`; Mixtral, which has no dense
+    layers, sizes its experts by `intermediate_size`); `ffn_hidden_size` is always `intermediate_size`,
+    the dense layers' FFN (DeepSeek's first `first_k_dense_replace` layers). A config with a
+    `kv_lora_rank` (DeepSeek-V3, Kimi-K2) gives the MLA fields (`q_lora_rank` None: 0).
     """
     c: Any = config
     heads = c.num_attention_heads
-    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 0
+    experts = (
+        getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or getattr(c, "n_routed_experts", None)
+    ) or 0
     moe_ffn = (getattr(c, "moe_intermediate_size", None) or c.intermediate_size) if experts else 0
+    # DeepSeek-V3's config (MLA): `kv_lora_rank` set; its `head_dim` is the rope dim and its
+    # `num_key_value_heads` unused by attention, so heads and v_head_dim stand in, as in ModelMeta.
+    mla = {f: int(getattr(c, f, None) or 0) for f in MLA_FIELDS} if getattr(c, "kv_lora_rank", None) else {}
     return EngineSpec(
         architecture=architecture,
         num_layers=c.num_hidden_layers,
         hidden_size=c.hidden_size,
         num_attention_heads=heads,
-        num_query_groups=getattr(c, "num_key_value_heads", None) or heads,
-        kv_channels=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        num_query_groups=heads if mla else getattr(c, "num_key_value_heads", None) or heads,
+        kv_channels=mla["v_head_dim"] if mla else getattr(c, "head_dim", None) or c.hidden_size // heads,
         ffn_hidden_size=c.intermediate_size,
         vocab_size=c.vocab_size,
         tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         num_experts=experts,
         moe_ffn_hidden_size=moe_ffn,
+        **mla,
         tp_rank=tp_rank,
         tp_size=tp_size,
         **engine,

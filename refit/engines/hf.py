@@ -34,6 +34,9 @@ class HFEngine:
     `[E, H, F]`. The engine expects them under the per-expert checkpoint names the planner targets
     (`mlp.experts.{e}.gate_proj.weight` -> `gate_up_proj[e, :F]`, `up_proj` -> `gate_up_proj[e, F:]`,
     `down_proj` -> `down_proj[e]`) and installs into those views, so the fused storage is kept.
+
+    Persistent buffers are installed like parameters: DeepSeek-V3's router bias
+    `mlp.gate.e_score_correction_bias` (fp32) changes with training and is published with the weights.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -70,9 +73,14 @@ _GATE_UP, _DOWN = ".experts.gate_up_proj", ".experts.down_proj"
 
 
 def _install_views(model: nn.Module) -> dict[str, torch.Tensor]:
-    """name -> the tensor `install` writes: each parameter, with fused experts cut into per-expert views."""
+    """name -> the tensor `install` writes: each parameter and persistent buffer, with fused experts cut
+    into per-expert views."""
     modules = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
+    # Persistent buffers are model state a trainer updates too (DeepSeek-V3's router bias
+    # `e_score_correction_bias`, moved by load balancing); non-persistent ones (rotary tables) are derived.
+    persistent = set(model.state_dict(keep_vars=True))
+    out.update((name, b) for name, b in model.named_buffers() if name in persistent)
     for name, p in model.named_parameters():
         if p.ndim != 3 or not name.endswith((_GATE_UP, _DOWN)):
             out[name] = p

@@ -7,8 +7,12 @@ linear unit, vocab tables are the word embedding and the GPT output layer. Pipel
 numbers become global through each layer's own `layer_number`, which already accounts for virtual
 pipeline chunks and uneven stages. Routed experts are the parameters of a MoELayer's experts module:
 renamed to their global expert id (`local_expert_indices`) and placed by expert TP instead of TP; the
-router's `expert_bias` buffer is published with them. The publisher and `MegatronEngine` both read models here; every
-megatron-core internal is reached through `refit.compat.megatron`.
+router's `expert_bias` buffer is published with them. Multi-latent attention (DeepSeek-V3) needs no
+rule of its own: its projections are plain column-parallel (the local spec splits even the q / kv
+down projections on dim 0, the TE spec keeps them whole, unmarked: replicated), `linear_proj` is
+row-parallel and the latent norms are unmarked (replicated), all from the TP attributes.
+Multi-token prediction layers are refused (out of scope). The publisher and `MegatronEngine` both
+read models here; every megatron-core internal is reached through `refit.compat.megatron`.
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ def parallel_coords() -> tuple[int, int, ParallelCoords]:
 def infer_architecture(config: object) -> str:
     """Best guess of the HF family from a TransformerConfig; pass `architecture=` to be explicit."""
     shape = mcore.transformer_shape(config)
+    if shape.multi_latent_attention:
+        # Multi-latent attention with DeepSeek's MoE layer (and dense first layers): DeepSeek-V3, Kimi-K2.
+        return "deepseek_v3"
     if shape.num_moe_experts:
         if shape.qk_layernorm:
             return "qwen3_moe"
@@ -109,8 +116,12 @@ def model_meta(chunks: Sequence[nn.Module], *, architecture: str | None, vocab_s
     first = chunks[0]
     cfg = mcore.model_config(first)
     shape = mcore.transformer_shape(cfg)
-    if shape.multi_latent_attention:
-        raise LayoutError("multi-latent attention is not supported yet")
+    if shape.mtp_num_layers:
+        raise LayoutError(
+            f"multi-token prediction ({shape.mtp_num_layers} MTP layers) is not supported: HF's "
+            "DeepseekV3ForCausalLM builds no MTP layers to refit; build the trainer's model without them"
+        )
+    mla = shape.multi_latent_attention
     # Descriptors carry each tensor's own dtype; the metadata names the one holding most bytes.
     bytes_by_dtype: dict[str, int] = {}
     for p in (p for c in chunks for p in c.parameters()):
@@ -121,8 +132,9 @@ def model_meta(chunks: Sequence[nn.Module], *, architecture: str | None, vocab_s
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_query_groups,
-        kv_channels=shape.kv_channels,
+        # MLA has no query groups (every head has its own k and v) and its heads' output is v_head_dim.
+        num_query_groups=shape.num_attention_heads if mla else shape.num_query_groups,
+        kv_channels=shape.v_head_dim if mla else shape.kv_channels,
         ffn_hidden_size=shape.ffn_hidden_size,
         padded_vocab_size=mcore.padded_vocab_size(first),
         vocab_size=vocab_size,
@@ -133,6 +145,11 @@ def model_meta(chunks: Sequence[nn.Module], *, architecture: str | None, vocab_s
         num_experts=shape.num_moe_experts,
         moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
         params_dtype=max(bytes_by_dtype, key=bytes_by_dtype.__getitem__),
+        q_lora_rank=shape.q_lora_rank,
+        kv_lora_rank=shape.kv_lora_rank,
+        qk_nope_head_dim=shape.qk_head_dim,
+        qk_rope_head_dim=shape.qk_pos_emb_head_dim,
+        v_head_dim=shape.v_head_dim,
     )
 
 

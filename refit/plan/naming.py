@@ -15,6 +15,14 @@ Mixtral uses the same names (transformers keeps it under `mlp.` in memory; its c
 `block_sparse_moe.experts.{e}.w1/w3/w2` are a rename an engine makes itself). Shared experts are named
 per architecture: Qwen2-MoE's single `mlp.shared_expert.*` with its `mlp.shared_expert_gate`, and
 DeepSeek's `mlp.shared_experts.*` for every other architecture.
+
+DeepSeek-V3 (and Kimi-K2, its architecture) adds multi-latent attention: Megatron's
+`linear_q_down_proj` / `q_layernorm` / `linear_q_up_proj` (or `linear_q_proj` without a query
+latent), `linear_kv_down_proj` / `kv_layernorm` / `linear_kv_up_proj` and `linear_proj` are HF's
+`q_a_proj` / `q_a_layernorm` / `q_b_proj` (`q_proj`), `kv_a_proj_with_mqa` / `kv_a_layernorm` /
+`kv_b_proj` and `o_proj`, identical tensors (docs/mla_conventions.md). Its router bias buffer
+`mlp.router.expert_bias` is HF's `mlp.gate.e_score_correction_bias`. Multi-token prediction layers
+(`mtp.*`) have no HF name: out of scope.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 _HF_TO_ARCH = {hf: arch for arch, hf in ARCHITECTURES.items()}
 
@@ -74,7 +83,24 @@ _ARCH_LAYER_TABLES: dict[str, dict[str, tuple[str, ...]]] = {
         "mlp.shared_experts.linear_fc2.{p}": ("mlp.shared_expert.down_proj.{p}",),
         "mlp.shared_experts.gate_weight": ("mlp.shared_expert_gate.weight",),
     },
+    # DeepSeek-V3 / Kimi-K2: multi-latent attention, every tensor mapped whole (docs/mla_conventions.md).
+    # The latent norms are `q_layernorm` / `kv_layernorm` in the local spec and fused into the up
+    # projections (`layer_norm_weight`) in the Transformer-Engine spec.
+    "deepseek_v3": {
+        "self_attention.linear_q_proj.{p}": ("self_attn.q_proj.{p}",),
+        "self_attention.linear_q_down_proj.{p}": ("self_attn.q_a_proj.{p}",),
+        "self_attention.q_layernorm.{p}": ("self_attn.q_a_layernorm.{p}",),
+        "self_attention.linear_q_up_proj.layer_norm_{p}": ("self_attn.q_a_layernorm.{p}",),
+        "self_attention.linear_q_up_proj.{p}": ("self_attn.q_b_proj.{p}",),
+        "self_attention.linear_kv_down_proj.{p}": ("self_attn.kv_a_proj_with_mqa.{p}",),
+        "self_attention.kv_layernorm.{p}": ("self_attn.kv_a_layernorm.{p}",),
+        "self_attention.linear_kv_up_proj.layer_norm_{p}": ("self_attn.kv_a_layernorm.{p}",),
+        "self_attention.linear_kv_up_proj.{p}": ("self_attn.kv_b_proj.{p}",),
+    },
 }
+# HF names of MLA's down projections: whole on every rank of an HF-convention engine (vLLM replicates
+# q_a_proj and kv_a_proj_with_mqa), however the trainer splits them.
+MLA_DOWN_PROJECTIONS = ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight")
 _TOP_TABLE: dict[str, tuple[str, ...]] = {
     "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
     "decoder.final_layernorm.weight": ("model.norm.weight",),

@@ -1,5 +1,5 @@
-"""The global Megatron tensors of a Llama / Qwen2 / Qwen3 model, or of a Qwen3-MoE / Mixtral / Qwen2-MoE
-model, from its dimensions alone (and, for MoE, which layers are sparse).
+"""The global Megatron tensors of a Llama / Qwen2 / Qwen3 model, or of a Qwen3-MoE / Mixtral / Qwen2-MoE /
+DeepSeek-V3 (multi-latent attention) model, from its dimensions alone (and, for MoE, which layers are sparse).
 
 An engine that knows its model only from a config (vLLM) asks the planner for its expected tensors
 the same way a receiver plans a pull: these descriptors through `targets_for` at the engine's
@@ -38,13 +38,14 @@ def dense_tensors(model: ModelMeta) -> list[TensorDesc]:
     ]
     for i in range(model.num_layers):
         p = f"decoder.layers.{i}."
-        shapes += [
-            (p + "input_layernorm.weight", Role.REPLICATED, (h,)),
-            (p + "self_attention.linear_qkv.weight", Role.QKV_COLUMN, (qkv, h)),
-        ]
-        if model.qkv_bias:
+        shapes.append((p + "input_layernorm.weight", Role.REPLICATED, (h,)))
+        if model.multi_latent_attention:
+            shapes += _mla_attention(model, p)
+        else:
+            shapes.append((p + "self_attention.linear_qkv.weight", Role.QKV_COLUMN, (qkv, h)))
+        if model.qkv_bias and not model.multi_latent_attention:
             shapes.append((p + "self_attention.linear_qkv.bias", Role.QKV_COLUMN, (qkv,)))
-        if model.qk_layernorm:
+        if model.qk_layernorm and not model.multi_latent_attention:
             shapes += [
                 (p + "self_attention.q_layernorm.weight", Role.REPLICATED, (d,)),
                 (p + "self_attention.k_layernorm.weight", Role.REPLICATED, (d,)),
@@ -65,6 +66,29 @@ def dense_tensors(model: ModelMeta) -> list[TensorDesc]:
     ]
 
 
+def _mla_attention(model: ModelMeta, p: str) -> list[tuple[str, Role, tuple[int, ...]]]:
+    """Multi-latent attention's tensors but `linear_proj` (local spec: real latent norms; every
+    projection column-parallel, the down projections included)."""
+    h, nh, rope = model.hidden_size, model.num_attention_heads, model.qk_rope_head_dim
+    q_rows = nh * (model.qk_nope_head_dim + rope)
+    a = p + "self_attention."
+    if model.q_lora_rank:
+        q = [
+            (a + "linear_q_down_proj.weight", Role.COLUMN, (model.q_lora_rank, h)),
+            (a + "q_layernorm.weight", Role.REPLICATED, (model.q_lora_rank,)),
+            (a + "linear_q_up_proj.weight", Role.COLUMN, (q_rows, model.q_lora_rank)),
+        ]
+    else:
+        q = [(a + "linear_q_proj.weight", Role.COLUMN, (q_rows, h))]
+    kv = model.kv_lora_rank
+    return [
+        *q,
+        (a + "linear_kv_down_proj.weight", Role.COLUMN, (kv + rope, h)),
+        (a + "kv_layernorm.weight", Role.REPLICATED, (kv,)),
+        (a + "linear_kv_up_proj.weight", Role.COLUMN, (nh * (model.qk_nope_head_dim + model.v_head_dim), kv)),
+    ]
+
+
 def model_tensors(model: ModelMeta, moe_layers: frozenset[int] = frozenset(), shared: int = 0) -> list[TensorDesc]:
     """The global Megatron tensors of a dense or MoE model: `dense_tensors`, with MoE blocks in `moe_layers`.
 
@@ -73,13 +97,15 @@ def model_tensors(model: ModelMeta, moe_layers: frozenset[int] = frozenset(), sh
 
     A MoE layer's dense MLP is replaced by its router `[E, H]`, each routed expert's fc1 `[2F, H]` (gate;
     up) and fc2 `[H, F]` under its global id, and (Qwen2-MoE) a shared expert of FFN `shared` with its gate.
+    DeepSeek-V3 (MLA): the router's fp32 `expert_bias` `[E]` too, and ungated shared experts of FFN `shared`.
     """
     if not model.num_experts:
         return dense_tensors(model)
-    if model.architecture not in ("qwen3_moe", "qwen2_moe", "mixtral"):
+    if model.architecture not in ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"):
         raise ModelMismatchError(f"{model.architecture}: MoE models of this architecture are not supported here")
-    if shared and model.architecture != "qwen2_moe":
-        raise ModelMismatchError(f"{model.architecture}: shared experts are supported for qwen2_moe only")
+    if shared and model.architecture not in ("qwen2_moe", "deepseek_v3"):
+        raise ModelMismatchError(f"{model.architecture}: shared experts are supported for qwen2_moe and deepseek_v3")
+    deepseek = model.architecture == "deepseek_v3"
     h, f, dtype = model.hidden_size, model.moe_ffn_hidden_size, model.params_dtype
     out: list[TensorDesc] = []
     for desc in dense_tensors(dataclasses.replace(model, num_experts=0, moe_ffn_hidden_size=0)):
@@ -93,6 +119,9 @@ def model_tensors(model: ModelMeta, moe_layers: frozenset[int] = frozenset(), sh
         shapes: list[tuple[str, Role, tuple[int, ...]]] = [
             (p + "router.weight", Role.REPLICATED, (model.num_experts, h))
         ]
+        if deepseek:  # the router's score-correction bias, an fp32 buffer in any params dtype
+            out.append(TensorDesc.shard(name=p + "router.expert_bias", role=Role.REPLICATED, dtype="float32",
+                                        global_shape=(model.num_experts,)))  # fmt: skip
         fc1 = (Role.EXPERT_GATED_COLUMN, (2 * f, h)) if model.gated_linear_unit else (Role.EXPERT_COLUMN, (f, h))
         for e in range(model.num_experts):
             shapes += [
@@ -103,8 +132,9 @@ def model_tensors(model: ModelMeta, moe_layers: frozenset[int] = frozenset(), sh
             shapes += [
                 (p + "shared_experts.linear_fc1.weight", Role.GATED_MLP_COLUMN, (2 * shared, h)),
                 (p + "shared_experts.linear_fc2.weight", Role.ROW, (h, shared)),
-                (p + "shared_experts.gate_weight", Role.REPLICATED, (1, h)),
             ]
+            if not deepseek:  # DeepSeek's shared experts are ungated
+                shapes.append((p + "shared_experts.gate_weight", Role.REPLICATED, (1, h)))
         out += [TensorDesc.shard(name=n, role=r, dtype=dtype, global_shape=s, rank=0, size=1) for n, r, s in shapes]
     return out
 

@@ -16,9 +16,12 @@ Two schemes name and split the targets:
 - `megatron`: Megatron names, each tensor split exactly as Megatron-Core splits it at the engine's
   own TP (QKV as contiguous query-group blocks of the interleaved tensor, gated fc1 as
   `[gate_r; up_r]`, vocab as even rows of the engine's padded table). It needs no name table, so it
-  plans any tensor that carries a role; Megatron-to-Megatron resharding (`MegatronEngine`) uses it,
-  and the benchmark plans MLA attention with it from synthetic sources (planner only: the Megatron
-  reader refuses MLA models).
+  plans any tensor that carries a role; Megatron-to-Megatron resharding (`MegatronEngine`) uses it.
+
+Multi-latent attention (DeepSeek-V3) needs no rule of its own in either scheme: its up projections
+(`q_b_proj`, `kv_b_proj`, `q_proj`) are column-parallel by heads, `o_proj` row-parallel, its norms
+replicated. Only its down projections (`q_a_proj`, `kv_a_proj_with_mqa`) differ: Megatron's local spec
+splits them on dim 0 (the `megatron` scheme follows), HF-convention engines hold them whole.
 
 MoE experts (expert roles) are one global tensor per expert. In both schemes an engine rank needs
 only the experts of its expert-parallel rank (contiguous blocks of `num_experts / ep_size`), split
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from refit.errors import ConfigError, ModelMismatchError
-from refit.plan.naming import expert_index, hf_names
+from refit.plan.naming import MLA_DOWN_PROJECTIONS, expert_index, hf_names
 from refit.types import ModelMeta, Role, TensorDesc
 
 Interval = tuple[int, int]
@@ -274,6 +277,9 @@ def _hf_targets(model: ModelMeta, desc: TensorDesc, layout: EngineLayout) -> lis
         # A share that is all padding holds no real row: an empty target, not an empty interval,
         # so that it assembles as zeros rather than as a tensor nothing was staged for.
         return [_target(desc, names[0], 0, ((start, stop),) if stop > start else ())]
+    if role is Role.COLUMN and names[0].endswith(MLA_DOWN_PROJECTIONS):
+        # MLA's down projections: column-parallel in Megatron's local spec, whole in HF-convention engines.
+        return [_target(desc, names[0], 0, ((0, shape[0]),))]
     if role is Role.COLUMN:
         return [_target(desc, names[0], 0, (_even(shape[0], tp, t, f"{desc.name} rows"),))]
     if role is Role.ROW:

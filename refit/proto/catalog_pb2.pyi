@@ -72,7 +72,7 @@ class ParallelCoords(_message.Message):
     def __init__(self, tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ..., dp_rank: _Optional[int] = ..., dp_size: _Optional[int] = ..., etp_rank: _Optional[int] = ..., etp_size: _Optional[int] = ..., edp_rank: _Optional[int] = ..., edp_size: _Optional[int] = ...) -> None: ...
 
 class ModelMeta(_message.Message):
-    __slots__ = ("architecture", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size", "padded_vocab_size", "vocab_size", "tied_embeddings", "qkv_bias", "qk_layernorm", "gated_linear_unit", "num_experts", "moe_ffn_hidden_size", "params_dtype")
+    __slots__ = ("architecture", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size", "padded_vocab_size", "vocab_size", "tied_embeddings", "qkv_bias", "qk_layernorm", "gated_linear_unit", "num_experts", "moe_ffn_hidden_size", "params_dtype", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,11 @@ class ModelMeta(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MOE_FFN_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    Q_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    KV_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    QK_NOPE_HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    QK_ROPE_HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    V_HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_layers: int
     hidden_size: int
@@ -105,7 +110,12 @@ class ModelMeta(_message.Message):
     num_experts: int
     moe_ffn_hidden_size: int
     params_dtype: str
-    def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_query_groups: _Optional[int] = ..., kv_channels: _Optional[int] = ..., ffn_hidden_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., qkv_bias: _Optional[bool] = ..., qk_layernorm: _Optional[bool] = ..., gated_linear_unit: _Optional[bool] = ..., num_experts: _Optional[int] = ..., moe_ffn_hidden_size: _Optional[int] = ..., params_dtype: _Optional[str] = ...) -> None: ...
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_query_groups: _Optional[int] = ..., kv_channels: _Optional[int] = ..., ffn_hidden_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., qkv_bias: _Optional[bool] = ..., qk_layernorm: _Optional[bool] = ..., gated_linear_unit: _Optional[bool] = ..., num_experts: _Optional[int] = ..., moe_ffn_hidden_size: _Optional[int] = ..., params_dtype: _Optional[str] = ..., q_lora_rank: _Optional[int] = ..., kv_lora_rank: _Optional[int] = ..., qk_nope_head_dim: _Optional[int] = ..., qk_rope_head_dim: _Optional[int] = ..., v_head_dim: _Optional[int] = ...) -> None: ...
 
 class TensorDesc(_message.Message):
     __slots__ = ("name", "role", "dtype", "local_shape", "global_shape", "partition_dim", "partition_stride", "offset", "region", "byte_offset")

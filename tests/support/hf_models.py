@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-Architecture = Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe"]
+Architecture = Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"]
 
 _HF_CLASSES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -25,8 +25,11 @@ _HF_CLASSES: dict[str, tuple[str, str]] = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
-MOE_ARCHITECTURES = frozenset({"qwen3_moe", "mixtral", "qwen2_moe"})
+MOE_ARCHITECTURES = frozenset({"qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"})
+# Multi-latent attention (DeepSeek-V3 / Kimi-K2): its shape and Megatron form live in megatron_mla.py.
+MLA_ARCHITECTURES = frozenset({"deepseek_v3"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -48,6 +51,12 @@ class ModelCase:
     # margins and cannot flip between HF and Megatron over rounding; experts are scaled so they matter.
     router_scale: float = 1.0
     expert_scale: float = 1.0
+    # DeepSeek-V3 only: the router's score-correction bias buffer is drawn ~ N(0, router_bias_scale**2),
+    # so that a lost or misplaced bias changes which experts some tokens pick.
+    router_bias_scale: float = 0.0
+    # Attention input projections (all `self_attn.*_proj` but `o_proj`) drawn this many times larger, so
+    # that attention is peaked and the head layout and RoPE conventions show in the logits.
+    attention_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.architecture not in _HF_CLASSES:
@@ -94,7 +103,8 @@ class ModelCase:
     def num_experts(self) -> int:
         if not self.is_moe:
             return 0
-        return int(self.hf_config.get("num_experts") or self.hf_config.get("num_local_experts") or 0)
+        cfg = self.hf_config
+        return int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
 
     @property
     def moe_ffn_hidden_size(self) -> int:
@@ -113,8 +123,13 @@ class ModelCase:
         return self.architecture == "mixtral" or bool(self.hf_config.get("norm_topk_prob", False))
 
     @property
+    def is_mla(self) -> bool:
+        return self.architecture in MLA_ARCHITECTURES
+
+    @property
     def shared_expert_ffn_size(self) -> int | None:
-        """Qwen2-MoE's shared expert (always gated by `shared_expert_gate`); None elsewhere."""
+        """Qwen2-MoE's shared expert (always gated by `shared_expert_gate`); None elsewhere (DeepSeek-V3's
+        ungated shared experts are described in megatron_mla.py)."""
         if self.architecture != "qwen2_moe":
             return None
         return int(self.hf_config["shared_expert_intermediate_size"])
@@ -126,6 +141,8 @@ class ModelCase:
             return (False,) * self.num_layers
         if self.architecture == "mixtral":
             return (True,) * self.num_layers
+        if self.architecture == "deepseek_v3":
+            return tuple(i >= int(self.hf_config["first_k_dense_replace"]) for i in range(self.num_layers))
         dense = set(self.hf_config.get("mlp_only_layers", ()))
         step = int(self.hf_config.get("decoder_sparse_step", 1))
         return tuple(i not in dense and (i + 1) % step == 0 for i in range(self.num_layers))
@@ -249,6 +266,48 @@ MOE_CASES = (QWEN3_MOE, MIXTRAL, QWEN2_MOE)
 # bf16 MoE for refits, where weights are compared bit for bit and logits HF against HF.
 QWEN3_MOE_BF16 = dataclasses.replace(QWEN3_MOE, id="qwen3-moe-bf16", dtype="bfloat16")
 
+# DeepSeek-V3 architecture (Kimi-K2 too): multi-latent attention with every head dim distinct (q/k no-rope
+# 16, rope 8, v 12), a dense first layer, then MoE layers: sigmoid router over 8 experts in 2 groups
+# (1 group, then 2 experts of it, per token: top-2 in a group, as HF hard-codes), a non-zero
+# score-correction bias, one ungated shared expert. fp32, like the other MoE ground truths.
+_DSV3 = {k: v for k, v in _cfg(num_key_value_heads=4).items() if k != "head_dim"}  # HF: head_dim = rope dim
+DEEPSEEK_V3 = ModelCase(
+    "deepseek-v3",
+    "deepseek_v3",
+    {
+        **_DSV3,
+        "num_hidden_layers": 4,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 24,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "rope_interleave": True,
+    },
+    make_vocab_size_divisible_by=64,
+    # Sigmoid scores (not logits) decide: a moderate router scale keeps them off 0 and 1, where they
+    # would tie; the bias is large enough to change most tokens' experts.
+    router_scale=25.0,
+    expert_scale=5.0,
+    router_bias_scale=0.3,
+    attention_scale=10.0,
+)
+# Without a query latent: q_proj straight from the hidden states (DeepSeek-V2-Lite style).
+DEEPSEEK_V3_NO_QLORA = dataclasses.replace(
+    DEEPSEEK_V3, id="deepseek-v3-no-qlora", hf_config={**DEEPSEEK_V3.hf_config, "q_lora_rank": None}
+)
+MLA_CASES = (DEEPSEEK_V3, DEEPSEEK_V3_NO_QLORA)
+
 CASES: dict[str, ModelCase] = {
     c.id: c
     for c in (
@@ -262,6 +321,7 @@ CASES: dict[str, ModelCase] = {
         LLAMA_PAD384,
         *MOE_CASES,
         QWEN3_MOE_BF16,
+        *MLA_CASES,
     )
 }
 
@@ -301,7 +361,10 @@ def build_hf_model(case: ModelCase, seed: int) -> torch.nn.Module:
     ignored): matrices ~ N(0, 0.02), norm weights ~ 1 + N(0, 0.1), biases ~ N(0, 0.02). Norms are
     not left at 1.0 so that a norm routed to the wrong place changes the result. MoE routers
     (`mlp.gate.weight`) are multiplied by `case.router_scale` and routed experts (`mlp.experts.*`)
-    and shared experts (`mlp.shared_expert*`, the gate too) by `case.expert_scale`.
+    and shared experts (`mlp.shared_expert*`, the gate too) by `case.expert_scale`, attention input
+    projections (`self_attn.*proj`, not `o_proj`) by `case.attention_scale`. DeepSeek-V3's
+    score-correction bias buffers (`mlp.gate.e_score_correction_bias`) ~ N(0, case.router_bias_scale**2),
+    kept fp32 whatever the case's dtype (HF's `_keep_in_fp32_modules_strict`).
     """
     import transformers
 
@@ -316,8 +379,17 @@ def build_hf_model(case: ModelCase, seed: int) -> torch.nn.Module:
                 value = value * case.router_scale
             elif ".mlp.experts." in name or ".mlp.shared_expert" in name:
                 value = value * case.expert_scale
+            elif ".self_attn." in name and name.endswith("proj.weight") and not name.endswith("o_proj.weight"):
+                value = value * case.attention_scale
             param.copy_(value.to(param.dtype))
+        for name, buffer in model.named_buffers():  # drawn after every parameter: other cases are unchanged
+            if name.endswith(".mlp.gate.e_score_correction_bias"):
+                noise = torch.randn(buffer.shape, generator=gen, dtype=torch.float32)
+                buffer.copy_((case.router_bias_scale * noise).to(buffer.dtype))
     model.to(case.torch_dtype)
+    for name, buffer in model.named_buffers():  # fp32 in any dtype, as HF loads it (and Megatron keeps it)
+        if name.endswith(".e_score_correction_bias"):
+            buffer.data = buffer.data.float()
     return model.eval()
 
 

@@ -1,7 +1,8 @@
 """Trainer-side model steps run on every rank of a `TrainerCluster` (see cluster.py).
 
 Owns how a real megatron-core 0.16.1 GPTModel is built on CPU from a `ModelCase` (TP / PP / VPP
-layouts, and EP / ETP for mixture-of-experts cases; local layer spec), filled with an HF checkpoint
+layouts, and EP / ETP for mixture-of-experts cases; local layer spec; multi-latent attention cases
+through megatron_mla.py and megatron_mla_convert.py), filled with an HF checkpoint
 through the independent converter, updated in place, run forward and dropped. Each function has the
 cluster's signature `fn(state, rank, world_size, **kwargs)` and returns a small picklable value;
 models live in `state[key]` (one GPTModel, or a list of chunks with VPP). megatron-core is imported
@@ -15,9 +16,10 @@ from typing import Any
 
 import torch
 
-from tests.support import layouts
+from tests.support import layouts, megatron_mla
 from tests.support.hf_models import ModelCase, get_case, padded_vocab
 from tests.support.megatron_convert import hf_to_megatron_local
+from tests.support.megatron_mla_convert import hf_to_megatron_mla_local
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,14 +63,15 @@ def transformer_config(
     ep: int = 1,
     etp: int | None = None,
 ) -> Any:
-    """Megatron TransformerConfig equivalent to the HF config of `case` (megatron.md section 5.2)."""
+    """Megatron TransformerConfig equivalent to the HF config of `case` (megatron.md section 5.2); an
+    MLATransformerConfig for multi-latent attention cases (megatron_mla.py)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    moe = moe_config(case)
+    moe = megatron_mla.config_fields(case) if case.is_mla else moe_config(case)
     if ep != 1 or etp is not None:
         moe.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
-    return TransformerConfig(
+    fields = dict(
         num_layers=case.num_layers,
         hidden_size=case.hidden_size,
         ffn_hidden_size=case.ffn_hidden_size,
@@ -98,8 +101,9 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
-        **moe,
     )
+    config_class = megatron_mla.config_class() if case.is_mla else TransformerConfig
+    return config_class(**{**fields, **moe})  # the MLA fields override the GQA attention's
 
 
 def _chunks(model: Any) -> list[torch.nn.Module]:
@@ -126,8 +130,9 @@ def _converted(state: dict, key: str, hf_sd: Mapping[str, torch.Tensor]) -> list
             etp_size=meta["etp"],
             etp_rank=ps.get_expert_tensor_parallel_rank(),
         )
+    convert = hf_to_megatron_mla_local if case.is_mla else hf_to_megatron_local
     return [
-        hf_to_megatron_local(
+        convert(
             hf_sd,
             case,
             tp_size=tp,
@@ -204,6 +209,8 @@ def build(
     if vpp is not None and case.num_layers % (pp * vpp):
         raise ValueError(f"{case.id}: {case.num_layers} layers do not split into PP={pp} x VPP={vpp} chunks")
     dtype = _DTYPES[params_dtype or case.dtype]
+    if case.is_mla:
+        megatron_mla.apply_cpu_workarounds()
     layouts.ensure_model_parallel(tp, pp, vpp, ep, etp)
     config = transformer_config(case, tp=tp, pp=pp, vpp=vpp, params_dtype=dtype, ep=ep, etp=etp)
     vocab = padded_vocab(case, tp)
@@ -214,6 +221,8 @@ def build(
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
         )
+        if case.is_mla:
+            megatron_mla.fit_local_spec(spec)
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -266,13 +275,14 @@ def build(
 
 
 def load(state: dict, rank: int, world_size: int, *, key: str, hf_path: str) -> dict[str, Any]:
-    """Copy new HF weights into the existing parameters of `state[key]` in place (storage unchanged)."""
+    """Copy new HF weights into the existing parameters and persistent buffers (MLA's router
+    `expert_bias`) of `state[key]` in place (storage unchanged)."""
     layouts.ensure_model_parallel(*state[f"{key}/meta"]["layout"])  # the ranks the converter reads are per layout
     hf_sd = _load_hf(hf_path)
     updated = 0
     with torch.no_grad():
         for chunk, local_sd in zip(_chunks(state[key]), _converted(state, key, hf_sd), strict=True):
-            params = dict(chunk.named_parameters())
+            params = {k: v for k, v in chunk.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
             if set(params) != set(local_sd):
                 raise AssertionError(
                     f"parameter names differ: model only {sorted(set(params) - set(local_sd))}, "
