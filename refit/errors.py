@@ -28,6 +28,18 @@ class CatalogError(RefitError):
     """The catalog refused or failed a request."""
 
 
+class AuthError(CatalogError):
+    """The catalog refused the caller's credentials; nothing was changed.
+
+    No token or a wrong one (gRPC UNAUTHENTICATED), or `permission_denied`: a read-only token on a
+    call that changes the catalog (PERMISSION_DENIED). The message never contains a token.
+    """
+
+    def __init__(self, message: str, *, permission_denied: bool = False) -> None:
+        super().__init__(message)
+        self.permission_denied = permission_denied
+
+
 class CatalogUnavailableError(CatalogError):
     """The catalog could not be reached (or did not answer in time)."""
 

@@ -66,6 +66,7 @@ class Receiver:
         replica: this engine's index among engine replicas; spreads reads over trainer replicas.
         timeout_s: default deadline of a whole update (waiting for READY plus the pull).
         catalog_timeout_s: deadline of each catalog call.
+        token: a catalog token (the reader token suffices; None: `$REFIT_CATALOG_TOKEN`, else none).
         max_staging_bytes: the staging window: at most this many staging bytes at once on this rank.
             An engine with `destinations()` streams a larger refit through it (default 1 GiB); one
             without installs whole, so a refit whose staging exceeds it is refused before anything
@@ -98,6 +99,7 @@ class Receiver:
         link_cost: LinkCost = DEFAULT_COST,
         max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
+        token: str | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine must implement refit.engines.Engine, got {type(engine).__name__}")
@@ -117,7 +119,7 @@ class Receiver:
         self._stripe = stripe(replica=replica, tp_rank=self._spec.tp_rank, tp_size=self._spec.tp_size)
         self._timeout_s = timeout_s
         self._on_after_wire = on_after_wire
-        self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s)
+        self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token)
         self._dests = _destinations(engine)
         self._max_staging = max_staging_bytes
         self._window = max_staging_bytes if max_staging_bytes is not None or self._dests is None else DEFAULT_WINDOW

@@ -9,6 +9,7 @@ nothing protobuf or `grpc.RpcError` leaves this module. The server names the ref
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,8 +41,41 @@ _ERRORS_BY_NAME: dict[str, type[errors.RefitError]] = {
         errors.RankTakenError,
         errors.ConflictError,
         errors.ConfigError,
+        errors.AuthError,
     )
 }
+
+TOKEN_ENV = "REFIT_CATALOG_TOKEN"
+_AUTH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def resolve_token(token: str | None) -> str | None:
+    """`token`, or `$REFIT_CATALOG_TOKEN` when it is None; None (no credential) when both are unset.
+
+    Refused before any call: a token gRPC metadata cannot carry (non-ASCII, whitespace) would
+    otherwise fail later with a transport error that hides the cause. The message never shows it.
+    """
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+        source = f"${TOKEN_ENV}"
+    else:
+        source = "token"
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token or not all(33 <= ord(c) < 127 for c in token):
+        raise ConfigError(f"{source} must be a non-empty string of printable ASCII without spaces")
+    return token
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
+
 
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -62,25 +96,55 @@ class CatalogClient:
 
     Closable (`close()` or a `with` block) and safe to share between threads.
 
+    Args:
+        address: the catalog's "host:port".
+        timeout_s: deadline of every call.
+        token: the catalog credential (trainer or reader token), sent as `authorization: Bearer`
+            metadata on every call; None: `$REFIT_CATALOG_TOKEN`, else no credential. Never logged.
+        tls_ca: PEM file of the CA that signed the catalog's certificate: the channel uses TLS.
+        tls_cert, tls_key: PEM files of this client's certificate and key, for a catalog that
+            requires mutual TLS (need `tls_ca`).
+
     Raises (from every method): CatalogUnavailableError when the catalog cannot be reached or does not
     answer in time; ConfigError for arguments the catalog refuses; other CatalogError subclasses as
     documented per method.
     """
 
-    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         if not address:
             raise ConfigError("catalog address must be non-empty ('host:port')")
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+            raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
+        token = resolve_token(token)
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
-            ],
-        )
+        self.tls = tls_ca is not None
+        # The token lives only in the metadata tuple, never in an attribute a repr or log would show.
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+        ]
+        if self.tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca, "tls_ca"),
+                private_key=_read(tls_key, "tls_key"),
+                certificate_chain=_read(tls_cert, "tls_cert"),
+            )
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.CatalogStub(self._channel)
         self._closed = False
 
@@ -98,7 +162,9 @@ class CatalogClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CatalogClient({self.address!r}{', closed' if self._closed else ''})"
+        auth = ", token=***" if self._metadata else ""
+        tls = ", tls" if self.tls else ""
+        return f"CatalogClient({self.address!r}{auth}{tls}{', closed' if self._closed else ''})"
 
     # -- transport ---------------------------------------------------------------------------------
 
@@ -110,7 +176,7 @@ class CatalogClient:
         except (TypeError, ValueError) as exc:  # wrong type or out of the field's range
             raise ConfigError(f"{method}: {exc}") from exc
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+            return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._translate(method, exc) from None
 
@@ -125,6 +191,11 @@ class CatalogClient:
             return CatalogUnavailableError(
                 f"catalog at {self.address} is unavailable ({method}: {code.name}, "
                 f"deadline {self.timeout_s:g}s): {details}"
+            )
+        if cls is errors.AuthError or (cls is None and code in _AUTH):
+            return errors.AuthError(
+                f"catalog at {self.address} refused {method} ({code.name}): {details}",
+                permission_denied=code == grpc.StatusCode.PERMISSION_DENIED,
             )
         if cls is not None:
             return cls(details)
@@ -220,7 +291,9 @@ class CatalogClient:
             raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
         if self._closed:
             raise CatalogError(f"catalog client for {self.address} is closed")
-        future = self._stub.GetState.future(pb.GetStateRequest(name=name, version=version), timeout=self.timeout_s)
+        future = self._stub.GetState.future(
+            pb.GetStateRequest(name=name, version=version), timeout=self.timeout_s, metadata=self._metadata
+        )
 
         def answer() -> VersionState:
             try:

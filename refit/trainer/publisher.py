@@ -69,6 +69,7 @@ class Publisher:
         takeover: claim this rank even if another publisher holds it (after a crash, say).
         consolidate: allow moving a bare model's parameters into one arena per device.
         timeout_s: deadline of every catalog call.
+        token: the catalog's trainer token (None: `$REFIT_CATALOG_TOKEN`, else none); never logged.
 
     Raises:
         ConfigError: bad arguments or uninitialised torch.distributed / parallel_state.
@@ -90,6 +91,7 @@ class Publisher:
         takeover: bool = False,
         consolidate: bool = True,
         timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+        token: str | None = None,
     ) -> None:
         if snapshots < 0:
             raise ConfigError(f"snapshots must be >= 0, got {snapshots}")
@@ -108,7 +110,7 @@ class Publisher:
             for p in self._params
         ]  # fmt: skip
         self._snapshots = snapshots
-        self._client = CatalogClient(catalog, timeout_s=timeout_s)
+        self._client = CatalogClient(catalog, timeout_s=timeout_s, token=token)
         self._agent: NixlAgent | None = None
         self._current: int | None = None
         self._last: int | None = None

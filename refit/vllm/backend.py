@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,8 @@ class RefitInitInfo(WeightTransferInitInfo):
     timeout_s: float = DEFAULT_TIMEOUTS.update_s
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s
     max_staging_bytes: int | None = None  # refuse, before any pull, a refit needing more staging per worker
+    # The catalog token (None: each worker's $REFIT_CATALOG_TOKEN); kept out of the repr, so out of logs.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.catalog or self.replica < 0 or self.timeout_s <= 0 or self.catalog_timeout_s <= 0:
@@ -118,6 +120,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             timeout_s=init_info.timeout_s,
             catalog_timeout_s=init_info.catalog_timeout_s,
             max_staging_bytes=init_info.max_staging_bytes,
+            token=init_info.token,
         )
         self._init = init_info
         logger.info(

@@ -115,11 +115,13 @@ def refit_llm(
     timeout_s: float = DEFAULT_TIMEOUTS.update_s,
     poll_s: float = DEFAULT_TIMEOUTS.poll_s,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+    token: str | None = None,
 ) -> RefitReport:
     """Refit a synchronous `vllm.LLM` (created with the refit backend) to `version` (default: newest READY).
 
     `LLM` generates only inside its own calls, so nothing runs while this one does; the stall is the
-    install. Raises a `RefitError`; the engine keeps its previous weights in every case.
+    install. `token`: the catalog token (None: `$REFIT_CATALOG_TOKEN` in each process). Raises a
+    `RefitError`; the engine keeps its previous weights in every case.
     """
     plan = RefitPlan(
         catalog=catalog,
@@ -129,6 +131,7 @@ def refit_llm(
         timeout_s=timeout_s,
         poll_s=poll_s,
         catalog_timeout_s=catalog_timeout_s,
+        token=token,
     )
     return run(refit_steps(plan), LLMControl(llm))
 
@@ -144,6 +147,7 @@ async def refit_async_llm(
     poll_s: float = DEFAULT_TIMEOUTS.poll_s,
     recompute_running: bool = True,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+    token: str | None = None,
 ) -> RefitReport:
     """Refit a running `AsyncLLM` between generation steps; requests in flight are kept, not lost.
 
@@ -162,6 +166,7 @@ async def refit_async_llm(
         timeout_s=timeout_s,
         poll_s=poll_s,
         catalog_timeout_s=catalog_timeout_s,
+        token=token,
     )
     return await run_async(refit_steps(plan), AsyncLLMControl(engine, recompute_running=recompute_running))
 

@@ -129,11 +129,19 @@ def refit_one_server(
     replica: int,
     timeout_s: float = DEFAULT_TIMEOUTS.update_s,
     poll_s: float = DEFAULT_TIMEOUTS.poll_s,
+    token: str | None = None,
 ) -> ServerResult:
     """Refit one server to `version` (already READY); errors are reported in the result, never raised."""
     server = VLLMServer(url, timeout_s=timeout_s)
     plan = RefitPlan(
-        catalog=catalog, name=name, version=version, ready=True, replica=replica, timeout_s=timeout_s, poll_s=poll_s
+        catalog=catalog,
+        name=name,
+        version=version,
+        ready=True,
+        replica=replica,
+        timeout_s=timeout_s,
+        poll_s=poll_s,
+        token=token,
     )
     t0 = time.perf_counter()
     try:
@@ -166,6 +174,8 @@ class Fleet:
         servers: base URLs ("http://host:port"); more can be added later with `add`.
         timeout_s: deadline of one server's refit (the pull, and each HTTP call).
         max_parallel: servers refitted at the same time.
+        token: the catalog token, for the fleet's reads and the servers' pulls (sent in their
+            `init_info`); None: `$REFIT_CATALOG_TOKEN` here and in each server, else none.
     """
 
     def __init__(
@@ -176,10 +186,12 @@ class Fleet:
         servers: Sequence[str] = (),
         timeout_s: float = DEFAULT_TIMEOUTS.update_s,
         max_parallel: int = 8,
+        token: str | None = None,
     ) -> None:
         if timeout_s <= 0 or max_parallel < 1:
             raise ConfigError("timeout_s must be > 0 and max_parallel >= 1")
         self.catalog, self.name, self.timeout_s, self.max_parallel = catalog, name, timeout_s, max_parallel
+        self._token = token  # private: a Fleet's attributes are printed, its token must not be
         self._replicas: dict[str, int] = {}
         self._lock = threading.Lock()
         self.current: int | None = None  # the version the fleet was last refitted to
@@ -203,7 +215,9 @@ class Fleet:
 
     def refit(self, version: int | None = None) -> list[ServerResult]:
         """Refit every server to `version` (default: the newest READY one); skip those already on it."""
-        v = resolve_version(catalog=self.catalog, name=self.name, version=version, timeout_s=self.timeout_s)
+        v = resolve_version(
+            catalog=self.catalog, name=self.name, version=version, timeout_s=self.timeout_s, token=self._token
+        )
         self.current = v
         return self._bring(v)
 
@@ -248,7 +262,13 @@ class Fleet:
             except Exception as exc:  # noqa: BLE001 - reported as this server's result
                 return ServerResult(url=url, version=version, error=f"{type(exc).__name__}: {exc}")
             return refit_one_server(
-                url, catalog=self.catalog, name=self.name, version=version, replica=replica, timeout_s=self.timeout_s
+                url,
+                catalog=self.catalog,
+                name=self.name,
+                version=version,
+                replica=replica,
+                timeout_s=self.timeout_s,
+                token=self._token,
             )
 
         if not targets:
@@ -260,6 +280,17 @@ class Fleet:
 def _read_servers(path: str) -> list[str]:
     with open(path) as f:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the token file {path!r}: {exc}") from exc
+    if not token:
+        raise ConfigError(f"the token file {path!r} is empty")
+    return token
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout-s", type=float, default=DEFAULT_TIMEOUTS.update_s, help="deadline of one server's refit"
     )
+    parser.add_argument(
+        "--token-file", help="file holding the catalog token, also sent to the servers (default $REFIT_CATALOG_TOKEN)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -287,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not servers() and args.watch is None:
         parser.error("no servers: give --server URL (repeatable) or --servers-file")
     try:
-        fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s)
+        token = _read_token(args.token_file) if args.token_file else None
+        fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s, token=token)
         if args.watch is not None:
             stop = threading.Event()
             try:

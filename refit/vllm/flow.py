@@ -86,6 +86,8 @@ class RefitPlan:
             so the catalog is not asked again.
         timeout_s: deadline of the pull (the backend's own) and of the prefetch wait (plus `grace_s`).
         catalog_timeout_s: deadline of one catalog call (the driver's and each worker's).
+        token: the catalog token, for the driver's calls and each worker's (None: each process's
+            `$REFIT_CATALOG_TOKEN`, else none); kept out of the repr.
     """
 
     catalog: str
@@ -97,6 +99,7 @@ class RefitPlan:
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s
     poll_s: float = DEFAULT_TIMEOUTS.poll_s
     grace_s: float = DEFAULT_TIMEOUTS.grace_s
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.catalog or not self.name:
@@ -163,8 +166,10 @@ def init_info(
     replica: int = 0,
     timeout_s: float = DEFAULT_TIMEOUTS.update_s,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+    token: str | None = None,
 ) -> dict[str, Any]:
-    """The refit backend's `init_info` for `init_weight_transfer_engine`."""
+    """The refit backend's `init_info` for `init_weight_transfer_engine` (`token`: the catalog token
+    its workers present; None leaves it to each worker's `$REFIT_CATALOG_TOKEN`)."""
     if not catalog or replica < 0 or timeout_s <= 0 or catalog_timeout_s <= 0:
         raise ConfigError("catalog must be set, replica >= 0, timeout_s > 0 and catalog_timeout_s > 0")
     return {
@@ -173,6 +178,7 @@ def init_info(
         "replica": replica,
         "timeout_s": timeout_s,
         "catalog_timeout_s": catalog_timeout_s,
+        **({"token": token} if token is not None else {}),
     }
 
 
@@ -183,9 +189,10 @@ def resolve_version(
     version: int | None,
     timeout_s: float,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
+    token: str | None = None,
 ) -> int:
     """The version to install: `version` once it is READY, or the newest READY one."""
-    with CatalogClient(catalog, timeout_s=catalog_timeout_s) as client:
+    with CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token) as client:
         if version is not None:
             return client.wait_ready(name=name, version=version, timeout_s=timeout_s).version
         info = client.latest(name=name, state=VersionState.READY)
@@ -261,6 +268,7 @@ def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_count
                 "version": plan.version,
                 "timeout_s": plan.timeout_s,
                 "catalog_timeout_s": plan.catalog_timeout_s,
+                **({"token": plan.token} if plan.token is not None else {}),
             },
         )
     info = init_info(
@@ -269,6 +277,7 @@ def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_count
         replica=plan.replica,
         timeout_s=plan.timeout_s,
         catalog_timeout_s=plan.catalog_timeout_s,
+        token=plan.token,
     )
     yield from _call("init", "init_weight_transfer_engine", info=info)
     staged = yield from _prefetch(plan, version, clock)

@@ -20,6 +20,7 @@ from typing import Any
 from refit.catalog.client import CatalogClient, format_ranks
 from refit.errors import RefitError
 from refit.types import ModelMeta, ParallelCoords, SourceRecord, TensorDesc, VersionInfo
+from refit_server.auth import read_token_file
 from refit_server.server import CatalogServer
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,17 @@ def render_show(info: VersionInfo, sources: Sequence[SourceRecord], *, tensors: 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = CatalogServer(store=args.store, port=args.port, host=args.host, max_workers=args.max_workers)
+    server = CatalogServer(
+        store=args.store,
+        port=args.port,
+        host=args.host,
+        max_workers=args.max_workers,
+        trainer_token=read_token_file(args.trainer_token_file, "trainer token") if args.trainer_token_file else None,
+        reader_token=read_token_file(args.reader_token_file, "reader token") if args.reader_token_file else None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
     stop = threading.Event()
     # SIGTERM (from a supervisor or a test) stops as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -197,15 +208,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> CatalogClient:
+    token = read_token_file(args.token_file, "token") if args.token_file else None  # None: $REFIT_CATALOG_TOKEN
+    return CatalogClient(args.catalog, timeout_s=args.timeout_s, token=token, tls_ca=args.tls_ca)
+
+
 def _list(args: argparse.Namespace) -> int:
-    with CatalogClient(args.catalog, timeout_s=args.timeout_s) as client:
+    with _client(args) as client:
         infos = client.list_versions(name=args.name)
     print(json.dumps([version_json(i) for i in infos], indent=2) if args.json else render_list(infos))
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    with CatalogClient(args.catalog, timeout_s=args.timeout_s) as client:
+    with _client(args) as client:
         info = client.get_version(name=args.name, version=args.version)
         sources = client.get_sources(name=args.name, version=args.version)
     if args.json:
@@ -229,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-workers", type=int, default=8, help="RPC worker threads")
     serve.add_argument("--grace-s", type=float, default=2.0, help="seconds in-flight RPCs get on shutdown")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--trainer-token-file", default=None, help="file holding the token that may publish (default: open catalog)"
+    )
+    serve.add_argument("--reader-token-file", default=None, help="file holding a read-only token")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)")
     serve.set_defaults(func=_serve)
 
     def inspector(name: str, help_: str) -> argparse.ArgumentParser:
@@ -236,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--catalog", default=DEFAULT_CATALOG, help=f"catalog host:port (default {DEFAULT_CATALOG})")
         p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each catalog call")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--token-file", default=None, help="file holding a catalog token (default $REFIT_CATALOG_TOKEN)")
+        p.add_argument("--tls-ca", default=None, help="PEM CA of the catalog's certificate: connect over TLS")
         return p
 
     lst = inspector("list", "list versions")

@@ -7,6 +7,7 @@ in a test or trainer process (`with CatalogServer().start() as s: ... s.address`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from concurrent import futures
@@ -17,6 +18,7 @@ import grpc
 from refit.catalog import wire
 from refit.errors import ConfigError
 from refit.proto import catalog_pb2_grpc as pb_grpc
+from refit_server.auth import Authority
 from refit_server.service import CatalogService
 from refit_server.stores import Store, check_url, open_store
 
@@ -39,6 +41,12 @@ class CatalogServer:
         port: TCP port; 0 picks a free one (read it back from `.address`).
         host: interface to bind.
         max_workers: threads serving RPCs.
+        trainer_token: the credential that may claim, publish, retire and release (and read).
+        reader_token: a read-only credential (get, list, latest, resolve, state, sources); needs
+            `trainer_token`. With no token at all the catalog is open to anyone who reaches its
+            port: for local use only (a warning is logged when bound to a non-loopback host).
+        tls_cert, tls_key: PEM files of the server's certificate chain and key: serve over TLS.
+        tls_ca: PEM file of the CA client certificates must chain to: mutual TLS (needs tls_cert).
 
     Raises:
         ConfigError: unknown store URL or bad arguments (at construction, before anything is bound),
@@ -46,7 +54,19 @@ class CatalogServer:
         CatalogUnavailableError: the store (Redis) cannot be reached (at `start`).
     """
 
-    def __init__(self, *, store: str = "memory", port: int = 0, host: str = "127.0.0.1", max_workers: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        store: str = "memory",
+        port: int = 0,
+        host: str = "127.0.0.1",
+        max_workers: int = 8,
+        trainer_token: str | None = None,
+        reader_token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
         check_url(store)
         if not 0 <= port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {port}")
@@ -54,6 +74,15 @@ class CatalogServer:
             raise ConfigError(f"max_workers must be positive, got {max_workers}")
         if not host:
             raise ConfigError("host must be non-empty")
+        if (tls_cert is None) != (tls_key is None) or (tls_ca is not None and tls_cert is None):
+            raise ConfigError("tls_cert and tls_key go together; tls_ca (mutual TLS) needs them")
+        self._authority = Authority(trainer_token=trainer_token, reader_token=reader_token)
+        # Read now: a missing file is a ConfigError at construction, not a failed start.
+        self._tls = (
+            (_read(tls_key, "tls_key"), _read(tls_cert, "tls_cert"), _read(tls_ca, "tls_ca") if tls_ca else None)
+            if tls_cert is not None and tls_key is not None
+            else None
+        )
         self.store_url = store
         self.host = host
         self.port = port
@@ -79,10 +108,17 @@ class CatalogServer:
             try:
                 store.ping()  # CatalogUnavailableError here, before a port is taken
                 server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers), options=GRPC_OPTIONS)
-                pb_grpc.add_CatalogServicer_to_server(CatalogService(store), server)
+                pb_grpc.add_CatalogServicer_to_server(CatalogService(store, self._authority), server)
                 target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
                 try:
-                    bound = server.add_insecure_port(target)
+                    if self._tls is None:
+                        bound = server.add_insecure_port(target)
+                    else:
+                        key, cert, ca = self._tls
+                        credentials = grpc.ssl_server_credentials(
+                            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+                        )
+                        bound = server.add_secure_port(target, credentials)
                 except RuntimeError as exc:  # grpcio raises on bind failure in recent versions
                     raise ConfigError(f"cannot bind the catalog to {target}: {exc}") from exc
                 if not bound:
@@ -92,7 +128,18 @@ class CatalogServer:
                 store.close()
                 raise
             self._store, self._server, self._bound_port = store, server, bound
-        logger.info("refit catalog serving on %s (store %s)", self.address, store)
+        tls = "off" if self._tls is None else "mutual" if self._tls[2] else "on"
+        auth = self._authority.mode
+        logger.info("refit catalog serving on %s (store %s, auth %s, tls %s)", self.address, store, auth, tls)
+        if not _is_loopback(self.host):
+            if not self._authority.enabled:
+                logger.warning(
+                    "refit catalog on %s has no tokens: anyone who reaches it can claim, publish and retire "
+                    "(set trainer_token/reader_token; an open catalog is for local use only)",
+                    self.address,
+                )
+            elif self._tls is None:
+                logger.warning("refit catalog on %s checks tokens over plaintext: set tls_cert/tls_key", self.address)
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -122,7 +169,25 @@ class CatalogServer:
 
     def __repr__(self) -> str:
         where = self.address if self._bound_port else f"{self.host}:{self.port} (not started)"
-        return f"CatalogServer({where}, store={_redacted(self.store_url)!r})"
+        tls = "" if self._tls is None else ", tls"
+        return f"CatalogServer({where}, store={_redacted(self.store_url)!r}, auth={self._authority.mode}{tls})"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
 
 
 def _redacted(url: str) -> str:

@@ -1,6 +1,7 @@
 """`CatalogService`: the gRPC servicer of the `refit.v1.Catalog` service.
 
-Owns request validation, the call into the store, and the translation of refit errors into gRPC
+Owns the authority check of every call (`refit_server.auth`, before any handler), request validation,
+the call into the store, and the translation of refit errors into gRPC
 status codes plus the `refit-error` trailing metadata (the error's class name), which lets
 `CatalogClient` re-raise the exact class. State rules live in the stores, not here.
 """
@@ -19,6 +20,7 @@ from refit import errors
 from refit.catalog import wire
 from refit.proto import catalog_pb2 as pb
 from refit.proto import catalog_pb2_grpc as pb_grpc
+from refit_server.auth import Authority
 from refit_server.stores import Store
 
 logger = logging.getLogger(__name__)
@@ -38,15 +40,24 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
 
 def status_for(exc: errors.RefitError) -> grpc.StatusCode:
+    if isinstance(exc, errors.AuthError):
+        return grpc.StatusCode.PERMISSION_DENIED if exc.permission_denied else grpc.StatusCode.UNAUTHENTICATED
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
 
 def _rpc(method: _Handler) -> _Handler:
-    """Run a handler; turn a RefitError into its status and metadata, anything else into INTERNAL."""
+    """Check the caller's token, then run the handler; turn a RefitError into its status and metadata,
+    anything else into INTERNAL. A refused caller never reaches the handler, so changes nothing."""
 
     @functools.wraps(method)
     def handler(self: CatalogService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            try:
+                self._authority.check(method.__name__, context.invocation_metadata())
+            except errors.AuthError as exc:
+                # Who was refused, not with what: the message names no token.
+                logger.warning("refused %s from %s: %s", method.__name__, context.peer(), exc)
+                raise
             return method(self, request, context)
         except errors.RefitError as exc:
             code = status_for(exc)
@@ -80,10 +91,11 @@ def _agent(agent_name: str) -> str:
 
 
 class CatalogService(pb_grpc.CatalogServicer):
-    """Validates each request and forwards it to the store."""
+    """Checks each caller's authority, validates each request and forwards it to the store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, authority: Authority | None = None) -> None:
         self._store = store
+        self._authority = authority if authority is not None else Authority()
 
     @_rpc
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:

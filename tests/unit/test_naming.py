@@ -89,7 +89,7 @@ def test_non_gated_leaves_everything_but_fc1_alone() -> None:
     "megatron",
     [
         "embedding.position_embeddings.weight",
-        L + "self_attention.linear_q_down_proj.weight",  # MLA: the megatron scheme plans it, no HF table
+        L + "self_attention.linear_q_down_proj.weight",  # MLA: only the deepseek_v3 table names it
         L + "mlp.experts.linear_fc3.weight1",
         L + "mlp.experts.linear_fc1.weight",  # grouped form without an expert index
         "layers.3.mlp.linear_fc1.weight",
