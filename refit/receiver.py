@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
 from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
-from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors
+from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of
 from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble
 from refit.plan.cost import DEFAULT_COST, LinkCost
@@ -120,7 +120,7 @@ class Receiver:
         self._timeout_s = timeout_s
         self._on_after_wire = on_after_wire
         self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token)
-        self._dests = _destinations(engine)
+        self._dests = destinations_of(engine)
         self._max_staging = max_staging_bytes
         self._window = max_staging_bytes if max_staging_bytes is not None or self._dests is None else DEFAULT_WINDOW
         self._direct = direct and self._dests is not None
@@ -388,18 +388,6 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _destinations(engine: Engine) -> Mapping[str, torch.Tensor] | None:
-    """The engine's live tensors by name, if it exposes them (then it takes streamed installs)."""
-    get = getattr(engine, "destinations", None)
-    if get is None:
-        return None
-    dests = dict(get())
-    expected = engine.expected()
-    if set(dests) != set(expected):
-        raise ConfigError(f"{type(engine).__name__}.destinations() and expected() name different tensors")
-    return dests
 
 
 __all__ = ["DEFAULT_WINDOW", "DIRECT_MIN_BYTES", "Receiver", "ReceiverStats", "StagedVersion"]

@@ -1,6 +1,8 @@
 """`refit-bench plan`: cluster-scale refit planning with the library's real planner, on real model shapes.
 
-Trainer sources are synthesized from a model config (no weights) and a Megatron layout; every engine
+Trainer sources are synthesized from a model config (no weights) and a Megatron layout, or, with
+`--from-reader`, read by the library's own Megatron reader from a meta-device GPTModel of that config
+(`reader_sources`: multi-latent attention models; the plan a user's publisher gets); every engine
 rank is planned with `refit.plan.planner.plan_refit` (one plan per engine position, reused across
 replicas by symmetry unless `--exact`). Printed per scenario: bytes sent and received per NIC, the
 most loaded NIC, descriptors per engine rank (max and mean) and the most time an engine rank spends
@@ -13,6 +15,7 @@ planner reads small holes along and strided slices as their enclosing block wher
 Examples:
     refit-bench plan --preset deepseek-v3-nemo deepseek-v3-nemo-blocks
     refit-bench plan --preset deepseek-v3-nemo --row-blocks 32 --engine-replicas 1
+    refit-bench plan --preset deepseek-v3-nemo-blocks kimi-k2-miles --from-reader
     refit-bench plan --preset kimi-k2-pplx deepseek-v3-nemo kimi-k2-miles --json out.json --plot out.png
     refit-bench plan --model llama-3-70b --trainer-tp 8 --trainer-pp 4 --trainer-dp 4 --engine-tp 8 --engine-replicas 8
 """
@@ -36,6 +39,8 @@ from refit.plan.planner import MAX_OVERREAD
 from refit.plan.targets import Scheme
 from refit_bench.cluster_model import EngineFleet, Fabric, Traffic, simulate
 from refit_bench.plan_presets import PRESETS, Scenario
+from refit_bench.reader_sources import reader_sources
+from refit_bench.reader_sources import supports as supports_reader
 from refit_bench.trainer_sources import (
     TrainerLayout,
     available_models,
@@ -43,6 +48,7 @@ from refit_bench.trainer_sources import (
     mirror_bytes,
     model_bytes,
     synthesize_sources,
+    tensors_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,6 +88,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=MAX_OVERREAD,
         help=f"staging the planner may add for enclosing blocks, per needed byte (default {MAX_OVERREAD:g})",
+    )
+    p.add_argument(
+        "--from-reader",
+        action="store_true",
+        help="trainer descriptors from refit.megatron's reader over a meta-device GPTModel (MLA models; "
+        "default: the synthetic generator)",
     )
     p.add_argument("--colocated", action="store_true", help="trainer and engine GPU i share a node")
     p.add_argument("--no-stripe", action="store_true", help="only the first-replica row (no striping)")
@@ -145,7 +157,14 @@ def _row(label: str, traffic: Traffic, fabric: Fabric) -> dict[str, Any]:
 
 def run_scenario(s: Scenario, args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(s.model)
-    meta, sources = synthesize_sources(cfg, s.trainer, linear_dtype=s.linear_dtype)
+    if args.from_reader:
+        if not supports_reader(cfg):
+            raise SystemExit(f"refit-bench plan --from-reader: {s.model} is not a multi-latent attention model")
+        meta, sources, tensors = reader_sources(cfg, s.trainer, linear_dtype=s.linear_dtype)
+        full_bytes = tensors_bytes(tensors)
+    else:
+        meta, sources = synthesize_sources(cfg, s.trainer, linear_dtype=s.linear_dtype)
+        full_bytes = model_bytes(cfg, linear_dtype=s.linear_dtype)
     fabric = Fabric(
         nic_gbps=args.nic_gbps, nvlink_gbps=args.nvlink_gbps, colocated=args.colocated,
         nic_descriptor_us=args.descriptor_us,
@@ -184,7 +203,10 @@ def run_scenario(s: Scenario, args: argparse.Namespace) -> dict[str, Any]:
             "describe": s.engine.describe(),
         },
         "fabric": asdict(fabric),
-        "model_bytes": model_bytes(cfg, linear_dtype=s.linear_dtype),
+        "trainer_sources": "reader" if args.from_reader else "synthetic",
+        "trainer_descriptors": sum(len(src.tensors) for src in sources),
+        "trainer_published_bytes": sum(d.nbytes for src in sources for d in src.tensors),
+        "model_bytes": full_bytes,
         "trainer_mirror_bytes_max": max(mirror_bytes(sources)),
         "exact": args.exact,
         "max_overread": args.max_overread,
@@ -202,6 +224,8 @@ def print_table(result: dict[str, Any]) -> None:
     a = result["anchor"]
     print(f"\n== {result['scenario']}: {result['model']} ({result['wire_dtype']} GEMM weights on the wire)")
     print(f"   trainer {result['trainer']['describe']}  ->  engine {result['engine']['describe']}")
+    print(f"   trainer descriptors ({result['trainer_sources']}): {result['trainer_descriptors']:,} in all, "
+          f"{result['trainer_published_bytes'] / GB:.2f} GB published over all ranks")  # fmt: skip
     if result["trainer_mirror_bytes_max"]:
         print(f"   trainer memory for column blocks (a live publisher's mirror): up to "
               f"{result['trainer_mirror_bytes_max'] / GB:.2f} GB per rank")  # fmt: skip

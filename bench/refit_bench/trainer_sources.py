@@ -8,6 +8,9 @@ shards packed back to back. Covered: GQA attention (fused QKV, optional q/k norm
 and gated MLPs, dense-first layers (`first_k_dense_replace`), MoE layers with router (and its
 expert bias), shared experts and routed experts (TEGroupedMLP names, one global tensor per expert).
 
+`shard_sources` cuts any list of global tensors into per-rank records; `reader_sources` feeds it the
+tensors refit's own Megatron reader finds in a meta-device GPTModel instead (`plan --from-reader`).
+
 Rank order is Megatron's default: dense `tp-cp-ep-dp-pp` (TP fastest) and expert `tp-ep-dp-pp`.
 Context parallelism only adds weight copies, so fold it into `dp`.
 
@@ -103,7 +106,7 @@ class TrainerLayout:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Tensor:
+class GlobalTensor:
     """One global tensor of the model, before sharding."""
 
     name: str
@@ -140,10 +143,16 @@ def model_meta(cfg: dict[str, Any], *, tp: int = 1) -> ModelMeta:
         padded_vocab_size=math.ceil(cfg["vocab_size"] / multiple) * multiple,
         vocab_size=cfg["vocab_size"],
         tied_embeddings=cfg.get("tie_word_embeddings", False),
-        qk_layernorm=cfg.get("qk_layernorm", False),
+        # MLA's q / kv latent norms are what Megatron's `qk_layernorm` builds (the reader reports it so).
+        qk_layernorm=cfg.get("qk_layernorm", False) or mla,
         num_experts=cfg.get("n_routed_experts", cfg.get("num_experts", 0)),
         moe_ffn_hidden_size=cfg.get("moe_intermediate_size", 0),
         params_dtype=cfg.get("torch_dtype", "bfloat16"),
+        q_lora_rank=(cfg.get("q_lora_rank") or 0) if mla else 0,
+        kv_lora_rank=cfg["kv_lora_rank"] if mla else 0,
+        qk_nope_head_dim=cfg["qk_nope_head_dim"] if mla else 0,
+        qk_rope_head_dim=cfg["qk_rope_head_dim"] if mla else 0,
+        v_head_dim=cfg["v_head_dim"] if mla else 0,
     )
 
 
@@ -175,7 +184,7 @@ def _attention(cfg: dict[str, Any], p: str, dt: str, lin: str) -> list[tuple[str
     return [*out, (f"{p}self_attention.linear_proj.weight", Role.ROW, (h, nh * d), lin)]
 
 
-def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = None) -> list[_Tensor]:
+def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = None) -> list[GlobalTensor]:
     """Every global tensor of the model, in publishing order, with its pipeline stage."""
     dt = cfg.get("torch_dtype", "bfloat16")
     lin = linear_dtype or dt
@@ -184,7 +193,7 @@ def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = N
     moe_ffn, shared = cfg.get("moe_intermediate_size", 0), cfg.get("n_shared_experts", 0)
     dense_first = cfg.get("first_k_dense_replace", 0) if experts else cfg["num_hidden_layers"]
     out = [
-        _Tensor(
+        GlobalTensor(
             name="embedding.word_embeddings.weight", role=Role.VOCAB_PARALLEL, shape=(vocab_rows, h), dtype=dt, stage=0
         )
     ]
@@ -217,11 +226,11 @@ def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = N
                         ),
                         (f"{p}mlp.shared_experts.linear_fc2.weight", Role.ROW, (h, shared * moe_ffn), lin),
                     ]
-            out += [_Tensor(name=n, role=r, shape=s, dtype=d, stage=stage) for n, r, s, d in rows]
+            out += [GlobalTensor(name=n, role=r, shape=s, dtype=d, stage=stage) for n, r, s, d in rows]
             if layer >= dense_first:
                 for e in range(experts):
                     out += [
-                        _Tensor(
+                        GlobalTensor(
                             name=f"{p}mlp.experts.linear_fc1.weight{e}",
                             role=Role.EXPERT_GATED_COLUMN,
                             shape=(2 * moe_ffn, h),
@@ -229,7 +238,7 @@ def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = N
                             stage=stage,
                             expert=e,
                         ),
-                        _Tensor(
+                        GlobalTensor(
                             name=f"{p}mlp.experts.linear_fc2.weight{e}",
                             role=Role.EXPERT_ROW,
                             shape=(h, moe_ffn),
@@ -240,21 +249,30 @@ def global_tensors(cfg: dict[str, Any], pp: int, *, linear_dtype: str | None = N
                     ]
             layer += 1
     last = pp - 1
-    out.append(_Tensor(name="decoder.final_layernorm.weight", role=Role.REPLICATED, shape=(h,), dtype=dt, stage=last))
+    out.append(
+        GlobalTensor(name="decoder.final_layernorm.weight", role=Role.REPLICATED, shape=(h,), dtype=dt, stage=last)
+    )
     if not cfg.get("tie_word_embeddings", False):
         out.append(
-            _Tensor(name="output_layer.weight", role=Role.VOCAB_PARALLEL, shape=(vocab_rows, h), dtype=dt, stage=last)
+            GlobalTensor(
+                name="output_layer.weight", role=Role.VOCAB_PARALLEL, shape=(vocab_rows, h), dtype=dt, stage=last
+            )
         )
     return out
 
 
-def _nbytes(t: _Tensor) -> int:
+def _nbytes(t: GlobalTensor) -> int:
     return math.prod(t.shape) * DTYPE_SIZES[t.dtype]
 
 
 def model_bytes(cfg: dict[str, Any], *, linear_dtype: str | None = None) -> int:
     """Bytes of one full copy of the model (padded vocabulary rows included)."""
-    return sum(_nbytes(t) for t in global_tensors(cfg, 1, linear_dtype=linear_dtype))
+    return tensors_bytes(global_tensors(cfg, 1, linear_dtype=linear_dtype))
+
+
+def tensors_bytes(tensors: list[GlobalTensor]) -> int:
+    """Bytes of one copy of these global tensors."""
+    return sum(_nbytes(t) for t in tensors)
 
 
 def synthesize_sources(
@@ -262,7 +280,14 @@ def synthesize_sources(
 ) -> tuple[ModelMeta, list[SourceRecord]]:
     """The ModelMeta and one SourceRecord per trainer rank of `layout`."""
     tensors = global_tensors(cfg, layout.pp, linear_dtype=linear_dtype)
-    meta = model_meta(cfg, tp=layout.tp)
+    return shard_sources(tensors, model_meta(cfg, tp=layout.tp), layout)
+
+
+def shard_sources(
+    tensors: list[GlobalTensor], meta: ModelMeta, layout: TrainerLayout
+) -> tuple[ModelMeta, list[SourceRecord]]:
+    """One SourceRecord per trainer rank of `layout`, cut from the model's global tensors (each with its
+    stage and, for routed experts, its global expert id) with the library's own shard formula."""
     if meta.num_experts and meta.num_experts % layout.ep:
         raise ConfigError(f"{meta.num_experts} experts do not split over trainer EP {layout.ep}")
     per_ep = meta.num_experts // layout.ep if meta.num_experts else 0
@@ -270,12 +295,14 @@ def synthesize_sources(
         tensors = [
             t
             if t.role is not Role.VOCAB_PARALLEL
-            else _Tensor(
+            else GlobalTensor(
                 name=t.name, role=t.role, shape=(meta.padded_vocab_size, t.shape[1]), dtype=t.dtype, stage=t.stage
             )
             for t in tensors
         ]
-    by_stage: list[list[_Tensor]] = [[] for _ in range(layout.pp)]
+    if any(t.stage >= layout.pp for t in tensors):
+        raise ConfigError(f"tensors are placed on more than the layout's {layout.pp} pipeline stages")
+    by_stage: list[list[GlobalTensor]] = [[] for _ in range(layout.pp)]
     for t in tensors:
         by_stage[t.stage].append(t)
     sources = []

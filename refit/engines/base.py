@@ -123,7 +123,12 @@ class TensorSpec:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What `Receiver` needs from an inference engine rank."""
+    """What `Receiver` needs from an inference engine rank.
+
+    An engine may also have `destinations() -> Mapping[str, torch.Tensor]`: the live tensors its
+    `install` writes, by the names of `expected()`. A receiver then streams refits through a bounded
+    staging window and reads contiguous runs straight into them (`destinations_of`).
+    """
 
     def spec(self) -> EngineSpec: ...
 
@@ -133,6 +138,18 @@ class Engine(Protocol):
     def device(self) -> torch.device: ...
 
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+
+def destinations_of(engine: Engine) -> dict[str, torch.Tensor] | None:
+    """The engine's live tensors by name, if it exposes `destinations()` (then it takes streamed
+    installs and direct reads); ConfigError if they are not exactly the tensors it `expected()`."""
+    get = getattr(engine, "destinations", None)
+    if get is None:
+        return None
+    dests = dict(get())
+    if set(dests) != set(engine.expected()):
+        raise ConfigError(f"{type(engine).__name__}.destinations() and expected() name different tensors")
+    return dests
 
 
 def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:

@@ -13,7 +13,6 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -70,7 +69,6 @@ DEFAULT_PROGRESS_DELAY_US = 1000
 # READ polling: spin briefly, then back off to this; most reads finish well under a millisecond per MB.
 _POLL_STEP_S = 0.00005
 _POLL_MAX_S = 0.002
-MAX_PREPARED = 512  # finished transfers kept for reposting (two staging slots x chunks x trainer ranks)
 
 
 def progress_delay_us(environ: dict[str, str] | None = None) -> int:
@@ -138,9 +136,6 @@ class NixlAgent:
         self._registrations: dict[tuple[int, int, str, int], Any] = {}
         self._remotes: dict[str, bytes] = {}
         self._abandoned: list[Any] = []  # handles of failed reads still in progress (see `in_flight`)
-        # Finished transfers kept for reposting: creating one costs ~0.5 ms, and a refit posts the
-        # same transfers again (same ranges, same peers) every time. Keyed by what they move.
-        self._prepared: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._closed = False
         self.num_registrations = 0  # lifetime count, so callers can prove reuse
 
@@ -166,7 +161,6 @@ class NixlAgent:
         with self._lock:
             handle = self._registrations.pop((addr, nbytes, device, device_id), None)
             if handle is not None:
-                self._forget_prepared()  # a kept transfer may target this memory
                 self._agent.deregister_memory(handle)
 
     def metadata(self) -> bytes:
@@ -183,7 +177,6 @@ class NixlAgent:
                 return
             try:
                 if known is not None:
-                    self._forget_prepared(agent_name)  # kept transfers hold the peer's old keys
                     self._agent.remove_remote_agent(agent_name)
                 added = self._agent.add_remote_agent(metadata)
             except Exception as exc:
@@ -204,16 +197,13 @@ class NixlAgent:
         """Pull every job (one remote agent each) as one NIXL transfer per job, all in flight at once.
 
         Returns the number of descriptors posted after merging. Raises TransportError (or
-        TransferTimeoutError when the deadline passes). Finished transfers are kept (at most
-        `MAX_PREPARED`) and posted again when the same job comes back, as every refit of an unchanged
-        plan does; they are dropped when local memory is deregistered or a peer's metadata changes,
-        and on close. A failed
+        TransferTimeoutError when the deadline passes). Finished handles are released. A failed
         read may leave transfers in progress: releasing their handles does not stop them (measured
         with UCX over TCP: a timed-out READ released here still wrote all its bytes once the remote
         resumed), so those handles are kept and `in_flight()` says when their writes have ended;
         until then the caller must neither reuse nor free the local memory they target.
         """
-        posted: list[tuple[Any, ReadJob, int, tuple[Any, ...]]] = []
+        posted: list[tuple[Any, ReadJob, int]] = []
         total = 0
         deadline = time.monotonic() + timeout_s
         finished = False
@@ -224,25 +214,19 @@ class NixlAgent:
                     continue
                 arr = np.asarray(ranges, dtype=np.uint64)
                 n = len(arr)
-                key = (job.agent_name, job.local_device, job.local_device_id, job.remote_device,
-                       job.remote_device_id, arr.tobytes())  # fmt: skip
+                local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
+                remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
                 with self._lock:
-                    handle = self._prepared.pop(key, None)
-                    if handle is None or not self._repost(handle, job.agent_name):
-                        local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
-                        remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
-                        handle = self._start_read(job.agent_name, local, remote, job.local_device, job.remote_device)
-                posted.append((handle, job, int(arr[:, 2].sum()), key))
+                    handle = self._start_read(job.agent_name, local, remote, job.local_device, job.remote_device)
+                posted.append((handle, job, int(arr[:, 2].sum())))
                 total += n
-            for handle, job, nbytes, _ in posted:
+            for handle, job, nbytes in posted:
                 self._wait(handle, job.agent_name, deadline, nbytes)
             finished = True
         finally:
             with self._lock:
-                for handle, _, _, key in posted:
-                    if finished:
-                        self._keep(key, handle)
-                    elif self._settled(handle):
+                for handle, _, _ in posted:
+                    if finished or self._settled(handle):
                         self._release(handle)
                     else:
                         self._abandoned.append(handle)
@@ -299,25 +283,6 @@ class NixlAgent:
                 time.sleep(sleep)
             sleep = min(_POLL_MAX_S, sleep + _POLL_STEP_S)
 
-    def _repost(self, handle: Any, agent_name: str) -> bool:
-        """Post a kept transfer again; False (and released) if NIXL refuses it."""
-        try:
-            if self._agent.transfer(handle) != "ERR":
-                return True
-        except Exception:  # a kept handle NIXL no longer accepts: make a fresh one
-            logger.debug("reposting a READ from %s failed", agent_name, exc_info=True)
-        self._release(handle)
-        return False
-
-    def _keep(self, key: tuple[Any, ...], handle: Any) -> None:
-        self._prepared[key] = handle
-        while len(self._prepared) > MAX_PREPARED:
-            self._release(self._prepared.popitem(last=False)[1])
-
-    def _forget_prepared(self, agent_name: str | None = None) -> None:
-        for key in [k for k in self._prepared if agent_name is None or k[0] == agent_name]:
-            self._release(self._prepared.pop(key))
-
     def _settled(self, handle: Any) -> bool:
         """Whether a transfer has ended (done, failed, or its remote gone): no more bytes will land."""
         try:
@@ -348,7 +313,6 @@ class NixlAgent:
             for handle in self._abandoned:
                 self._release(handle)
             self._abandoned.clear()
-            self._forget_prepared()
             for name in list(self._remotes):
                 try:
                     self._agent.remove_remote_agent(name)
