@@ -43,6 +43,7 @@ import torch
 from refit.dtypes import dtype_name
 from refit.errors import ConfigError
 from refit.types import ModelMeta, Role, SourceRecord
+from refit_bench.mla_cpu import cpu_current_device, mla_local_spec
 from refit_bench.trainer_sources import VOCAB_DIVISIBLE_BY, GlobalTensor, TrainerLayout, shard_sources, stage_layers
 
 logger = logging.getLogger(__name__)
@@ -79,38 +80,6 @@ def _world_of_one() -> Iterator[None]:
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def _cpu_current_device() -> Iterator[None]:
-    """megatron-core 0.16.1's RotaryEmbedding asks `torch.cuda.current_device()` for its `inv_freq`
-    (a few floats) whatever the initialisation; on a CPU-only torch that raises. Answer "cpu" while
-    the model is built, and restore the real function after."""
-    if torch.cuda.is_available():
-        yield
-        return
-    real = torch.cuda.current_device
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = real  # type: ignore[assignment]
-
-
-def _mla_core_attention() -> type:
-    """The local core attention given MLA's `k_channels` / `v_channels` keywords, which megatron-core
-    0.16.1's local `DotProductAttention` does not take (only TE's does). The same shim as the test
-    trainers' (tests/support/megatron_mla.py), copied because bench must not import tests; no forward
-    runs here, so only the constructor matters."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    class MLADotProductAttention(DotProductAttention):
-        def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kw: Any):
-            super().__init__(*args, **kw)
-            if v_channels is not None:
-                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
-
-    return MLADotProductAttention
 
 
 def _config(cfg: dict[str, Any]) -> Any:
@@ -179,19 +148,12 @@ def _config(cfg: dict[str, Any]) -> Any:
 def build_meta_model(cfg: dict[str, Any], *, padded_vocab: int) -> torch.nn.Module:
     """A whole GPTModel of `cfg` on the meta device (call inside a world of one)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer import multi_latent_attention
 
     if not supports(cfg):
         raise ConfigError(f"the reader path builds multi-latent attention models; {cfg.get('model_type')} is not one")
-    # Without TE, megatron.core.extensions.transformer_engine imports with MagicMock stand-ins, so the MLA
-    # module believes TE is there and `isinstance(..., TELinear)` fails. This build uses no TE: say so.
-    multi_latent_attention.HAVE_TE = False
     config = _config(cfg)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    for layer_spec in spec.layer_specs:
-        layer_spec.submodules.self_attention.submodules.core_attention = _mla_core_attention()
-    with _cpu_current_device(), torch.device("meta"):
+    spec = mla_local_spec(config)  # local spec without TE, MLA-aware core attention
+    with cpu_current_device(), torch.device("meta"):
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -1,8 +1,9 @@
-"""Synthetic Llama-shaped Megatron models, dense or mixture-of-experts, for the demo and the benchmarks
-(no weights downloaded)."""
+"""Synthetic Megatron models for the demo and the benchmarks (no weights downloaded): Llama-shaped,
+dense or mixture-of-experts, and DeepSeek-V3-shaped (multi-latent attention, DeepSeek MoE)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,13 @@ import torch
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Shape:
     """A Llama-style decoder shape; with `num_experts`, every layer's MLP is a MoE of gated experts
-    (Mixtral / Qwen3-MoE style: router, `num_experts` experts of `moe_ffn_hidden_size`, no shared one)."""
+    (Mixtral / Qwen3-MoE style: router, `num_experts` experts of `moe_ffn_hidden_size`, no shared one).
+
+    With `kv_lora_rank`, a DeepSeek-V3-architecture shape: multi-latent attention (q / kv down
+    projections of `q_lora_rank` / `kv_lora_rank`, per-head `qk_nope_head_dim` + `qk_rope_head_dim`
+    query/key dims and `v_head_dim` values), the first `dense_layers` layers dense, the rest DeepSeek
+    MoE (sigmoid router with an expert bias, `shared_experts` shared experts beside the routed ones).
+    """
 
     name: str
     num_layers: int
@@ -24,13 +31,26 @@ class Shape:
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
     moe_topk: int = 2
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    dense_layers: int = 0
+    shared_experts: int = 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
     def kv_channels(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.v_head_dim if self.mla else self.hidden_size // self.num_attention_heads
 
     @property
     def num_params(self) -> int:
+        if self.mla:
+            return self._mla_params()
         h, d = self.hidden_size, self.kv_channels
         qkv = (self.num_attention_heads + 2 * self.num_query_groups) * d * h
         mlp = 3 * self.ffn_hidden_size * h
@@ -38,6 +58,21 @@ class Shape:
             mlp = self.num_experts * (3 * self.moe_ffn_hidden_size * h + h)  # experts and router rows
         layer = qkv + self.num_attention_heads * d * h + mlp + 2 * h
         return self.num_layers * layer + 2 * self.vocab_size * h + h
+
+    def _mla_params(self) -> int:
+        h, heads, qk = self.hidden_size, self.num_attention_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+        attn = (
+            h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * heads * qk  # q down, norm, up
+            + h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank  # kv down, norm
+            + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)  # kv up
+            + heads * self.v_head_dim * h  # output projection
+        )  # fmt: skip
+        dense = 3 * self.ffn_hidden_size * h
+        experts = self.num_experts + self.shared_experts
+        moe = experts * 3 * self.moe_ffn_hidden_size * h + self.num_experts * h  # experts and router rows
+        moe_layers = self.num_layers - self.dense_layers
+        per_layer = attn + 2 * h
+        return self.num_layers * per_layer + self.dense_layers * dense + moe_layers * moe + 2 * self.vocab_size * h + h
 
 
 SHAPES = {
@@ -63,6 +98,13 @@ SHAPES = {
         # Qwen3-30B-A3B's layer shapes (128 experts of 768, top 8) with 12 of its 48 layers: 16 GB of bf16.
         Shape(name="qwen3-30b-a3b-12l", num_layers=12, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
               ffn_hidden_size=6144, vocab_size=151936, num_experts=128, moe_ffn_hidden_size=768, moe_topk=8),
+        # DeepSeek-V3's architecture at a CPU size: MLA (q/kv LoRA ranks, nope + rope query/key dims),
+        # one dense first layer, then MoE layers of 8 routed experts (top 2) and 1 shared expert,
+        # sigmoid router with expert bias. 19.3M parameters, 39 MB of bf16.
+        Shape(name="deepseek-v3-tiny", num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=8,
+              ffn_hidden_size=1024, vocab_size=4096, num_experts=8, moe_ffn_hidden_size=256, moe_topk=2,
+              q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+              dense_layers=1, shared_experts=1),
     )
 }  # fmt: skip
 
@@ -94,11 +136,14 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from refit_bench.mla_cpu import cpu_current_device, mla_local_spec
 
     if device == "cuda":
         model_parallel_cuda_manual_seed(1234)  # GPU initialisation draws from Megatron's RNG tracker
 
-    config = TransformerConfig(
+    config = (MLATransformerConfig if shape.mla else TransformerConfig)(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
@@ -124,21 +169,25 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         **_moe_config(shape),
+        **_mla_config(shape),
     )
-    if shape.num_experts:  # one spec per layer: the MoE layers' MLP is a MoELayer
+    if shape.mla:  # local spec made buildable without TE, one spec per layer (dense first, then MoE)
+        spec = mla_local_spec(config)
+    elif shape.num_experts:  # one spec per layer: the MoE layers' MLP is a MoELayer
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=shape.vocab_size,
-        max_sequence_length=4096,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-    )
+    with cpu_current_device() if device == "cpu" else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=shape.vocab_size,
+            max_sequence_length=4096,
+            pre_process=ps.is_pipeline_first_stage(),
+            post_process=ps.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+        )
     if device == "cuda":
         model = model.cuda()  # the MoE router creates its weight on the CPU whatever the initialisation
     # Megatron's Float16Module would cast every parameter (norms too) to the training dtype.
@@ -165,8 +214,35 @@ def _moe_config(shape: Shape) -> dict[str, Any]:
     }
 
 
+def _mla_config(shape: Shape) -> dict[str, Any]:
+    """MLA and DeepSeek-MoE fields of the MLATransformerConfig (the reader infers `deepseek_v3`).
+
+    Real q / kv latent norms (`qk_layernorm`; identity otherwise), plain RoPE over the rope dims,
+    dense first layers by `moe_layer_freq`, a sigmoid router with an expert bias (an fp32 buffer the
+    publisher serves too) and the shared expert. Routing options that change no tensor are left out."""
+    if not shape.mla:
+        return {}
+    moe_layers = shape.num_layers - shape.dense_layers
+    return {
+        "q_lora_rank": shape.q_lora_rank or None,
+        "kv_lora_rank": shape.kv_lora_rank,
+        "qk_head_dim": shape.qk_nope_head_dim,
+        "qk_pos_emb_head_dim": shape.qk_rope_head_dim,
+        "v_head_dim": shape.v_head_dim,
+        "qk_layernorm": True,
+        "rope_type": "rope",
+        "rotary_scaling_factor": 1.0,
+        "moe_layer_freq": [0] * shape.dense_layers + [1] * moe_layers,
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "moe_shared_expert_intermediate_size": shape.shared_experts * shape.moe_ffn_hidden_size or None,
+    }
+
+
 def hf_engine_model(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
     """An HF LlamaForCausalLM of `shape` (random weights) to refit into."""
+    if shape.mla:
+        raise ValueError(f"{shape.name} is a DeepSeek-V3-architecture shape: no Llama engine model for it")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(

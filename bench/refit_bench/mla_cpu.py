@@ -1,0 +1,63 @@
+"""What megatron-core 0.16.1 needs to build a multi-latent attention GPTModel without CUDA or Transformer
+Engine, for the bench (`reader_sources` on the meta device, `synthetic.build_gpt` on CPU).
+
+The same choices as the test trainers' (tests/support/megatron_mla.py), kept here because bench must
+not import tests; the library itself never patches Megatron. megatron-core is imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def cpu_current_device() -> Iterator[None]:
+    """megatron-core 0.16.1's RotaryEmbedding asks `torch.cuda.current_device()` for its `inv_freq`
+    (a few floats) whatever the initialisation; on a CPU-only torch that raises. Answer "cpu" while
+    the model is built, and restore the real function after."""
+    if torch.cuda.is_available():
+        yield
+        return
+    real = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = real  # type: ignore[assignment]
+
+
+def mla_core_attention() -> type:
+    """The local core attention given MLA's `k_channels` / `v_channels` keywords, which megatron-core
+    0.16.1's local `DotProductAttention` does not take (only TE's does). Its forward already handles
+    k and v head sizes that differ except for the output width, taken from `kv_channels`: set here
+    from `v_channels`."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kw: Any):
+            super().__init__(*args, **kw)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return MLADotProductAttention
+
+
+def mla_local_spec(config: Any) -> Any:
+    """The local-spec decoder block of an MLATransformerConfig, made buildable without TE.
+
+    Without TE, `megatron.core.extensions.transformer_engine` still imports (with MagicMock stand-ins),
+    so the MLA module believes TE is there and `isinstance(..., TELinear)` fails: this build uses no
+    TE, say so (process-wide, idempotent). Every layer gets the MLA-aware core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    core = mla_core_attention()
+    for layer_spec in spec.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = core
+    return spec
