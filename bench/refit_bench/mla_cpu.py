@@ -14,6 +14,27 @@ from typing import Any
 import torch
 
 
+def local_cpu_fields() -> dict[str, Any]:
+    """TransformerConfig fields of a Llama-style model built with the local spec on a machine without
+    TE or fused kernels: RMSNorm, SwiGLU, no biases or dropout, every fusion off."""
+    import torch.nn.functional as F
+
+    return dict(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
 @contextlib.contextmanager
 def cpu_current_device() -> Iterator[None]:
     """megatron-core 0.16.1's RotaryEmbedding asks `torch.cuda.current_device()` for its `inv_freq`

@@ -43,7 +43,7 @@ import torch
 from refit.dtypes import dtype_name
 from refit.errors import ConfigError
 from refit.types import ModelMeta, Role, SourceRecord
-from refit_bench.mla_cpu import cpu_current_device, mla_local_spec
+from refit_bench.mla_cpu import cpu_current_device, local_cpu_fields, mla_local_spec
 from refit_bench.trainer_sources import VOCAB_DIVISIBLE_BY, GlobalTensor, TrainerLayout, shard_sources, stage_layers
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,6 @@ def _world_of_one() -> Iterator[None]:
 def _config(cfg: dict[str, Any]) -> Any:
     """The MLATransformerConfig of a DeepSeek-V3-architecture HF config (shapes only: routing options
     that do not change a tensor are left at what builds on CPU)."""
-    import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     layers, experts = cfg["num_hidden_layers"], cfg.get("n_routed_experts", 0)
@@ -122,18 +121,7 @@ def _config(cfg: dict[str, Any]) -> Any:
         qk_layernorm=True,  # real q / kv latent norms in the local spec (identity otherwise)
         rope_type="rope",
         rotary_scaling_factor=1.0,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **local_cpu_fields(),
         # CPU initialisation allocates through the default device (meta here); it also sets the TP
         # attributes the reader reads roles from, which `perform_initialization=False` would skip.
         use_cpu_initialization=True,

@@ -130,7 +130,6 @@ def init_trainer_rank(
 
 def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Any:
     """A Megatron-Core GPTModel of `shape` for this rank's TP/PP coordinates (random weights)."""
-    import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -138,7 +137,7 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from refit_bench.mla_cpu import cpu_current_device, mla_local_spec
+    from refit_bench.mla_cpu import cpu_current_device, local_cpu_fields, mla_local_spec
 
     if device == "cuda":
         model_parallel_cuda_manual_seed(1234)  # GPU initialisation draws from Megatron's RNG tracker
@@ -150,18 +149,7 @@ def build_gpt(shape: Shape, *, dtype: torch.dtype = torch.bfloat16, device: str 
         num_query_groups=shape.num_query_groups,
         kv_channels=shape.kv_channels,
         ffn_hidden_size=shape.ffn_hidden_size,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **local_cpu_fields(),
         use_cpu_initialization=device == "cpu",
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -8,60 +8,22 @@ in-place `load` of a second version, the PP / VPP layer placement, and the train
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from tests.support import hf_models as hm
 from tests.support.cluster import ClusterError, TrainerCluster
+from tests.support.ground_truth import OPS, Build, builder, hf_logits, max_diff, megatron_logits, write_state
 
-OPS = "tests.support.trainer_ops"
-TOKENS = [[1, 5, 9, 2, 7, 3, 11, 4, 250, 0, 17, 42], [3, 3, 8, 200, 6, 1, 2, 77, 5, 9, 511, 13]]
 ATOL = {"float32": 1e-4, "bfloat16": 3e-2}  # bf16: a few ulps at |logit| ~ 1
-_keys = itertools.count()
-
-
-def write_state(sd: dict[str, torch.Tensor], path: Path) -> str:
-    save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(path))
-    return str(path)
-
-
-def hf_logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.float()
-
-
-def megatron_logits(cluster: TrainerCluster, key: str) -> list[torch.Tensor]:
-    """One logits tensor per data-parallel replica (from its TP rank 0)."""
-    out = cluster.run(f"{OPS}:logits", key=key, tokens=TOKENS)
-    got = [t for t in out if t is not None]
-    assert got, "no rank returned logits"
-    return got
-
-
-def max_diff(got: list[torch.Tensor], want: torch.Tensor) -> float:
-    assert all(g.shape == want.shape for g in got), ([g.shape for g in got], want.shape)
-    return max(float((g - want).abs().max()) for g in got)
 
 
 @pytest.fixture
-def built(trainer_cluster: TrainerCluster, tmp_path: Path):
+def built(trainer_cluster: TrainerCluster, tmp_path: Path) -> Iterator[Build]:
     """Build models on the shared cluster; drop them afterwards."""
-    keys: list[str] = []
-
-    def build(case: hm.ModelCase, hf_sd: dict[str, torch.Tensor], **layout: int | None) -> tuple[str, list[dict]]:
-        key = f"gt-{case.id}-{next(_keys)}"
-        path = write_state(hf_sd, tmp_path / f"{key}.safetensors")
-        summaries = trainer_cluster.run(f"{OPS}:build", key=key, case=case.id, hf_path=path, **layout)
-        keys.append(key)
-        return key, summaries
-
-    yield build
-    for key in keys:
-        trainer_cluster.run(f"{OPS}:drop", key=key)
+    yield from builder(trainer_cluster, tmp_path, "gt")
 
 
 LOGIT_CASES = [

@@ -13,33 +13,20 @@ the suite after them ran 29 minutes instead of 11. The last test checks nothing 
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tests.support import hf_models as hm
 from tests.support.cluster import ClusterError, TrainerCluster
+from tests.support.ground_truth import OPS, Build, builder, hf_logits, max_diff, megatron_logits, write_state
 
-OPS = "tests.support.trainer_ops"
-TOKENS = [[1, 5, 9, 2, 7, 3, 11, 4, 250, 0, 17, 42], [3, 3, 8, 200, 6, 1, 2, 77, 5, 9, 511, 13]]
 ATOL = {"float32": 1e-4, "bfloat16": 3e-2}
 # k-th vs (k+1)-th router logit (|router logits| ~ 10): far above the fp32 rounding noise between HF
 # and Megatron (~1e-5), so no token can pick other experts. The MoE cases are fp32 (see hf_models).
 MIN_ROUTER_MARGIN = 1e-3
-_keys = itertools.count()
-
-
-def write_state(sd: dict[str, torch.Tensor], path: Path) -> str:
-    save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(path))
-    return str(path)
-
-
-def hf_logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.float()
 
 
 def router_margins(model: torch.nn.Module, topk: int) -> list[float]:
@@ -60,11 +47,6 @@ def router_margins(model: torch.nn.Module, topk: int) -> list[float]:
     return [float((s[:, topk - 1] - s[:, topk]).min()) for s in seen]
 
 
-def max_diff(got: list[torch.Tensor], want: torch.Tensor) -> float:
-    assert all(g.shape == want.shape for g in got), ([g.shape for g in got], want.shape)
-    return max(float((g - want).abs().max()) for g in got)
-
-
 def expert_coords(rank: int, *, ep: int, etp: int, pp: int, world: int) -> tuple[int, int, int, int]:
     """(etp, ep, edp, pp) rank of a global rank: Megatron's expert RankGenerator, order tp-cp-ep-dp-pp,
     with ETP in the tp slot: rank = etp + ETP * (ep + EP * (edp + EDP * pp))."""
@@ -73,19 +55,9 @@ def expert_coords(rank: int, *, ep: int, etp: int, pp: int, world: int) -> tuple
 
 
 @pytest.fixture
-def built(trainer_cluster: TrainerCluster, tmp_path: Path):
-    keys: list[str] = []
-
-    def build(case: hm.ModelCase, hf_sd: dict[str, torch.Tensor], **layout: int | None) -> tuple[str, list[dict]]:
-        key = f"gt-moe-{case.id}-{next(_keys)}"
-        path = write_state(hf_sd, tmp_path / f"{key}.safetensors")
-        summaries = trainer_cluster.run(f"{OPS}:build", key=key, case=case.id, hf_path=path, **layout)
-        keys.append(key)
-        return key, summaries
-
-    yield build
-    for key in keys:
-        trainer_cluster.run(f"{OPS}:drop", key=key)
+def built(trainer_cluster: TrainerCluster, tmp_path: Path) -> Iterator[Build]:
+    """Build models on the shared cluster; drop them afterwards."""
+    yield from builder(trainer_cluster, tmp_path, "gt-moe")
 
 
 LAYOUTS = [
@@ -127,7 +99,7 @@ def test_moe_megatron_logits_match_hf_for_two_versions(
     assert min(router_margins(v1, case.moe_topk)) > MIN_ROUTER_MARGIN
     atol = ATOL[case.dtype]
     want1 = hf_logits(v1)
-    got1 = [t for t in trainer_cluster.run(f"{OPS}:logits", key=key, tokens=TOKENS) if t is not None]
+    got1 = megatron_logits(trainer_cluster, key)
     assert len(got1) == world // (tp * pp)  # one per data-parallel replica
     assert max_diff(got1, want1) <= atol
 
@@ -141,7 +113,7 @@ def test_moe_megatron_logits_match_hf_for_two_versions(
     for stage in range(pp):  # every replica of a stage updates the same number of parameters
         assert len({r["updated"] for r, s in zip(loaded, summaries, strict=True) if s["pp_rank"] == stage}) == 1
     want2 = hf_logits(v2)
-    got2 = [t for t in trainer_cluster.run(f"{OPS}:logits", key=key, tokens=TOKENS) if t is not None]
+    got2 = megatron_logits(trainer_cluster, key)
     assert max_diff(got2, want2) <= atol
     assert max_diff(got2, want1) > 0.1 > 3 * atol
 

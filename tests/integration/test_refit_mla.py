@@ -26,7 +26,6 @@ from tests.support.cluster import TrainerCluster
 from tests.support.refit_harness import OPS, assert_same_logits, write_state
 
 ENGINE = "tests.support.engine_ops"
-MLA_ENGINE = "tests.support.mla_engine_ops"
 
 
 def _layout(case: hm.ModelCase, tp: int, ep: int, etp: int, pp: int):
@@ -113,7 +112,7 @@ def test_megatron_engine_pulls_only_its_slices_and_experts(trainer, catalog, eng
     state = _state(t.hf)
     model_bytes = sum(v.numel() * v.element_size() for v in state.values())
     expert_bytes = sum(v.numel() * v.element_size() for n, v in state.items() if ".mlp.experts." in n)
-    for out in engine_cluster.run(f"{MLA_ENGINE}:refit_and_compare", catalog=catalog, name=t.name):
+    for out in engine_cluster.run(f"{ENGINE}:refit_and_compare", catalog=catalog, name=t.name):
         assert out["version"] == 1
         assert out["differ"] == [], f"state differs from the ground truth: {out['differ']}"
         assert out["biases"] == sum(case.moe_layers)  # one per MoE layer, compared too
@@ -129,7 +128,7 @@ def test_megatron_engine_pulls_only_its_slices_and_experts(trainer, catalog, eng
     t.publish(2)
     engine_cluster.run("tests.support.trainer_ops:load", key="truth",
                        hf_path=str(write_state(v2, tmp_path / "truth2.safetensors")))  # fmt: skip
-    for out in engine_cluster.run(f"{MLA_ENGINE}:refit_and_compare", catalog=catalog, name=t.name):
+    for out in engine_cluster.run(f"{ENGINE}:refit_and_compare", catalog=catalog, name=t.name):
         assert out["version"] == 2 and out["differ"] == [] and out["storage_kept"]
     assert all(engine_cluster.run(f"{ENGINE}:logits_equal"))
 

@@ -71,10 +71,16 @@ def _model(state: dict, key: str) -> Any:
     return value[0] if isinstance(value, list) else value
 
 
+def _state(model: Any) -> dict[str, Any]:
+    """Parameters and persistent buffers (the routers' `expert_bias`, which a refit carries with the
+    weights), without Megatron's `_extra_state` entries (not tensors)."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+
+
 def refit_and_compare(
     state: dict, rank: int, world_size: int, *, catalog: str, name: str, version: int | None = None
 ) -> dict[str, Any]:
-    """Refit the engine through refit; report bytes, kept storage and every parameter that differs."""
+    """Refit the engine through refit; report bytes, kept storage and every state entry that differs."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -82,19 +88,21 @@ def refit_and_compare(
     from refit.engines import MegatronEngine
 
     engine, truth = _model(state, "engine"), _model(state, "truth")
-    ptrs = {n: p.data_ptr() for n, p in engine.named_parameters()}
+    ptrs = {n: t.data_ptr() for n, t in _state(engine).items()}
     replica = ps.get_data_parallel_rank()
     with Receiver(catalog=catalog, engine=MegatronEngine(engine), name=name, replica=replica) as rcv:
         result = rcv.update_weights(version)
-    want = dict(truth.named_parameters())
-    differ = [n for n, p in engine.named_parameters() if not torch.equal(p, want[n])]
+    got, want = _state(engine), _state(truth)
+    differ = sorted(set(got) ^ set(want)) + [n for n in got if n in want and not torch.equal(got[n], want[n])]
     return {
         "version": result.version,
         "bytes": result.bytes,
         "differ": differ,
-        "storage_kept": ptrs == {n: p.data_ptr() for n, p in engine.named_parameters()},
+        "storage_kept": ptrs == {n: t.data_ptr() for n, t in _state(engine).items()},
         "tensors": result.num_tensors,
         "param_bytes": sum(p.numel() * p.element_size() for p in engine.parameters()),
+        "state_bytes": sum(t.numel() * t.element_size() for t in got.values()),
+        "biases": sum(n.endswith(".router.expert_bias") for n in got),
     }
 
 
