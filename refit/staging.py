@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from refit.config import DEFAULT_TIMEOUTS
+from refit.copies import ChunkCopier
 from refit.dtypes import device_of
 from refit.errors import TransportError
-from refit.plan.assemble import scatter, zero_padding
-from refit.plan.records import Chunk, Plan
+from refit.plan.assemble import zero_padding
+from refit.plan.records import Chunk, DirectRead, Plan
 from refit.transport.jobs import ReadJob, direct_jobs, jobs_for
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
@@ -92,6 +93,8 @@ class StagingPool:
         self.peak_bytes = 0
         self._executor: ThreadPoolExecutor | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._copiers: dict[int, ChunkCopier] = {}  # chunk index -> its copies, for `_copiers_plan`
+        self._copiers_plan: Plan | None = None
 
     @property
     def staging_bytes(self) -> int:
@@ -148,8 +151,12 @@ class StagingPool:
 
     def read(self, jobs: list[ReadJob], deadline: float) -> int:
         """Pull `jobs`; after a failure staging is set aside (a transfer that did not stop may still write)."""
+        return self.read_batches([jobs], deadline)
+
+    def read_batches(self, batches: list[list[ReadJob]], deadline: float) -> int:
+        """`read` of `batches` in order, two in flight at a time."""
         try:
-            return self.agent.read(jobs, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
+            return self.agent.read_batches(batches, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
         except BaseException:
             self.quarantine()
             raise
@@ -169,10 +176,10 @@ class StagingPool:
 
         Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
         chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
-        reads run beside that pipeline, on their own worker. `start_check` sends the READY re-check
-        once the last byte has landed and returns the wait for its answer, which runs after the last
-        chunk is installed. Adds "wire", "validate" (the check beyond the install) and "install"
-        seconds to `timings`.
+        reads run beside that pipeline, on their own worker, and the last chunk's copies run while
+        they finish. `start_check` sends the READY re-check once the last byte has landed and returns
+        the wait for its answer, which runs after the last copies. Adds "wire", "validate" (the check
+        beyond the install) and "install" seconds to `timings`.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -189,9 +196,11 @@ class StagingPool:
         if plan.direct:
             self.register_engine(dests[d.target] for d in plan.direct)
             where = {d.target: (dests[d.target].data_ptr(), *device_of(dests[d.target])) for d in plan.direct}
-            jobs = direct_jobs(plan.direct, sources, where)
-            self.connect(sources, jobs)
-            direct = executor.submit(self.read, jobs, deadline)
+            # In batches of about a chunk, two in flight: a chunk's read, posted meanwhile, then waits
+            # behind two batches rather than behind every direct read (a peer's transfers run in order).
+            batches = [direct_jobs(b, sources, where) for b in _batches(plan.direct, _chunk_size(plan))]
+            self.connect(sources, [j for b in batches for j in b])
+            direct = executor.submit(self.read_batches, batches, deadline)
 
         def pull(k: int) -> tuple[Future[int], int]:
             chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
@@ -208,6 +217,8 @@ class StagingPool:
         copies = self._copy_stream(slots[0])
         wire = install = validate = 0.0
         descriptors = 0
+        start = time.perf_counter()
+        trace = logger.isEnabledFor(logging.DEBUG)
         try:
             for k in range(len(chunks) + (0 if chunks else 1)):
                 t0 = time.perf_counter()
@@ -218,29 +229,44 @@ class StagingPool:
                     pending, ready = None, upto
                 if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
                     pending, upto = pull(k + 1)
-                last = k >= len(chunks) - 1
-                if last and direct is not None:
-                    descriptors += direct.result()
-                    direct = None
                 t1 = time.perf_counter()
                 wire += t1 - t0
-                # The READY re-check is sent once the last byte has landed; its round trip runs in
-                # gRPC's threads beside the last chunk's install, and the refit succeeds only if it passes.
-                finish = start_check() if last else None
-                t2 = time.perf_counter()
+                t_issued = t1
                 if k < len(chunks):
                     with _on(copies):
-                        scatter(chunks[k].pieces, plan.targets, slots[k % len(slots)], dests)
-                    _wait(copies)  # a slot is refilled only after the copies out of it ran
-                t3 = time.perf_counter()
-                install += t3 - t2
-                if finish is not None:
-                    finish()
-                validate += time.perf_counter() - t3 + t2 - t1
+                        self._copier(plan, k, slots[k % len(slots)], dests).run(copies)
+                    t_issued = time.perf_counter()
+                    if k < len(chunks) - 1:
+                        _wait(copies)  # a slot is refilled only after the copies out of it ran
+                t2 = time.perf_counter()
+                install += t2 - t1
+                if trace:
+                    logger.debug("%s: chunk %d pulled at %.2f ms, copies issued by %.2f ms, done by %.2f ms",
+                                 self._label, k, 1e3 * (t1 - start), 1e3 * (t_issued - start),
+                                 1e3 * (t2 - start))  # fmt: skip
+            # The last chunk's copies run while the direct reads finish. The READY re-check is sent once
+            # the last byte has landed; its round trip runs in gRPC's threads beside those copies, and
+            # the refit succeeds only if it passes.
+            t3 = time.perf_counter()
+            if direct is not None:
+                descriptors += direct.result()
+                direct = None
+            t4 = time.perf_counter()
+            finish = start_check()
             with _on(copies):
                 zero_padding(plan.targets, dests)
             _wait(copies)
+            t5 = time.perf_counter()
+            finish()
+            t6 = time.perf_counter()
+            wire += t4 - t3
+            install += t5 - t4
+            validate += t6 - t5
+            if trace:
+                logger.debug("%s: direct reads done at %.2f ms, copies at %.2f ms, READY re-check at %.2f ms",
+                             self._label, 1e3 * (t4 - start), 1e3 * (t5 - start), 1e3 * (t6 - start))  # fmt: skip
         finally:
+            _wait(copies)  # the copies out of a slot end before a later refit may refill it
             for f in (pending, direct):
                 if f is not None:
                     f.exception()  # a pull still in flight after a failure ends by its own deadline
@@ -263,6 +289,15 @@ class StagingPool:
         jobs = [j for k, c in enumerate(first) for j in chunk_jobs(c, sources, slots[k % len(slots)])]
         self.connect(sources, jobs)
         return len(first), self.read(jobs, deadline) if jobs else 0, slots
+
+    def _copier(self, plan: Plan, k: int, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> ChunkCopier:
+        """Chunk k's copies out of `slot` into `dests`, built once per plan and kept while valid."""
+        if plan is not self._copiers_plan:
+            self._copiers, self._copiers_plan = {}, plan
+        copier = self._copiers.get(k)
+        if copier is None or not copier.valid(slot, dests):
+            copier = self._copiers[k] = ChunkCopier(plan, k, slot, dests)
+        return copier
 
     def _copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
         if not t.is_cuda:
@@ -321,11 +356,27 @@ class StagingPool:
         self._quarantine.clear()
         self._slots = []
         self._engine.clear()
+        self._copiers, self._copiers_plan = {}, None
 
 
 def chunk_jobs(chunk: Chunk, sources: Sequence[SourceRecord], slot: torch.Tensor) -> list[ReadJob]:
     """The READ jobs that fill `slot` with `chunk`."""
     return jobs_for(chunk, sources, slot.data_ptr(), *device_of(slot))
+
+
+def _batches(reads: Sequence[DirectRead], nbytes: int) -> list[list[DirectRead]]:
+    """`reads` in order, cut into runs of about `nbytes` (one run when `nbytes` is 0: no chunks to yield to)."""
+    if nbytes <= 0:
+        return [list(reads)]
+    out: list[list[DirectRead]] = [[]]
+    held = 0
+    for r in reads:
+        if out[-1] and held + r.nbytes > nbytes:
+            out.append([])
+            held = 0
+        out[-1].append(r)
+        held += r.nbytes
+    return out
 
 
 def _chunk_size(plan: Plan) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import multiprocessing as mp
 import os
 import traceback
@@ -52,6 +53,10 @@ def join_group(
 
 def _serve(conn: Any, factory: str, kwargs: dict[str, Any], env: dict[str, str]) -> None:
     os.environ.update(env)
+    # Spawned workers start without the parent's logging set-up; REFIT_LOG_LEVEL applies to them too.
+    logging.basicConfig(
+        level=os.environ.get("REFIT_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
     module, _, attr = factory.partition(":")
     try:
         import importlib

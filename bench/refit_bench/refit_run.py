@@ -2,8 +2,9 @@
 
 Trainer processes (a real Megatron-Core GPTModel each, TP x PP x DP, gloo) publish to an embedded
 catalog; receiver processes (engine TP x replicas) pull and install into engine-owned tensors.
-Reported per version: trainer registration and publish time, receiver planning, wire, install
-(= stall: the engine pauses only to install) and end-to-end time, bytes per receiver, GB/s and new
+Reported per version: trainer registration and publish time, receiver planning, wire, the stall
+(the whole `update_weights()` call; with `--split`, only `install()` after a `fetch()` that may run
+while the engine generates) and end-to-end time, bytes per receiver, GB/s and new
 NIXL registrations. In the same run: the copy ceiling, a raw NIXL READ of the same bytes between
 two processes, and the classic refit (gather on trainer rank 0, then broadcast to every receiver).
 
@@ -61,6 +62,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="Receiver(max_staging_bytes=N): the staging window per engine rank (default 1 GiB)",
     )  # fmt: skip
     p.add_argument("--no-direct", action="store_true", help="Receiver(direct=False): stage every tensor")
+    p.add_argument(
+        "--split", action="store_true",
+        help="time fetch() (which may run while the engine generates) apart from install() (the pause); "
+        "default: one update_weights() call, all of it a pause",
+    )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
@@ -202,9 +208,13 @@ class ReceiverRank:
         if self.rcv is None:
             self._setup()
         t0 = time.perf_counter()
-        staged = self.rcv.fetch(msg["version"])
-        t1 = time.perf_counter()
-        result = self.rcv.install(staged)  # the engine would pause only for this
+        if msg.get("split"):
+            staged = self.rcv.fetch(msg["version"])
+            t1 = time.perf_counter()
+            result = self.rcv.install(staged)  # the engine would pause only for this
+        else:
+            t1 = t0  # update_weights(): the engine pauses for all of it
+            result = self.rcv.update_weights(msg["version"])
         t2 = time.perf_counter()
         plan = self.rcv.plan
         return {
@@ -260,7 +270,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct")  # fmt: skip
+            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -286,7 +296,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             for version in range(1, args.versions + 1):
                 pub = gather(trainers, cmd="publish", version=version)
                 t0 = time.perf_counter()
-                got = gather(rcvs, cmd="update", version=version)
+                got = gather(rcvs, cmd="update", version=version, split=args.split)
                 wall = time.perf_counter() - t0
                 rows.append(_row(version, pub, got, wall))
                 bar.update()

@@ -84,6 +84,20 @@ def scatter(
     each piece is written where it belongs instead of being joined with the others first. One
     batched copy per call. Padding rows are written by `zero_padding`.
     """
+    outs, ins = scatter_pairs(pieces, targets, staging, dests)
+    if outs:
+        with torch.no_grad():
+            torch._foreach_copy_(outs, ins, non_blocking=True)
+
+
+def scatter_pairs(
+    pieces: Sequence[Piece], targets: Sequence[Target], staging: torch.Tensor, dests: Mapping[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The (destinations, sources) views that `scatter` copies: views of `dests` and of `staging`.
+
+    They stay valid while neither `staging` nor the engine tensors are reallocated, so a receiver
+    that installs the same plan again can keep them (and replay their copies) instead of rebuilding.
+    """
     by_source: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         by_source[t.source].append(t)
@@ -106,9 +120,7 @@ def scatter(
             for src, dst in _copies(view, dest, t.dim, runs):
                 outs.append(dst)
                 ins.append(src)
-    if outs:
-        with torch.no_grad():
-            torch._foreach_copy_(outs, ins, non_blocking=True)
+    return outs, ins
 
 
 def _copies(

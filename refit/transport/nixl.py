@@ -203,33 +203,53 @@ class NixlAgent:
         resumed), so those handles are kept and `in_flight()` says when their writes have ended;
         until then the caller must neither reuse nor free the local memory they target.
         """
-        posted: list[tuple[Any, ReadJob, int]] = []
+        return self.read_batches([jobs], timeout_s=timeout_s)
+
+    def read_batches(
+        self, batches: Sequence[Sequence[ReadJob]], *, depth: int = 2, timeout_s: float = DEFAULT_TIMEOUTS.update_s
+    ) -> int:
+        """Pull `batches` in order, at most `depth` of them in flight at once; as `read` otherwise.
+
+        A transport serves the transfers of one peer in the order they were posted, so a read posted
+        by another thread meanwhile waits behind at most `depth` batches instead of behind all of them.
+        """
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        posted: list[list[tuple[Any, ReadJob, int]]] = []
         total = 0
         deadline = time.monotonic() + timeout_s
         finished = False
         try:
-            for job in jobs:
-                ranges = merge_reads(job.ops)
-                if not ranges:
-                    continue
-                arr = np.asarray(ranges, dtype=np.uint64)
-                n = len(arr)
-                local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
-                remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
-                with self._lock:
-                    handle = self._start_read(job.agent_name, local, remote, job.local_device, job.remote_device)
-                posted.append((handle, job, int(arr[:, 2].sum())))
-                total += n
-            for handle, job, nbytes in posted:
-                self._wait(handle, job.agent_name, deadline, nbytes)
+            for k, jobs in enumerate(batches):
+                batch: list[tuple[Any, ReadJob, int]] = []
+                posted.append(batch)
+                for job in jobs:
+                    ranges = merge_reads(job.ops)
+                    if not ranges:
+                        continue
+                    arr = np.asarray(ranges, dtype=np.uint64)
+                    n = len(arr)
+                    local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
+                    remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
+                    with self._lock:
+                        handle = self._start_read(job.agent_name, local, remote, job.local_device, job.remote_device)
+                    batch.append((handle, job, int(arr[:, 2].sum())))
+                    total += n
+                if k + 1 >= depth:
+                    for handle, job, nbytes in posted[k + 1 - depth]:
+                        self._wait(handle, job.agent_name, deadline, nbytes)
+            for batch in posted[max(len(posted) - depth + 1, 0) :]:
+                for handle, job, nbytes in batch:
+                    self._wait(handle, job.agent_name, deadline, nbytes)
             finished = True
         finally:
             with self._lock:
-                for handle, _, _ in posted:
-                    if finished or self._settled(handle):
-                        self._release(handle)
-                    else:
-                        self._abandoned.append(handle)
+                for batch in posted:
+                    for handle, _, _ in batch:
+                        if finished or self._settled(handle):
+                            self._release(handle)
+                        else:
+                            self._abandoned.append(handle)
         return total
 
     def in_flight(self) -> int:

@@ -30,8 +30,8 @@ def meta(vocab: int, padded: int) -> ModelMeta:
     )  # fmt: skip
 
 
-def global_tensors(padded: int) -> dict[str, tuple[Role, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
+def global_tensors(padded: int, *, seed: int = 0) -> dict[str, tuple[Role, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen)

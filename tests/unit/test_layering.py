@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "refit.catalog": VALUES | {"refit.catalog"},
     "refit.megatron": VALUES | {"refit.compat", "refit.megatron"},
     "refit.engines.base": VALUES | {"refit.plan"},
-    "refit.staging": VALUES | {"refit.plan", "refit.transport"},
+    "refit.copies": VALUES | {"refit.plan"},
+    "refit.staging": VALUES | {"refit.plan", "refit.transport", "refit.copies"},
     "refit.receiver": VALUES
     | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base", "refit.staging"},
     "refit.trainer": VALUES | {"refit.compat", "refit.megatron", "refit.transport", "refit.catalog", "refit.trainer"},

@@ -1,0 +1,80 @@
+"""A streamed chunk's copies from its staging slot into the engine's tensors, prepared once per plan.
+
+A refit of an unchanged layout installs the same plan again, from the same registered slots into the
+same engine tensors, so the receiver keeps each chunk's copies: the views once, and on a GPU the
+copies captured as a CUDA graph and replayed (one launch per chunk).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from refit.plan.assemble import scatter_pairs
+from refit.plan.records import Plan
+
+logger = logging.getLogger(__name__)
+
+
+class ChunkCopier:
+    """One chunk's copies from its staging slot into the engine tensors, prepared once.
+
+    A refit of an unchanged layout re-installs the same plan from the same slots into the same engine
+    tensors, so the views are built once and, on a GPU, the copies are captured into a CUDA graph and
+    replayed: one launch per chunk instead of one per copy. Building views and launching copies one by
+    one took 1.6-3.5 ms per 512 MiB chunk on an H200 host (the copies themselves 0.3-0.6 ms), which
+    made the chunk loop, not the link, the bound of a streamed refit.
+    """
+
+    def __init__(self, plan: Plan, k: int, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> None:
+        chunk = plan.chunks[k]
+        sources = {p.tensor for p in chunk.pieces}
+        self._names = tuple(t.hf_name for t in plan.targets if t.source in sources)
+        self._key = self._fingerprint(slot, dests)
+        self._outs, self._ins = scatter_pairs(chunk.pieces, plan.targets, slot, dests)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._captured = not slot.is_cuda  # nothing to capture on the CPU
+
+    def _fingerprint(self, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        return (slot.data_ptr(), *(dests[n].data_ptr() for n in self._names))
+
+    def valid(self, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the slot and every engine tensor this chunk writes are still where they were."""
+        return all(n in dests for n in self._names) and self._fingerprint(slot, dests) == self._key
+
+    def run(self, stream: torch.cuda.Stream | None) -> None:
+        """Issue the copies on the current stream (`stream`, on a GPU)."""
+        if not self._outs:
+            return
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        if not self._captured and stream is not None:
+            self._captured = True
+            self._graph = _capture(self._outs, self._ins, stream)
+            if self._graph is not None:
+                self._graph.replay()
+                return
+        with torch.no_grad():
+            torch._foreach_copy_(self._outs, self._ins, non_blocking=True)
+
+
+def _capture(
+    outs: list[torch.Tensor], ins: list[torch.Tensor], stream: torch.cuda.Stream
+) -> torch.cuda.CUDAGraph | None:
+    """The copies as a CUDA graph captured on `stream`, or None where capture fails (copies then run eagerly)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: NIXL's and UCX's threads keep driving transfers on their own streams meanwhile.
+        with torch.no_grad(), torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                torch._foreach_copy_(outs, ins, non_blocking=True)
+            finally:
+                graph.capture_end()
+    except RuntimeError:
+        logger.debug("capturing a chunk's copies failed; they run one by one", exc_info=True)
+        return None
+    return graph

@@ -1,0 +1,53 @@
+"""`NixlAgent.read_batches`: batches pulled in order with a bounded number in flight, over real NIXL.
+
+Two agents in one process (UCX loopback). Every other 4 KiB block of a source buffer is read; the
+destination must hold exactly those blocks, whatever the depth and however the reads are cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from refit.transport.jobs import ReadJob, ReadOp
+from refit.transport.nixl import NixlAgent
+
+BLOCK, BLOCKS = 4096, 256
+
+
+@pytest.fixture(scope="module")
+def agents() -> Iterator[tuple[NixlAgent, NixlAgent, torch.Tensor, torch.Tensor]]:
+    src = torch.randint(0, 256, (BLOCK * BLOCKS,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dst = torch.zeros_like(src)
+    with NixlAgent(prefix="batches-reader") as reader, NixlAgent(prefix="batches-source") as source:
+        source.register(src.data_ptr(), src.numel())
+        reader.register(dst.data_ptr(), dst.numel())
+        reader.connect(source.name, source.metadata())
+        yield reader, source, src, dst
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("per_batch", [1, 7, 64, 1000])
+def test_batches_land_every_read_and_nothing_else(agents, depth: int, per_batch: int) -> None:
+    reader, source, src, dst = agents
+    dst.zero_()
+    wanted = range(0, BLOCKS, 2)
+    ops = [ReadOp(local_addr=dst.data_ptr() + i * BLOCK, remote_addr=src.data_ptr() + i * BLOCK, nbytes=BLOCK)
+           for i in wanted]  # fmt: skip
+    batches = [[ReadJob(agent_name=source.name, ops=ops[i : i + per_batch])] for i in range(0, len(ops), per_batch)]
+    batches.insert(1, [])  # an empty batch is allowed and posts nothing
+    assert reader.read_batches(batches, depth=depth, timeout_s=60) == len(ops)  # no two blocks are adjacent
+    mask = torch.zeros(BLOCKS, dtype=torch.bool)
+    mask[list(wanted)] = True
+    mask = mask.repeat_interleave(BLOCK)
+    assert torch.equal(dst[mask], src[mask])
+    assert not dst[~mask].any()
+    assert reader.in_flight() == 0
+
+
+def test_depth_must_be_positive(agents) -> None:
+    reader, *_ = agents
+    with pytest.raises(ValueError, match="depth"):
+        reader.read_batches([], depth=0)

@@ -1,0 +1,84 @@
+"""A streamed chunk's copies prepared once (refit/copies.py) and direct reads cut into batches.
+
+The kept copies must write the bytes the slot holds at each run (a refit re-stages new bytes into
+the same slot), and be rebuilt when an engine tensor moves. Checked against the target cut from the
+global tensor, on the CPU and, where there is one, on a GPU (a replayed CUDA graph).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refit.copies import ChunkCopier
+from refit.dtypes import torch_dtype
+from refit.plan.planner import plan_refit
+from refit.plan.records import DirectRead
+from refit.plan.targets import EngineLayout
+from refit.staging import _batches
+from tests.unit.test_assemble import expected, global_tensors, meta, stage, trainer
+
+VOCAB, PADDED = 61, 64
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("trainer_tp", "engine_tp"), [(1, 1), (2, 1), (1, 2), (4, 2)])
+def test_kept_copies_write_each_refits_bytes(device: str, trainer_tp: int, engine_tp: int) -> None:
+    layout = EngineLayout(tp_rank=engine_tp - 1, tp_size=engine_tp, vocab_size=VOCAB)
+    dests: dict[str, torch.Tensor] = {}
+    copiers: dict[int, ChunkCopier] = {}
+    stream = torch.cuda.Stream() if device == "cuda" else None
+    for version in range(3):  # new weights each time, through the same slot and engine tensors
+        tensors = global_tensors(PADDED, seed=version)
+        sources, buffers = trainer(tensors, trainer_tp)
+        plan = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=layout, window=1024)
+        assert len(plan.chunks) > 2
+        if not dests:
+            dests = {t.hf_name: torch.full(t.shape, float("nan"), dtype=torch_dtype(t.dtype), device=device)
+                     for t in plan.targets}  # fmt: skip
+            slot = torch.empty(max(c.staging_bytes for c in plan.chunks), dtype=torch.uint8, device=device)
+        for k, chunk in enumerate(plan.chunks):
+            slot[: chunk.staging_bytes].copy_(stage(chunk, buffers))
+            copier = copiers.get(k)
+            if copier is None or not copier.valid(slot, dests):
+                copier = copiers[k] = ChunkCopier(plan, k, slot, dests)
+            copier.run(stream)
+            if stream is not None:
+                stream.synchronize()
+        for t in plan.targets:
+            published = sum(b - a for a, b in t.rows)
+            got = dests[t.hf_name].cpu()
+            want = expected(t, tensors[t.source][1])
+            if t.dim is not None:
+                got, want = got.narrow(t.dim, 0, published), want.narrow(t.dim, 0, published)
+            assert torch.equal(got, want), (version, t.hf_name)
+    if device == "cuda":
+        assert any(c._graph is not None for c in copiers.values())  # replayed, not launched one by one
+
+
+def test_a_moved_engine_tensor_invalidates_the_kept_copies() -> None:
+    tensors = global_tensors(PADDED)
+    sources, buffers = trainer(tensors, 2)
+    plan = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=EngineLayout(vocab_size=VOCAB), window=1024)
+    dests = {t.hf_name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in plan.targets}
+    slot = stage(plan.chunks[0], buffers).clone()
+    copier = ChunkCopier(plan, 0, slot, dests)
+    assert copier.valid(slot, dests)
+    name = next(t.hf_name for t in plan.targets if t.source == plan.chunks[0].pieces[0].tensor)
+    moved = dict(dests, **{name: dests[name].clone()})
+    assert not copier.valid(slot, moved)
+    assert not copier.valid(slot.clone(), dests)
+    assert not copier.valid(slot, {k: v for k, v in dests.items() if k != name})
+
+
+def _read(nbytes: int) -> DirectRead:
+    return DirectRead(target="t", rank=0, region=0, remote_offset=0, offset=0, nbytes=nbytes)
+
+
+def test_direct_reads_are_cut_into_batches_of_about_a_chunk_in_order() -> None:
+    reads = [_read(n) for n in (300, 300, 500, 100, 100, 900, 10)]
+    batches = _batches(reads, 600)
+    assert [r for b in batches for r in b] == reads  # every read once, in order
+    assert [[r.nbytes for r in b] for b in batches] == [[300, 300], [500, 100], [100], [900], [10]]
+    assert _batches(reads, 0) == [reads]  # no chunks: one batch
