@@ -45,21 +45,29 @@ DERIVED = (".mla_attn.W_UK_T", ".mla_attn.W_UV", ".mlp.gate.e_score_correction_b
            ".routed_experts.e_score_correction_bias", ".routed_experts.w13_weight")  # fmt: skip
 
 
-def _state(llm: Any) -> tuple[dict[str, str], list]:
-    """The engine's parameter and buffer bytes, and greedy tokens with their logprobs (one prompt at a time)."""
-    return llm.apply_model(vo.digest)[0], vo.probe_each(llm)
+def _state(llm: Any) -> tuple[list[dict[str, str]], list]:
+    """Every rank's parameter and buffer bytes, and greedy tokens with their logprobs (one prompt at a time)."""
+    return llm.apply_model(vo.digest), vo.probe_each(llm)
 
 
-def _differ(a: dict[str, str], b: dict[str, str]) -> list[str]:
-    return sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+def _differ(a: list[dict[str, str]], b: list[dict[str, str]]) -> list[str]:
+    return sorted(f"{r}:{n}" for r, (x, y) in enumerate(zip(a, b, strict=True)) for n in set(x) | set(y)
+                  if x.get(n) != y.get(n))  # fmt: skip
 
 
-def _state_bytes(case: hm.ModelCase) -> int:
-    """Bytes of the model's weights and persistent buffers (the router biases), all of which a TP 1 rank pulls."""
-    return sum(t.numel() * t.element_size() for t in vo.version_model(case, 1).state_dict().values())
+def _bytes(case: hm.ModelCase) -> tuple[int, int]:
+    """(bytes of the model's weights and persistent buffers, bytes of those every engine rank holds whole):
+    norms, routers and their biases, and the down projections vLLM replicates."""
+    state = vo.version_model(case, 1).state_dict()
+    whole = (".mlp.gate.", "q_a_proj", "kv_a_proj_with_mqa")
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    replicated = sum(
+        t.numel() * t.element_size() for n, t in state.items() if "norm" in n or any(w in n for w in whole)
+    )
+    return total, replicated
 
 
-def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Path, *, refused: bool) -> None:
+def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Path, *, tp: int, refused: bool) -> None:
     ckpt = {v: vo.save_checkpoint(case, v, tmp / f"v{v}") for v in (1, 2)}
     t = vo.Trainer(trainer_cluster, catalog, tmp, case, **TRAINER)  # publish(v) loads version v first
     other = None
@@ -69,10 +77,10 @@ def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Pa
         other.publish(1)
     started = time.monotonic()
     try:
-        with vo.running_engine(ckpt[2], 1) as llm:
+        with vo.running_engine(ckpt[2], tp) as llm:
             up = time.monotonic()
             fresh_v2 = _state(llm)
-            assert all(any(n.endswith(d) for n in fresh_v2[0]) for d in DERIVED), sorted(fresh_v2[0])
+            assert all(any(n.endswith(d) for n in rank) for rank in fresh_v2[0] for d in DERIVED), fresh_v2[0]
             storage = llm.apply_model(vo.storage)
             if other is not None:
                 with pytest.raises(ModelMismatchError, match="q_lora_rank"):
@@ -81,7 +89,8 @@ def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Pa
             assert all(llm.collective_rpc(vo.load_checkpoint, args=(str(ckpt[1] / "model.safetensors"),)))
             truth_v1 = _state(llm)
             changed = _differ(truth_v1[0], fresh_v2[0])
-            assert all(any(n.endswith(d) for n in changed) for d in DERIVED), changed
+            assert all(any(n.startswith(f"{r}:") and n.endswith(d) for n in changed)
+                       for r in range(tp) for d in DERIVED), changed  # fmt: skip
             assert truth_v1[1] != fresh_v2[1]
 
             t.publish(1)
@@ -90,7 +99,9 @@ def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Pa
             got = _state(llm)
             assert _differ(got[0], truth_v1[0]) == [], "parameters differ from vLLM's own load of version 1"
             assert got[1] == truth_v1[1]
-            assert list(r1.bytes_per_rank) == [_state_bytes(case)]  # every tensor whole, the router biases too
+            # Each rank pulled its share: split tensors once over the ranks, replicated ones on each.
+            total, replicated = _bytes(case)
+            assert sum(r1.bytes_per_rank) == total + (tp - 1) * replicated, (r1.bytes_per_rank, total, replicated)
 
             t.publish(2)
             r2 = refit_llm(llm, catalog=catalog, name=t.name)
@@ -103,15 +114,18 @@ def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Pa
         t.close()
         if other is not None:
             other.close()
-    print(f"\n{case.id} vLLM TP1: engine start {up - started:.1f}s, total {time.monotonic() - started:.1f}s; "
+    print(f"\n{case.id} vLLM TP{tp}: engine start {up - started:.1f}s, total {time.monotonic() - started:.1f}s; "
           f"bytes {r1.bytes_per_rank}; v1 wire {r1.wire_s:.3f}s stall {r1.stall_s:.3f}s install {r1.install_s:.3f}s; "
           f"v2 stall {r2.stall_s:.3f}s install {r2.install_s:.3f}s")  # fmt: skip
 
 
 def test_deepseek_v3_refit_into_vllm_equals_vllms_own_checkpoint_load(trainer_cluster, catalog, tmp_path) -> None:
-    _refit_twice(vo.DEEPSEEK_V3, trainer_cluster, catalog, tmp_path, refused=True)
+    _refit_twice(vo.DEEPSEEK_V3, trainer_cluster, catalog, tmp_path, tp=1, refused=True)
 
 
 @pytest.mark.soak
-def test_deepseek_v3_without_query_latent_refit_into_vllm(trainer_cluster, catalog, tmp_path) -> None:
-    _refit_twice(vo.DEEPSEEK_V3_NO_QLORA, trainer_cluster, catalog, tmp_path, refused=False)
+@pytest.mark.parametrize(
+    ("case", "tp"), [(vo.DEEPSEEK_V3_NO_QLORA, 1), (vo.DEEPSEEK_V3, 2)], ids=["no-query-latent-tp1", "tp2"]
+)
+def test_deepseek_v3_variants_refit_into_vllm(case, tp, trainer_cluster, catalog, tmp_path) -> None:
+    _refit_twice(case, trainer_cluster, catalog, tmp_path, tp=tp, refused=False)

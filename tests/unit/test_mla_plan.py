@@ -238,7 +238,7 @@ def test_reader_reads_the_fp32_expert_bias_megatron_keeps_in_a_bf16_model(world:
 def test_vllm_names_of_mla_projections() -> None:
     """vLLM's DeepSeek-V2/V3 fuses the two down projections only with a query latent; its `q_proj`
     is never Llama's fused `qkv_proj`."""
-    from refit.engines.vllm import fused_projections, vllm_target
+    from refit.engines.vllm_names import fused_projections, vllm_target
 
     a = HL + "self_attn."
     fused = fused_projections("deepseek_v3", [a + "fused_qkv_a_proj.weight", a + "q_b_proj.weight"])
