@@ -91,6 +91,17 @@ def recorded_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     return dict(params), dict(buffers)
 
 
+def never_reloaded() -> frozenset[str]:
+    """Names of the tensors layerwise reload leaves in place (vLLM's `SKIP_TENSORS`).
+
+    It neither records them nor moves them to the meta device nor wraps their loaders: a `bias`
+    created after the recorded weights, the expert maps, and DeepSeek's router
+    `e_score_correction_bias` (shared by the router and the expert layer). A load of one writes its
+    live storage at once; its shape is the live one.
+    """
+    return frozenset(_vllm_attr("vllm.model_executor.model_loader.reload.meta", "SKIP_TENSORS"))
+
+
 def weight_loader(param: torch.Tensor) -> Callable[..., Any]:
     """The loader vLLM loads `param` with: its own `weight_loader`, else vLLM's `default_weight_loader`."""
     loader = getattr(param, "weight_loader", None)

@@ -21,11 +21,18 @@ MoE block is `block_sparse_moe` in vLLM (the router too). Without expert paralle
 every expert's FFN by the engine TP, which is the planner's default `EngineLayout.expert_tp`; with it
 (`enable_expert_parallel`) a rank holds whole experts of its EP rank, which the engine reads from
 vLLM's layers. Every vLLM internal used here goes through `refit.compat.vllm`.
+
+DeepSeek-V3 (multi-latent attention): `q_a_proj` and `kv_a_proj_with_mqa` load whole into vLLM's
+replicated `fused_qkv_a_proj` (shards 0 and 1; without a query latent `kv_a_proj_with_mqa` is a layer of
+its own and `q_proj` is not fused). `kv_b_proj` loads as it is; vLLM's MLA attention layer derives its
+absorbed `W_UK_T` / `W_UV` from it when the reload is finalized (attention layers are always
+re-processed then), so they are never fed. The router's fp32 `e_score_correction_bias` is a parameter
+that layerwise reload never moves to the meta device (it is shared with the expert layer): its loader
+writes it into its storage directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -37,69 +44,14 @@ import torch
 from refit.compat import vllm as compat
 from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
+from refit.engines.vllm_names import ExpertLoad, expert_target, fused_projections, vllm_target
 from refit.errors import ConfigError, EngineError, ModelMismatchError
 from refit.plan.naming import architecture_from_hf
 from refit.plan.shapes import model_tensors
 from refit.plan.targets import EngineLayout, Target, targets_for
-from refit.types import ModelMeta
+from refit.types import MLA_FIELDS, ModelMeta
 
 logger = logging.getLogger(__name__)
-
-# HF projection -> (vLLM fused parameter, shard id), as vLLM's Llama/Qwen2/Qwen3 `load_weights` map them.
-_FUSED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
-
-# A routed expert's HF name, and the shard vLLM's fused expert loader calls each projection.
-_EXPERT = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>\w+_proj)\.weight$")
-_EXPERT_SHARDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-# The MoE block's module name in vLLM where it is not the HF checkpoint's `mlp` (router and experts).
-_MOE_BLOCK = {"mixtral": "block_sparse_moe"}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class ExpertLoad:
-    """Where one routed expert's HF tensor goes in vLLM: its fused expert layer's parameter, shard, expert id."""
-
-    module: str  # the routed-experts layer (vLLM's `RoutedExperts`)
-    param: str  # full parameter name (`...experts.w13_weight`)
-    shard: str  # "w1" (gate), "w3" (up), "w2" (down)
-    expert: int  # global expert id
-
-
-def vllm_target(hf_name: str, architecture: str = "") -> tuple[str, str | int | None]:
-    """The vLLM parameter a dense HF tensor loads into, and the shard id its weight loader takes.
-
-    `architecture` (refit's id) applies vLLM's own module names (Mixtral's router is `block_sparse_moe.gate`).
-    """
-    block = _MOE_BLOCK.get(architecture)
-    if block and ".mlp.gate." in hf_name:
-        hf_name = hf_name.replace(".mlp.gate.", f".{block}.gate.")
-    parts = hf_name.split(".")
-    if len(parts) >= 2 and parts[-2] in _FUSED:
-        fused, shard = _FUSED[parts[-2]]
-        return ".".join([*parts[:-2], fused, parts[-1]]), shard
-    return hf_name, None
-
-
-def expert_target(hf_name: str, experts: Mapping[str, str]) -> ExpertLoad | None:
-    """The load of a routed expert's HF tensor, or None for any other name.
-
-    `experts` maps each decoder layer's prefix (`model.layers.3`) to its routed-experts module's name.
-    """
-    m = _EXPERT.match(hf_name)
-    if m is None or m["proj"] not in _EXPERT_SHARDS:
-        return None
-    module = experts.get(m["layer"])
-    if module is None:
-        raise ModelMismatchError(f"{hf_name}: vLLM has no routed experts in {m['layer']}")
-    shard = _EXPERT_SHARDS[m["proj"]]
-    return ExpertLoad(module=module, param=f"{module}.{compat.EXPERT_PARAMS[shard]}", shard=shard, expert=int(m["e"]))
 
 
 class VLLMEngine:
@@ -139,6 +91,7 @@ class VLLMEngine:
         self._tp_rank, self._tp_size = tp_rank, tp_size
         arch = (getattr(self._cfg, "architectures", None) or ["?"])[0]
         self._architecture = architecture_from_hf(arch)
+        self._fused = fused_projections(self._architecture, (n for n, _ in model.named_parameters()))
         self._vocab_modules = {n: m for n, m in model.named_modules() if compat.is_vocab_parallel(m)}
         self._expert_modules = _routed_experts(model) if _num_experts(self._cfg) else {}
         # decoder layer prefix (`model.layers.3`) -> its routed-experts layer's name
@@ -154,8 +107,7 @@ class VLLMEngine:
             vocab_padding=self._vocab_padding(),
         )
         self._layout = self._spec.layout()
-        shared = int(getattr(self._cfg, "shared_expert_intermediate_size", 0) or 0)
-        self._targets = _targets(self._model_meta(), self._layout, self._moe_layers(), shared)
+        self._targets = _targets(self._model_meta(), self._layout, self._moe_layers(), _shared_expert_ffn(self._cfg))
         self._check_against_model()
         self._expected = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in self._targets.items()}
         self._aliases = _aliases(model)
@@ -183,7 +135,7 @@ class VLLMEngine:
             if expert is not None:
                 loads.append((expert.param, expert, tensors[name]))
                 continue
-            target, shard = vllm_target(name, self._architecture)
+            target, shard = vllm_target(name, self._architecture, self._fused)
             loads += [(param, shard, tensors[name]) for param in (target, *self._aliases.get(target, ()))]
         undo: list[Callable[[], None]] = []
         try:
@@ -269,10 +221,11 @@ class VLLMEngine:
             vocab_size=s.vocab_size,
             tied_embeddings=s.tied_embeddings,
             qkv_bias=self._architecture in ("qwen2", "qwen2_moe") or bool(getattr(self._cfg, "attention_bias", False)),
-            qk_layernorm=self._architecture in ("qwen3", "qwen3_moe"),
+            qk_layernorm=self._architecture in ("qwen3", "qwen3_moe"),  # MLA's latent norms are not these
             num_experts=s.num_experts,
             moe_ffn_hidden_size=s.moe_ffn_hidden_size,
             params_dtype=dtype_name(self.model_config.dtype),
+            **{f: getattr(s, f) for f in MLA_FIELDS},
         )
 
     def _check_against_model(self) -> None:
@@ -285,7 +238,7 @@ class VLLMEngine:
             if load is not None:
                 experts.setdefault(load.param, []).append((load, target))
                 continue
-            param, _ = vllm_target(name, self._architecture)
+            param, _ = vllm_target(name, self._architecture, self._fused)
             fed[param] = fed.get(param, 0) + target.shape[0]
         problems = [f"{n}: not in the vLLM model" for n in sorted((set(fed) | set(experts)) - set(recorded))]
         for name, shape in recorded.items():
@@ -343,7 +296,20 @@ def _vocab_problems(name: str, target: Target, held: tuple[int, int], table_rows
 
 
 def _num_experts(config: Any) -> int:
-    return int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0)
+    return int(
+        getattr(config, "num_experts", None)
+        or getattr(config, "num_local_experts", None)
+        or getattr(config, "n_routed_experts", None)
+        or 0
+    )
+
+
+def _shared_expert_ffn(config: Any) -> int:
+    """The shared experts' FFN: Qwen2-MoE's `shared_expert_intermediate_size`, DeepSeek's
+    `n_shared_experts * moe_intermediate_size` (0: none)."""
+    qwen = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    deepseek = int(getattr(config, "n_shared_experts", 0) or 0) * int(getattr(config, "moe_intermediate_size", 0) or 0)
+    return qwen or deepseek
 
 
 def _layer_prefix(module_name: str) -> str:
@@ -373,9 +339,14 @@ def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     derived from the old values (on CPU: the output layer's packed copy of the embedding table).
     """
     names: dict[int, list[str]] = {}
-    # Each module once: a module reached by two paths (vLLM's MoE runner holds the router) is one layer, no alias.
+    # A parameter the reload leaves in place (DeepSeek's router bias, shared with the expert layer) stays one
+    # tensor: loaded once. Each module once: a module reached by two paths (vLLM's MoE runner holds the
+    # router) is one layer, no alias.
+    in_place = compat.never_reloaded()
     for prefix, module in model.named_modules():
         for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if key in in_place:
+                continue
             names.setdefault(id(param), []).append(f"{prefix}.{key}" if prefix else key)
     return {n: tuple(o for o in group if o != n) for group in names.values() if len(group) > 1 for n in group}
 
@@ -384,10 +355,11 @@ def _recorded_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Parameter shapes as vLLM created them (before CPU repacking emptied some), by full name."""
     live = dict(model.named_parameters())  # shared parameters (a tied lm_head) appear once
     out: dict[str, tuple[int, ...]] = {}
+    unrecorded = compat.never_reloaded()  # a `bias` created after the weights, DeepSeek's router bias
     for prefix, module in model.named_modules():
         params, _ = compat.recorded_tensors(module)
-        bias = getattr(module, "bias", None)  # created after the recorded weights: never in the metadata
-        own = {**params, **({"bias": bias} if isinstance(bias, torch.nn.Parameter) else {})}
+        live_own = module.named_parameters(recurse=False)
+        own = {**params, **{name: p for name, p in live_own if name in unrecorded and name not in params}}
         for name, tensor in own.items():
             full = f"{prefix}.{name}" if prefix else name
             if full in live:

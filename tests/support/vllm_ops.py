@@ -44,6 +44,28 @@ QWEN2_TIED = dataclasses.replace(
     id="vllm-qwen2-tied",
     hf_config={**QWEN2.hf_config, "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": True},
 )
+# DeepSeek-V3 as vLLM's CPU MLA backend runs it: its decode kernel takes only kv_lora_rank + qk_rope_head_dim
+# = 576 (512 + 64; smaller dims fail with "Head dimension 32 is not supported by MLA"). vLLM creates the
+# router's `e_score_correction_bias` only with topk_method="noaux_tc" and scores with softmax unless
+# scoring_func="sigmoid" (HF's DeepseekV3 ignores both keys and always does both, as Megatron's config does):
+# real DeepSeek-V3 configs carry them. A dense first layer, then two MoE layers (8 experts in 2 groups, one
+# shared expert). bf16, vLLM's CPU dtype here; the router bias stays fp32 on every side.
+DEEPSEEK_V3 = dataclasses.replace(
+    hm.DEEPSEEK_V3,
+    id="vllm-deepseek-v3",
+    dtype="bfloat16",
+    hf_config={
+        **hm.DEEPSEEK_V3.hf_config,
+        "num_hidden_layers": 3,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+    },
+)
+DEEPSEEK_V3_NO_QLORA = dataclasses.replace(
+    DEEPSEEK_V3, id="vllm-deepseek-v3-no-qlora", hf_config={**DEEPSEEK_V3.hf_config, "q_lora_rank": None}
+)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 42, 9], [300, 11, 5, 5, 61, 2]]
 _names = itertools.count()
 
@@ -276,6 +298,13 @@ def load_checkpoint(worker: Any, path: str) -> int:
     loaded = model.load_weights(sorted(weights.items()))
     finalize_layerwise_reload(model, worker.model_runner.model_config)
     return len(loaded)
+
+
+def probe_each(llm: Any, prompts: list[list[int]] = PROMPTS, max_tokens: int = 8) -> list[list[tuple[int, list]]]:
+    """`probe`, one prompt at a time. vLLM's CPU MLA models are not reproducible in a batch: the same
+    engine gives other logprobs (and at times other tokens) for the same batch of prompts from one
+    call to the next, while one prompt at a time repeats exactly."""
+    return [probe(llm, [p], max_tokens)[0] for p in prompts]
 
 
 def probe(llm: Any, prompts: list[list[int]] = PROMPTS, max_tokens: int = 8) -> list[list[tuple[int, list]]]:

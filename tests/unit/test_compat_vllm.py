@@ -195,6 +195,12 @@ def test_model_loading_weight_loader_defaults_to_vllms() -> None:
     assert compat.weight_loader(plain) is print
 
 
+def test_model_loading_reload_leaves_late_biases_and_the_router_bias_in_place() -> None:
+    """A `bias` created after the weights and DeepSeek's router `e_score_correction_bias` are never
+    recorded, moved to meta or wrapped: the engine takes their live shapes and loads them once."""
+    assert {"bias", "e_score_correction_bias"} <= compat.never_reloaded(), _why("reload.meta.SKIP_TENSORS")
+
+
 # -- worker and weight-transfer internals (refit.vllm: backend, plugin, drivers) ------------------------------
 
 

@@ -233,3 +233,26 @@ def test_reader_reads_the_fp32_expert_bias_megatron_keeps_in_a_bf16_model(world:
     assert bias.dtype == torch.float32 and params["decoder.layers.1.mlp.router.weight"].dtype == torch.bfloat16
     model.state_dict()  # what would have swapped the storage under a publisher registered before it
     assert router.expert_bias is bias and router.expert_bias.data_ptr() == bias.data_ptr()
+
+
+def test_vllm_names_of_mla_projections() -> None:
+    """vLLM's DeepSeek-V2/V3 fuses the two down projections only with a query latent; its `q_proj`
+    is never Llama's fused `qkv_proj`."""
+    from refit.engines.vllm_names import fused_projections, vllm_target
+
+    a = HL + "self_attn."
+    fused = fused_projections("deepseek_v3", [a + "fused_qkv_a_proj.weight", a + "q_b_proj.weight"])
+    assert vllm_target(a + "q_a_proj.weight", "deepseek_v3", fused) == (a + "fused_qkv_a_proj.weight", 0)
+    assert vllm_target(a + "kv_a_proj_with_mqa.weight", "deepseek_v3", fused) == (a + "fused_qkv_a_proj.weight", 1)
+    for name in ("q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight", "kv_a_layernorm.weight"):
+        assert vllm_target(a + name, "deepseek_v3", fused) == (a + name, None)
+    shared = HL + "mlp.shared_experts."
+    assert vllm_target(shared + "up_proj.weight", "deepseek_v3", fused) == (shared + "gate_up_proj.weight", 1)
+    assert vllm_target(HL + "mlp.gate.e_score_correction_bias", "deepseek_v3", fused) == (
+        HL + "mlp.gate.e_score_correction_bias", None)  # fmt: skip
+
+    no_latent = fused_projections("deepseek_v3", [a + "kv_a_proj_with_mqa.weight", a + "q_proj.weight"])
+    for name in ("q_proj.weight", "kv_a_proj_with_mqa.weight"):
+        assert vllm_target(a + name, "deepseek_v3", no_latent) == (a + name, None)
+    assert vllm_target(HL + "mlp.gate_proj.weight", "deepseek_v3", no_latent) == (HL + "mlp.gate_up_proj.weight", 0)
+    assert vllm_target(a + "q_proj.weight", "llama", fused_projections("llama", [])) == (a + "qkv_proj.weight", "q")
