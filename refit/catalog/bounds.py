@@ -13,6 +13,7 @@ while it converts it, so oversized strings and lists are refused before a value 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from refit.errors import ConfigError
@@ -133,22 +134,34 @@ def check_coords(coords: ParallelCoords, limits: CatalogLimits, field: str = "co
     return coords
 
 
-def check_tensor(t: TensorDesc, limits: CatalogLimits, field: str) -> None:
-    """Shape bounds and local/global consistency of one descriptor (the dataclass checks the rest)."""
-    ndim = len(t.global_shape)
-    integer(f"{field}.global_shape (number of dims)", ndim, 0, limits.max_dims)
-    for what, shape in (("local_shape", t.local_shape), ("global_shape", t.global_shape)):
+def check_dims(field: str, shape: Sequence[int], limits: CatalogLimits) -> None:
+    """A shape's number of dims and each dim's size."""
+    count(field, len(shape), limits.max_dims)
+    if shape and (min(shape) < 0 or max(shape) > limits.max_dim):  # one pass; the loop only names the dim
         for d, size in enumerate(shape):
-            integer(f"{field}.{what}[{d}]", size, 0, limits.max_dim)
-    for d, (local, glob) in enumerate(zip(t.local_shape, t.global_shape, strict=True)):
-        if d != t.partition_dim and local != glob:
-            raise ConfigError(
-                f"{field}.local_shape[{d}] is {local}, global {glob}: only partition_dim {t.partition_dim} may differ"
-            )
-        if local > glob:
-            raise ConfigError(f"{field}.local_shape[{d}] is {local}, over global {glob}")
-    integer(f"{field}.partition_stride", t.partition_stride, 1, limits.max_partition_stride)
-    global_bytes = math.prod(t.global_shape) * t.itemsize
+            integer(f"{field}[{d}]", size, 0, limits.max_dim)
+
+
+def check_tensor(t: TensorDesc, limits: CatalogLimits, field: str, *, dims: bool = True) -> None:
+    """Shape bounds and local/global consistency of one descriptor (the dataclass checks the rest).
+
+    Runs once per descriptor of every record (60k for a big MoE rank): the common case is a few
+    comparisons, and only a violation walks the dims to name one.
+    """
+    local, glob = t.local_shape, t.global_shape
+    if dims:  # False: the wire checked them before building the value
+        check_dims(f"{field}.local_shape", local, limits)
+        check_dims(f"{field}.global_shape", glob, limits)
+    if local != glob:
+        for d, (size, full) in enumerate(zip(local, glob, strict=True)):
+            if size != full and d != t.partition_dim:
+                only = f"only partition_dim {t.partition_dim} may differ"
+                raise ConfigError(f"{field}.local_shape[{d}] is {size}, global {full}: {only}")
+            if size > full:
+                raise ConfigError(f"{field}.local_shape[{d}] is {size}, over global {full}")
+    if t.partition_stride > limits.max_partition_stride:
+        integer(f"{field}.partition_stride", t.partition_stride, 1, limits.max_partition_stride)
+    global_bytes = math.prod(glob) * t.itemsize
     if global_bytes > limits.max_tensor_bytes:
         raise ConfigError(f"{field}.global_shape: {global_bytes} bytes, over the limit of {limits.max_tensor_bytes}")
 
@@ -159,7 +172,8 @@ def check_parts(
     """Bounds of a record's regions and descriptors, and every descriptor's bytes inside its region.
 
     Run before the record is built (so the error names the field, not the record's own check), on
-    shapes already bounded, so each range is the true extent of the shard's bytes.
+    descriptors already through `check_tensor` (shapes bounded, so each range is the true extent of
+    the shard's bytes).
     """
     count(f"{field}.regions", len(regions), limits.max_regions_per_record)
     count(f"{field}.tensors", len(tensors), limits.max_tensors_per_record)
@@ -175,12 +189,11 @@ def check_parts(
             raise ConfigError(f"{where}.index {r.index} is a duplicate")
         by_index[r.index] = r
     for i, t in enumerate(tensors):
-        where = f"{field}.tensors[{i}]"
-        check_tensor(t, limits, where)
         region = by_index.get(t.region)
         if region is None:
-            raise ConfigError(f"{where}.region {t.region} names no region of the record")
+            raise ConfigError(f"{field}.tensors[{i}].region {t.region} names no region of the record")
         if t.byte_offset + t.nbytes > region.nbytes:
+            where = f"{field}.tensors[{i}]"
             raise ConfigError(
                 f"{where}: bytes [{t.byte_offset}, +{t.nbytes}) of {shown(t.name)} run past the end of "
                 f"region {t.region} ({region.nbytes} bytes)"
@@ -193,5 +206,7 @@ def check_source(source: SourceRecord, limits: CatalogLimits, field: str = "sour
     check_coords(source.coords, limits, f"{field}.coords")
     agent_name(f"{field}.agent_name", source.agent_name, limits)
     blob(f"{field}.agent_metadata", source.agent_metadata, limits.max_agent_metadata_bytes)
+    for i, t in enumerate(source.tensors):
+        check_tensor(t, limits, f"{field}.tensors[{i}]")
     check_parts(source.regions, source.tensors, limits, field)
     return source

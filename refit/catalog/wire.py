@@ -151,11 +151,9 @@ def tensor_from_proto(
     if limits is not None:
         bounds.text(f"{field}.name", msg.name, limits.max_name_chars)
         bounds.text(f"{field}.dtype", msg.dtype, limits.max_short_chars)
-        bounds.count(f"{field}.local_shape", len(msg.local_shape), limits.max_dims)
-        bounds.count(f"{field}.global_shape", len(msg.global_shape), limits.max_dims)
-        for what, shape in (("local_shape", msg.local_shape), ("global_shape", msg.global_shape)):
-            for d, size in enumerate(shape):
-                bounds.integer(f"{field}.{what}[{d}]", size, 0, limits.max_dim)
+        # Before the value is built: its own checks multiply the dims.
+        bounds.check_dims(f"{field}.local_shape", msg.local_shape, limits)
+        bounds.check_dims(f"{field}.global_shape", msg.global_shape, limits)
     if msg.role not in _ROLE_FROM_PB:
         raise ConfigError(f"{field}.role: {_role_name(msg.role)} is not valid")
     tensor = _value(
@@ -173,7 +171,7 @@ def tensor_from_proto(
         byte_offset=msg.byte_offset,
     )
     if limits is not None:
-        bounds.check_tensor(tensor, limits, field)
+        bounds.check_tensor(tensor, limits, field, dims=False)
     return tensor
 
 
