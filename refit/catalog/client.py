@@ -109,6 +109,9 @@ class CatalogClient:
             the defaults are the server's): a record whose byte ranges leave its regions, or whose
             sizes are out of bounds, is refused (ConfigError naming the field) before anyone plans
             a read from it.
+        dedicated_connection: open this client's own TCP connection, where by default clients of one
+            process with the same address share one: for a process that stands in for many readers
+            (a load test) or wants its calls kept apart from others'.
 
     Raises (from every method): CatalogUnavailableError when the catalog cannot be reached or does not
     answer in time; ConfigError for arguments the catalog refuses; other CatalogError subclasses as
@@ -125,6 +128,7 @@ class CatalogClient:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         limits: CatalogLimits = DEFAULT_LIMITS,
+        dedicated_connection: bool = False,
     ) -> None:
         if not address:
             raise ConfigError("catalog address must be non-empty ('host:port')")
@@ -145,6 +149,8 @@ class CatalogClient:
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
         ]
+        if dedicated_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if self.tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls_ca, "tls_ca"),

@@ -9,8 +9,9 @@ Exposed (all prefixed `refit_catalog_`):
     requests_total{rpc}                      calls answered, any outcome
     errors_total{rpc,code}                   calls answered with a status other than OK
     request_seconds{rpc}                     histogram of the time spent answering
-    readers                                  distinct client connections (gRPC peers) that read in
-                                             the last `reader_window_s` seconds
+    readers                                  distinct client connections (gRPC peers) that called
+                                             Resolve, GetSources or GetState in the last
+                                             `reader_window_s` seconds
     versions{state}                          versions in each state (STAGING, READY, RETIRED)
     claims                                   rank claims held
     store_up                                 1 when the last scrape could read the store, else 0
@@ -30,8 +31,8 @@ from refit_server.stores import Store
 
 logger = logging.getLogger(__name__)
 
-# RPCs that only read: their callers are counted as readers.
-READ_RPCS = frozenset({"GetVersion", "GetState", "Latest", "ListVersions", "GetSources", "Resolve"})
+# The RPCs a receiver refits with: their callers are counted as readers (trainers and the CLI use the others).
+READ_RPCS = frozenset({"Resolve", "GetSources", "GetState"})
 # Catalog calls take well under a millisecond to tens of milliseconds (a big Publish or Resolve).
 _BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _MAX_PEERS = 100_000  # bound on the reader table, whatever the traffic
@@ -40,6 +41,7 @@ _MAX_PEERS = 100_000  # bound on the reader table, whatever the traffic
 def _prometheus() -> Any:
     try:
         import prometheus_client
+        import prometheus_client.core  # the metric families of the scrape-time collector
     except ImportError as exc:
         raise ConfigError("metrics_port needs the prometheus-client package (pip install prometheus-client)") from exc
     return prometheus_client
