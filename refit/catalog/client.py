@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from refit import errors
 from refit.catalog import wire
+from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.catalog.values import Resolved
 from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
 from refit.proto import catalog_pb2 as pb
@@ -104,6 +105,13 @@ class CatalogClient:
         tls_ca: PEM file of the CA that signed the catalog's certificate: the channel uses TLS.
         tls_cert, tls_key: PEM files of this client's certificate and key, for a catalog that
             requires mutual TLS (need `tls_ca`).
+        limits: bounds every record and version the catalog returns must keep (`CatalogLimits`;
+            the defaults are the server's): a record whose byte ranges leave its regions, or whose
+            sizes are out of bounds, is refused (ConfigError naming the field) before anyone plans
+            a read from it.
+        dedicated_connection: open this client's own TCP connection, where by default clients of one
+            process with the same address share one: for a process that stands in for many readers
+            (a load test) or wants its calls kept apart from others'.
 
     Raises (from every method): CatalogUnavailableError when the catalog cannot be reached or does not
     answer in time; ConfigError for arguments the catalog refuses; other CatalogError subclasses as
@@ -119,23 +127,30 @@ class CatalogClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        limits: CatalogLimits = DEFAULT_LIMITS,
+        dedicated_connection: bool = False,
     ) -> None:
         if not address:
             raise ConfigError("catalog address must be non-empty ('host:port')")
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        if not isinstance(limits, CatalogLimits):
+            raise ConfigError(f"limits must be a CatalogLimits, got {type(limits).__name__}")
         if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
             raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
         token = resolve_token(token)
         self.address = address
         self.timeout_s = timeout_s
+        self.limits = limits
         self.tls = tls_ca is not None
         # The token lives only in the metadata tuple, never in an attribute a repr or log would show.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
-            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
         ]
+        if dedicated_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if self.tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls_ca, "tls_ca"),
@@ -255,12 +270,12 @@ class CatalogClient:
             model=wire.model_to_proto(model),
             source=wire.source_to_proto(source),
         )
-        return wire.version_from_proto(response.info)
+        return wire.version_from_proto(response.info, self.limits)
 
     def get_version(self, *, name: str, version: int) -> VersionInfo:
         """The version as the catalog holds it; VersionNotFoundError if unknown."""
         response = self._call("GetVersion", pb.GetVersionRequest, name=name, version=version)
-        return wire.version_from_proto(response.info)
+        return wire.version_from_proto(response.info, self.limits)
 
     def version_state(self, *, name: str, version: int) -> VersionState:
         """The version's state alone: the receiver's READY re-check after every pull.
@@ -306,19 +321,20 @@ class CatalogClient:
     def latest(self, *, name: str, state: VersionState = VersionState.READY) -> VersionInfo | None:
         """The highest-numbered version of `name` in `state`, or None."""
         response = self._call("Latest", pb.LatestRequest, name=name, state=wire.state_to_proto(state))
-        return wire.version_from_proto(response.info) if response.HasField("info") else None
+        return wire.version_from_proto(response.info, self.limits) if response.HasField("info") else None
 
     def list_versions(self, *, name: str | None = None) -> list[VersionInfo]:
         """Every version of `name` (of every model when None), sorted by (name, version)."""
         fields = {} if name is None else {"name": name}
         return [
-            wire.version_from_proto(v) for v in self._call("ListVersions", pb.ListVersionsRequest, **fields).versions
+            wire.version_from_proto(v, self.limits)
+            for v in self._call("ListVersions", pb.ListVersionsRequest, **fields).versions
         ]
 
     def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
         """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
         response = self._call("GetSources", pb.GetSourcesRequest, name=name, version=version)
-        return sorted((wire.source_from_proto(s) for s in response.sources), key=lambda s: s.rank)
+        return list(wire.sources_from_proto(response.sources, None, self.limits))
 
     def resolve(self, *, name: str, version: int | None = None, known_layout: str = "") -> Resolved:
         """`version` (None: the newest READY one) with its state and sources, in one round trip.
@@ -334,7 +350,7 @@ class CatalogClient:
         fields: dict[str, Any] = {"name": name, "known_layout": known_layout}
         if version is not None:
             fields["version"] = version
-        return wire.resolved_from_proto(self._call("Resolve", pb.ResolveRequest, **fields))
+        return wire.resolved_from_proto(self._call("Resolve", pb.ResolveRequest, **fields), self.limits)
 
     def retire(self, *, name: str, version: int, and_older: bool = False) -> list[int]:
         """Mark `version` (and with `and_older` every older version) RETIRED; returns what changed.

@@ -3,15 +3,22 @@
 This module is the only place that knows both representations; the client and the server (and the
 Redis store, which keeps serialized protobuf) go through it. Validation is the dataclasses' own
 `__post_init__`: any proto that does not make a valid value raises `ConfigError`, and so does an
-unspecified (0) enum, which is what a sender that forgot to set a field produces.
+unspecified (0) enum, which is what a sender that forgot to set a field produces. Conversions from
+the wire also apply `CatalogLimits` (`refit.catalog.bounds`): sizes and counts are checked on the
+message before any value is built from it, and the error names the field.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Sequence
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from refit.catalog import bounds
+from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.catalog.values import Resolved
 from refit.errors import ConfigError
 from refit.proto import catalog_pb2 as pb
@@ -30,7 +37,7 @@ from refit.types import (
 # The server names the refit error class of a failed call in this trailing-metadata key.
 ERROR_METADATA_KEY = "refit-error"
 # Both ends allow messages this large: a big model's source record carries thousands of descriptors.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = DEFAULT_LIMITS.max_message_bytes
 
 # Enum values are named after the Python members with the proto enum's prefix; building the maps from
 # the names makes an enum member missing from the .proto fail at import, not at the first publish.
@@ -42,6 +49,7 @@ _STATE_FROM_PB: dict[int, VersionState] = {v: s for s, v in _STATE_TO_PB.items()
 _COORD_KINDS = ("tp", "pp", "ep", "dp", "etp", "edp")
 _COORD_FIELDS = tuple(f"{kind}_{what}" for kind in _COORD_KINDS for what in ("rank", "size"))
 _MODEL_FIELDS = tuple(ModelMeta.__dataclass_fields__)
+_V = TypeVar("_V")
 
 
 def _build(cls: type[Message], **fields: object) -> Message:
@@ -52,6 +60,14 @@ def _build(cls: type[Message], **fields: object) -> Message:
         raise ConfigError(f"cannot encode {cls.__name__}: {exc}") from exc
 
 
+def _value(field: str, cls: type[_V], **values: object) -> _V:
+    """`cls(**values)`; its own validation error is re-raised naming the field it came from."""
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+
+
 # --- enums ----------------------------------------------------------------------------------------
 
 
@@ -59,10 +75,14 @@ def role_to_proto(role: Role) -> int:
     return _ROLE_TO_PB[Role(role)]
 
 
+def _role_name(value: int) -> str:
+    return pb.Role.Name(value) if value in pb.Role.values() else str(value)
+
+
 def role_from_proto(value: int) -> Role:
     role = _ROLE_FROM_PB.get(value)
     if role is None:
-        raise ConfigError(f"tensor role {pb.Role.Name(value) if value in pb.Role.values() else value} is not valid")
+        raise ConfigError(f"tensor role {_role_name(value)} is not valid")
     return role
 
 
@@ -85,19 +105,28 @@ def coords_to_proto(coords: ParallelCoords) -> pb.ParallelCoords:
     return _build(pb.ParallelCoords, **{f: getattr(coords, f) for f in _COORD_FIELDS})
 
 
-def coords_from_proto(msg: pb.ParallelCoords) -> ParallelCoords:
+def coords_from_proto(
+    msg: pb.ParallelCoords, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "coords"
+) -> ParallelCoords:
     values = {f: getattr(msg, f) for f in _COORD_FIELDS}
     for kind in ("etp", "edp"):  # absent in records written before expert coordinates existed
         values[f"{kind}_size"] = values[f"{kind}_size"] or 1
-    return ParallelCoords(**values)
+    coords = _value(field, ParallelCoords, **values)
+    return coords if limits is None else bounds.check_coords(coords, limits, field)
 
 
 def model_to_proto(model: ModelMeta) -> pb.ModelMeta:
     return _build(pb.ModelMeta, **{f: getattr(model, f) for f in _MODEL_FIELDS})
 
 
-def model_from_proto(msg: pb.ModelMeta) -> ModelMeta:
-    return ModelMeta(**{f: getattr(msg, f) for f in _MODEL_FIELDS})
+def model_from_proto(
+    msg: pb.ModelMeta, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "model"
+) -> ModelMeta:
+    if limits is not None:
+        bounds.text(f"{field}.architecture", msg.architecture, limits.max_short_chars)
+        bounds.text(f"{field}.params_dtype", msg.params_dtype, limits.max_short_chars)
+    model = _value(field, ModelMeta, **{f: getattr(msg, f) for f in _MODEL_FIELDS})
+    return model if limits is None else bounds.check_model(model, limits, field)
 
 
 def tensor_to_proto(t: TensorDesc) -> pb.TensorDesc:
@@ -116,8 +145,20 @@ def tensor_to_proto(t: TensorDesc) -> pb.TensorDesc:
     )
 
 
-def tensor_from_proto(msg: pb.TensorDesc) -> TensorDesc:
-    return TensorDesc(
+def tensor_from_proto(
+    msg: pb.TensorDesc, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "tensor"
+) -> TensorDesc:
+    if limits is not None:
+        bounds.text(f"{field}.name", msg.name, limits.max_name_chars)
+        bounds.text(f"{field}.dtype", msg.dtype, limits.max_short_chars)
+        # Before the value is built: its own checks multiply the dims.
+        bounds.check_dims(f"{field}.local_shape", msg.local_shape, limits)
+        bounds.check_dims(f"{field}.global_shape", msg.global_shape, limits)
+    if msg.role not in _ROLE_FROM_PB:
+        raise ConfigError(f"{field}.role: {_role_name(msg.role)} is not valid")
+    tensor = _value(
+        field,
+        TensorDesc,
         name=msg.name,
         role=role_from_proto(msg.role),
         dtype=msg.dtype,
@@ -129,14 +170,21 @@ def tensor_from_proto(msg: pb.TensorDesc) -> TensorDesc:
         region=msg.region,
         byte_offset=msg.byte_offset,
     )
+    if limits is not None:
+        bounds.check_tensor(tensor, limits, field, dims=False)
+    return tensor
 
 
 def region_to_proto(r: Region) -> pb.Region:
     return _build(pb.Region, index=r.index, addr=r.addr, nbytes=r.nbytes, device=r.device, device_id=r.device_id)
 
 
-def region_from_proto(msg: pb.Region) -> Region:
-    return Region(index=msg.index, addr=msg.addr, nbytes=msg.nbytes, device=msg.device, device_id=msg.device_id)
+def region_from_proto(msg: pb.Region, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "region") -> Region:
+    if limits is not None:
+        bounds.text(f"{field}.device", msg.device, limits.max_short_chars)
+    return _value(
+        field, Region, index=msg.index, addr=msg.addr, nbytes=msg.nbytes, device=msg.device, device_id=msg.device_id
+    )
 
 
 def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
@@ -151,16 +199,31 @@ def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
     )
 
 
-def source_from_proto(msg: pb.SourceRecord) -> SourceRecord:
+def source_from_proto(
+    msg: pb.SourceRecord, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "source"
+) -> SourceRecord:
+    """A record from the wire; with `limits`, every bound is checked before the record is built."""
     if not msg.HasField("coords"):
-        raise ConfigError(f"rank {msg.rank}: source record without coords")
-    return SourceRecord(
+        raise ConfigError(f"{field}.coords: missing (rank {msg.rank})")
+    if limits is not None:
+        bounds.rank(f"{field}.rank", msg.rank, limits)
+        bounds.agent_name(f"{field}.agent_name", msg.agent_name, limits)
+        bounds.blob(f"{field}.agent_metadata", msg.agent_metadata, limits.max_agent_metadata_bytes)
+        bounds.count(f"{field}.regions", len(msg.regions), limits.max_regions_per_record)
+        bounds.count(f"{field}.tensors", len(msg.tensors), limits.max_tensors_per_record)
+    regions = tuple(region_from_proto(r, limits, f"{field}.regions[{i}]") for i, r in enumerate(msg.regions))
+    tensors = tuple(tensor_from_proto(t, limits, f"{field}.tensors[{i}]") for i, t in enumerate(msg.tensors))
+    if limits is not None:
+        bounds.check_parts(regions, tensors, limits, field)
+    return _value(
+        field,
+        SourceRecord,
         rank=msg.rank,
-        coords=coords_from_proto(msg.coords),
+        coords=coords_from_proto(msg.coords, limits, f"{field}.coords"),
         agent_name=msg.agent_name,
         agent_metadata=bytes(msg.agent_metadata),
-        regions=tuple(region_from_proto(r) for r in msg.regions),
-        tensors=tuple(tensor_from_proto(t) for t in msg.tensors),
+        regions=regions,
+        tensors=tensors,
     )
 
 
@@ -178,16 +241,25 @@ def version_to_proto(v: VersionInfo) -> pb.VersionInfo:
     )
 
 
-def version_from_proto(msg: pb.VersionInfo) -> VersionInfo:
+def version_from_proto(
+    msg: pb.VersionInfo, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "info"
+) -> VersionInfo:
     if not msg.HasField("model"):
-        raise ConfigError(f"{msg.name} v{msg.version}: version info without model")
+        raise ConfigError(f"{field}.model: missing ({bounds.shown(msg.name)} v{msg.version})")
+    if limits is not None:
+        bounds.name(f"{field}.name", msg.name, limits)
+        bounds.version(f"{field}.version", msg.version, limits)
+        bounds.world_size(f"{field}.world_size", msg.world_size, limits)
+        bounds.count(f"{field}.published_ranks", len(msg.published_ranks), msg.world_size)
+        for i, r in enumerate(msg.published_ranks):
+            bounds.integer(f"{field}.published_ranks[{i}]", r, 0, msg.world_size - 1)
     return VersionInfo(
         name=msg.name,
         version=msg.version,
         state=state_from_proto(msg.state),
         world_size=msg.world_size,
         published_ranks=tuple(msg.published_ranks),
-        model=model_from_proto(msg.model),
+        model=model_from_proto(msg.model, limits, f"{field}.model"),
         created_at=msg.created_at,
         ready_at=msg.ready_at,
     )
@@ -211,12 +283,30 @@ def resolved_to_proto(r: Resolved) -> pb.ResolveResponse:
     )
 
 
-def resolved_from_proto(msg: pb.ResolveResponse) -> Resolved:
+def sources_from_proto(
+    msgs: Sequence[pb.SourceRecord], world_size: int | None, limits: CatalogLimits | None = DEFAULT_LIMITS
+) -> tuple[SourceRecord, ...]:
+    """Records from the wire, sorted by rank: at most one per rank (and, given the world size, below it)."""
+    if limits is not None:
+        bounds.count("sources", len(msgs), world_size if world_size is not None else limits.max_world_size)
+    sources = sorted((source_from_proto(s, limits, f"sources[{i}]") for i, s in enumerate(msgs)), key=lambda s: s.rank)
+    for prev, cur in itertools.pairwise(sources):
+        if prev.rank == cur.rank:
+            raise ConfigError(f"sources: rank {cur.rank} appears twice")
+    if world_size is not None and sources and sources[-1].rank >= world_size:
+        raise ConfigError(f"sources: rank {sources[-1].rank} is outside world_size {world_size}")
+    return tuple(sources)
+
+
+def resolved_from_proto(msg: pb.ResolveResponse, limits: CatalogLimits | None = DEFAULT_LIMITS) -> Resolved:
     if not msg.HasField("info"):
         raise ConfigError("resolve response without version info")
+    info = version_from_proto(msg.info, limits)
+    if limits is not None:
+        bounds.text("layout_digest", msg.layout_digest, limits.max_short_chars, required=False)
     return Resolved(
-        info=version_from_proto(msg.info),
-        sources=tuple(sorted((source_from_proto(s) for s in msg.sources), key=lambda s: s.rank)),
+        info=info,
+        sources=sources_from_proto(msg.sources, info.world_size, limits),
         layout_digest=msg.layout_digest,
         tensors_omitted=msg.tensors_omitted,
     )
@@ -240,7 +330,7 @@ def model_to_bytes(model: ModelMeta) -> bytes:
 
 
 def model_from_bytes(data: bytes) -> ModelMeta:
-    return model_from_proto(_parse(pb.ModelMeta, data))
+    return model_from_proto(_parse(pb.ModelMeta, data), None)
 
 
 def source_to_bytes(source: SourceRecord) -> bytes:
@@ -248,7 +338,8 @@ def source_to_bytes(source: SourceRecord) -> bytes:
 
 
 def source_from_bytes(data: bytes) -> SourceRecord:
-    return source_from_proto(_parse(pb.SourceRecord, data))
+    # The store's own record, bounded by the server's limits when it was published.
+    return source_from_proto(_parse(pb.SourceRecord, data), None)
 
 
 # --- layout digests ----------------------------------------------------------------------------------

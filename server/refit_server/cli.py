@@ -190,6 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
+        metrics_port=args.metrics_port,
     )
     stop = threading.Event()
     # SIGTERM (from a supervisor or a test) stops as cleanly as Ctrl-C.
@@ -199,6 +200,8 @@ def _serve(args: argparse.Namespace) -> int:
         # The first stdout line names the bound address: with `--port 0` it is how a caller (a test, a
         # supervisor) learns the port without picking one itself, which would race other processes.
         print(f"refit catalog serving on {server.address}", flush=True)
+        if args.metrics_port is not None:  # the second line, for the same reason
+            print(f"refit catalog metrics on http://{server.metrics_address}/metrics", flush=True)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -252,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--tls-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics over HTTP on this port of --host (0: a free one, printed on the second line)",
+    )
     serve.set_defaults(func=_serve)
 
     def inspector(name: str, help_: str) -> argparse.ArgumentParser:

@@ -15,22 +15,29 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
-from refit.catalog import wire
+from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.errors import ConfigError
-from refit.proto import catalog_pb2_grpc as pb_grpc
 from refit_server.auth import Authority
-from refit_server.service import CatalogService
+from refit_server.metrics import CatalogMetrics
+from refit_server.service import CatalogService, add_to_server
 from refit_server.stores import Store, check_url, open_store
 
 logger = logging.getLogger(__name__)
 
-GRPC_OPTIONS = (
-    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
-    # gRPC sets SO_REUSEPORT by default: a second catalog on a busy port would "start" and silently
-    # split the traffic (two memory stores, two truths). Refuse the port instead.
-    ("grpc.so_reuseport", 0),
-)
+
+def grpc_options(limits: CatalogLimits) -> tuple[tuple[str, int], ...]:
+    return (
+        # Set explicitly, never gRPC's default: a larger message is refused (RESOURCE_EXHAUSTED) before
+        # it is read whole.
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default: a second catalog on a busy port would "start" and silently
+        # split the traffic (two memory stores, two truths). Refuse the port instead.
+        ("grpc.so_reuseport", 0),
+    )
+
+
+GRPC_OPTIONS = grpc_options(DEFAULT_LIMITS)
 
 
 class CatalogServer:
@@ -47,6 +54,11 @@ class CatalogServer:
             port: for local use only (a warning is logged when bound to a non-loopback host).
         tls_cert, tls_key: PEM files of the server's certificate chain and key: serve over TLS.
         tls_ca: PEM file of the CA client certificates must chain to: mutual TLS (needs tls_cert).
+        limits: bounds on every request (`refit.catalog.bounds.CatalogLimits`; the defaults fit the
+            largest models refit targets); a request over them is INVALID_ARGUMENT naming the field.
+        metrics_port: serve Prometheus metrics (`refit_server.metrics`) over HTTP on this port of
+            `host` (0: a free one, read back from `.metrics_address`); None: no metrics endpoint.
+            Needs the prometheus-client package.
 
     Raises:
         ConfigError: unknown store URL or bad arguments (at construction, before anything is bound),
@@ -66,10 +78,16 @@ class CatalogServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_ca: str | None = None,
+        limits: CatalogLimits = DEFAULT_LIMITS,
+        metrics_port: int | None = None,
     ) -> None:
         check_url(store)
         if not 0 <= port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {port}")
+        if metrics_port is not None and not 0 <= metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be in [0, 65536) or None, got {metrics_port}")
+        if not isinstance(limits, CatalogLimits):
+            raise ConfigError(f"limits must be a CatalogLimits, got {type(limits).__name__}")
         if max_workers <= 0:
             raise ConfigError(f"max_workers must be positive, got {max_workers}")
         if not host:
@@ -87,6 +105,10 @@ class CatalogServer:
         self.host = host
         self.port = port
         self.max_workers = max_workers
+        self.limits = limits
+        self.metrics_port = metrics_port
+        self._metrics: CatalogMetrics | None = None
+        self._metrics_bound = 0
         self._store: Store | None = None
         self._server: grpc.Server | None = None
         self._bound_port = 0
@@ -100,15 +122,28 @@ class CatalogServer:
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literals need brackets
         return f"{host}:{self._bound_port}"
 
+    @property
+    def metrics_address(self) -> str:
+        """ "host:port" of the metrics endpoint (after `start` with a `metrics_port`)."""
+        if not self._metrics_bound:
+            raise ConfigError("the catalog server has no metrics endpoint (metrics_port) or is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self._metrics_bound}"
+
     def start(self) -> CatalogServer:
         with self._lock:
             if self._server is not None:
                 return self
             store = open_store(self.store_url)
+            metrics: CatalogMetrics | None = None
             try:
                 store.ping()  # CatalogUnavailableError here, before a port is taken
-                server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers), options=GRPC_OPTIONS)
-                pb_grpc.add_CatalogServicer_to_server(CatalogService(store, self._authority), server)
+                if self.metrics_port is not None:
+                    metrics = CatalogMetrics(store)
+                server = grpc.server(
+                    futures.ThreadPoolExecutor(max_workers=self.max_workers), options=grpc_options(self.limits)
+                )
+                add_to_server(CatalogService(store, self._authority, self.limits, metrics), server)
                 target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
                 try:
                     if self._tls is None:
@@ -123,14 +158,20 @@ class CatalogServer:
                     raise ConfigError(f"cannot bind the catalog to {target}: {exc}") from exc
                 if not bound:
                     raise ConfigError(f"cannot bind the catalog to {target}")
+                if metrics is not None and self.metrics_port is not None:
+                    self._metrics_bound = metrics.serve(host=self.host, port=self.metrics_port)
                 server.start()
             except BaseException:
+                if metrics is not None:
+                    metrics.close()
                 store.close()
                 raise
-            self._store, self._server, self._bound_port = store, server, bound
+            self._store, self._server, self._bound_port, self._metrics = store, server, bound, metrics
         tls = "off" if self._tls is None else "mutual" if self._tls[2] else "on"
         auth = self._authority.mode
         logger.info("refit catalog serving on %s (store %s, auth %s, tls %s)", self.address, store, auth, tls)
+        if self._metrics_bound:
+            logger.info("refit catalog metrics on http://%s/metrics", self.metrics_address)
         if not _is_loopback(self.host):
             if not self._authority.enabled:
                 logger.warning(
@@ -145,11 +186,13 @@ class CatalogServer:
     def stop(self, grace: float | None = None) -> None:
         """Stop serving; in-flight RPCs get `grace` seconds (None: cancelled at once). Idempotent."""
         with self._lock:
-            server, store = self._server, self._store
-            self._server = self._store = None
+            server, store, metrics = self._server, self._store, self._metrics
+            self._server = self._store = self._metrics = None
         if server is None:
             return
         server.stop(grace).wait()
+        if metrics is not None:
+            metrics.close()
         if store is not None:
             store.close()
         logger.info("refit catalog on port %d stopped", self._bound_port)

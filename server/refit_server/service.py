@@ -15,12 +15,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from refit import errors
-from refit.catalog import wire
+from refit.catalog import bounds, wire
+from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.proto import catalog_pb2 as pb
 from refit.proto import catalog_pb2_grpc as pb_grpc
 from refit_server.auth import Authority
+from refit_server.metrics import CatalogMetrics
 from refit_server.stores import Store
 
 logger = logging.getLogger(__name__)
@@ -45,57 +48,106 @@ def status_for(exc: errors.RefitError) -> grpc.StatusCode:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
 
+class Malformed:
+    """A request body that is not a valid protobuf message of its RPC: answered INVALID_ARGUMENT.
+
+    gRPC answers a request its deserializer cannot parse with INTERNAL, as if the catalog had failed;
+    the lenient deserializer of `add_to_server` hands this over instead, and `_rpc` refuses it after
+    the caller's token is checked, like any other bad argument.
+    """
+
+    def __init__(self, what: str, error: str) -> None:
+        self.what, self.error = what, error
+
+
+def _lenient(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Malformed(cls.__name__, str(exc))
+
+    return parse
+
+
+def add_to_server(service: CatalogService, server: grpc.Server) -> None:
+    """Register `service` for every RPC of `refit.v1.Catalog`, with lenient request parsing."""
+    descriptor = pb.DESCRIPTOR.services_by_name["Catalog"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in descriptor.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)  # as the generated code does
+
+
 def _rpc(method: _Handler) -> _Handler:
     """Check the caller's token, then run the handler; turn a RefitError into its status and metadata,
-    anything else into INTERNAL. A refused caller never reaches the handler, so changes nothing."""
+    anything else into INTERNAL. A refused caller never reaches the handler, so changes nothing.
+    Every answered call, whatever its outcome, is counted in the metrics (when enabled)."""
+    rpc = method.__name__
 
     @functools.wraps(method)
     def handler(self: CatalogService, request: Any, context: grpc.ServicerContext) -> Any:
+        start, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             try:
-                self._authority.check(method.__name__, context.invocation_metadata())
+                self._authority.check(rpc, context.invocation_metadata())
             except errors.AuthError as exc:
                 # Who was refused, not with what: the message names no token.
-                logger.warning("refused %s from %s: %s", method.__name__, context.peer(), exc)
+                logger.warning("refused %s from %s: %s", rpc, context.peer(), exc)
                 raise
+            if isinstance(request, Malformed):
+                raise errors.ConfigError(f"request is not a valid {request.what}: {request.error}")
             return method(self, request, context)
         except errors.RefitError as exc:
             code = status_for(exc)
-            logger.debug("%s -> %s: %s", method.__name__, code.name, exc)
+            logger.debug("%s -> %s: %s", rpc, code.name, exc)
             context.set_trailing_metadata(((wire.ERROR_METADATA_KEY, type(exc).__name__),))
             context.abort(code, str(exc))
         except Exception as exc:  # the server must answer, not drop the call; the log keeps the trace
-            logger.exception("%s failed", method.__name__)
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("%s failed", rpc)
             context.set_trailing_metadata(((wire.ERROR_METADATA_KEY, "CatalogError"),))
-            context.abort(grpc.StatusCode.INTERNAL, f"catalog internal error: {type(exc).__name__}: {exc}")
+            context.abort(code, f"catalog internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe(rpc, code.name, time.perf_counter() - start, context.peer())
 
     return handler  # type: ignore[return-value]
 
 
-def _name(name: str) -> str:
-    if not name:
-        raise errors.ConfigError("model name must be non-empty")
-    return name
-
-
-def _non_negative(what: str, value: int) -> int:
-    if value < 0:
-        raise errors.ConfigError(f"{what} must be >= 0, got {value}")
-    return value
-
-
-def _agent(agent_name: str) -> str:
-    if not agent_name:
-        raise errors.ConfigError("agent_name must be non-empty")
-    return agent_name
-
-
 class CatalogService(pb_grpc.CatalogServicer):
-    """Checks each caller's authority, validates each request and forwards it to the store."""
+    """Checks each caller's authority, validates every field of each request against `limits`
+    (`refit.catalog.bounds`: INVALID_ARGUMENT naming the field, the store untouched) and forwards it."""
 
-    def __init__(self, store: Store, authority: Authority | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        authority: Authority | None = None,
+        limits: CatalogLimits = DEFAULT_LIMITS,
+        metrics: CatalogMetrics | None = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics
         self._authority = authority if authority is not None else Authority()
+        self._limits = limits
+
+    def _name(self, name: str) -> str:
+        return bounds.name("model name", name, self._limits)
+
+    def _version(self, version: int) -> int:
+        return bounds.version("version", version, self._limits)
+
+    def _rank(self, rank: int) -> int:
+        return bounds.rank("rank", rank, self._limits)
+
+    def _agent(self, agent_name: str) -> str:
+        return bounds.agent_name("agent_name", agent_name, self._limits)
 
     @_rpc
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
@@ -105,9 +157,9 @@ class CatalogService(pb_grpc.CatalogServicer):
     @_rpc
     def Claim(self, request: pb.ClaimRequest, context: grpc.ServicerContext) -> pb.ClaimResponse:
         claim = self._store.claim(
-            name=_name(request.name),
-            rank=_non_negative("rank", request.rank),
-            agent_name=_agent(request.agent_name),
+            name=self._name(request.name),
+            rank=self._rank(request.rank),
+            agent_name=self._agent(request.agent_name),
             takeover=request.takeover,
             now=time.time(),
         )
@@ -116,23 +168,22 @@ class CatalogService(pb_grpc.CatalogServicer):
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
         self._store.release(
-            name=_name(request.name),
-            rank=_non_negative("rank", request.rank),
-            agent_name=_agent(request.agent_name),
+            name=self._name(request.name),
+            rank=self._rank(request.rank),
+            agent_name=self._agent(request.agent_name),
         )
         return pb.ReleaseResponse()
 
     @_rpc
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishResponse:
-        name, version, world_size = _name(request.name), _non_negative("version", request.version), request.world_size
-        if world_size <= 0:
-            raise errors.ConfigError(f"world_size must be positive, got {world_size}")
+        name, version = self._name(request.name), self._version(request.version)
+        world_size = bounds.world_size("world_size", request.world_size, self._limits)
         if not request.HasField("model") or not request.HasField("source"):
             raise errors.ConfigError("publish needs both a model and a source")
-        model = wire.model_from_proto(request.model)
-        source = wire.source_from_proto(request.source)
+        model = wire.model_from_proto(request.model, self._limits)
+        source = wire.source_from_proto(request.source, self._limits)
         if source.rank >= world_size:
-            raise errors.ConfigError(f"source rank {source.rank} is outside world_size {world_size}")
+            raise errors.ConfigError(f"source.rank {source.rank} is outside world_size {world_size}")
         now = time.time()
         info = self._store.publish(
             name=name, version=version, world_size=world_size, model=model, source=source, now=now
@@ -152,40 +203,41 @@ class CatalogService(pb_grpc.CatalogServicer):
 
     @_rpc
     def GetVersion(self, request: pb.GetVersionRequest, context: grpc.ServicerContext) -> pb.GetVersionResponse:
-        info = self._store.get_version(name=_name(request.name), version=_non_negative("version", request.version))
+        info = self._store.get_version(name=self._name(request.name), version=self._version(request.version))
         return pb.GetVersionResponse(info=wire.version_to_proto(info))
 
     @_rpc
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
-        state = self._store.get_state(name=_name(request.name), version=_non_negative("version", request.version))
+        state = self._store.get_state(name=self._name(request.name), version=self._version(request.version))
         return pb.GetStateResponse(state=wire.state_to_proto(state))
 
     @_rpc
     def Latest(self, request: pb.LatestRequest, context: grpc.ServicerContext) -> pb.LatestResponse:
-        state = wire.state_from_proto(request.state)
-        info = self._store.latest(name=_name(request.name), state=state)
+        state = wire.state_from_proto(request.state)  # an unknown or unset state is INVALID_ARGUMENT
+        info = self._store.latest(name=self._name(request.name), state=state)
         return pb.LatestResponse(info=wire.version_to_proto(info)) if info is not None else pb.LatestResponse()
 
     @_rpc
     def ListVersions(self, request: pb.ListVersionsRequest, context: grpc.ServicerContext) -> pb.ListVersionsResponse:
-        name = _name(request.name) if request.HasField("name") else None
+        name = self._name(request.name) if request.HasField("name") else None
         infos = self._store.list_versions(name=name)
         return pb.ListVersionsResponse(versions=[wire.version_to_proto(i) for i in infos])
 
     @_rpc
     def GetSources(self, request: pb.GetSourcesRequest, context: grpc.ServicerContext) -> pb.GetSourcesResponse:
-        sources = self._store.get_sources(name=_name(request.name), version=_non_negative("version", request.version))
+        sources = self._store.get_sources(name=self._name(request.name), version=self._version(request.version))
         return pb.GetSourcesResponse(sources=[wire.source_to_proto(s) for s in sources])
 
     @_rpc
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
-        version = _non_negative("version", request.version) if request.HasField("version") else None
-        resolved = self._store.resolve(name=_name(request.name), version=version, known_layout=request.known_layout)
+        version = self._version(request.version) if request.HasField("version") else None
+        known = bounds.text("known_layout", request.known_layout, self._limits.max_short_chars, required=False)
+        resolved = self._store.resolve(name=self._name(request.name), version=version, known_layout=known)
         return wire.resolved_to_proto(resolved)
 
     @_rpc
     def Retire(self, request: pb.RetireRequest, context: grpc.ServicerContext) -> pb.RetireResponse:
-        name, version = _name(request.name), _non_negative("version", request.version)
+        name, version = self._name(request.name), self._version(request.version)
         changed = self._store.retire(name=name, version=version, and_older=request.and_older)
         if changed:
             logger.info("%s: retired versions %s", name, changed)

@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from refit.catalog.values import Resolved
 from refit.errors import ConflictError, RankTakenError, VersionNotFoundError, VersionRetiredError
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoreCounts:
+    """What the catalog holds, for its metrics: versions per state and rank claims held."""
+
+    versions: dict[VersionState, int] = field(default_factory=dict)
+    claims: int = 0
 
 
 @runtime_checkable
@@ -68,6 +77,9 @@ class Store(Protocol):
         Sources come without tensors when `known_layout` is non-empty and equals the version's layout
         digest. VersionNotFoundError if the version is unknown, or `version` is None and none is READY.
         """
+
+    def counts(self) -> StoreCounts:
+        """Versions per state and claims held, over every name (for metrics; need not be atomic)."""
 
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         """Mark the version (and with `and_older` every older one) RETIRED; returns what changed, ascending.

@@ -4,7 +4,7 @@ resolve lookups.
 Kept as Python strings (not .lua files) so they ship with the package without package-data rules.
 Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key layout:
 
-    P:names                     SET   every model name
+    P:names                     SET   every model name (published or claimed)
     P:m:N:versions              ZSET  version numbers of model N (member = score = the number)
     P:m:N:claims                HASH  rank -> "<claimed_at>|<agent name>"
     P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at,
@@ -27,10 +27,12 @@ from __future__ import annotations
 CLAIM = """
 -- claim: hold one trainer rank of a model for an agent.
 -- KEYS[1]  claims hash of the model (rank -> "<claimed_at>|<agent>")
+-- KEYS[2]  names set (a claimed model is known, so the metrics find its claims)
 -- ARGV[1]  rank
 -- ARGV[2]  agent name
 -- ARGV[3]  "1" to take the rank over from another agent, else "0"
 -- ARGV[4]  now (unix seconds, the server's clock)
+-- ARGV[5]  model name
 -- Reply:   {"ok", claimed_at, previous holder or ""} | {"taken", holder}
 -- The holder re-claiming keeps its original claimed_at (idempotent).
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -43,6 +45,7 @@ if cur then
   return {'ok', ARGV[4], holder}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[5])
 return {'ok', ARGV[4], ''}
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 from refit.catalog import wire
@@ -173,6 +174,11 @@ class MemoryStore:
             for n in changed:
                 versions[n].state = VersionState.RETIRED
             return changed
+
+    def counts(self) -> base.StoreCounts:
+        with self._lock:
+            states = Counter(v.state for versions in self._versions.values() for v in versions.values())
+            return base.StoreCounts(versions=dict(states), claims=sum(len(c) for c in self._claims.values()))
 
     def _get(self, name: str, version: int) -> _Version:
         v = self._versions.get(name, {}).get(version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, urlsplit
@@ -183,7 +184,10 @@ class RedisStore:
 
     def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
         with self._guard():
-            reply = self._claim(keys=[self._keys.claims(name)], args=[rank, agent_name, int(takeover), repr(now)])
+            reply = self._claim(
+                keys=[self._keys.claims(name), self._keys.names()],
+                args=[rank, agent_name, int(takeover), repr(now), name],
+            )
         status = reply[0].decode()
         if status == "taken":
             raise base.rank_claimed(name, rank, reply[1].decode(), agent_name)
@@ -318,6 +322,23 @@ class RedisStore:
             layout_digest=fields.get(b"layout", b"").decode(),
             tensors_omitted=omitted,
         )
+
+    def counts(self) -> base.StoreCounts:
+        k = self._keys
+        with self._guard():
+            names = [n.decode() for n in self._redis.smembers(k.names())]
+            pipe = self._redis.pipeline(transaction=False)
+            for n in names:
+                pipe.zrange(k.versions(n), 0, -1)
+                pipe.hlen(k.claims(n))
+            replies = pipe.execute() if names else []
+            claims = sum(replies[1::2])
+            pipe = self._redis.pipeline(transaction=False)
+            for n, numbers in zip(names, replies[::2], strict=True):
+                for v in numbers:
+                    pipe.hget(k.version(n, int(v)), "state")
+            states = Counter(VersionState(s.decode()) for s in (pipe.execute() if len(pipe) else []) if s)
+        return base.StoreCounts(versions=dict(states), claims=claims)
 
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._guard():
