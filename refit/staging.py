@@ -164,6 +164,7 @@ class StagingPool:
         deadline: float,
         start_check: Callable[[], Callable[[], None]],
         timings: dict[str, float],
+        install_chunk: Callable[[int, torch.Tensor], None] | None = None,
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -172,7 +173,8 @@ class StagingPool:
         reads run beside that pipeline, on their own worker. `start_check` sends the READY re-check
         once the last byte has landed and returns the wait for its answer, which runs after the last
         chunk is installed. Adds "wire", "validate" (the check beyond the install) and "install"
-        seconds to `timings`.
+        seconds to `timings`. `install_chunk(k, slot)`, when given, installs chunk k from its slot
+        instead of copying its pieces into `dests` (an engine that installs whole layers).
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -228,7 +230,9 @@ class StagingPool:
                 # gRPC's threads beside the last chunk's install, and the refit succeeds only if it passes.
                 finish = start_check() if last else None
                 t2 = time.perf_counter()
-                if k < len(chunks):
+                if k < len(chunks) and install_chunk is not None:
+                    install_chunk(k, slots[k % len(slots)])  # returns once nothing reads the slot any more
+                elif k < len(chunks):
                     with _on(copies):
                         scatter(chunks[k].pieces, plan.targets, slots[k % len(slots)], dests)
                     _wait(copies)  # a slot is refilled only after the copies out of it ran
@@ -237,9 +241,10 @@ class StagingPool:
                 if finish is not None:
                     finish()
                 validate += time.perf_counter() - t3 + t2 - t1
-            with _on(copies):
-                zero_padding(plan.targets, dests)
-            _wait(copies)
+            if install_chunk is None:
+                with _on(copies):
+                    zero_padding(plan.targets, dests)
+                _wait(copies)
         finally:
             for f in (pending, direct):
                 if f is not None:
