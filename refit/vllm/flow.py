@@ -82,7 +82,7 @@ class RefitReport:
     version: int
     bytes: int  # pulled by all ranks together
     bytes_per_rank: tuple[int, ...]
-    wire_s: float  # the slowest rank's NIXL transfer
+    wire_s: float  # the slowest rank's NIXL transfer (streamed: the prefetch's and the pause's together)
     prefetch_s: float  # prefetch requested -> every rank staged (the engine kept generating)
     stall_s: float  # pause -> resume: the only time generation stopped
     install_s: float  # the slowest rank's install (layerwise reload)
@@ -261,7 +261,9 @@ def report(
         version=version,
         bytes=sum(per_rank),
         bytes_per_rank=per_rank,
-        wire_s=max(float(s.get("wire_s", 0.0)) for s in staged),
+        # A streamed install pulls the chunks past the window during the pause: its ranks' last
+        # install counts the whole pull, the prefetch only the first chunks.
+        wire_s=max(float(s.get("wire_s", 0.0)) for s in [*staged, *(a.get("last", {}) for a in after)]),
         prefetch_s=times["prefetch"],
         stall_s=times["stall"],
         install_s=max(float(s.get("last", {}).get("install_s", 0.0)) for s in after),
