@@ -29,6 +29,7 @@ aside and the next pull gets fresh ones (`Receiver.stats` shows both).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -339,13 +340,7 @@ class Receiver:
             plan = staged.plan
             assert plan is not None and (self._dests is not None or self._layered) and self._pool is not None
             deadline = time.monotonic() + self._timeout(timeout_s)
-            install_chunk = None
-            if self._layered:
-                install = self.engine.install_layers  # type: ignore[attr-defined]
-
-                def install_chunk(k: int, slot: torch.Tensor) -> None:
-                    install(assemble_chunk(plan, plan.chunks[k], slot))
-
+            install_chunk = functools.partial(self._install_chunk, plan) if self._layered else None
             self._torn = True  # from here on, engine memory may hold bytes of this version
             descriptors += self._pool.stream(
                 plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
@@ -379,6 +374,10 @@ class Receiver:
             result.gbps, result.chunks,
         )  # fmt: skip
         return result
+
+    def _install_chunk(self, plan: Plan, k: int, slot: torch.Tensor) -> None:
+        """Install the whole layers of chunk k from its staging slot (engines with `install_layers()`)."""
+        self.engine.install_layers(assemble_chunk(plan, plan.chunks[k], slot))  # type: ignore[attr-defined]
 
     def update_weights(self, version: int | None = None, *, timeout_s: float | None = None) -> UpdateResult:
         """Fetch `version` (default: newest READY) and install it.

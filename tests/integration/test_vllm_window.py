@@ -130,3 +130,41 @@ def test_window_smaller_than_the_weights_streams_whole_layers(trainer_cluster, c
               f"v2 after a torn install: stall {r2.stall_s:.3f}s")  # fmt: skip
     finally:
         trainer.close()
+
+
+@pytest.mark.soak
+def test_window_at_engine_tp2_untied_equals_vllms_own_load(trainer_cluster, catalog, tmp_path) -> None:
+    """Untied Llama (vocab 1000, a vocabulary share per rank) at engine TP 2 from a TP 1 trainer: version 1
+    through the window equals vLLM's own load of its checkpoint (parameters, tokens and logprobs: the
+    output layer is its own, so vLLM's reload is a full reference), version 2 a fresh engine's."""
+    case, tp = vo.LLAMA, 2
+    ckpt = {v: vo.save_checkpoint(case, v, tmp_path / f"v{v}") for v in (1, 2)}
+    trainer = vo.Trainer(trainer_cluster, catalog, tmp_path, case, tp=1)
+    layer = _largest_layer(case)
+    window = 2 * (layer // tp + layer // 8)  # a little over one layer's share per chunk
+    try:
+        with vo.running_engine(ckpt[2], tp) as llm:
+            fresh_v2 = _state(llm)
+            _load(llm, ckpt[1])
+            truth_v1 = _state(llm)
+            assert _differ(truth_v1[0], fresh_v2[0]) and truth_v1[1] != fresh_v2[1]
+            _load(llm, ckpt[2])
+            assert _state(llm) == fresh_v2
+            reports = []
+            for version, truth in ((1, truth_v1), (2, fresh_v2)):
+                trainer.publish(version)
+                r = refit_llm(llm, catalog=catalog, name=trainer.name, max_staging_bytes=window)
+                assert r.version == version and r.chunks >= 3 and r.prefetched_chunks == 2, r
+                got = _state(llm)
+                assert _differ(got[0], truth[0]) == [] and got[1] == truth[1], f"v{version} differs"
+                statuses = llm.collective_rpc(CONTROL, kwargs={"op": "status"})
+                assert all(0 < s["last"]["peak_staging_bytes"] <= window for s in statuses), statuses
+                reports.append(r)
+        print(
+            f"\nvLLM TP2 <- TP1 trainer, window {window} B: "
+            + "; ".join(
+                f"v{r.version} {r.chunks} chunks, stall {r.stall_s:.3f}s, install {r.install_s:.3f}s" for r in reports
+            )
+        )
+    finally:
+        trainer.close()
