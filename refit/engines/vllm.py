@@ -13,6 +13,10 @@ parameters are always loaded whole (q, k and v together; gate and up together): 
 leave the rest uninitialized. A parameter shared by several layers (tied embeddings: the output
 layer reads the embedding table) is loaded into every one of them, so each is processed again.
 
+`install_layers` loads the complete tensors of some layers only (`layer_of`: a decoder layer, or a
+module outside them, modules sharing a parameter together) through a layerwise reload of just those
+modules; the receiver streams a rank's weights larger than its staging window that way, chunk by chunk.
+
 MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral): routed experts arrive under the per-expert HF names
 (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`) and go through the loader of vLLM's
 fused expert layer (`w13_weight` `[E, 2F/tp, H]`: gate as shard w1, up as w3; `w2_weight`
