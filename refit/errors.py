@@ -98,5 +98,12 @@ class EngineError(RefitError):
     """An inference engine refused or failed an update (it keeps its previous weights)."""
 
 
+class TornWeightsError(EngineError):
+    """An engine's weights are a mix of versions: a streamed install failed after it began writing
+    (a read failed, or the version was retired mid-pull) and no later refit has completed. Unlike
+    other `EngineError`s the engine does not keep its previous weights; it must not serve until a
+    refit completes."""
+
+
 class RankVersionMismatchError(EngineError):
     """The tensor-parallel ranks of one engine were asked to install different versions."""

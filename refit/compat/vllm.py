@@ -54,12 +54,21 @@ _VOCAB = "vllm.model_executor.layers.vocab_parallel_embedding"
 
 
 def initialize_layerwise_reload(model: torch.nn.Module) -> None:
-    """Start a layerwise reload: every layer is put back on the meta device as vLLM recorded it at start-up."""
+    """Start a layerwise reload: every layer is put back on the meta device as vLLM recorded it at start-up.
+
+    `model` may be one module of the model (a decoder layer, the embedding): vLLM walks
+    `model.modules()`, so only that module and its submodules are reloaded; every other layer keeps
+    its tensors and processed state untouched (how a streamed install loads a chunk of layers).
+    """
     _vllm_attr(_LAYERWISE, "initialize_layerwise_reload")(model)
 
 
 def finalize_layerwise_reload(model: torch.nn.Module, model_config: Any) -> None:
-    """End a layerwise reload: process the layers still pending, put every layer's kernel tensors back."""
+    """End a layerwise reload: process the layers still pending, put every layer's kernel tensors back.
+
+    A layer of the reload that was fed nothing gets its old kernel tensors back as they were (vLLM
+    logs "Failed to load weights" for it); call it on the same module `initialize_layerwise_reload` got.
+    """
     _vllm_attr(_LAYERWISE, "finalize_layerwise_reload")(model, model_config)
 
 

@@ -128,6 +128,11 @@ class Engine(Protocol):
     An engine may also have `destinations() -> Mapping[str, torch.Tensor]`: the live tensors its
     `install` writes, by the names of `expected()`. A receiver then streams refits through a bounded
     staging window and reads contiguous runs straight into them (`destinations_of`).
+
+    Or, for an engine that can only install whole layers (vLLM's layerwise reload),
+    `layer_of(name) -> (order, layer)` and `install_layers(tensors)`: every tensor of the layers
+    given, installed at once, the other layers untouched. A receiver then streams refits larger than
+    its window in chunks of whole layers (`installs_layers`).
     """
 
     def spec(self) -> EngineSpec: ...
@@ -150,6 +155,12 @@ def destinations_of(engine: Engine) -> dict[str, torch.Tensor] | None:
     if set(dests) != set(engine.expected()):
         raise ConfigError(f"{type(engine).__name__}.destinations() and expected() name different tensors")
     return dests
+
+
+def installs_layers(engine: Engine) -> bool:
+    """Whether the engine installs whole layers on their own (`layer_of()` and `install_layers()`; vLLM):
+    it then takes refits larger than its staging window in chunks of whole layers."""
+    return callable(getattr(engine, "layer_of", None)) and callable(getattr(engine, "install_layers", None))
 
 
 def check_compatible(spec: EngineSpec, model: ModelMeta) -> None:

@@ -13,6 +13,10 @@ parameters are always loaded whole (q, k and v together; gate and up together): 
 leave the rest uninitialized. A parameter shared by several layers (tied embeddings: the output
 layer reads the embedding table) is loaded into every one of them, so each is processed again.
 
+`install_layers` loads the complete tensors of some layers only (`layer_of`: a decoder layer, or a
+module outside them, modules sharing a parameter together) through a layerwise reload of just those
+modules; the receiver streams a rank's weights larger than its staging window that way, chunk by chunk.
+
 MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral): routed experts arrive under the per-expert HF names
 (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`) and go through the loader of vLLM's
 fused expert layer (`w13_weight` `[E, 2F/tp, H]`: gate as shard w1, up as w3; `w2_weight`
@@ -111,6 +115,7 @@ class VLLMEngine:
         self._check_against_model()
         self._expected = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in self._targets.items()}
         self._aliases = _aliases(model)
+        self._members: dict[str, list[str]] | None = None
 
     # -- the Engine protocol -------------------------------------------------------------------------
 
@@ -127,6 +132,39 @@ class VLLMEngine:
     def install(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load a complete, validated set of this rank's tensors (see the class docstring)."""
         self._validate(tensors)
+        self._install(tensors, roots=None)
+
+    def layer_of(self, name: str) -> tuple[int, str]:
+        """The layer tensor `name` installs into, as (order, name), for streaming whole layers.
+
+        A decoder layer (`model.layers.3`: attention, MLP or experts, norms), or the module of a
+        tensor outside the decoder layers (`model.embed_tokens`, `model.norm`, `lm_head`). A
+        parameter shared by several modules makes them one layer (a tied embedding table:
+        `lm_head+model.embed_tokens`), so every name of it is loaded in the same install.
+        """
+        if name not in self._expected:
+            raise ModelMismatchError(f"{name}: not a tensor of this vLLM rank")
+        roots = sorted({_reload_root(param) for param in self._params_of(name)})
+        return min(_root_order(r) for r in roots), "+".join(roots)
+
+    def install_layers(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load every tensor of some layers (`layer_of`) through a layerwise reload of those layers only.
+
+        The other layers are not touched: they keep their weights, storage and processed state. Each
+        layer given must be complete (vLLM processes a layer once all of it is loaded); the set is
+        validated as `install` validates a whole one before anything is loaded. The guarantees of
+        `install` hold for the layers given.
+        """
+        members = self._layer_members()
+        layers = {self.layer_of(name)[1] for name in tensors}
+        wanted = {name for layer in layers for name in members[layer]}
+        check_install({n: self._expected[n] for n in wanted}, tensors)
+        self._check_readable(tensors)
+        self._install(tensors, roots=sorted(r for layer in layers for r in layer.split("+")))
+
+    def _install(self, tensors: Mapping[str, torch.Tensor], *, roots: list[str] | None) -> None:
+        """Load validated `tensors` in a layerwise reload of the whole model (`roots` None) or of the
+        modules named in `roots` only."""
         # A shared parameter's other layers load right after it: no other layer's failure falls between them.
         # Layer by layer, so all experts of a MoE layer load together and the layer is processed once.
         loads: list[tuple[str, str | int | ExpertLoad | None, torch.Tensor]] = []
@@ -137,23 +175,30 @@ class VLLMEngine:
                 continue
             target, shard = vllm_target(name, self._architecture, self._fused)
             loads += [(param, shard, tensors[name]) for param in (target, *self._aliases.get(target, ()))]
+        if roots is None:
+            modules, experts = [self.model], list(self._expert_modules.values())
+        else:
+            modules = [self.model.get_submodule(r) for r in roots]
+            experts = [m for n, m in self._expert_modules.items() if _reload_root(f"{n}.w") in roots]
         undo: list[Callable[[], None]] = []
         try:
             # Before the reload starts: a refusal here has changed nothing.
-            for module in self._expert_modules.values():
+            for module in experts:
                 undo.append(compat.load_experts_presharded(module))
                 if self._device.type == "cpu":  # vLLM skips the CPU experts' padding and prepacking on a reload
                     undo.append(compat.redo_expert_processing(module))
-            compat.initialize_layerwise_reload(self.model)
+            for module in modules:  # a reload of a module covers its submodules and nothing else
+                compat.initialize_layerwise_reload(module)
             loaded = False
             try:
                 self._load(loads, undo)
                 loaded = True
             finally:
                 if not loaded:
-                    dropped = compat.abandon_pending_layers(self.model)
+                    dropped = [d for module in modules for d in compat.abandon_pending_layers(module)]
                     logger.error("vLLM install failed part-way; pending layers dropped, kept old: %s", dropped)
-                compat.finalize_layerwise_reload(self.model, self.model_config)
+                for module in modules:
+                    compat.finalize_layerwise_reload(module, self.model_config)
         finally:
             for restore in reversed(undo):
                 restore()
@@ -256,8 +301,28 @@ class VLLMEngine:
         if problems:
             raise ModelMismatchError("vLLM model does not match its config's layout: " + "; ".join(problems[:8]))
 
+    def _params_of(self, name: str) -> tuple[str, ...]:
+        """The vLLM parameters HF tensor `name` loads into (a shared parameter under each of its names)."""
+        expert = expert_target(name, self._experts)
+        if expert is not None:
+            return (expert.param,)
+        target, _ = vllm_target(name, self._architecture)
+        return (target, *self._aliases.get(target, ()))
+
+    def _layer_members(self) -> dict[str, list[str]]:
+        """Layer name (`layer_of`) -> every tensor name of that layer."""
+        if self._members is None:
+            members: dict[str, list[str]] = {}
+            for name in self._expected:
+                members.setdefault(self.layer_of(name)[1], []).append(name)
+            self._members = members
+        return self._members
+
     def _validate(self, tensors: Mapping[str, torch.Tensor]) -> None:
         check_install(self._expected, tensors)
+        self._check_readable(tensors)
+
+    def _check_readable(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
             if t.is_meta or t.layout != torch.strided:
                 raise ModelMismatchError(f"{name}: a {t.layout} tensor on {t.device} holds no loadable data")
@@ -365,6 +430,20 @@ def _recorded_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
             if full in live:
                 out[full] = tuple(tensor.shape)
     return out
+
+
+def _reload_root(param: str) -> str:
+    """The module a layerwise reload of `param` covers: its decoder layer, else the module holding it."""
+    m = re.match(r"^(.*?\.layers\.\d+)\.", param)
+    return m[1] if m else param.rpartition(".")[0]
+
+
+def _root_order(root: str) -> int:
+    """Embeddings first, then the decoder layers in order, then the rest (final norm, output layer)."""
+    m = re.search(r"\.layers\.(\d+)$", root)
+    if m:
+        return int(m[1]) + 1
+    return 0 if "embed" in root else 1 << 30
 
 
 def _layer_order(name: str) -> tuple[int, str]:

@@ -17,7 +17,7 @@ import torch
 
 from refit.dtypes import torch_dtype
 from refit.errors import LayoutError
-from refit.plan.records import Piece, Plan
+from refit.plan.records import Chunk, Piece, Plan
 from refit.plan.targets import Target
 
 
@@ -73,6 +73,14 @@ def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
             raise LayoutError(f"{target.hf_name}: assembled {tuple(tensor.shape)}, expected {target.shape}")
         out[target.hf_name] = tensor
     return out
+
+
+def assemble_chunk(plan: Plan, chunk: Chunk, staging: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The targets a chunk of whole layers completes (`Chunk.targets`), from its pieces in `staging`."""
+    wanted = set(chunk.targets)
+    targets = tuple(t for t in plan.targets if t.hf_name in wanted)
+    return assemble(Plan(targets=targets, pieces=chunk.pieces, reads=chunk.reads, staging_bytes=chunk.staging_bytes,
+                         bytes_by_rank={}), staging)  # fmt: skip
 
 
 def scatter(

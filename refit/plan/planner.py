@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 from refit.errors import ConfigError, LayoutError, ModelMismatchError
+from refit.plan import layered
 from refit.plan import window as window_
 from refit.plan.cost import DEFAULT_COST, LinkCost, enclose
 from refit.plan.placement import Choice, Holder, Need, geometry
@@ -140,6 +141,7 @@ def plan_refit(
     window: int | None = None,
     direct: Callable[[Target], bool] | None = None,
     direct_min_bytes: int = 0,
+    layer_of: Callable[[Target], tuple[int, str]] | None = None,
 ) -> Plan:
     """Plan one engine rank's pull of every tensor it needs (or of the HF names in `only`).
 
@@ -153,7 +155,9 @@ def plan_refit(
     lets every piece that lands as contiguous runs on both sides skip staging (runs of at least
     `direct_min_bytes`; `refit.plan.window.direct_reads`). The rest
     is staged: in one chunk when it fits `window` bytes (or no window is given), else in chunks of
-    at most half the window each (`refit.plan.window`).
+    at most half the window each (`refit.plan.window`). With `layer_of` (a target's engine layer as
+    (order, name)) those chunks hold whole layers (`refit.plan.layered`), for engines that install
+    layer by layer; a layer larger than half the window is then a ConfigError naming it.
 
     Raises ModelMismatchError when the engine layout cannot hold the model, and LayoutError when
     the published shards do not cover what the engine needs.
@@ -207,9 +211,11 @@ def plan_refit(
     )
     keep = [i for i in range(len(located)) if i not in chosen]
     renumber = {i: k for k, i in enumerate(keep)}
-    parts = window_.layout(
-        [located[i] for i in keep], {renumber[i] for i in enclosed if i in renumber}, bridges, window
-    )
+    staged = [located[i] for i in keep]
+    staged_enclosed = {renumber[i] for i in enclosed if i in renumber}
+    parts = window_.layout(staged, staged_enclosed, bridges, window if layer_of is None else None)
+    if layer_of is not None and window is not None and parts[0].staging_bytes > window:
+        parts = layered.layer_chunks(staged, staged_enclosed, bridges, targets, layer_of, max(window // 2, 1), window)
     by_rank: dict[int, int] = defaultdict(int)
     for c in parts:
         for p in c.pieces:

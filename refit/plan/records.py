@@ -91,11 +91,15 @@ class Chunk:
     """A part of a plan staged at once: its pieces, the reads that move them, and its staging size.
 
     Offsets are the chunk's own (each chunk starts at 0 of whichever staging buffer it is pulled into).
+    Chunks of whole layers (`refit.plan.layered`, for engines installing layer by layer) name the
+    targets they complete and their layers; other chunks leave both empty.
     """
 
     pieces: tuple[Piece, ...]
     reads: tuple[Read, ...]
     staging_bytes: int
+    targets: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

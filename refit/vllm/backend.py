@@ -12,8 +12,10 @@ vLLM creates it when `weight_transfer_config={"backend": "refit"}` is set (the e
 Prefetch runs beside generation: `collective_rpc("weight_transfer_engine", kwargs={"op": "prefetch",
 "version": v})` starts a pull on a background thread of each worker and returns at once;
 `{"op": "status"}` reports its state. The engine keeps generating on the old weights meanwhile; only
-the install needs the pause. Staging is one buffer per worker, reused (a newer prefetch replaces an
-uninstalled one).
+the install needs the pause. Staging is reused (a newer prefetch replaces an uninstalled one): one
+buffer holding the rank's whole set when it fits `max_staging_bytes`, else two halves of that window
+through which the set streams in chunks of whole layers (the prefetch fills both; the install pulls
+the rest, chunk k + 1 while chunk k is installed).
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class RefitInitInfo(WeightTransferInitInfo):
     replica: int = 0
     timeout_s: float = DEFAULT_TIMEOUTS.update_s
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s
-    max_staging_bytes: int | None = None  # refuse, before any pull, a refit needing more staging per worker
+    # The staging window per worker (None: 1 GiB). A rank's weights that fit it are prefetched whole and
+    # installed all at once; larger ones stream through it in chunks of whole layers.
+    max_staging_bytes: int | None = None
     # The catalog token (None: each worker's $REFIT_CATALOG_TOKEN); kept out of the repr, so out of logs.
     token: str | None = field(default=None, repr=False)
 
@@ -161,6 +165,8 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             "wire_s": result.wire_seconds,
             "fetch_s": result.seconds - result.install_seconds,
             "staging_bytes": result.staging_bytes,
+            "chunks": result.chunks,
+            "peak_staging_bytes": receiver.stats.peak_staging_bytes,
         }
         return None
 
@@ -204,6 +210,8 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             "last": dict(self._last),
             "state": "idle",
             "version": None,
+            # The weights are a mix of versions: a streamed install began and failed (never serve so).
+            "torn": self._receiver.torn if self._receiver is not None else False,
         }
         with self._lock:
             pending = self._pending
@@ -223,6 +231,8 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
                 wire_s=staged.timings.get("wire", 0.0),
                 fetch_s=sum(staged.timings.values()),
                 staging_bytes=staged.staging_bytes,
+                chunks=len(staged.plan.chunks) if staged.plan is not None else 1,
+                prefetched_chunks=staged.pulled if staged.streamed else 1,
                 timings=dict(staged.timings),
             )
         return out

@@ -116,12 +116,15 @@ def refit_llm(
     poll_s: float = DEFAULT_TIMEOUTS.poll_s,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
+    max_staging_bytes: int | None = None,
 ) -> RefitReport:
     """Refit a synchronous `vllm.LLM` (created with the refit backend) to `version` (default: newest READY).
 
     `LLM` generates only inside its own calls, so nothing runs while this one does; the stall is the
-    install. `token`: the catalog token (None: `$REFIT_CATALOG_TOKEN` in each process). Raises a
-    `RefitError`; the engine keeps its previous weights in every case.
+    install. `token`: the catalog token (None: `$REFIT_CATALOG_TOKEN` in each process).
+    `max_staging_bytes`: each worker's staging window (None: 1 GiB; see docs/vllm.md "Memory"). Raises a
+    `RefitError`; the engine keeps its previous weights, except after a `TornWeightsError` (a streamed
+    install failed part-way and no repair with the newest version succeeded).
     """
     plan = RefitPlan(
         catalog=catalog,
@@ -132,6 +135,7 @@ def refit_llm(
         poll_s=poll_s,
         catalog_timeout_s=catalog_timeout_s,
         token=token,
+        max_staging_bytes=max_staging_bytes,
     )
     return run(refit_steps(plan), LLMControl(llm))
 
@@ -148,6 +152,7 @@ async def refit_async_llm(
     recompute_running: bool = True,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
+    max_staging_bytes: int | None = None,
 ) -> RefitReport:
     """Refit a running `AsyncLLM` between generation steps; requests in flight are kept, not lost.
 
@@ -155,7 +160,8 @@ async def refit_async_llm(
     `CompletionOutput.weight_versions`. With `recompute_running` (default) their KV cache is
     recomputed with the new weights when they resume, so after the swap no cached state from the
     old weights is used; with False it is kept (cheaper, staler) and the prefix-cache reset may not
-    happen while they hold blocks. Raises a `RefitError`; the engine is resumed in every case.
+    happen while they hold blocks. `max_staging_bytes` as for `refit_llm`. Raises a `RefitError`; the
+    engine is resumed in every case but a `TornWeightsError` (its weights are a mix: it stays paused).
     The event loop is never blocked: the catalog lookup runs in a thread, every engine call is awaited.
     """
     plan = RefitPlan(
@@ -167,6 +173,7 @@ async def refit_async_llm(
         poll_s=poll_s,
         catalog_timeout_s=catalog_timeout_s,
         token=token,
+        max_staging_bytes=max_staging_bytes,
     )
     return await run_async(refit_steps(plan), AsyncLLMControl(engine, recompute_running=recompute_running))
 

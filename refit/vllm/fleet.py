@@ -130,8 +130,11 @@ def refit_one_server(
     timeout_s: float = DEFAULT_TIMEOUTS.update_s,
     poll_s: float = DEFAULT_TIMEOUTS.poll_s,
     token: str | None = None,
+    max_staging_bytes: int | None = None,
 ) -> ServerResult:
-    """Refit one server to `version` (already READY); errors are reported in the result, never raised."""
+    """Refit one server to `version` (already READY); errors are reported in the result, never raised.
+
+    `max_staging_bytes`: each worker's staging window (None: the backend's default; see docs/vllm.md)."""
     server = VLLMServer(url, timeout_s=timeout_s)
     plan = RefitPlan(
         catalog=catalog,
@@ -142,6 +145,7 @@ def refit_one_server(
         timeout_s=timeout_s,
         poll_s=poll_s,
         token=token,
+        max_staging_bytes=max_staging_bytes,
     )
     t0 = time.perf_counter()
     try:
@@ -176,6 +180,7 @@ class Fleet:
         max_parallel: servers refitted at the same time.
         token: the catalog token, for the fleet's reads and the servers' pulls (sent in their
             `init_info`); None: `$REFIT_CATALOG_TOKEN` here and in each server, else none.
+        max_staging_bytes: each server worker's staging window (None: the backend's default, 1 GiB).
     """
 
     def __init__(
@@ -187,9 +192,11 @@ class Fleet:
         timeout_s: float = DEFAULT_TIMEOUTS.update_s,
         max_parallel: int = 8,
         token: str | None = None,
+        max_staging_bytes: int | None = None,
     ) -> None:
-        if timeout_s <= 0 or max_parallel < 1:
-            raise ConfigError("timeout_s must be > 0 and max_parallel >= 1")
+        if timeout_s <= 0 or max_parallel < 1 or (max_staging_bytes is not None and max_staging_bytes <= 0):
+            raise ConfigError("timeout_s must be > 0, max_parallel >= 1 and max_staging_bytes positive")
+        self.max_staging_bytes = max_staging_bytes
         self.catalog, self.name, self.timeout_s, self.max_parallel = catalog, name, timeout_s, max_parallel
         self._token = token  # private: a Fleet's attributes are printed, its token must not be
         self._replicas: dict[str, int] = {}
@@ -269,6 +276,7 @@ class Fleet:
                 replica=replica,
                 timeout_s=self.timeout_s,
                 token=self._token,
+                max_staging_bytes=self.max_staging_bytes,
             )
 
         if not targets:
@@ -308,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--token-file", help="file holding the catalog token, also sent to the servers (default $REFIT_CATALOG_TOKEN)"
     )
+    parser.add_argument(
+        "--max-staging-bytes", type=int, help="each worker's staging window (default 1 GiB; see docs/vllm.md)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -322,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no servers: give --server URL (repeatable) or --servers-file")
     try:
         token = _read_token(args.token_file) if args.token_file else None
-        fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s, token=token)
+        fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s, token=token,
+                      max_staging_bytes=args.max_staging_bytes)  # fmt: skip
         if args.watch is not None:
             stop = threading.Event()
             try:

@@ -24,6 +24,11 @@ Error paths:
   engine's): raised before anything pauses; the engine never stopped serving its old weights.
 * `update` fails: the update session is closed on the TP ranks that still hold it open (`finish`
   without a version: the refit backend raises a failure on the last rank only), then the engine resumes.
+* `update` fails after a streamed install began writing (a rank reports `torn`: a read failed, or the
+  version was retired mid-pull), so the engine's weights are a mix of versions: while still paused,
+  the machine installs the newest READY version (up to `REPAIR_ATTEMPTS` times), then resumes. A pinned
+  version that had to be replaced raises `VersionRetiredError` after the resume. If no repair succeeds
+  it raises `TornWeightsError` and does **not** resume: a torn engine never serves.
 * once `pause` has been attempted, `resume` always runs, also on error or cancellation; a failed resume
   after an earlier error is logged (the earlier error is raised), after a successful install it raises.
 * the engine's failures become `EngineError` (a `RefitError` keeps its class); programming errors
@@ -42,7 +47,15 @@ from typing import Any, Protocol
 from refit import errors
 from refit.catalog.client import CatalogClient
 from refit.config import DEFAULT_TIMEOUTS
-from refit.errors import ConfigError, EngineError, RefitError, TransferTimeoutError, VersionNotFoundError
+from refit.errors import (
+    ConfigError,
+    EngineError,
+    RefitError,
+    TornWeightsError,
+    TransferTimeoutError,
+    VersionNotFoundError,
+    VersionRetiredError,
+)
 from refit.types import VersionState
 
 logger = logging.getLogger(__name__)
@@ -57,6 +70,7 @@ PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
     ImportError,
     NotImplementedError,
 )
+REPAIR_ATTEMPTS = 3  # installs of the newest version tried while a torn engine stays paused
 CONTROL_OPS = frozenset({"init", "rpc", "pause", "start", "update", "finish", "reset", "resume"})
 RUNNER_OPS = frozenset({"resolve", "sleep"})
 
@@ -68,12 +82,15 @@ class RefitReport:
     version: int
     bytes: int  # pulled by all ranks together
     bytes_per_rank: tuple[int, ...]
-    wire_s: float  # the slowest rank's NIXL transfer
+    wire_s: float  # the slowest rank's NIXL transfer (streamed: the prefetch's and the pause's together)
     prefetch_s: float  # prefetch requested -> every rank staged (the engine kept generating)
     stall_s: float  # pause -> resume: the only time generation stopped
     install_s: float  # the slowest rank's install (layerwise reload)
     seconds: float  # the whole call
     staging_bytes: int = 0  # the most staging one rank held (engine memory beyond the weights)
+    chunks: int = 1  # chunks of whole layers a rank streamed through its window (1: installed whole)
+    prefetched_chunks: int = 1  # of those, pulled before the pause (the rest were pulled during it)
+    repairs: int = 0  # installs of a newer version after a streamed install tore the weights
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +102,8 @@ class RefitPlan:
         ready: `version` is already known to be READY (the fleet resolves it once for all its servers),
             so the catalog is not asked again.
         timeout_s: deadline of the pull (the backend's own) and of the prefetch wait (plus `grace_s`).
+        max_staging_bytes: each worker's staging window (None: the backend's default, 1 GiB): a rank's
+            weights that fit are prefetched whole; larger ones stream through it layer by layer.
         catalog_timeout_s: deadline of one catalog call (the driver's and each worker's).
         token: the catalog token, for the driver's calls and each worker's (None: each process's
             `$REFIT_CATALOG_TOKEN`, else none); kept out of the repr.
@@ -100,8 +119,13 @@ class RefitPlan:
     poll_s: float = DEFAULT_TIMEOUTS.poll_s
     grace_s: float = DEFAULT_TIMEOUTS.grace_s
     token: str | None = field(default=None, repr=False)
+    max_staging_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_staging_bytes is not None and (
+            not isinstance(self.max_staging_bytes, int) or self.max_staging_bytes <= 0
+        ):
+            raise ConfigError(f"max_staging_bytes must be None or a positive int, got {self.max_staging_bytes!r}")
         if not self.catalog or not self.name:
             raise ConfigError(f"catalog and name must be set, got catalog={self.catalog!r} name={self.name!r}")
         if self.version is not None and (not isinstance(self.version, int) or self.version < 0):
@@ -167,11 +191,15 @@ def init_info(
     timeout_s: float = DEFAULT_TIMEOUTS.update_s,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
+    max_staging_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The refit backend's `init_info` for `init_weight_transfer_engine` (`token`: the catalog token
-    its workers present; None leaves it to each worker's `$REFIT_CATALOG_TOKEN`)."""
+    its workers present; None leaves it to each worker's `$REFIT_CATALOG_TOKEN`; `max_staging_bytes`:
+    each worker's staging window, None for the backend's default)."""
     if not catalog or replica < 0 or timeout_s <= 0 or catalog_timeout_s <= 0:
         raise ConfigError("catalog must be set, replica >= 0, timeout_s > 0 and catalog_timeout_s > 0")
+    if max_staging_bytes is not None and max_staging_bytes <= 0:
+        raise ConfigError(f"max_staging_bytes must be positive, got {max_staging_bytes}")
     return {
         "catalog": catalog,
         "name": name,
@@ -179,6 +207,7 @@ def init_info(
         "timeout_s": timeout_s,
         "catalog_timeout_s": catalog_timeout_s,
         **({"token": token} if token is not None else {}),
+        **({"max_staging_bytes": max_staging_bytes} if max_staging_bytes is not None else {}),
     }
 
 
@@ -219,7 +248,12 @@ def prefetch_done(statuses: Sequence[dict[str, Any]], version: int) -> bool:
 
 
 def report(
-    *, version: int, staged: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]], times: dict[str, float]
+    *,
+    version: int,
+    staged: Sequence[dict[str, Any]],
+    after: Sequence[dict[str, Any]],
+    times: dict[str, float],
+    repairs: int = 0,
 ) -> RefitReport:
     """The `RefitReport` of the ranks' statuses when staged and after the install, and the caller's times."""
     per_rank = tuple(int(s.get("bytes", 0)) for s in sorted(staged, key=lambda s: s["tp_rank"]))
@@ -227,12 +261,17 @@ def report(
         version=version,
         bytes=sum(per_rank),
         bytes_per_rank=per_rank,
-        wire_s=max(float(s.get("wire_s", 0.0)) for s in staged),
+        # A streamed install pulls the chunks past the window during the pause: its ranks' last
+        # install counts the whole pull, the prefetch only the first chunks.
+        wire_s=max(float(s.get("wire_s", 0.0)) for s in [*staged, *(a.get("last", {}) for a in after)]),
         prefetch_s=times["prefetch"],
         stall_s=times["stall"],
         install_s=max(float(s.get("last", {}).get("install_s", 0.0)) for s in after),
         seconds=times["total"],
         staging_bytes=max(int(s.get("staging_bytes", 0)) for s in staged),
+        chunks=max(int(s.get("chunks", 1)) for s in staged),
+        prefetched_chunks=min(int(s.get("prefetched_chunks", 1)) for s in staged),
+        repairs=repairs,
     )
 
 
@@ -278,30 +317,43 @@ def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_count
         timeout_s=plan.timeout_s,
         catalog_timeout_s=plan.catalog_timeout_s,
         token=plan.token,
+        max_staging_bytes=plan.max_staging_bytes,
     )
     yield from _call("init", "init_weight_transfer_engine", info=info)
     staged = yield from _prefetch(plan, version, clock)
     t_pause = clock()
+    installed, repairs = version, 0
     try:
-        yield from _swap(version)
+        yield from _call("pause", f"to pause for the update to v{version}")
+        installed, repairs, repaired = yield from _install_or_repair(plan, version)
+        staged = repaired or staged
     except GeneratorExit:  # the runner abandoned the machine: nothing may be yielded any more
+        raise
+    except TornWeightsError:  # a torn engine must not serve: it stays paused
         raise
     except BaseException:
         yield from _resume(version, after_error=True)
         raise
-    yield from _resume(version, after_error=False)
+    yield from _resume(installed, after_error=False)
     t_resume = clock()
     after = yield from _call("rpc", "the refit backend's status", op="status")
     times = {"prefetch": t_pause - t0, "stall": t_resume - t_pause, "total": clock() - t0}
-    out = report(version=version, staged=staged, after=after, times=times)
+    out = report(version=installed, staged=staged, after=after, times=times, repairs=repairs)
     logger.info(
-        "refit v%d: %d bytes (%s per rank), wire %.3fs, stall %.3fs",
-        version,
+        "refit v%d: %d bytes (%s per rank), wire %.3fs, stall %.3fs (install %.3fs, %d chunk(s))",
+        installed,
         out.bytes,
         out.bytes_per_rank,
         out.wire_s,
         out.stall_s,
+        out.install_s,
+        out.chunks,
     )
+    if installed != version and plan.version is not None:
+        raise VersionRetiredError(
+            f"v{version} was retired during its streamed install; the engine was repaired with v{installed} "
+            "(the newest READY version) and resumed"
+        )
     return out
 
 
@@ -327,9 +379,50 @@ def _prefetch(plan: RefitPlan, version: int, clock: Callable[[], float]) -> Gene
     return statuses
 
 
+def _install_or_repair(plan: RefitPlan, version: int) -> Generator[Step, Any, Any]:
+    """Install `version` in the paused engine; if that tore its weights, install the newest READY one.
+
+    Returns (the version installed, repairs made, the ranks' status of a repair's install or None).
+    """
+    try:
+        yield from _swap(version)
+        return version, 0, None
+    except Exception as exc:  # noqa: BLE001 - raised below unless it tore the weights
+        first: Exception = exc
+    if not (yield from _torn()):
+        raise first
+    logger.warning("refit v%d tore the engine's weights (%s); installing the newest version before resuming",
+                   version, first)  # fmt: skip
+    last: Exception = first
+    for attempt in range(1, REPAIR_ATTEMPTS + 1):
+        try:
+            newest = yield Step(op="resolve", kwargs={
+                "catalog": plan.catalog, "name": plan.name, "version": None, "timeout_s": plan.timeout_s,
+                "catalog_timeout_s": plan.catalog_timeout_s, **({"token": plan.token} if plan.token else {}),
+            })  # fmt: skip
+            yield from _swap(newest)
+        except PROGRAMMING_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the engine is still torn: try again, then report it
+            last = exc
+            logger.warning("repair %d of the torn engine failed: %s", attempt, exc)
+            continue
+        statuses = yield from _call("rpc", "the refit backend's status", op="status")
+        return newest, attempt, [{"tp_rank": s.get("tp_rank"), **s.get("last", {})} for s in statuses]
+    raise TornWeightsError(
+        f"the streamed install of v{version} failed part-way ({type(first).__name__}: {first}), leaving the "
+        f"engine's weights a mix of versions; {REPAIR_ATTEMPTS} installs of the newest version failed too "
+        f"(last: {type(last).__name__}: {last}). The engine is left paused: refit it before resuming"
+    ) from first
+
+
+def _torn() -> Generator[Step, Any, bool]:
+    statuses = yield from _call("rpc", "the refit backend's status", op="status")
+    return any(s.get("torn") for s in statuses)
+
+
 def _swap(version: int) -> Generator[Step, Any, None]:
     what = f"the update to v{version}"
-    yield from _call("pause", f"to pause for {what}")
     yield from _call("start", what)
     try:
         yield from _call("update", what, version=version)
@@ -406,6 +499,7 @@ async def run_async(machine: Machine, control: AsyncControl) -> RefitReport:
 
 __all__ = [
     "PROGRAMMING_ERRORS",
+    "REPAIR_ATTEMPTS",
     "AsyncControl",
     "Control",
     "RefitPlan",

@@ -125,6 +125,26 @@ def test_model_loading_abandoned_layers_keep_their_old_values(world) -> None:
     assert torch.equal(model.embed.weight, torch.ones(128, 8))
 
 
+def test_model_loading_a_reload_of_some_modules_leaves_the_others_untouched(world) -> None:
+    """What a streamed install of a chunk of layers relies on: a reload scoped to modules of the model."""
+    model = _tied_model()
+    a, b, table = model.pair.a, model.pair.b, model.embed.weight
+    compat.initialize_layerwise_reload(model.pair)
+    assert model.pair.a.is_meta and not model.embed.weight.is_meta, _why("a reload of one module reached another")
+    assert model.embed.weight is table and model.head.weight is table
+    live = dict(model.named_parameters())
+    for name, value in (("pair.a", torch.full((2, 3), 2.0)), ("pair.b", torch.full((3,), 3.0))):
+        compat.weight_loader(live[name])(live[name], value)
+    compat.finalize_layerwise_reload(model.pair, SimpleNamespace(dtype=torch.float32))
+    assert model.pair.a is a and model.pair.b is b, _why("kernel tensors are not put back")
+    assert torch.equal(a, torch.full((2, 3), 2.0)) and torch.equal(b, torch.full((3,), 3.0))
+    assert torch.equal(table, torch.ones(128, 8)) and compat.weight_loader(table).__name__ != "online_process_loader"
+    # A module of the reload that is fed nothing gets its own tensors back, unchanged.
+    compat.initialize_layerwise_reload(model.pair)
+    compat.finalize_layerwise_reload(model.pair, SimpleNamespace(dtype=torch.float32))
+    assert model.pair.a is a and torch.equal(a, torch.full((2, 3), 2.0)), _why("an unfed layer lost its weights")
+
+
 def test_model_loading_vocab_loader_takes_only_the_rows_of_rank_1_of_2() -> None:
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
