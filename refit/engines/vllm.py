@@ -72,7 +72,8 @@ class VLLMEngine:
     - If loading fails part-way anyway, the model is not rolled back (re-loading the old values would
       need a copy of them): the layers processed before the failure hold the new weights and every
       other layer keeps its old ones, each layer whole (loads buffered for layers not yet processed
-      are dropped rather than processed with rows missing). Storage is kept either way. The engine is
+      are dropped rather than processed with rows missing; DeepSeek's router bias, which the reload
+      leaves in place, is written when it is loaded). Storage is kept either way. The engine is
       then serving a mix of two versions and should be refitted again before it is trusted. Not
       covered: a failure inside vLLM's own finalization (it processes the layers still pending).
 
