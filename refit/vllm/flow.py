@@ -82,7 +82,7 @@ class RefitReport:
     version: int
     bytes: int  # pulled by all ranks together
     bytes_per_rank: tuple[int, ...]
-    wire_s: float  # the slowest rank's NIXL transfer (streamed: the prefetch's and the pause's together)
+    wire_s: float  # the slowest rank's NIXL transfer (streamed: the prefetch's, plus what the install waited for)
     prefetch_s: float  # prefetch requested -> every rank staged (the engine kept generating)
     stall_s: float  # pause -> resume: the only time generation stopped
     install_s: float  # the slowest rank's install (layerwise reload)

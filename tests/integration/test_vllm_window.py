@@ -141,7 +141,9 @@ def test_window_at_engine_tp2_untied_equals_vllms_own_load(trainer_cluster, cata
     ckpt = {v: vo.save_checkpoint(case, v, tmp_path / f"v{v}") for v in (1, 2)}
     trainer = vo.Trainer(trainer_cluster, catalog, tmp_path, case, tp=1)
     layer = _largest_layer(case)
-    window = 2 * (layer // tp + layer // 8)  # a little over one layer's share per chunk
+    # A little over one layer's share per chunk: a rank's share of a row-parallel weight is a column
+    # block of the TP 1 trainer's rows, staged as its enclosing rows (up to a third more bytes).
+    window = 2 * (layer * 3 // (2 * tp) + layer // 8)
     try:
         with vo.running_engine(ckpt[2], tp) as llm:
             fresh_v2 = _state(llm)
