@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,11 +47,24 @@ import torch
 from refit.compat import vllm as compat
 from refit.dtypes import dtype_name
 from refit.engines.base import EngineSpec, TensorSpec, check_install, spec_from_hf_config
+from refit.engines.vllm_model import (
+    aliases,
+    expert_problems,
+    layer_order,
+    layer_prefix,
+    num_experts,
+    recorded_shapes,
+    reload_root,
+    root_order,
+    routed_experts,
+    shared_expert_ffn,
+    targets,
+    vocab_problems,
+)
 from refit.engines.vllm_names import ExpertLoad, expert_target, fused_projections, vllm_target
 from refit.errors import ConfigError, EngineError, ModelMismatchError
 from refit.plan.naming import architecture_from_hf
-from refit.plan.shapes import model_tensors
-from refit.plan.targets import EngineLayout, Target, targets_for
+from refit.plan.targets import Target
 from refit.types import MLA_FIELDS, ModelMeta
 
 logger = logging.getLogger(__name__)
@@ -98,9 +110,9 @@ class VLLMEngine:
         self._architecture = architecture_from_hf(arch)
         self._fused = fused_projections(self._architecture, (n for n, _ in model.named_parameters()))
         self._vocab_modules = {n: m for n, m in model.named_modules() if compat.is_vocab_parallel(m)}
-        self._expert_modules = _routed_experts(model) if _num_experts(self._cfg) else {}
+        self._expert_modules = routed_experts(model) if num_experts(self._cfg) else {}
         # decoder layer prefix (`model.layers.3`) -> its routed-experts layer's name
-        self._experts = {_layer_prefix(n): n for n in self._expert_modules}
+        self._experts = {layer_prefix(n): n for n in self._expert_modules}
         ep_rank, ep_size = self._expert_parallel()
         self._spec = spec_from_hf_config(
             self._cfg,
@@ -112,10 +124,10 @@ class VLLMEngine:
             vocab_padding=self._vocab_padding(),
         )
         self._layout = self._spec.layout()
-        self._targets = _targets(self._model_meta(), self._layout, self._moe_layers(), _shared_expert_ffn(self._cfg))
+        self.targets = targets(self._model_meta(), self._layout, self._moe_layers(), shared_expert_ffn(self._cfg))
         self._check_against_model()
-        self._expected = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in self._targets.items()}
-        self._aliases = _aliases(model)
+        self._expected = {name: TensorSpec(shape=t.shape, dtype=t.dtype) for name, t in self.targets.items()}
+        self.aliases = aliases(model)
         self._members: dict[str, list[str]] | None = None
 
     # -- the Engine protocol -------------------------------------------------------------------------
@@ -145,8 +157,8 @@ class VLLMEngine:
         """
         if name not in self._expected:
             raise ModelMismatchError(f"{name}: not a tensor of this vLLM rank")
-        roots = sorted({_reload_root(param) for param in self._params_of(name)})
-        return min(_root_order(r) for r in roots), "+".join(roots)
+        roots = sorted({reload_root(param) for param in self._params_of(name)})
+        return min(root_order(r) for r in roots), "+".join(roots)
 
     def install_layers(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load every tensor of some layers (`layer_of`) through a layerwise reload of those layers only.
@@ -169,18 +181,18 @@ class VLLMEngine:
         # A shared parameter's other layers load right after it: no other layer's failure falls between them.
         # Layer by layer, so all experts of a MoE layer load together and the layer is processed once.
         loads: list[tuple[str, str | int | ExpertLoad | None, torch.Tensor]] = []
-        for name in sorted(tensors, key=_layer_order):
+        for name in sorted(tensors, key=layer_order):
             expert = expert_target(name, self._experts)
             if expert is not None:
                 loads.append((expert.param, expert, tensors[name]))
                 continue
             target, shard = vllm_target(name, self._architecture, self._fused)
-            loads += [(param, shard, tensors[name]) for param in (target, *self._aliases.get(target, ()))]
+            loads += [(param, shard, tensors[name]) for param in (target, *self.aliases.get(target, ()))]
         if roots is None:
             modules, experts = [self.model], list(self._expert_modules.values())
         else:
             modules = [self.model.get_submodule(r) for r in roots]
-            experts = [m for n, m in self._expert_modules.items() if _reload_root(f"{n}.w") in roots]
+            experts = [m for n, m in self._expert_modules.items() if reload_root(f"{n}.w") in roots]
         undo: list[Callable[[], None]] = []
         try:
             # Before the reload starts: a refusal here has changed nothing.
@@ -241,7 +253,7 @@ class VLLMEngine:
 
     def _moe_layers(self) -> frozenset[int]:
         """Decoder layers with routed experts, as vLLM built them (the config's sparse step and dense layers)."""
-        if _num_experts(self._cfg) and not self._experts:
+        if num_experts(self._cfg) and not self._experts:
             raise ModelMismatchError(f"{self._architecture}: the config has experts, but vLLM built no expert layers")
         return frozenset(int(p.rpartition(".")[2]) for p in self._experts)
 
@@ -276,10 +288,10 @@ class VLLMEngine:
 
     def _check_against_model(self) -> None:
         """Every vLLM parameter must be fed, with exactly the rows it holds (as recorded at load time)."""
-        recorded = _recorded_shapes(self.model)
+        recorded = recorded_shapes(self.model)
         fed: dict[str, int] = {}
         experts: dict[str, list[tuple[ExpertLoad, Target]]] = {}
-        for name, target in self._targets.items():
+        for name, target in self.targets.items():
             load = expert_target(name, self._experts)
             if load is not None:
                 experts.setdefault(load.param, []).append((load, target))
@@ -292,11 +304,11 @@ class VLLMEngine:
             module = self._vocab_modules.get(name.rpartition(".")[0])
             if name in experts:
                 held = compat.local_experts(self._expert_modules[experts[name][0][0].module], self._spec.num_experts)
-                problems += _expert_problems(name, shape, held, experts[name])
+                problems += expert_problems(name, shape, held, experts[name])
             elif rows is None:
                 problems.append(f"{name}: no HF tensor feeds it")
             elif module is not None:
-                problems += _vocab_problems(name, self._targets[name], compat.vocab_rows(module), shape[0])
+                problems += vocab_problems(name, self.targets[name], compat.vocab_rows(module), shape[0])
             elif rows != shape[0]:
                 problems.append(f"{name}: {shape[0]} rows in vLLM, {rows} from the HF tensors")
         if problems:
@@ -308,7 +320,7 @@ class VLLMEngine:
         if expert is not None:
             return (expert.param,)
         target, _ = vllm_target(name, self._architecture)
-        return (target, *self._aliases.get(target, ()))
+        return (target, *self.aliases.get(target, ()))
 
     def _layer_members(self) -> dict[str, list[str]]:
         """Layer name (`layer_of`) -> every tensor name of that layer."""
@@ -329,127 +341,3 @@ class VLLMEngine:
                 raise ModelMismatchError(f"{name}: a {t.layout} tensor on {t.device} holds no loadable data")
             if t.device.type not in ("cpu", self._device.type):
                 raise ModelMismatchError(f"{name}: on {t.device}; the engine loads from cpu or {self._device.type}")
-
-
-def _expert_problems(
-    name: str, shape: tuple[int, ...], held: list[int], loads: list[tuple[ExpertLoad, Target]]
-) -> list[str]:
-    """A fused expert parameter `[experts, rows, cols]` must hold exactly the planned experts, each whole.
-
-    vLLM's slots must hold the plan's experts in ascending order (its linear placement: EP rank r holds
-    the r-th contiguous block), and each expert's shards must fill a slot: gate then up rows of `w13`, `w2` whole.
-    """
-    planned = sorted({load.expert for load, _ in loads})
-    if held != planned:
-        return [f"{name}: vLLM's slots hold experts {held}, the plan gives {planned}"]
-    per_expert: dict[int, list[Target]] = {}
-    for load, target in sorted(loads, key=lambda lt: lt[0].shard):  # w1 (gate) before w3 (up)
-        per_expert.setdefault(load.expert, []).append(target)
-    for expert, targets in per_expert.items():
-        rows = sum(t.shape[0] for t in targets)
-        if len(shape) != 3 or shape[0] != len(held) or (rows, *targets[0].shape[1:]) != shape[1:]:
-            return [f"{name}: {list(shape)} in vLLM, expert {expert} gives {[list(t.shape) for t in targets]}"]
-    return []
-
-
-def _vocab_problems(name: str, target: Target, held: tuple[int, int], table_rows: int) -> list[str]:
-    """The rows of the real vocabulary vLLM's layer holds must be exactly the target's rows."""
-    start, stop = held
-    rows = target.rows[0] if target.rows else (start, start)
-    if stop - start != rows[1] - rows[0] or (stop > start and rows[0] != start) or stop - start > table_rows:
-        return [f"{name}: vLLM holds vocabulary rows [{start}, {stop}), the plan gives [{rows[0]}, {rows[1]})"]
-    return []
-
-
-def _num_experts(config: Any) -> int:
-    return int(
-        getattr(config, "num_experts", None)
-        or getattr(config, "num_local_experts", None)
-        or getattr(config, "n_routed_experts", None)
-        or 0
-    )
-
-
-def _shared_expert_ffn(config: Any) -> int:
-    """The shared experts' FFN: Qwen2-MoE's `shared_expert_intermediate_size`, DeepSeek's
-    `n_shared_experts * moe_intermediate_size` (0: none)."""
-    qwen = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
-    deepseek = int(getattr(config, "n_shared_experts", 0) or 0) * int(getattr(config, "moe_intermediate_size", 0) or 0)
-    return qwen or deepseek
-
-
-def _layer_prefix(module_name: str) -> str:
-    """`model.layers.3` of `model.layers.3.mlp.experts` (a module inside a decoder layer)."""
-    m = re.match(r"^(.*?\.layers\.\d+)\.", module_name)
-    if m is None:
-        raise ModelMismatchError(f"vLLM expert layer {module_name!r} is not inside a decoder layer")
-    return m[1]
-
-
-def _routed_experts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """name -> vLLM's routed-experts layer (one per MoE decoder layer; a second one would be left unfed
-    and fail the start-up check)."""
-    return {n: m for n, m in model.named_modules() if compat.is_routed_experts(m)}
-
-
-def _targets(model: ModelMeta, layout: EngineLayout, moe_layers: frozenset[int], shared: int) -> dict[str, Target]:
-    """The targets an engine rank holds, by target name: the planner's targets of every tensor of the model."""
-    return {t.hf_name: t for desc in model_tensors(model, moe_layers, shared) for t in targets_for(model, desc, layout)}
-
-
-def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Parameter name -> the other names of the same parameter (a tied output layer's `lm_head.weight`).
-
-    Layerwise reload gives every layer its own parameter and processes only the layers it loaded
-    (vLLM's documented limitation), so a tied layer fed nothing would keep what its processing
-    derived from the old values (on CPU: the output layer's packed copy of the embedding table).
-    """
-    names: dict[int, list[str]] = {}
-    # A parameter the reload leaves in place (DeepSeek's router bias, shared with the expert layer) stays one
-    # tensor: loaded once. Each module once: a module reached by two paths (vLLM's MoE runner holds the
-    # router) is one layer, no alias.
-    in_place = compat.never_reloaded()
-    for prefix, module in model.named_modules():
-        for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            if key in in_place:
-                continue
-            names.setdefault(id(param), []).append(f"{prefix}.{key}" if prefix else key)
-    return {n: tuple(o for o in group if o != n) for group in names.values() if len(group) > 1 for n in group}
-
-
-def _recorded_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes as vLLM created them (before CPU repacking emptied some), by full name."""
-    live = dict(model.named_parameters())  # shared parameters (a tied lm_head) appear once
-    out: dict[str, tuple[int, ...]] = {}
-    unrecorded = compat.never_reloaded()  # a `bias` created after the weights, DeepSeek's router bias
-    for prefix, module in model.named_modules():
-        params, _ = compat.recorded_tensors(module)
-        live_own = module.named_parameters(recurse=False)
-        own = {**params, **{name: p for name, p in live_own if name in unrecorded and name not in params}}
-        for name, tensor in own.items():
-            full = f"{prefix}.{name}" if prefix else name
-            if full in live:
-                out[full] = tuple(tensor.shape)
-    return out
-
-
-def _reload_root(param: str) -> str:
-    """The module a layerwise reload of `param` covers: its decoder layer, else the module holding it."""
-    m = re.match(r"^(.*?\.layers\.\d+)\.", param)
-    return m[1] if m else param.rpartition(".")[0]
-
-
-def _root_order(root: str) -> int:
-    """Embeddings first, then the decoder layers in order, then the rest (final norm, output layer)."""
-    m = re.search(r"\.layers\.(\d+)$", root)
-    if m:
-        return int(m[1]) + 1
-    return 0 if "embed" in root else 1 << 30
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    """Embeddings first, then layer by layer (so at most one layer is materialized at a time), then the rest."""
-    parts = name.split(".")
-    if "layers" in parts:
-        return int(parts[parts.index("layers") + 1]) + 1, name
-    return (0 if "embed" in name else 1 << 30), name
