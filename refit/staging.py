@@ -164,6 +164,7 @@ class StagingPool:
         deadline: float,
         start_check: Callable[[], Callable[[], None]],
         timings: dict[str, float],
+        read_deadline: Callable[[float], float] = lambda deadline: deadline,
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -172,7 +173,7 @@ class StagingPool:
         reads run beside that pipeline, on their own worker. `start_check` sends the READY re-check
         once the last byte has landed and returns the wait for its answer, which runs after the last
         chunk is installed. Adds "wire", "validate" (the check beyond the install) and "install"
-        seconds to `timings`.
+        seconds to `timings`. Each read gets `read_deadline(deadline)`, its attempt's deadline.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -183,7 +184,9 @@ class StagingPool:
         # 1. Direct reads write engine memory: no transfer of an earlier failed read may still be running.
         while self.agent.in_flight():
             if time.monotonic() > deadline:
-                raise TransportError("a failed read into this engine is still running; try again later")
+                raise TransportError(
+                    "a failed read into this engine is still running (its source stalled); try again later"
+                )
             time.sleep(DEFAULT_TIMEOUTS.poll_s)
         direct: Future[int] | None = None
         if plan.direct:
@@ -191,12 +194,12 @@ class StagingPool:
             where = {d.target: (dests[d.target].data_ptr(), *device_of(dests[d.target])) for d in plan.direct}
             jobs = direct_jobs(plan.direct, sources, where)
             self.connect(sources, jobs)
-            direct = executor.submit(self.read, jobs, deadline)
+            direct = executor.submit(self.read, jobs, read_deadline(deadline))
 
         def pull(k: int) -> tuple[Future[int], int]:
             chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
             self.connect(sources, chunk)
-            return executor.submit(self.read, chunk, deadline), k + 1
+            return executor.submit(self.read, chunk, read_deadline(deadline)), k + 1
 
         # 2. The chunk pipeline: chunks [0, ready) are in their slots; the pull in flight ends at upto.
         #    A prefetched version already holds chunks 0 and 1, whose slots must be installed first.

@@ -1,0 +1,51 @@
+"""Trainer-side chaos steps run on every rank of a `TrainerCluster` (see cluster.py): a rank that
+dies by SIGKILL inside `stream_weights`, and a rank moved into another network namespace.
+
+Each function has the cluster's signature `fn(state, rank, world_size, **kwargs)` and returns a
+small picklable value. Publishers are the ones `refit_ops.publish` keeps in `state["publishers"]`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from tests.support.refit_ops import _publishers
+
+# The dying rank's answer must reach the test before the kill, or the cluster takes it for a crash.
+_ANSWER_S = 1.0
+
+
+def publish_and_die(state: dict, rank: int, world_size: int, *, name: str, version: int, ranks: list[int]) -> Any:
+    """Publish `version`; each rank in `ranks` is SIGKILLed inside `stream_weights`, after its weights are
+    staged and before its part reaches the catalog (so the version never becomes READY)."""
+    pub = _publishers(state)[name]
+    if rank not in ranks:
+        return pub.stream_weights(version).state.value
+
+    def die(**_: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def publish_late() -> None:
+        time.sleep(_ANSWER_S)
+        pub._client.publish = die  # the catalog call of this rank's part is where it dies
+        pub.stream_weights(version)
+
+    threading.Thread(target=publish_late, daemon=True).start()
+    return "dying"
+
+
+def enter_netns(state: dict, rank: int, world_size: int, *, path: str, ranks: list[int]) -> bool:
+    """Move the worker's main thread (and every thread and socket it creates from now on, NIXL's UCX
+    worker included) into the network namespace at `path`; other ranks stay where they are."""
+    if rank not in ranks:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.setns(fd, os.CLONE_NEWNET)
+    finally:
+        os.close(fd)
+    return True
