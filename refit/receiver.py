@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -43,16 +44,10 @@ from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of
-from refit.errors import (
-    ConfigError,
-    LayoutError,
-    SourceDeadError,
-    TransportError,
-    VersionNotFoundError,
-    VersionRetiredError,
-)
+from refit.errors import ConfigError, LayoutError, TransportError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble
 from refit.plan.cost import DEFAULT_COST, LinkCost
+from refit.plan.liveness import DeadSources, source_dead
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import Target
 from refit.staging import ReceiverStats, StagedVersion, StagingPool
@@ -61,6 +56,7 @@ from refit.types import UpdateResult, VersionState
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
 
 DEFAULT_WINDOW = 1 << 30  # staging bytes per engine rank, for engines that take streamed installs
@@ -260,26 +256,16 @@ class Receiver:
         except LayoutError as exc:
             if not dead:
                 raise
-            ranks = sorted(dead)
-            who = "; ".join(f"rank {r} (agent {dead[r][0]!r}): {dead[r][1]}" for r in ranks)
-            raise SourceDeadError(
-                f"{self.name!r} v{info.version} cannot be pulled: no live replica holds all the bytes of its "
-                f"dead trainer ranks ({exc}). Dead: {who}",
-                ranks=ranks,
-                agents=[dead[r][0] for r in ranks],
-            ) from exc
+            raise source_dead(self.name, info.version, dead, exc) from exc
         self._plan_key, self._plan = key, plan
         return plan
 
-    def _fail_over(self, exc: TransportError, dead_agents: dict[str, str], deadline: float) -> bool:
+    def _fail_over(self, exc: TransportError, dead: DeadSources, deadline: float) -> bool:
         """Whether a failed pull is worth another attempt without the source that failed it."""
-        rank = self._agents.get(exc.agent_name)
-        if isinstance(exc, SourceDeadError) or rank is None or exc.agent_name in dead_agents:
+        rank = dead.give_up(exc, self._agents) if time.monotonic() <= deadline else None
+        if rank is None:
             return False
-        if time.monotonic() > deadline:
-            return False
-        dead_agents[exc.agent_name] = str(exc)
-        self.failed_over = (*self.failed_over, exc.agent_name)
+        self.failed_over = dead.agents
         logger.warning("%s: trainer rank %d (agent %s) failed (%s); failing over", self.name, rank, exc.agent_name, exc)
         return True
 
@@ -300,17 +286,22 @@ class Receiver:
         TransportError.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
-        dead: dict[str, str] = {}  # agent -> why, of the sources this call found dead
+        return self._retrying(version, deadline, lambda dead: self._fetch_once(version, deadline, dead=dead))
+
+    def _retrying(self, version: int | None, deadline: float, attempt: Callable[[DeadSources], _T]) -> _T:
+        """`attempt` again after a retired version (unpinned: the newest is what we want anyway) or a
+        failed source (failover), until it succeeds or the deadline passes."""
+        dead = DeadSources()
         self.failed_over = ()
         while True:
             try:
-                return self._fetch_once(version, deadline, dead=dead)
+                return attempt(dead)
             except VersionRetiredError:
-                # The trainer moved on while we pulled: the newest version is what we want anyway.
                 if version is not None or time.monotonic() > deadline:
                     raise
                 logger.info("%s: version retired during the pull; retrying with the newest", self.name)
             except TransportError as exc:
+                # A streamed install that failed stays torn until a retry completes it.
                 if not self._fail_over(exc, dead, deadline):
                     raise
 
@@ -322,7 +313,7 @@ class Receiver:
         return timeout_s
 
     def _fetch_once(
-        self, version: int | None, deadline: float, *, prefetch: bool = True, dead: dict[str, str] | None = None
+        self, version: int | None, deadline: float, *, prefetch: bool = True, dead: DeadSources | None = None
     ) -> StagedVersion:
         t0 = time.perf_counter()
         # 1. Resolve the version and plan this rank's reads from its live sources (cached while the
@@ -330,12 +321,7 @@ class Receiver:
         resolved = self._resolve(version, deadline)
         info, sources = resolved.info, resolved.sources
         self._agents = {s.agent_name: s.rank for s in sources}
-        dead = dead or {}
-        excluded = {
-            s.rank: (s.agent_name, dead.get(s.agent_name, "lease lapsed (the catalog lists it dead)"))
-            for s in sources
-            if s.rank in info.dead_ranks or s.agent_name in dead
-        }
+        excluded = (dead or DeadSources()).excluded(sources, info.dead_ranks)
         plan = self._plan_for(resolved, excluded)
         if self._dests is None and self._max_staging is not None and plan.staging_bytes > self._max_staging:
             raise ConfigError(
@@ -438,21 +424,13 @@ class Receiver:
         to a replica (module docstring); SourceDeadError when there is none.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
-        dead: dict[str, str] = {}  # agent -> why, of the sources this call found dead
-        self.failed_over = ()
-        while True:
-            try:
-                # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
-                staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
-                return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
-            except VersionRetiredError:
-                if version is not None or time.monotonic() > deadline:
-                    raise
-                logger.info("%s: version retired during the pull; retrying with the newest", self.name)
-            except TransportError as exc:
-                # A streamed install that failed stays torn until this retry completes it.
-                if not self._fail_over(exc, dead, deadline):
-                    raise
+
+        def attempt(dead: DeadSources) -> UpdateResult:
+            # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
+            staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
+            return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
+
+        return self._retrying(version, deadline, attempt)
 
     # -- life cycle ------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.lapsed = False  # the catalog said the lease lapsed; not yet claimed again
         self.lapses = 0  # how many times it lapsed so far
-        self.beats = 0
+        self.renewals = 0  # successful claims and heartbeats: the catalog heard this rank
 
     def claim(self, *, takeover: bool = False) -> None:
         with self._lock:
@@ -46,6 +46,7 @@ class Lease:
                 name=self._name, rank=self._rank, agent_name=self._agent, takeover=takeover, lease_s=self.lease_s
             )
             self.lapsed = False
+            self.renewals += 1
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name=f"refit-lease-{self._name}-r{self._rank}", daemon=True
@@ -67,7 +68,7 @@ class Lease:
         try:
             with self._lock:
                 self._client.heartbeat(name=self._name, rank=self._rank, agent_name=self._agent)
-                self.beats += 1
+                self.renewals += 1
         except LeaseExpiredError as exc:
             self.lapsed, self.lapses = True, self.lapses + 1
             logger.error("%s rank %d: %s", self._name, self._rank, exc)

@@ -13,7 +13,9 @@ import time
 import pytest
 
 from refit.catalog.client import CatalogClient
+from refit.config import Timeouts
 from refit.errors import ConfigError, LeaseExpiredError, VersionFailedError
+from refit.trainer.lease import Lease
 from refit.types import VersionState
 from refit_server import CatalogServer
 from tests.support import catalog_samples as samples
@@ -141,3 +143,29 @@ def test_servers_sharing_redis_agree_on_a_lapse(redis_url: str) -> None:
         lapse()
         assert b.version_state(name="m", version=1) is VersionState.FAILED
         assert a.get_version(name="m", version=1).failure == "rank 0 (agent 'agent-0') lost its lease"
+
+
+def test_a_publishers_lease_renews_itself_and_is_claimed_again_after_a_lapse(catalog_client: CatalogClient) -> None:
+    lease = Lease(catalog_client, name="m", rank=0, agent_name="agent-0", lease_s=LEASE_S, heartbeat_s=LEASE_S / 4)
+    lease.claim()
+    try:
+        publish(catalog_client, 1, 0)
+        lapse()  # the heartbeat thread keeps it alive
+        assert catalog_client.get_version(name="m", version=1).state is VersionState.STAGING
+        assert lease.renewals > 1 and lease.lapses == 0
+    finally:
+        lease.stop()
+    lapse()  # a stalled process: no heartbeats for longer than the lease
+    assert catalog_client.get_version(name="m", version=1).state is VersionState.FAILED
+    lease.beat()  # it resumes: told the lease lapsed, it claims the rank again at once
+    assert (lease.lapses, lease.lapsed) == (1, False)
+    catalog_client.heartbeat(name="m", rank=0, agent_name="agent-0")  # held again
+    publish(catalog_client, 2, 0)
+    assert publish(catalog_client, 2, 1).state is VersionState.READY
+
+
+def test_lease_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="heartbeat_s <= lease_s / 2"):
+        Timeouts(lease_s=1.0, heartbeat_s=0.6)
+    with CatalogClient("127.0.0.1:1") as client, pytest.raises(ConfigError, match="lease_s > 0"):
+        Lease(client, name="m", rank=0, agent_name="a", lease_s=0.0, heartbeat_s=0.1)

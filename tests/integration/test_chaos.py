@@ -85,6 +85,11 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
         assert torch.equal(p, before[name]), f"{name} changed"
 
 
+def state(catalog: str, name: str, version: int) -> VersionState:
+    with CatalogClient(catalog) as client:
+        return client.version_state(name=name, version=version)
+
+
 def agents(catalog: str, name: str, version: int) -> dict[int, str]:
     with CatalogClient(catalog) as client:
         return {s.rank: s.agent_name for s in client.get_sources(name=name, version=version)}
@@ -99,9 +104,9 @@ def restarted(
     with cluster(world_size) as trainers:
         t = Trainer(trainers, catalog, tmp_path, hm.LLAMA_GQA, tp=tp, pp=1)
         weights = t.step(seed=seed)
-        out = trainers.run(f"{OPS}:publish", key=t.name, name=name, catalog=catalog, version=version,
-                           vocab_size=t.vocab, takeover=True, **LEASED)  # fmt: skip
-        assert {o["state"] for o in out} == {"READY"}
+        trainers.run(f"{OPS}:publish", key=t.name, name=name, catalog=catalog, version=version,
+                     vocab_size=t.vocab, takeover=True, **LEASED)  # fmt: skip
+        assert state(catalog, name, version) is VersionState.READY
         yield weights
 
 
@@ -262,7 +267,8 @@ def test_a_receiver_killed_mid_pull_leaves_trainer_and_catalog_unaffected(
         # The trainer goes on: a step and the next version; a new receiver refits it.
         v2 = t.step(seed=2)
         tcp_pair.run(f"{OPS}:invalidate", name=t.name)
-        assert {o["state"] for o in t.publish(2)} == {"READY"}
+        t.publish(2)
+        assert state(catalog, t.name, 2) is VersionState.READY
         engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
         with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name) as rcv:
             assert rcv.update_weights(timeout_s=UPDATE_S).version == 2
@@ -306,9 +312,12 @@ def test_a_partition_between_receiver_and_a_source_times_out_and_fails_over(tmp_
                 assert other.failed_over == (held[1],)
             assert_same_weights(fresh, t.hf)
 
-            # Healed: the trainer steps and publishes the next version; the receiver refits it.
+            # Healed: once both ranks reach the catalog again, the trainer steps and publishes the next
+            # version (rank 1 claims again first if its lease lapsed meanwhile); the receiver refits it.
+            trainers.run(f"{CHAOS}:wait_renewed", name=t.name, timeout_s=WAIT_S)
             v2 = t.step(seed=2)
             trainers.run(f"{OPS}:invalidate", name=t.name)
-            assert {o["state"] for o in t.publish(2)} == {"READY"}
+            t.publish(2)
+            assert state(catalog, t.name, 2) is VersionState.READY
             assert rcv.update_weights(timeout_s=UPDATE_S).version == 2
             assert_same_weights(engine_model, v2)

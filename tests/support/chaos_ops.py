@@ -7,6 +7,7 @@ small picklable value. Publishers are the ones `refit_ops.publish` keeps in `sta
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ from tests.support.refit_ops import _publishers
 
 # The dying rank's answer must reach the test before the kill, or the cluster takes it for a crash.
 _ANSWER_S = 1.0
+_CLONE_NEWNET = 0x40000000
 
 
 def publish_and_die(state: dict, rank: int, world_size: int, *, name: str, version: int, ranks: list[int]) -> Any:
@@ -45,7 +47,21 @@ def enter_netns(state: dict, rank: int, world_size: int, *, path: str, ranks: li
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.setns(fd, os.CLONE_NEWNET)
+        # os.setns exists from Python 3.12 only.
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({path}) failed: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
     return True
+
+
+def wait_renewed(state: dict, rank: int, world_size: int, *, name: str, timeout_s: float) -> int:
+    """Wait until this rank's publisher has reached the catalog again (a heartbeat or a re-claim after
+    a lapse); returns how many times its lease lapsed so far."""
+    lease = _publishers(state)[name].lease
+    start, deadline = lease.renewals, time.monotonic() + timeout_s
+    while lease.renewals <= start:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the catalog was not reached again within {timeout_s:g}s")
+        time.sleep(0.05)
+    return lease.lapses
