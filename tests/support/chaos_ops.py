@@ -19,6 +19,8 @@ from tests.support.refit_ops import _publishers
 # The dying rank's answer must reach the test before the kill, or the cluster takes it for a crash.
 _ANSWER_S = 1.0
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_REC, _MS_SLAVE, _MNT_DETACH = 0x4000, 1 << 19, 2
 
 
 def publish_and_die(state: dict, rank: int, world_size: int, *, name: str, version: int, ranks: list[int]) -> Any:
@@ -40,18 +42,32 @@ def publish_and_die(state: dict, rank: int, world_size: int, *, name: str, versi
     return "dying"
 
 
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
 def enter_netns(state: dict, rank: int, world_size: int, *, path: str, ranks: list[int]) -> bool:
     """Move the worker's main thread (and every thread and socket it creates from now on, NIXL's UCX
-    worker included) into the network namespace at `path`; other ranks stay where they are."""
+    worker included) into the network namespace at `path`; other ranks stay where they are.
+
+    What `ip netns exec` does, for one thread: UCX finds its TCP interfaces in /sys/class/net, which
+    lists the namespace of whoever mounted /sys; so the thread also gets a mount namespace of its own
+    (a slave of the host's: nothing propagates back) with a /sys of the new network namespace.
+    """
     if rank not in ranks:
         return False
+    libc = ctypes.CDLL(None, use_errno=True)  # os.setns and os.unshare exist from Python 3.12 only
     fd = os.open(path, os.O_RDONLY)
     try:
-        # os.setns exists from Python 3.12 only.
-        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({path}) failed: {os.strerror(ctypes.get_errno())}")
+        _check(libc.setns(fd, _CLONE_NEWNET), f"setns({path})")
     finally:
         os.close(fd)
+    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "mount --make-rslave /")
+    _check(libc.umount2(b"/sys", _MNT_DETACH), "umount /sys")
+    _check(libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None), "mount sysfs /sys")
     return True
 
 
