@@ -338,7 +338,7 @@ def test_a_partition_between_receiver_and_a_source_times_out_and_fails_over(tmp_
 
             # Healed: once both ranks reach the catalog again, the trainer steps and publishes the next
             # version (rank 1 claims again first if its lease lapsed meanwhile); the receiver refits it.
-            trainers.run(f"{CHAOS}:wait_renewed", name=t.name, timeout_s=WAIT_S)
+            trainers.run(f"{CHAOS}:wait_renewed", name=t.name, within_s=WAIT_S)
             v2 = t.step(seed=2)
             trainers.run(f"{OPS}:invalidate", name=t.name)
             t.publish(2)

@@ -71,13 +71,13 @@ def enter_netns(state: dict, rank: int, world_size: int, *, path: str, ranks: li
     return True
 
 
-def wait_renewed(state: dict, rank: int, world_size: int, *, name: str, timeout_s: float) -> int:
+def wait_renewed(state: dict, rank: int, world_size: int, *, name: str, within_s: float) -> int:
     """Wait until this rank's publisher has reached the catalog again (a heartbeat or a re-claim after
     a lapse); returns how many times its lease lapsed so far."""
     lease = _publishers(state)[name].lease
-    start, deadline = lease.renewals, time.monotonic() + timeout_s
+    start, deadline = lease.renewals, time.monotonic() + within_s
     while lease.renewals <= start:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: the catalog was not reached again within {timeout_s:g}s")
+            raise TimeoutError(f"rank {rank}: the catalog was not reached again within {within_s:g}s")
         time.sleep(0.05)
     return lease.lapses
