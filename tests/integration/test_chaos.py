@@ -299,6 +299,9 @@ def test_a_receiver_killed_while_its_read_is_queued_at_a_stalled_trainer(catalog
         kill_a_receiver_mid_pull(trainers, catalog, tmp_path, stall=True)
 
 
+# Soak: needs root and `ip netns`, and once in four runs here the receiver's first connection to the
+# namespaced rank timed out in the kernel (SYN unanswered, ~130 s inside NIXL's add_remote_agent).
+@pytest.mark.soak
 @pytest.mark.skipif(netns.available() is not None, reason=f"no network namespaces: {netns.available()}")
 def test_a_partition_between_receiver_and_a_source_times_out_and_fails_over(tmp_path) -> None:
     """Rank 1 lives in a network namespace of its own; cutting the veth link between it and the
