@@ -299,7 +299,7 @@ def test_a_receiver_killed_while_its_read_is_queued_at_a_stalled_trainer(catalog
         kill_a_receiver_mid_pull(trainers, catalog, tmp_path, stall=True)
 
 
-# Soak: needs root and `ip netns`, and once in four runs here the receiver's first connection to the
+# Soak: needs root and `ip netns`, and once in five runs here the receiver's first connection to the
 # namespaced rank timed out in the kernel (SYN unanswered, ~130 s inside NIXL's add_remote_agent).
 @pytest.mark.soak
 @pytest.mark.skipif(netns.available() is not None, reason=f"no network namespaces: {netns.available()}")
