@@ -61,6 +61,18 @@ class VersionRetiredError(CatalogError):
     """The version was retired: its bytes may already be overwritten by the trainer."""
 
 
+class VersionFailedError(CatalogError):
+    """The version FAILED: a trainer rank's lease lapsed before every rank had published; never READY."""
+
+
+class LeaseExpiredError(CatalogError):
+    """A heartbeat found the rank no longer held by the caller: its lease lapsed (or it was taken over).
+
+    The catalog has already failed the rank's STAGING versions and marked it dead in its READY ones;
+    the publisher claims the rank again and publishes a new version.
+    """
+
+
 class RankTakenError(CatalogError):
     """Another publisher already holds this trainer rank."""
 
@@ -84,11 +96,25 @@ class ModelMismatchError(LayoutError):
 
 
 class TransportError(RefitError):
-    """A NIXL transfer, registration or connection failed."""
+    """A NIXL transfer, registration or connection failed; `agent_name` names the remote agent, if one."""
+
+    def __init__(self, message: str, *, agent_name: str = "") -> None:
+        super().__init__(message)
+        self.agent_name = agent_name
 
 
 class TransferTimeoutError(TransportError):
     """A transfer did not complete before its deadline."""
+
+
+class SourceDeadError(TransportError):
+    """Trainer ranks a refit needs are dead (lease lapsed, or a read from them failed) and no live
+    replica holds their bytes; `ranks` and `agents` name them. Nothing was installed from them."""
+
+    def __init__(self, message: str, *, ranks: Sequence[int] = (), agents: Sequence[str] = ()) -> None:
+        super().__init__(message, agent_name=agents[0] if agents else "")
+        self.ranks = tuple(ranks)
+        self.agents = tuple(agents)
 
 
 # --- engines -------------------------------------------------------------------------------------------

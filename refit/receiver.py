@@ -25,6 +25,14 @@ Two ways to install, chosen per refit:
 
 A read that fails or times out may leave transfers running into staging, so those buffers are set
 aside and the next pull gets fresh ones (`Receiver.stats` shows both).
+
+Failover. A trainer rank the catalog lists as dead (`VersionInfo.dead_ranks`: its lease lapsed) is
+never read from: the plan takes its tensors from a DP/EDP replica holding the same bytes. A read
+that fails or times out (`source_timeout_s`) marks its source dead for the rest of the call, and
+`fetch`/`update_weights` plan the version again without it and pull again, within the same
+deadline. When no live replica holds what a dead rank held, `SourceDeadError` names the rank and its
+agent; nothing is installed from it (whole: the engine keeps its weights; streamed: `torn` until the
+next refit completes, as for any failed streamed install).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -40,9 +49,10 @@ from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of, installs_layers
-from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
+from refit.errors import ConfigError, LayoutError, TransportError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble, assemble_chunk
 from refit.plan.cost import DEFAULT_COST, LinkCost
+from refit.plan.liveness import DeadSources, source_dead
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import Target
 from refit.staging import ReceiverStats, StagedVersion, StagingPool
@@ -51,6 +61,7 @@ from refit.types import UpdateResult, VersionState
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
 
 DEFAULT_WINDOW = 1 << 30  # staging bytes per engine rank, for engines that take streamed installs
@@ -88,6 +99,9 @@ class Receiver:
         on_after_wire: called with the version number after its last byte is pulled and before the
             receiver re-checks that the version is still READY (to instrument, or to race a trainer
             step in tests); an exception it raises fails the refit.
+        source_timeout_s: the most one pull attempt waits for its reads; a source that has not
+            answered by then is taken for dead and its reads fail over to a replica (None: the
+            update's whole deadline, which leaves no time to fail over from a stalled source).
     """
 
     def __init__(
@@ -106,11 +120,14 @@ class Receiver:
         max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
         token: str | None = None,
+        source_timeout_s: float | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine must implement refit.engines.Engine, got {type(engine).__name__}")
         if replica < 0 or timeout_s <= 0 or (max_staging_bytes is not None and max_staging_bytes <= 0):
             raise ConfigError("replica must be >= 0, timeout_s > 0 and max_staging_bytes positive")
+        if source_timeout_s is not None and not source_timeout_s > 0:
+            raise ConfigError(f"source_timeout_s must be > 0 (or None), got {source_timeout_s!r}")
         if on_after_wire is not None and not callable(on_after_wire):
             raise ConfigError(f"on_after_wire must be callable, got {type(on_after_wire).__name__}")
         if direct_min_bytes is None:
@@ -138,6 +155,9 @@ class Receiver:
         self._plan: Plan | None = None
         self._generation = 0
         self._torn = False
+        self._source_timeout_s = source_timeout_s
+        self._agents: dict[str, int] = {}  # agent name -> trainer rank, of the version being pulled
+        self.failed_over: tuple[str, ...] = ()  # agents the last fetch or update failed over from
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -221,29 +241,45 @@ class Receiver:
         dest = self._dests.get(target.hf_name)
         return dest is not None and dest.is_contiguous() and dest.numel() > 0
 
-    def _plan_for(self, resolved: Resolved) -> Plan:
+    def _plan_for(self, resolved: Resolved, dead: dict[int, tuple[str, str]]) -> Plan:
+        """The plan over the live sources (`dead`: rank -> (agent, why) of the ones not to read from)."""
         info, sources = resolved.info, resolved.sources
         # The catalog's layout digest covers what a plan depends on; without one (an older catalog)
         # the key is the records themselves.
-        key = (resolved.layout_digest, info.model, () if resolved.layout_digest else sources)
+        key = (resolved.layout_digest, info.model, () if resolved.layout_digest else sources, frozenset(dead))
         if key == self._plan_key and self._plan is not None:
             return self._plan
-        if resolved.tensors_omitted:
-            raise VersionNotFoundError(f"{self.name!r} v{info.version}: the catalog omitted tensors for a stale plan")
+        if resolved.tensors_omitted:  # planned before, but with other sources dead: get the descriptors
+            sources = self._client.resolve(name=self.name, version=info.version).sources
         check_compatible(self._spec, info.model)
-        plan = plan_refit(model=info.model, sources=sources, layout=self._layout, stripe=self._stripe,
-                          cost=self._link_cost, max_overread=self._max_overread,
-                          window=self._window if self._dests is not None or self._layered else None,
-                          direct=self._accepts_direct if self._direct else None,
-                          direct_min_bytes=max(self._direct_min, 1),
-                          layer_of=self._layer_of if self._layered else None)  # fmt: skip
-        planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
-        check_tensors(self.engine.expected(), planned)
+        live = [s for s in sources if s.rank not in dead]
+        try:
+            plan = plan_refit(model=info.model, sources=live, layout=self._layout, stripe=self._stripe,
+                              cost=self._link_cost, max_overread=self._max_overread,
+                              window=self._window if self._dests is not None or self._layered else None,
+                              direct=self._accepts_direct if self._direct else None,
+                              direct_min_bytes=max(self._direct_min, 1),
+                              layer_of=self._layer_of if self._layered else None)  # fmt: skip
+            planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
+            check_tensors(self.engine.expected(), planned)
+        except LayoutError as exc:
+            if not dead:
+                raise
+            raise source_dead(self.name, info.version, dead, exc) from exc
         self._plan_key, self._plan = key, plan
         return plan
 
     def _layer_of(self, target: Target) -> tuple[int, str]:
         return self.engine.layer_of(target.hf_name)  # type: ignore[attr-defined]
+
+    def _fail_over(self, exc: TransportError, dead: DeadSources, deadline: float) -> bool:
+        """Whether a failed pull is worth another attempt without the source that failed it."""
+        rank = dead.give_up(exc, self._agents) if time.monotonic() <= deadline else None
+        if rank is None:
+            return False
+        self.failed_over = dead.agents
+        logger.warning("%s: trainer rank %d (agent %s) failed (%s); failing over", self.name, rank, exc.agent_name, exc)
+        return True
 
     def _pool_for(self) -> StagingPool:
         if self._pool is None:
@@ -262,14 +298,24 @@ class Receiver:
         TransportError.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
+        return self._retrying(version, deadline, lambda dead: self._fetch_once(version, deadline, dead=dead))
+
+    def _retrying(self, version: int | None, deadline: float, attempt: Callable[[DeadSources], _T]) -> _T:
+        """`attempt` again after a retired version (unpinned: the newest is what we want anyway) or a
+        failed source (failover), until it succeeds or the deadline passes."""
+        dead = DeadSources()
+        self.failed_over = ()
         while True:
             try:
-                return self._fetch_once(version, deadline)
+                return attempt(dead)
             except VersionRetiredError:
-                # The trainer moved on while we pulled: the newest version is what we want anyway.
                 if version is not None or time.monotonic() > deadline:
                     raise
                 logger.info("%s: version retired during the pull; retrying with the newest", self.name)
+            except TransportError as exc:
+                # A streamed install that failed stays torn until a retry completes it.
+                if not self._fail_over(exc, dead, deadline):
+                    raise
 
     def _timeout(self, timeout_s: float | None) -> float:
         if timeout_s is None:
@@ -278,13 +324,17 @@ class Receiver:
             raise ConfigError(f"timeout_s must be > 0 (or None for the receiver's default), got {timeout_s!r}")
         return timeout_s
 
-    def _fetch_once(self, version: int | None, deadline: float, *, prefetch: bool = True) -> StagedVersion:
+    def _fetch_once(
+        self, version: int | None, deadline: float, *, prefetch: bool = True, dead: DeadSources | None = None
+    ) -> StagedVersion:
         t0 = time.perf_counter()
-        # 1. Resolve the version and plan this rank's reads (cached while the sources stay the same);
-        #    a plan the engine cannot take is refused before anything is allocated.
+        # 1. Resolve the version and plan this rank's reads from its live sources (cached while the
+        #    sources stay the same); a plan the engine cannot take is refused before anything is allocated.
         resolved = self._resolve(version, deadline)
         info, sources = resolved.info, resolved.sources
-        plan = self._plan_for(resolved)
+        self._agents = {s.agent_name: s.rank for s in sources}
+        excluded = (dead or DeadSources()).excluded(sources, info.dead_ranks)
+        plan = self._plan_for(resolved, excluded)
         whole_only = self._dests is None and not self._layered
         if whole_only and self._max_staging is not None and plan.staging_bytes > self._max_staging:
             raise ConfigError(
@@ -299,8 +349,9 @@ class Receiver:
         #    chunks that fit the window.
         t_read = time.perf_counter()
         pulled, descriptors, slots = self._pool_for().prefetch(
-            plan, sources, deadline, self.engine.device, chunks=(2 if prefetch else 0) if streamed else 1
-        )
+            plan, sources, self._read_deadline(deadline), self.engine.device,
+            chunks=(2 if prefetch else 0) if streamed else 1,
+        )  # fmt: skip
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
         if not streamed:
@@ -325,6 +376,12 @@ class Receiver:
                      "validate": t_done - t_wire},
         )  # fmt: skip
 
+    def _read_deadline(self, deadline: float) -> float:
+        """One pull attempt's deadline: `source_timeout_s` from now, within the call's deadline."""
+        if self._source_timeout_s is None:
+            return deadline
+        return min(deadline, time.monotonic() + self._source_timeout_s)
+
     def install(self, staged: StagedVersion, *, timeout_s: float | None = None) -> UpdateResult:
         """Install a staged version into the engine.
 
@@ -344,7 +401,8 @@ class Receiver:
             self._torn = True  # from here on, engine memory may hold bytes of this version
             descriptors += self._pool.stream(
                 plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
-                deadline=deadline, start_check=lambda: self._start_check(staged.version), timings=timings,
+                deadline=deadline, read_deadline=self._read_deadline,
+                start_check=lambda: self._start_check(staged.version), timings=timings,
                 install_chunk=install_chunk,
             )  # fmt: skip
             self._torn = False
@@ -384,18 +442,17 @@ class Receiver:
 
         On error an engine installed whole keeps its old weights. A streamed refit whose pull raced a
         trainer step is pulled again from the newest version when unpinned; otherwise the error
-        says the engine's weights are mixed (`torn`).
+        says the engine's weights are mixed (`torn`). A source that fails mid-pull is failed over
+        to a replica (module docstring); SourceDeadError when there is none.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
-        while True:
-            try:
-                # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
-                staged = self._fetch_once(version, deadline, prefetch=False)
-                return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
-            except VersionRetiredError:
-                if version is not None or time.monotonic() > deadline:
-                    raise
-                logger.info("%s: version retired during the pull; retrying with the newest", self.name)
+
+        def attempt(dead: DeadSources) -> UpdateResult:
+            # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
+            staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
+            return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
+
+        return self._retrying(version, deadline, attempt)
 
     # -- life cycle ------------------------------------------------------------------------------------
 

@@ -172,6 +172,7 @@ class StagingPool:
         start_check: Callable[[], Callable[[], None]],
         timings: dict[str, float],
         install_chunk: Callable[[int, torch.Tensor], None] | None = None,
+        read_deadline: Callable[[float], float] = lambda deadline: deadline,
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -182,7 +183,8 @@ class StagingPool:
         the wait for its answer, which runs after the last copies. Adds "wire", "validate" (the check
         beyond the install) and "install" seconds to `timings`. `install_chunk(k, slot)`, when given,
         installs chunk k from its slot instead of copying its pieces into `dests` (an engine that
-        installs whole layers).
+        installs whole layers). Each read gets `read_deadline(deadline)`, its
+        attempt's deadline.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -193,7 +195,9 @@ class StagingPool:
         # 1. Direct reads write engine memory: no transfer of an earlier failed read may still be running.
         while self.agent.in_flight():
             if time.monotonic() > deadline:
-                raise TransportError("a failed read into this engine is still running; try again later")
+                raise TransportError(
+                    "a failed read into this engine is still running (its source stalled); try again later"
+                )
             time.sleep(DEFAULT_TIMEOUTS.poll_s)
         direct: Future[int] | None = None
         if plan.direct:
@@ -203,12 +207,12 @@ class StagingPool:
             # behind two batches rather than behind every direct read (a peer's transfers run in order).
             batches = [direct_jobs(b, sources, where) for b in _batches(plan.direct, _chunk_size(plan))]
             self.connect(sources, [j for b in batches for j in b])
-            direct = executor.submit(self.read_batches, batches, deadline)
+            direct = executor.submit(self.read_batches, batches, read_deadline(deadline))
 
         def pull(k: int) -> tuple[Future[int], int]:
             chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
             self.connect(sources, chunk)
-            return executor.submit(self.read, chunk, deadline), k + 1
+            return executor.submit(self.read, chunk, read_deadline(deadline)), k + 1
 
         # 2. The chunk pipeline: chunks [0, ready) are in their slots; the pull in flight ends at upto.
         #    A prefetched version already holds chunks 0 and 1, whose slots must be installed first.

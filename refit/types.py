@@ -49,6 +49,7 @@ class VersionState(StrEnum):
     STAGING = "STAGING"  # some trainer ranks have published, not all
     READY = "READY"  # every rank of the declared world has published
     RETIRED = "RETIRED"  # the bytes may be overwritten; never install from it
+    FAILED = "FAILED"  # a trainer rank died (its lease lapsed) before it was READY; never READY
 
 
 def _positive(name: str, value: int) -> None:
@@ -320,6 +321,8 @@ class VersionInfo:
     model: ModelMeta
     created_at: float = 0.0
     ready_at: float = 0.0
+    dead_ranks: tuple[int, ...] = ()  # READY, but these ranks' publishers died: read them elsewhere
+    failure: str = ""  # why the version FAILED, or which ranks died
 
     @property
     def missing_ranks(self) -> tuple[int, ...]:
@@ -335,6 +338,8 @@ class Claim:
     rank: int
     agent_name: str
     claimed_at: float = 0.0
+    lease_s: float = 0.0  # 0: no lease (never lapses)
+    lease_expires_at: float = 0.0  # catalog clock; 0 without a lease
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

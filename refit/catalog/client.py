@@ -39,6 +39,8 @@ _ERRORS_BY_NAME: dict[str, type[errors.RefitError]] = {
         errors.VersionNotFoundError,
         errors.VersionNotReadyError,
         errors.VersionRetiredError,
+        errors.VersionFailedError,
+        errors.LeaseExpiredError,
         errors.RankTakenError,
         errors.ConflictError,
         errors.ConfigError,
@@ -231,13 +233,35 @@ class CatalogClient:
         """Return once the catalog (and its store) answers; CatalogUnavailableError otherwise."""
         self._call("Ping", pb.PingRequest)
 
-    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool = False) -> Claim:
+    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool = False, lease_s: float = 0.0) -> Claim:
         """Hold `rank` of model `name` for `agent_name`.
 
-        Idempotent for the holder. RankTakenError (naming the rank and the holder) if another agent
-        holds it, unless `takeover` (e.g. a restarted trainer whose agent has a new name).
+        Idempotent for the holder (renewing its lease). RankTakenError (naming the rank and the
+        holder) if another agent holds it, unless `takeover` (e.g. a restarted trainer whose agent
+        has a new name). `lease_s` > 0 makes the claim a lease that `heartbeat` must renew: when it
+        lapses the rank is dead (see docs/catalog.md, "Leases"); 0 claims without a lease.
         """
-        response = self._call("Claim", pb.ClaimRequest, name=name, rank=rank, agent_name=agent_name, takeover=takeover)
+        if not isinstance(lease_s, int | float) or isinstance(lease_s, bool) or not lease_s >= 0:
+            raise ConfigError(f"claim: lease_s must be a number >= 0, got {lease_s!r}")
+        response = self._call(
+            "Claim",
+            pb.ClaimRequest,
+            name=name,
+            rank=rank,
+            agent_name=agent_name,
+            takeover=takeover,
+            lease_s=float(lease_s),
+        )
+        return wire.claim_from_proto(response.claim)
+
+    def heartbeat(self, *, name: str, rank: int, agent_name: str) -> Claim:
+        """Renew `agent_name`'s lease on `rank` for another `lease_s`; returns the renewed claim.
+
+        Raises:
+            LeaseExpiredError: the agent no longer holds the rank (its lease lapsed, it was taken over
+                or released): claim it again and publish a new version.
+        """
+        response = self._call("Heartbeat", pb.HeartbeatRequest, name=name, rank=rank, agent_name=agent_name)
         return wire.claim_from_proto(response.claim)
 
     def release(self, *, name: str, rank: int, agent_name: str) -> None:
@@ -365,6 +389,7 @@ class CatalogClient:
 
         Raises:
             VersionRetiredError: the version is (or becomes) RETIRED.
+            VersionFailedError: the version is (or becomes) FAILED (a trainer rank died).
             VersionNotReadyError: still not READY after `timeout_s`; names the missing ranks.
             VersionNotFoundError: the version never appeared within `timeout_s`.
         """
@@ -381,6 +406,8 @@ class CatalogClient:
                 return info
             if info is not None and info.state is VersionState.RETIRED:
                 raise errors.VersionRetiredError(f"{name!r} v{version} is RETIRED; it will never be READY")
+            if info is not None and info.state is VersionState.FAILED:
+                raise errors.VersionFailedError(f"{name!r} v{version} FAILED ({info.failure}); it will never be READY")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -238,6 +238,8 @@ def version_to_proto(v: VersionInfo) -> pb.VersionInfo:
         model=model_to_proto(v.model),
         created_at=v.created_at,
         ready_at=v.ready_at,
+        dead_ranks=list(v.dead_ranks),
+        failure=v.failure,
     )
 
 
@@ -262,15 +264,32 @@ def version_from_proto(
         model=model_from_proto(msg.model, limits, f"{field}.model"),
         created_at=msg.created_at,
         ready_at=msg.ready_at,
+        dead_ranks=tuple(msg.dead_ranks),
+        failure=msg.failure,
     )
 
 
 def claim_to_proto(c: Claim) -> pb.Claim:
-    return _build(pb.Claim, name=c.name, rank=c.rank, agent_name=c.agent_name, claimed_at=c.claimed_at)
+    return _build(
+        pb.Claim,
+        name=c.name,
+        rank=c.rank,
+        agent_name=c.agent_name,
+        claimed_at=c.claimed_at,
+        lease_s=c.lease_s,
+        lease_expires_at=c.lease_expires_at,
+    )
 
 
 def claim_from_proto(msg: pb.Claim) -> Claim:
-    return Claim(name=msg.name, rank=msg.rank, agent_name=msg.agent_name, claimed_at=msg.claimed_at)
+    return Claim(
+        name=msg.name,
+        rank=msg.rank,
+        agent_name=msg.agent_name,
+        claimed_at=msg.claimed_at,
+        lease_s=msg.lease_s,
+        lease_expires_at=msg.lease_expires_at,
+    )
 
 
 def resolved_to_proto(r: Resolved) -> pb.ResolveResponse:

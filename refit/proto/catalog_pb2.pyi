@@ -27,6 +27,7 @@ class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERSION_STATE_STAGING: _ClassVar[VersionState]
     VERSION_STATE_READY: _ClassVar[VersionState]
     VERSION_STATE_RETIRED: _ClassVar[VersionState]
+    VERSION_STATE_FAILED: _ClassVar[VersionState]
 ROLE_UNSPECIFIED: Role
 ROLE_QKV_COLUMN: Role
 ROLE_GATED_MLP_COLUMN: Role
@@ -42,6 +43,7 @@ VERSION_STATE_UNSPECIFIED: VersionState
 VERSION_STATE_STAGING: VersionState
 VERSION_STATE_READY: VersionState
 VERSION_STATE_RETIRED: VersionState
+VERSION_STATE_FAILED: VersionState
 
 class ParallelCoords(_message.Message):
     __slots__ = ("tp_rank", "tp_size", "pp_rank", "pp_size", "ep_rank", "ep_size", "dp_rank", "dp_size", "etp_rank", "etp_size", "edp_rank", "edp_size")
@@ -172,7 +174,7 @@ class SourceRecord(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("name", "version", "state", "world_size", "published_ranks", "model", "created_at", "ready_at")
+    __slots__ = ("name", "version", "state", "world_size", "published_ranks", "model", "created_at", "ready_at", "dead_ranks", "failure")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +183,8 @@ class VersionInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     READY_AT_FIELD_NUMBER: _ClassVar[int]
+    DEAD_RANKS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: VersionState
@@ -189,31 +193,39 @@ class VersionInfo(_message.Message):
     model: ModelMeta
     created_at: float
     ready_at: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[VersionState, str]] = ..., world_size: _Optional[int] = ..., published_ranks: _Optional[_Iterable[int]] = ..., model: _Optional[_Union[ModelMeta, _Mapping]] = ..., created_at: _Optional[float] = ..., ready_at: _Optional[float] = ...) -> None: ...
+    dead_ranks: _containers.RepeatedScalarFieldContainer[int]
+    failure: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[VersionState, str]] = ..., world_size: _Optional[int] = ..., published_ranks: _Optional[_Iterable[int]] = ..., model: _Optional[_Union[ModelMeta, _Mapping]] = ..., created_at: _Optional[float] = ..., ready_at: _Optional[float] = ..., dead_ranks: _Optional[_Iterable[int]] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class Claim(_message.Message):
-    __slots__ = ("name", "rank", "agent_name", "claimed_at")
+    __slots__ = ("name", "rank", "agent_name", "claimed_at", "lease_s", "lease_expires_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     agent_name: str
     claimed_at: float
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., agent_name: _Optional[str] = ..., claimed_at: _Optional[float] = ...) -> None: ...
+    lease_s: float
+    lease_expires_at: float
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., agent_name: _Optional[str] = ..., claimed_at: _Optional[float] = ..., lease_s: _Optional[float] = ..., lease_expires_at: _Optional[float] = ...) -> None: ...
 
 class ClaimRequest(_message.Message):
-    __slots__ = ("name", "rank", "agent_name", "takeover")
+    __slots__ = ("name", "rank", "agent_name", "takeover", "lease_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     TAKEOVER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     agent_name: str
     takeover: bool
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., agent_name: _Optional[str] = ..., takeover: _Optional[bool] = ...) -> None: ...
+    lease_s: float
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., agent_name: _Optional[str] = ..., takeover: _Optional[bool] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class ClaimResponse(_message.Message):
     __slots__ = ("claim",)
@@ -234,6 +246,22 @@ class ReleaseRequest(_message.Message):
 class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("name", "rank", "agent_name")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rank: int
+    agent_name: str
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., agent_name: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("claim",)
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    claim: Claim
+    def __init__(self, claim: _Optional[_Union[Claim, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("name", "version", "world_size", "model", "source")

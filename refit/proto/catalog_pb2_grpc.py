@@ -44,6 +44,11 @@ class CatalogStub:
                 request_serializer=refit_dot_proto_dot_catalog__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=refit_dot_proto_dot_catalog__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/refit.v1.Catalog/Heartbeat',
+                request_serializer=refit_dot_proto_dot_catalog__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=refit_dot_proto_dot_catalog__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.Publish = channel.unary_unary(
                 '/refit.v1.Catalog/Publish',
                 request_serializer=refit_dot_proto_dot_catalog__pb2.PublishRequest.SerializeToString,
@@ -102,6 +107,13 @@ class CatalogServicer:
 
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Renew a leased claim; LeaseExpiredError when the agent no longer holds the rank.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -175,6 +187,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=refit_dot_proto_dot_catalog__pb2.ReleaseRequest.FromString,
                     response_serializer=refit_dot_proto_dot_catalog__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=refit_dot_proto_dot_catalog__pb2.HeartbeatRequest.FromString,
+                    response_serializer=refit_dot_proto_dot_catalog__pb2.HeartbeatResponse.SerializeToString,
             ),
             'Publish': grpc.unary_unary_rpc_method_handler(
                     servicer.Publish,
@@ -276,6 +293,33 @@ class Catalog:
             '/refit.v1.Catalog/Release',
             refit_dot_proto_dot_catalog__pb2.ReleaseRequest.SerializeToString,
             refit_dot_proto_dot_catalog__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refit.v1.Catalog/Heartbeat',
+            refit_dot_proto_dot_catalog__pb2.HeartbeatRequest.SerializeToString,
+            refit_dot_proto_dot_catalog__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,12 +33,13 @@ from torch import nn
 
 from refit.catalog.client import CatalogClient
 from refit.compat import megatron as mcore
-from refit.config import DEFAULT_TIMEOUTS
+from refit.config import DEFAULT_TIMEOUTS, check_lease
 from refit.dtypes import dtype_name
 from refit.errors import ConfigError, RefitError, VersionNotFoundError
 from refit.megatron.model import LocalParam, local_parameters, model_chunks, model_meta, parallel_coords
 from refit.trainer import blocks as column_blocks
 from refit.trainer import memory
+from refit.trainer.lease import Lease
 from refit.transport.nixl import NixlAgent
 from refit.types import Region, SourceRecord, TensorDesc, VersionInfo
 
@@ -67,6 +68,11 @@ class Publisher:
             blocked layout costs nothing extra. 1 (the default) publishes every tensor as it is.
         optimizer: a torch or Megatron optimizer; with snapshots=0, each step first retires the version.
         takeover: claim this rank even if another publisher holds it (after a crash, say).
+        lease_s: the claim is a lease of this many seconds, renewed by heartbeats on a daemon thread:
+            if this process dies or stalls longer, the catalog fails its STAGING versions and marks
+            the rank dead in its READY ones (receivers read those tensors from a DP/EDP replica, or
+            fail naming the rank). 0: no lease (the claim lasts until released).
+        heartbeat_s: the heartbeat interval (default: `lease_s` / 6; at most `lease_s` / 2).
         consolidate: allow moving a bare model's parameters into one arena per device.
         timeout_s: deadline of every catalog call.
         token: the catalog's trainer token (None: `$REFIT_CATALOG_TOKEN`, else none); never logged.
@@ -92,12 +98,20 @@ class Publisher:
         consolidate: bool = True,
         timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
         token: str | None = None,
+        lease_s: float = DEFAULT_TIMEOUTS.lease_s,
+        heartbeat_s: float | None = None,
     ) -> None:
         if snapshots < 0:
             raise ConfigError(f"snapshots must be >= 0, got {snapshots}")
         column_blocks.check_requested(row_blocks)
         if not name:
             raise ConfigError("name must be non-empty")
+        if heartbeat_s is None:
+            heartbeat_s = lease_s * DEFAULT_TIMEOUTS.heartbeat_s / DEFAULT_TIMEOUTS.lease_s
+        if lease_s:
+            check_lease(lease_s, heartbeat_s)
+        elif lease_s != 0:
+            raise ConfigError(f"lease_s must be > 0 (or 0: no lease), got {lease_s!r}")
         chunks = model_chunks(model)
         self.rank, self.world_size, self.coords = parallel_coords()
         self.name = name
@@ -118,9 +132,15 @@ class Publisher:
         self._mirror: memory.BlockedMirror | None = None
         self._mirrored: dict[int, int] = {}  # parameter index -> its index in the mirror
         self._hooks: list[Any] = []
+        self._lease: Lease | None = None
         try:
             self._agent = NixlAgent(prefix=f"refit-trainer-{name}-r{self.rank}")
-            self._client.claim(name=name, rank=self.rank, agent_name=self._agent.name, takeover=takeover)
+            if lease_s:
+                self._lease = Lease(self._client, name=name, rank=self.rank, agent_name=self._agent.name,
+                                    lease_s=lease_s, heartbeat_s=heartbeat_s)  # fmt: skip
+                self._lease.claim(takeover=takeover)
+            else:
+                self._client.claim(name=name, rank=self.rank, agent_name=self._agent.name, takeover=takeover)
             self._setup_memory(consolidate)
         except BaseException:
             self.close(release=False)
@@ -182,6 +202,11 @@ class Publisher:
         self._live_blocks = memory.storage_blocks([p.param for p in self._params])
         for b in self._live_blocks:
             self._agent.register(b.addr, b.nbytes, device=b.device, device_id=b.device_id)
+
+    @property
+    def lease(self) -> Lease | None:
+        """This rank's lease (None without one): `lapses` counts the times the catalog declared it dead."""
+        return self._lease
 
     @property
     def num_registrations(self) -> int:
@@ -249,6 +274,8 @@ class Publisher:
         if self._last is not None and version <= self._last:
             raise ConfigError(f"version {version} is not newer than the last published version {self._last}")
         start = time.perf_counter()
+        if self._lease is not None:
+            self._lease.ensure()  # a lapsed lease is claimed again before the rank publishes anew
         memory.synchronize([p.param for p in self._params])  # the optimizer's writes land before anyone reads
         if self._ring is not None:
             regions, descs = self._snapshot_layout(self._ring, version)
@@ -308,6 +335,8 @@ class Publisher:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._lease is not None:
+            self._lease.stop()
         if self._agent is not None:
             if release:
                 try:

@@ -180,7 +180,9 @@ class NixlAgent:
                     self._agent.remove_remote_agent(agent_name)
                 added = self._agent.add_remote_agent(metadata)
             except Exception as exc:
-                raise TransportError(f"cannot load metadata of NIXL agent {agent_name}: {exc}") from exc
+                raise TransportError(
+                    f"cannot load metadata of NIXL agent {agent_name}: {exc}", agent_name=agent_name
+                ) from exc
             added = added.decode() if isinstance(added, bytes) else str(added)
             if added != agent_name:
                 raise TransportError(f"metadata names agent {added!r}, catalog says {agent_name!r}")
@@ -279,10 +281,10 @@ class NixlAgent:
             handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, agent_name)
             state = self._agent.transfer(handle)
         except Exception as exc:
-            raise TransportError(f"READ from {agent_name} could not start: {exc}") from exc
+            raise TransportError(f"READ from {agent_name} could not start: {exc}", agent_name=agent_name) from exc
         if state == "ERR":
             self._release(handle)
-            raise TransportError(f"READ from {agent_name} failed to post")
+            raise TransportError(f"READ from {agent_name} failed to post", agent_name=agent_name)
         return handle
 
     def _wait(self, handle: Any, agent_name: str, deadline: float, nbytes: int) -> None:
@@ -292,13 +294,15 @@ class NixlAgent:
                 try:
                     state = self._agent.check_xfer_state(handle)
                 except Exception as exc:
-                    raise TransportError(f"READ from {agent_name} failed: {exc}") from exc
+                    raise TransportError(f"READ from {agent_name} failed: {exc}", agent_name=agent_name) from exc
             if state == "DONE":
                 return
             if state == "ERR":
-                raise TransportError(f"READ of {nbytes} bytes from {agent_name} failed")
+                raise TransportError(f"READ of {nbytes} bytes from {agent_name} failed", agent_name=agent_name)
             if time.monotonic() > deadline:
-                raise TransferTimeoutError(f"READ of {nbytes} bytes from {agent_name} did not finish in time")
+                raise TransferTimeoutError(
+                    f"READ of {nbytes} bytes from {agent_name} did not finish in time", agent_name=agent_name
+                )
             if sleep:
                 time.sleep(sleep)
             sleep = min(_POLL_MAX_S, sleep + _POLL_STEP_S)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from refit.errors import AuthError, ConfigError
 
 # RPCs that change the catalog: the trainer token only.
-WRITE_RPCS = frozenset({"Claim", "Release", "Publish", "Retire"})
+WRITE_RPCS = frozenset({"Claim", "Heartbeat", "Release", "Publish", "Retire"})
 # RPCs anyone may call: a liveness probe tells nothing about the catalog's contents.
 OPEN_RPCS = frozenset({"Ping"})
 METADATA_KEY = "authorization"

@@ -94,6 +94,8 @@ def version_json(info: VersionInfo) -> dict[str, Any]:
         "missing_ranks": list(info.missing_ranks),
         "created_at": info.created_at,
         "ready_at": info.ready_at,
+        "dead_ranks": list(info.dead_ranks),
+        "failure": info.failure,
         "model": asdict(info.model),
     }
 
@@ -136,6 +138,12 @@ def render_show(info: VersionInfo, sources: Sequence[SourceRecord], *, tensors: 
         f"ranks    {len(info.published_ranks)}/{info.world_size} published (missing: {missing})",
         f"created  {_when(info.created_at)}",
         f"ready    {_when(info.ready_at)}",
+        *(
+            [f"dead     {format_ranks(info.dead_ranks)} (their tensors are read from replicas)"]
+            if info.dead_ranks
+            else []
+        ),
+        *([f"failure  {info.failure}"] if info.failure else []),
         f"model    {_model_line(info.model)}",
         f"bytes    {_size(sum(_source_bytes(s) for s in sources))} in {sum(len(s.tensors) for s in sources)} tensors",
         "",

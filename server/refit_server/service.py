@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +34,8 @@ _STATUS: tuple[tuple[type[errors.RefitError], grpc.StatusCode], ...] = (
     (errors.VersionNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.RankTakenError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.VersionRetiredError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.VersionFailedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.LeaseExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.VersionNotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.CatalogUnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -121,6 +124,12 @@ def _rpc(method: _Handler) -> _Handler:
     return handler  # type: ignore[return-value]
 
 
+def _lease(lease_s: float) -> float:
+    if not (math.isfinite(lease_s) and lease_s >= 0):
+        raise errors.ConfigError(f"lease_s must be a finite number >= 0, got {lease_s}")
+    return lease_s
+
+
 class CatalogService(pb_grpc.CatalogServicer):
     """Checks each caller's authority, validates every field of each request against `limits`
     (`refit.catalog.bounds`: INVALID_ARGUMENT naming the field, the store untouched) and forwards it."""
@@ -162,8 +171,18 @@ class CatalogService(pb_grpc.CatalogServicer):
             agent_name=self._agent(request.agent_name),
             takeover=request.takeover,
             now=time.time(),
+            lease_s=_lease(request.lease_s),
         )
         return pb.ClaimResponse(claim=wire.claim_to_proto(claim))
+
+    @_rpc
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        claim = self._store.heartbeat(
+            name=self._name(request.name),
+            rank=self._rank(request.rank),
+            agent_name=self._agent(request.agent_name),
+        )
+        return pb.HeartbeatResponse(claim=wire.claim_to_proto(claim))
 
     @_rpc
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:

@@ -233,6 +233,21 @@ class TrainerCluster:
         self._procs, self._commands, self._results, self._store = [], [], None, None
         self._broken = self._broken or "closed"
 
+    # chaos -------------------------------------------------------------------------------------
+    def kill(self, rank: int, sig: int = 9) -> None:
+        """Send `sig` (SIGKILL by default) to one worker, between commands. A killed worker never
+        answers again: the next `run` breaks the cluster, so a test only closes it afterwards."""
+        os.kill(self.pids[rank], sig)
+
+    def wait_dead(self, rank: int, timeout_s: float = 30.0) -> None:
+        """Wait until a worker has exited (reaped), or raise ClusterError."""
+        self._procs[rank].join(timeout_s)
+        if self._procs[rank].is_alive():
+            raise ClusterError(f"rank {rank} (pid {self.pids[rank]}) is still alive after {timeout_s:g}s")
+
+    def alive(self, rank: int) -> bool:
+        return bool(self._procs) and self._procs[rank].is_alive()
+
     # commands ------------------------------------------------------------------------------
     def run(self, target: str, timeout_s: float = 120.0, **kwargs: Any) -> list[Any]:
         """Run `target` on every rank; per-rank results in rank order.

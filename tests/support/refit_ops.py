@@ -26,14 +26,18 @@ def publish(
     snapshots: int = 0,
     vocab_size: int = 0,
     ranks: list[int] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Publish `version` of model `key` (only on `ranks`, when given)."""
+    """Publish `version` of model `key` (only on `ranks`, when given); `options` go to a new Publisher
+    (`lease_s`, `heartbeat_s`, `takeover`)."""
     from refit import Publisher
 
     name = name or key
     pubs = _publishers(state)
     if name not in pubs:
-        pubs[name] = Publisher(catalog=catalog, model=state[key], name=name, snapshots=snapshots, vocab_size=vocab_size)
+        pubs[name] = Publisher(
+            catalog=catalog, model=state[key], name=name, snapshots=snapshots, vocab_size=vocab_size, **options
+        )
     pub = pubs[name]
     if ranks is not None and rank not in ranks:
         return {"rank": rank, "skipped": True}

@@ -10,6 +10,18 @@ publish: (1) RETIRED version -> VersionRetiredError; (2) world size or model dif
 RankTakenError; else store the part, creating the version in STAGING, and flip it to READY once every
 rank 0..world_size-1 has published.
 
+Leases: a claim made with `lease_s` > 0 lapses `lease_s` seconds after its last claim or heartbeat
+(the store's clock: the server's for the memory store, Redis's TIME for the Redis store, so servers
+sharing one Redis agree). Expiry is evaluated lazily and atomically at the start of every store call
+that touches the model (reads included), before anything else: a lapsed claim is dropped and its rank
+is dead: (1) every STAGING version of the model whose world holds the rank becomes FAILED (terminal:
+publish raises VersionFailedError, retire leaves it FAILED); (2) every READY version whose part for
+the rank was published by the lapsed agent lists the rank in `dead_ranks`. Both record the reason
+(`lease_lost`) in `failure` ("; "-joined). A heartbeat from an agent that no longer holds the rank
+raises LeaseExpiredError. Release and takeover drop a lease without killing the rank.
+
+publish also refuses a FAILED version (VersionFailedError), checked with RETIRED, first.
+
 Layout digest: publish also stores the part's source layout digest (`wire.source_encodings`) and its
 head (the record without tensors), and, whenever every rank 0..world_size-1 has a part, the version's
 layout digest (`version_layout`), so reads never recompute it. Until then the version's digest is "".
@@ -23,7 +35,14 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from refit.catalog.values import Resolved
-from refit.errors import ConflictError, RankTakenError, VersionNotFoundError, VersionRetiredError
+from refit.errors import (
+    ConflictError,
+    LeaseExpiredError,
+    RankTakenError,
+    VersionFailedError,
+    VersionNotFoundError,
+    VersionRetiredError,
+)
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
 
 
@@ -45,8 +64,16 @@ class Store(Protocol):
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
 
-    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
-        """Hold `rank` for `agent_name`; idempotent for the holder, RankTakenError for anyone else."""
+    def claim(
+        self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float, lease_s: float = 0.0
+    ) -> Claim:
+        """Hold `rank` for `agent_name`; idempotent for the holder, RankTakenError for anyone else.
+
+        `lease_s` > 0 (re)starts a lease of that length (the holder re-claiming renews it); 0: none.
+        """
+
+    def heartbeat(self, *, name: str, rank: int, agent_name: str) -> Claim:
+        """Renew the holder's lease for its `lease_s`; LeaseExpiredError if `agent_name` does not hold it."""
 
     def release(self, *, name: str, rank: int, agent_name: str) -> None:
         """Drop the claim if `agent_name` holds it; otherwise do nothing."""
@@ -101,6 +128,23 @@ def no_ready(name: str) -> VersionNotFoundError:
 
 def retired(name: str, version: int) -> VersionRetiredError:
     return VersionRetiredError(f"{name!r} v{version} is RETIRED; publish a newer version")
+
+
+def failed(name: str, version: int, failure: str) -> VersionFailedError:
+    return VersionFailedError(f"{name!r} v{version} FAILED ({failure}); publish a newer version")
+
+
+def lease_lost(rank: int, agent_name: str) -> str:
+    """The reason a lapsed lease records in `failure` (the Redis store's Lua writes the same text)."""
+    return f"rank {rank} (agent '{agent_name}') lost its lease"
+
+
+def lease_expired(name: str, rank: int, agent_name: str, holder: str | None) -> LeaseExpiredError:
+    now = f"held by agent {holder!r}" if holder else "not held"
+    return LeaseExpiredError(
+        f"{name!r} rank {rank} is no longer held by agent {agent_name!r} ({now}): its lease lapsed or was "
+        "taken over; claim it again and publish a new version"
+    )
 
 
 def rank_claimed(name: str, rank: int, holder: str, agent_name: str) -> RankTakenError:

@@ -1,5 +1,5 @@
-"""The Lua scripts that make the Redis store atomic: claim, release, publish, retire, and the latest and
-resolve lookups.
+"""The Lua scripts that make the Redis store atomic: claim, heartbeat, release, publish, retire, the
+latest and resolve lookups, and the lease reaper every one of them runs first.
 
 Kept as Python strings (not .lua files) so they ship with the package without package-data rules.
 Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key layout:
@@ -7,9 +7,13 @@ Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key
     P:names                     SET   every model name (published or claimed)
     P:m:N:versions              ZSET  version numbers of model N (member = score = the number)
     P:m:N:claims                HASH  rank -> "<claimed_at>|<agent name>"
+    P:m:N:leases                ZSET  rank -> lease expiry (Redis TIME, unix seconds); leased claims only
+    P:m:N:lease_s               HASH  rank -> lease length in seconds; leased claims only
     P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at,
                                       layout (the version's layout digest; absent until every rank
-                                      published, and in versions written before digests existed)
+                                      published, and in versions written before digests existed),
+                                      dead ("1,3": READY, ranks whose lease lapsed) and failure (why
+                                      FAILED / which ranks died); both absent until set
     P:m:N:v:<version>:sources   HASH  rank -> SourceRecord protobuf
     P:m:N:v:<version>:heads     HASH  rank -> SourceRecord protobuf without tensors (what Resolve sends
                                       when the caller's known layout matches)
@@ -20,11 +24,73 @@ P is the configured prefix and N the URL-quoted model name (so a ':' in a name c
 key). The scripts target one Redis instance, not Redis Cluster: publish touches the global names set
 and retire builds keys it was not passed. The order of publish's checks is the one `stores.base`
 defines; the Python side turns each non-"ok" reply into the shared error.
+
+Leases: every script's last ARGV is the model's key prefix `P:m:N`, and every script first runs
+`refit_reap` on it (the `_LEASES` functions, prepended): a lease past its expiry by Redis's own clock
+(TIME, so several catalog servers sharing Redis agree) drops its claim and kills its rank, exactly as
+`stores.base` defines, inside the same atomic script. Reads that are pipelines run `REAP` first in
+their MULTI.
 """
 
 from __future__ import annotations
 
-CLAIM = """
+_LEASES = """
+local function refit_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function refit_fail(key, reason)
+  local f = redis.call('HGET', key, 'failure')
+  if f then reason = f .. '; ' .. reason end
+  redis.call('HSET', key, 'failure', reason)
+end
+-- The rank's publishing agent is gone: its STAGING versions FAIL, its READY parts are dead.
+local function refit_kill(m, rank, agent)
+  local reason = 'rank ' .. rank .. " (agent '" .. agent .. "') lost its lease"
+  for _, v in ipairs(redis.call('ZRANGE', m .. ':versions', 0, -1)) do
+    local key = m .. ':v:' .. v
+    local st = redis.call('HMGET', key, 'state', 'world_size')
+    if st[1] == 'STAGING' and tonumber(rank) < tonumber(st[2]) then
+      redis.call('HSET', key, 'state', 'FAILED')
+      refit_fail(key, reason)
+    elseif st[1] == 'READY' and redis.call('HGET', key .. ':agents', rank) == agent then
+      local dead, seen = {}, false
+      for r in string.gmatch(redis.call('HGET', key, 'dead') or '', '%d+') do
+        table.insert(dead, tonumber(r))
+        if tonumber(r) == tonumber(rank) then seen = true end
+      end
+      if not seen then
+        table.insert(dead, tonumber(rank))
+        table.sort(dead)
+        redis.call('HSET', key, 'dead', table.concat(dead, ','))
+        refit_fail(key, reason)
+      end
+    end
+  end
+end
+-- Drop every lapsed lease of model m (expiry < now) and kill its rank, in rank order.
+local function refit_reap(m)
+  local now = refit_now()
+  local expired = redis.call('ZRANGEBYSCORE', m .. ':leases', '-inf', '(' .. string.format('%.6f', now))
+  table.sort(expired, function(a, b) return tonumber(a) < tonumber(b) end)
+  for _, rank in ipairs(expired) do
+    local cur = redis.call('HGET', m .. ':claims', rank)
+    redis.call('ZREM', m .. ':leases', rank)
+    redis.call('HDEL', m .. ':lease_s', rank)
+    if cur then
+      redis.call('HDEL', m .. ':claims', rank)
+      refit_kill(m, rank, string.sub(cur, string.find(cur, '|', 1, true) + 1))
+    end
+  end
+  return now
+end
+local M = ARGV[#ARGV]
+refit_reap(M)
+"""
+
+CLAIM = (
+    _LEASES
+    + """
 -- claim: hold one trainer rank of a model for an agent.
 -- KEYS[1]  claims hash of the model (rank -> "<claimed_at>|<agent>")
 -- KEYS[2]  names set (a claimed model is known, so the metrics find its claims)
@@ -32,38 +98,86 @@ CLAIM = """
 -- ARGV[2]  agent name
 -- ARGV[3]  "1" to take the rank over from another agent, else "0"
 -- ARGV[4]  now (unix seconds, the server's clock)
--- ARGV[5]  model name
--- Reply:   {"ok", claimed_at, previous holder or ""} | {"taken", holder}
--- The holder re-claiming keeps its original claimed_at (idempotent).
+-- ARGV[5]  lease seconds ("0": no lease)
+-- ARGV[6]  model name
+-- ARGV[7]  the model's key prefix (the reaper's; always the last argument)
+-- Reply:   {"ok", claimed_at, previous holder or "", lease expiry or "0"} | {"taken", holder}
+-- The holder re-claiming keeps its original claimed_at (idempotent) and restarts its lease.
+local claimed_at, prev = ARGV[4], ''
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local sep = string.find(cur, '|', 1, true)
   local holder = string.sub(cur, sep + 1)
-  if holder == ARGV[2] then return {'ok', string.sub(cur, 1, sep - 1), ''} end
-  if ARGV[3] ~= '1' then return {'taken', holder} end
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
-  return {'ok', ARGV[4], holder}
+  if holder == ARGV[2] then
+    claimed_at = string.sub(cur, 1, sep - 1)
+  elseif ARGV[3] ~= '1' then
+    return {'taken', holder}
+  else
+    prev = holder
+  end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[5])
-return {'ok', ARGV[4], ''}
+redis.call('HSET', KEYS[1], ARGV[1], claimed_at .. '|' .. ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[6])
+local expires = '0'
+if tonumber(ARGV[5]) > 0 then
+  expires = string.format('%.6f', refit_now() + tonumber(ARGV[5]))
+  redis.call('ZADD', M .. ':leases', expires, ARGV[1])
+  redis.call('HSET', M .. ':lease_s', ARGV[1], ARGV[5])
+else
+  redis.call('ZREM', M .. ':leases', ARGV[1])
+  redis.call('HDEL', M .. ':lease_s', ARGV[1])
+end
+return {'ok', claimed_at, prev, expires}
 """
+)
 
-RELEASE = """
--- release: drop an agent's claim on one rank; any other holder's claim is left alone.
+HEARTBEAT = (
+    _LEASES
+    + """
+-- heartbeat: renew the holder's lease for its lease length.
 -- KEYS[1]  claims hash of the model
 -- ARGV[1]  rank
 -- ARGV[2]  agent name
+-- ARGV[3]  the model's key prefix (the reaper's)
+-- Reply:   {"ok", claimed_at, lease seconds or "0", lease expiry or "0"} | {"lost", holder or ""}
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return {'lost', ''} end
+local sep = string.find(cur, '|', 1, true)
+local holder = string.sub(cur, sep + 1)
+if holder ~= ARGV[2] then return {'lost', holder} end
+local len = redis.call('HGET', M .. ':lease_s', ARGV[1])
+local expires = '0'
+if len then
+  expires = string.format('%.6f', refit_now() + tonumber(len))
+  redis.call('ZADD', M .. ':leases', expires, ARGV[1])
+end
+return {'ok', string.sub(cur, 1, sep - 1), len or '0', expires}
+"""
+)
+
+RELEASE = (
+    _LEASES
+    + """
+-- release: drop an agent's claim (and its lease) on one rank; any other holder's claim is left alone.
+-- KEYS[1]  claims hash of the model
+-- ARGV[1]  rank
+-- ARGV[2]  agent name
+-- ARGV[3]  the model's key prefix (the reaper's)
 -- Reply:   1 if released, 0 if the agent did not hold the rank
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and string.sub(cur, string.find(cur, '|', 1, true) + 1) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', M .. ':leases', ARGV[1])
+  redis.call('HDEL', M .. ':lease_s', ARGV[1])
   return 1
 end
 return 0
 """
+)
 
-PUBLISH = """
+PUBLISH = (
+    _LEASES
+    + """
 -- publish: add (or replace) one rank's part of a version; create the version in STAGING on the first
 -- part and flip it to READY when every rank 0..world_size-1 has a part.
 -- KEYS[1]  version hash   (state, world_size, model, created_at, ready_at)
@@ -77,15 +191,17 @@ PUBLISH = """
 -- ARGV[1]  name            ARGV[2]  version          ARGV[3]  world_size (decimal)
 -- ARGV[4]  model bytes     ARGV[5]  rank             ARGV[6]  agent name
 -- ARGV[7]  source bytes    ARGV[8]  now              ARGV[9]  source layout digest
--- ARGV[10] head bytes
+-- ARGV[10] head bytes       ARGV[11] the model's key prefix (the reaper's)
 -- The caller guarantees rank < world_size, so HLEN(agents) == world_size means every rank published.
 -- Once every rank has a layout digest, the version's layout digest is SHA-1 over exactly the bytes
 -- stores.base.version_layout hashes (keep the two in step); until then the field is absent.
 -- Reply:   {"ok", state, created_at, ready_at, rank...}
---        | {"retired"} | {"conflict", world_size, model bytes} | {"claimed", holder} | {"published", holder}
+--        | {"retired"} | {"failed", failure} | {"conflict", world_size, model bytes} | {"claimed", holder}
+--        | {"published", holder}
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then
   if state == 'RETIRED' then return {'retired'} end
+  if state == 'FAILED' then return {'failed', redis.call('HGET', KEYS[1], 'failure') or ''} end
   local stored = redis.call('HMGET', KEYS[1], 'world_size', 'model')
   if stored[1] ~= ARGV[3] or stored[2] ~= ARGV[4] then return {'conflict', stored[1], stored[2]} end
 end
@@ -129,13 +245,17 @@ table.insert(reply, 1, 'ok')
 for _, r in ipairs(redis.call('HKEYS', KEYS[3])) do table.insert(reply, r) end
 return reply
 """
+)
 
-RETIRE = """
--- retire: mark a version (and optionally every older one) RETIRED.
+RETIRE = (
+    _LEASES
+    + """
+-- retire: mark a version (and optionally every older one) RETIRED; a FAILED version stays FAILED.
 -- KEYS[1]  versions zset of the model
 -- ARGV[1]  version
 -- ARGV[2]  "1" to also retire every older version, else "0"
 -- ARGV[3]  prefix of the model's version-hash keys (key = prefix .. number)
+-- ARGV[4]  the model's key prefix (the reaper's)
 -- The older versions' keys are built from ARGV[3] because they are only known inside the script
 -- (fine on one Redis instance; not Redis Cluster safe).
 -- Reply:   {"not_found"} (unknown version, ARGV[2] == "0") | {"ok", changed version...} ascending
@@ -146,19 +266,24 @@ if ARGV[2] == '1' then targets = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', AR
 local reply = {'ok'}
 for _, v in ipairs(targets) do
   local key = ARGV[3] .. v
-  if redis.call('HGET', key, 'state') ~= 'RETIRED' then
+  local state = redis.call('HGET', key, 'state')
+  if state ~= 'RETIRED' and state ~= 'FAILED' then
     redis.call('HSET', key, 'state', 'RETIRED')
     table.insert(reply, v)
   end
 end
 return reply
 """
+)
 
-LATEST = """
+LATEST = (
+    _LEASES
+    + """
 -- latest: the highest-numbered version of a model in a given state, read atomically.
 -- KEYS[1]  versions zset of the model
 -- ARGV[1]  state ("STAGING", "READY" or "RETIRED")
 -- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; agents = key .. ":agents")
+-- ARGV[3]  the model's key prefix (the reaper's)
 -- Reply:   {} if none | {version, HGETALL of the version hash (flat), "", rank...}
 local versions = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 for _, v in ipairs(versions) do
@@ -173,13 +298,17 @@ for _, v in ipairs(versions) do
 end
 return {}
 """
+)
 
-RESOLVE = """
+RESOLVE = (
+    _LEASES
+    + """
 -- resolve: a version with its sources, read atomically (one round trip for a receiver's refit).
 -- KEYS[1]  versions zset of the model
 -- ARGV[1]  version number, or "" for the newest READY version
 -- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; + ":agents", ":sources", ":heads")
 -- ARGV[3]  the caller's known layout digest ("" never matches)
+-- ARGV[4]  the model's key prefix (the reaper's)
 -- Reply:   {} if not found
 --        | {version, omitted ("1": heads sent, "0": full records), n, HGETALL of the version hash (n
 --           items), m, the agents' ranks (m items), record...}
@@ -207,3 +336,14 @@ for _, r in ipairs(ranks) do table.insert(reply, r) end
 for _, b in ipairs(records) do table.insert(reply, b) end
 return reply
 """
+)
+
+REAP = (
+    _LEASES
+    + """
+-- reap: only the lease reaper, run first in the MULTI of a read that is a pipeline.
+-- ARGV[1]  the model's key prefix
+-- Reply:   1
+return 1
+"""
+)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from refit.catalog import wire
@@ -32,6 +34,8 @@ class _Version:
     heads: dict[int, SourceRecord] = field(default_factory=dict)  # the sources without tensors
     layouts: dict[int, str] = field(default_factory=dict)  # rank -> source layout digest
     layout: str = ""  # the version's layout digest; "" until every rank has published
+    dead: set[int] = field(default_factory=set)  # READY, but these ranks' publishers lost their lease
+    failure: str = ""
 
     def info(self, name: str, version: int) -> VersionInfo:
         return VersionInfo(
@@ -43,14 +47,20 @@ class _Version:
             model=self.model,
             created_at=self.created_at,
             ready_at=self.ready_at,
+            dead_ranks=tuple(sorted(self.dead)),
+            failure=self.failure,
         )
+
+    def fail(self, reason: str) -> None:
+        self.failure = f"{self.failure}; {reason}" if self.failure else reason
 
 
 class MemoryStore:
-    """Thread-safe in-memory `Store`."""
+    """Thread-safe in-memory `Store`; `clock` (unix seconds) times the leases."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
         self._versions: dict[str, dict[int, _Version]] = {}
         self._claims: dict[str, dict[int, Claim]] = {}
 
@@ -63,19 +73,59 @@ class MemoryStore:
     def close(self) -> None:
         return None
 
-    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
+    # -- leases ------------------------------------------------------------------------------------
+
+    def _reap(self, name: str) -> None:
+        """Drop every lapsed lease of `name` and kill its rank (the rules are in `stores.base`)."""
+        now = self._clock()
+        claims = self._claims.get(name, {})
+        for rank, c in sorted(claims.items()):
+            if c.lease_s > 0 and c.lease_expires_at < now:
+                del claims[rank]
+                self._kill(name, rank, c.agent_name)
+
+    def _kill(self, name: str, rank: int, agent_name: str) -> None:
+        reason = base.lease_lost(rank, agent_name)
+        logger.warning("%s: %s", name, reason)
+        for v in self._versions.get(name, {}).values():
+            if v.state is VersionState.STAGING and rank < v.world_size:
+                v.state = VersionState.FAILED
+                v.fail(reason)
+            elif v.state is VersionState.READY and rank not in v.dead:
+                part = v.sources.get(rank)
+                if part is not None and part.agent_name == agent_name:
+                    v.dead.add(rank)
+                    v.fail(reason)
+
+    def claim(
+        self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float, lease_s: float = 0.0
+    ) -> Claim:
         with self._lock:
+            self._reap(name)
             claims = self._claims.setdefault(name, {})
             held = claims.get(rank)
-            if held is not None and held.agent_name == agent_name:
-                return held
-            if held is not None and not takeover:
+            if held is not None and held.agent_name != agent_name and not takeover:
                 raise base.rank_claimed(name, rank, held.agent_name, agent_name)
-            claims[rank] = Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=now)
+            claimed_at = held.claimed_at if held is not None and held.agent_name == agent_name else now
+            expires = self._clock() + lease_s if lease_s > 0 else 0.0
+            claims[rank] = Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=claimed_at,
+                                 lease_s=lease_s, lease_expires_at=expires)  # fmt: skip
             return claims[rank]
+
+    def heartbeat(self, *, name: str, rank: int, agent_name: str) -> Claim:
+        with self._lock:
+            self._reap(name)
+            held = self._claims.get(name, {}).get(rank)
+            if held is None or held.agent_name != agent_name:
+                raise base.lease_expired(name, rank, agent_name, held.agent_name if held else None)
+            if held.lease_s > 0:
+                held = dataclasses.replace(held, lease_expires_at=self._clock() + held.lease_s)
+                self._claims[name][rank] = held
+            return held
 
     def release(self, *, name: str, rank: int, agent_name: str) -> None:
         with self._lock:
+            self._reap(name)
             claims = self._claims.get(name, {})
             held = claims.get(rank)
             if held is not None and held.agent_name == agent_name:
@@ -90,10 +140,13 @@ class MemoryStore:
         head = dataclasses.replace(source, tensors=())
         model_bytes = wire.model_to_bytes(model)
         with self._lock:
+            self._reap(name)
             v = self._versions.get(name, {}).get(version)
             if v is not None:
                 if v.state is VersionState.RETIRED:
                     raise base.retired(name, version)
+                if v.state is VersionState.FAILED:
+                    raise base.failed(name, version, v.failure)
                 if v.world_size != world_size or v.model != model:
                     raise base.conflict(
                         name,
@@ -122,14 +175,17 @@ class MemoryStore:
 
     def get_version(self, *, name: str, version: int) -> VersionInfo:
         with self._lock:
+            self._reap(name)
             return self._get(name, version).info(name, version)
 
     def get_state(self, *, name: str, version: int) -> VersionState:
         with self._lock:
+            self._reap(name)
             return self._get(name, version).state
 
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
         with self._lock:
+            self._reap(name)
             versions = self._versions.get(name, {})
             for number in sorted(versions, reverse=True):
                 if versions[number].state is state:
@@ -139,15 +195,19 @@ class MemoryStore:
     def list_versions(self, *, name: str | None) -> list[VersionInfo]:
         with self._lock:
             names = sorted(self._versions) if name is None else [name]
+            for n in names:
+                self._reap(n)
             return [self._versions[n][v].info(n, v) for n in names for v in sorted(self._versions.get(n, {}))]
 
     def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
         with self._lock:
+            self._reap(name)
             v = self._get(name, version)
             return [v.sources[r] for r in sorted(v.sources)]
 
     def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
         with self._lock:
+            self._reap(name)
             if version is None:
                 versions = self._versions.get(name, {})
                 ready = [n for n, v in versions.items() if v.state is VersionState.READY]
@@ -166,11 +226,13 @@ class MemoryStore:
 
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._lock:
+            self._reap(name)
             versions = self._versions.get(name, {})
             if version not in versions and not and_older:
                 raise base.not_found(name, version)
             targets = sorted(n for n in versions if n <= version) if and_older else [version]
-            changed = [n for n in targets if versions[n].state is not VersionState.RETIRED]
+            final = (VersionState.RETIRED, VersionState.FAILED)
+            changed = [n for n in targets if versions[n].state not in final]
             for n in changed:
                 versions[n].state = VersionState.RETIRED
             return changed

@@ -94,6 +94,10 @@ class _Keys:
     def names(self) -> str:
         return f"{self.prefix}:names"
 
+    def model(self, name: str) -> str:
+        """The model's key prefix (every script's last argument: the lease reaper's)."""
+        return self._model(name)
+
     def _model(self, name: str) -> str:
         # Quoting keeps a ':' inside a model name from aliasing another model's keys.
         return f"{self.prefix}:m:{quote(name, safe='')}"
@@ -134,6 +138,8 @@ def _info(name: str, version: int, fields: dict[bytes, bytes], ranks: Sequence[b
         model=wire.model_from_bytes(fields[b"model"]),
         created_at=float(fields[b"created_at"]),
         ready_at=float(fields[b"ready_at"]),
+        dead_ranks=tuple(int(r) for r in fields[b"dead"].split(b",")) if fields.get(b"dead") else (),
+        failure=fields.get(b"failure", b"").decode(),
     )
 
 
@@ -157,6 +163,8 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         )
         self._claim = self._redis.register_script(lua.CLAIM)
+        self._heartbeat = self._redis.register_script(lua.HEARTBEAT)
+        self._reap = self._redis.register_script(lua.REAP)
         self._release = self._redis.register_script(lua.RELEASE)
         self._publish = self._redis.register_script(lua.PUBLISH)
         self._retire = self._redis.register_script(lua.RETIRE)
@@ -182,22 +190,38 @@ class RedisStore:
     def close(self) -> None:
         self._redis.close()
 
-    def claim(self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float) -> Claim:
+    def claim(
+        self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float, lease_s: float = 0.0
+    ) -> Claim:
+        args = [rank, agent_name, int(takeover), repr(now), repr(float(lease_s)), name, self._keys.model(name)]
         with self._guard():
-            reply = self._claim(
-                keys=[self._keys.claims(name), self._keys.names()],
-                args=[rank, agent_name, int(takeover), repr(now), name],
-            )
+            reply = self._claim(keys=[self._keys.claims(name), self._keys.names()], args=args)
         status = reply[0].decode()
         if status == "taken":
             raise base.rank_claimed(name, rank, reply[1].decode(), agent_name)
         if reply[2]:
             logger.warning("%r rank %d taken over by %r from %r", name, rank, agent_name, reply[2].decode())
-        return Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=float(reply[1]))
+        return Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=float(reply[1]),
+                     lease_s=float(lease_s), lease_expires_at=float(reply[3]))  # fmt: skip
+
+    def heartbeat(self, *, name: str, rank: int, agent_name: str) -> Claim:
+        with self._guard():
+            reply = self._heartbeat(keys=[self._keys.claims(name)], args=[rank, agent_name, self._keys.model(name)])
+        if reply[0] == b"lost":
+            raise base.lease_expired(name, rank, agent_name, reply[1].decode() or None)
+        return Claim(name=name, rank=rank, agent_name=agent_name, claimed_at=float(reply[1]),
+                     lease_s=float(reply[2]), lease_expires_at=float(reply[3]))  # fmt: skip
 
     def release(self, *, name: str, rank: int, agent_name: str) -> None:
         with self._guard():
-            self._release(keys=[self._keys.claims(name)], args=[rank, agent_name])
+            self._release(keys=[self._keys.claims(name)], args=[rank, agent_name, self._keys.model(name)])
+
+    def _reaped(self, names: Sequence[str]) -> redis.client.Pipeline:
+        """A MULTI pipeline that first reaps the lapsed leases of `names` (reads queue after it)."""
+        pipe = self._redis.pipeline(transaction=True)
+        for n in names:
+            self._reap(keys=[], args=[self._keys.model(n)], client=pipe)
+        return pipe
 
     def publish(
         self, *, name: str, version: int, world_size: int, model: ModelMeta, source: SourceRecord, now: float
@@ -214,12 +238,15 @@ class RedisStore:
             k.heads(name, version),
         ]
         record, head, layout = wire.source_encodings(source)
-        args = [name, version, world_size, wire.model_to_bytes(model), rank, agent, record, repr(now), layout, head]
+        args = [name, version, world_size, wire.model_to_bytes(model), rank, agent, record, repr(now), layout, head,
+                k.model(name)]  # fmt: skip
         with self._guard():
             reply = self._publish(keys=keys, args=args)
         status = reply[0].decode()
         if status == "retired":
             raise base.retired(name, version)
+        if status == "failed":
+            raise base.failed(name, version, reply[1].decode())
         if status == "conflict":
             raise base.conflict(
                 name,
@@ -247,26 +274,31 @@ class RedisStore:
 
     def get_version(self, *, name: str, version: int) -> VersionInfo:
         with self._guard():
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = self._reaped([name])
             pipe.hgetall(self._keys.version(name, version))
             pipe.hkeys(self._keys.agents(name, version))
-            fields, ranks = pipe.execute()
+            _, fields, ranks = pipe.execute()
         if not fields:
             raise base.not_found(name, version)
         return _info(name, version, fields, ranks)
 
     def get_state(self, *, name: str, version: int) -> VersionState:
-        # One HGET of a short field: no script, no transaction, and the model bytes stay in Redis.
-        # A version hash always has `state` (publish creates it with every field), so nil means unknown.
+        # The reaper, then one HGET of a short field, in one MULTI round trip; the model bytes stay in
+        # Redis. A version hash always has `state` (publish creates it with every field): nil is unknown.
         with self._guard():
-            state = self._redis.hget(self._keys.version(name, version), "state")
+            pipe = self._reaped([name])
+            pipe.hget(self._keys.version(name, version), "state")
+            _, state = pipe.execute()
         if state is None:
             raise base.not_found(name, version)
         return VersionState(state.decode())
 
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
         with self._guard():
-            reply = self._latest(keys=[self._keys.versions(name)], args=[state.value, self._keys.version_prefix(name)])
+            reply = self._latest(
+                keys=[self._keys.versions(name)],
+                args=[state.value, self._keys.version_prefix(name), self._keys.model(name)],
+            )
         if not reply:
             return None
         end = reply.index(b"", 1)  # a hash field or value is never empty; "" separates the agents' ranks
@@ -281,12 +313,12 @@ class RedisStore:
             for n in names:
                 pipe.zrange(k.versions(n), 0, -1)
             numbers = [(n, int(v)) for n, vs in zip(names, pipe.execute(), strict=True) for v in vs]
-            # One MULTI for every version: a consistent snapshot, in one round trip.
-            pipe = self._redis.pipeline(transaction=True)
+            # One MULTI for every version, after the reaper: a consistent snapshot, in one round trip.
+            pipe = self._reaped(names)
             for n, v in numbers:
                 pipe.hgetall(k.version(n, v))
                 pipe.hkeys(k.agents(n, v))
-            replies = pipe.execute() if numbers else []
+            replies = pipe.execute()[len(names) :] if numbers else []
         infos = [
             _info(n, v, fields, ranks)
             for (n, v), fields, ranks in zip(numbers, replies[::2], replies[1::2], strict=True)
@@ -296,16 +328,17 @@ class RedisStore:
 
     def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
         with self._guard():
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = self._reaped([name])
             pipe.exists(self._keys.version(name, version))
             pipe.hvals(self._keys.sources(name, version))
-            exists, blobs = pipe.execute()
+            _, exists, blobs = pipe.execute()
         if not exists:
             raise base.not_found(name, version)
         return sorted((wire.source_from_bytes(b) for b in blobs), key=lambda s: s.rank)
 
     def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
-        args = ["" if version is None else version, self._keys.version_prefix(name), known_layout]
+        k = self._keys
+        args = ["" if version is None else version, k.version_prefix(name), known_layout, k.model(name)]
         with self._guard():
             reply = self._resolve(keys=[self._keys.versions(name)], args=args)
         if not reply:
@@ -343,7 +376,8 @@ class RedisStore:
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._guard():
             reply = self._retire(
-                keys=[self._keys.versions(name)], args=[version, int(and_older), self._keys.version_prefix(name)]
+                keys=[self._keys.versions(name)],
+                args=[version, int(and_older), self._keys.version_prefix(name), self._keys.model(name)],
             )
         if reply[0] == b"not_found":
             raise base.not_found(name, version)
