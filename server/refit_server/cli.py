@@ -22,6 +22,7 @@ from refit.errors import RefitError
 from refit.types import ModelMeta, ParallelCoords, SourceRecord, TensorDesc, VersionInfo
 from refit_server.auth import read_token_file
 from refit_server.server import CatalogServer
+from refit_server.stores import DEFAULT_KEEP_RETIRED
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
+        keep_retired=None if args.keep_retired < 0 else args.keep_retired,
     )
     stop = threading.Event()
     # SIGTERM (from a supervisor or a test) stops as cleanly as Ctrl-C.
@@ -252,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--tls-ca", default=None, help="PEM CA that client certificates must chain to (mutual TLS)")
+    serve.add_argument(
+        "--keep-retired",
+        type=int,
+        default=DEFAULT_KEEP_RETIRED,
+        help=f"retired versions kept per model; older ones are deleted (default {DEFAULT_KEEP_RETIRED}; "
+        "0: delete at retirement; -1: keep every version)",
+    )
     serve.set_defaults(func=_serve)
 
     def inspector(name: str, help_: str) -> argparse.ArgumentParser:

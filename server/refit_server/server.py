@@ -20,7 +20,8 @@ from refit.errors import ConfigError
 from refit.proto import catalog_pb2_grpc as pb_grpc
 from refit_server.auth import Authority
 from refit_server.service import CatalogService
-from refit_server.stores import Store, check_url, open_store
+from refit_server.stores import DEFAULT_KEEP_RETIRED, Store, check_url, open_store
+from refit_server.stores.base import check_keep_retired
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class CatalogServer:
             port: for local use only (a warning is logged when bound to a non-loopback host).
         tls_cert, tls_key: PEM files of the server's certificate chain and key: serve over TLS.
         tls_ca: PEM file of the CA client certificates must chain to: mutual TLS (needs tls_cert).
+        keep_retired: retention: how many RETIRED versions of each model to keep; older retired
+            ones are deleted with their source records when a version is retired, so the catalog
+            stays bounded however many versions a run publishes. None keeps every version; 0
+            deletes each version as it is retired. Servers sharing one Redis should agree on it.
 
     Raises:
         ConfigError: unknown store URL or bad arguments (at construction, before anything is bound),
@@ -66,8 +71,10 @@ class CatalogServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_ca: str | None = None,
+        keep_retired: int | None = DEFAULT_KEEP_RETIRED,
     ) -> None:
         check_url(store)
+        self.keep_retired = check_keep_retired(keep_retired)
         if not 0 <= port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {port}")
         if max_workers <= 0:
@@ -104,9 +111,11 @@ class CatalogServer:
         with self._lock:
             if self._server is not None:
                 return self
-            store = open_store(self.store_url)
+            store = open_store(self.store_url, keep_retired=self.keep_retired)
             try:
                 store.ping()  # CatalogUnavailableError here, before a port is taken
+                for warning in store.durability_warnings():
+                    logger.warning("refit catalog store: %s", warning)
                 server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers), options=GRPC_OPTIONS)
                 pb_grpc.add_CatalogServicer_to_server(CatalogService(store, self._authority), server)
                 target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

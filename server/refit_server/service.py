@@ -84,6 +84,13 @@ def _non_negative(what: str, value: int) -> int:
     return value
 
 
+def _ranks(ranks: Any) -> tuple[int, ...]:
+    bad = [r for r in ranks if r < 0]
+    if bad:
+        raise errors.ConfigError(f"ranks must be >= 0, got {bad}")
+    return tuple(ranks)
+
+
 def _agent(agent_name: str) -> str:
     if not agent_name:
         raise errors.ConfigError("agent_name must be non-empty")
@@ -174,13 +181,17 @@ class CatalogService(pb_grpc.CatalogServicer):
 
     @_rpc
     def GetSources(self, request: pb.GetSourcesRequest, context: grpc.ServicerContext) -> pb.GetSourcesResponse:
-        sources = self._store.get_sources(name=_name(request.name), version=_non_negative("version", request.version))
+        sources = self._store.get_sources(
+            name=_name(request.name), version=_non_negative("version", request.version), ranks=_ranks(request.ranks)
+        )
         return pb.GetSourcesResponse(sources=[wire.source_to_proto(s) for s in sources])
 
     @_rpc
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
         version = _non_negative("version", request.version) if request.HasField("version") else None
-        resolved = self._store.resolve(name=_name(request.name), version=version, known_layout=request.known_layout)
+        resolved = self._store.resolve(
+            name=_name(request.name), version=version, known_layout=request.known_layout, ranks=_ranks(request.ranks)
+        )
         return wire.resolved_to_proto(resolved)
 
     @_rpc
