@@ -205,11 +205,7 @@ class Receiver:
         answer = self._client.version_state_later(name=self.name, version=version)
 
         def finish() -> None:
-            try:
-                state = answer()
-            except VersionNotFoundError:
-                # Retention deleted it: it was retired (and its bytes may be overwritten) meanwhile.
-                state = VersionState.RETIRED
+            state = answer()
             if state is not VersionState.READY:
                 mixed = "the engine's weights are mixed until a refit completes" if self._torn else "nothing installed"
                 raise VersionRetiredError(

@@ -16,10 +16,12 @@ layout digest (`version_layout`), so reads never recompute it. Until then the ve
 
 Retention (`keep_retired`): retire then deletes every RETIRED version of the model but the newest
 `keep_retired` ones, with their source records, in the same atomic step, so a catalog that sees a
-version per training step stays bounded. A deleted version is unknown to every read
-(VersionNotFoundError), and a publish into it (or any older number of that model that is not in the
-catalog) is refused with VersionRetiredError as before: RETIRED stays final. None keeps every
-version; 0 deletes versions as they are retired. STAGING and READY versions are never deleted.
+version per training step stays bounded. The store remembers the highest number it deleted per
+model, so a deleted version (or any older number the model lacks) still reads as retired: get_state
+answers RETIRED, get_version, get_sources and resolve raise VersionRetiredError (`deleted`), retire
+changes nothing, and a publish into it is refused with VersionRetiredError: RETIRED stays final. It
+is left out of list_versions and latest. None keeps every version; 0 deletes versions as they are
+retired. STAGING and READY versions are never deleted.
 
 Rank filter (`ranks`): get_sources and resolve return only those ranks' records (a receiver's plan
 reads a few trainer ranks of many); empty means every rank; ranks the version lacks are skipped.
@@ -121,6 +123,12 @@ def not_found(name: str, version: int) -> VersionNotFoundError:
 
 def no_ready(name: str) -> VersionNotFoundError:
     return VersionNotFoundError(f"{name!r} has no READY version")
+
+
+def deleted(name: str, version: int) -> VersionRetiredError:
+    return VersionRetiredError(
+        f"{name!r} v{version} is RETIRED and its record was deleted by the catalog's retention (keep_retired)"
+    )
 
 
 def retired(name: str, version: int) -> VersionRetiredError:

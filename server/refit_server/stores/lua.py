@@ -148,7 +148,11 @@ RETIRE = """
 -- Reply:   {"not_found"} (unknown version, ARGV[2] == "0")
 --        | {"ok", number of changed versions, changed version... ascending, deleted version... ascending}
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not known and ARGV[2] ~= '1' then return {'not_found'} end
+if not known and ARGV[2] ~= '1' then
+  local floor = redis.call('GET', KEYS[2])
+  if floor and tonumber(ARGV[1]) <= tonumber(floor) then return {'ok', '0'} end  -- retired and deleted already
+  return {'not_found'}
+end
 local targets = {ARGV[1]}
 if ARGV[2] == '1' then targets = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end
 local changed = {}
@@ -210,7 +214,8 @@ RESOLVE = """
 -- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; + ":agents", ":sources", ":heads")
 -- ARGV[3]  the caller's known layout digest ("" never matches)
 -- ARGV[4..] only these ranks' records (none: every rank's)
--- Reply:   {} if not found
+-- KEYS[2]  pruned key of the model (the highest version number retention deleted)
+-- Reply:   {} if not found | {"deleted"} if ARGV[1] names a version retention deleted
 --        | {version, omitted ("1": heads sent, "0": full records), n, HGETALL of the version hash (n
 --           items), m, the agents' ranks (m items), record...}
 local v = nil
@@ -221,7 +226,11 @@ if ARGV[1] == '' then
   if not v then return {} end
 else
   v = ARGV[1]
-  if redis.call('EXISTS', ARGV[2] .. v) == 0 then return {} end
+  if redis.call('EXISTS', ARGV[2] .. v) == 0 then
+    local floor = redis.call('GET', KEYS[2])
+    if floor and tonumber(v) <= tonumber(floor) then return {'deleted'} end
+    return {}
+  end
 end
 local key = ARGV[2] .. v
 local fields = redis.call('HGETALL', key)

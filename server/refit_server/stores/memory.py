@@ -139,6 +139,8 @@ class MemoryStore:
 
     def get_state(self, *, name: str, version: int) -> VersionState:
         with self._lock:
+            if version not in self._versions.get(name, {}) and version <= self._pruned.get(name, -1):
+                return VersionState.RETIRED
             return self._get(name, version).state
 
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
@@ -181,6 +183,8 @@ class MemoryStore:
         with self._lock:
             versions = self._versions.get(name, {})
             if version not in versions and not and_older:
+                if version <= self._pruned.get(name, -1):
+                    return []  # retired and deleted already
                 raise base.not_found(name, version)
             targets = sorted(n for n in versions if n <= version) if and_older else [version]
             changed = [n for n in targets if versions[n].state is not VersionState.RETIRED]
@@ -199,5 +203,6 @@ class MemoryStore:
     def _get(self, name: str, version: int) -> _Version:
         v = self._versions.get(name, {}).get(version)
         if v is None:
-            raise base.not_found(name, version)
+            pruned = version <= self._pruned.get(name, -1)
+            raise base.deleted(name, version) if pruned else base.not_found(name, version)
         return v

@@ -298,9 +298,10 @@ class RedisStore:
             pipe = self._redis.pipeline(transaction=True)
             pipe.hgetall(self._keys.version(name, version))
             pipe.hkeys(self._keys.agents(name, version))
-            fields, ranks = pipe.execute()
+            pipe.get(self._keys.pruned(name))
+            fields, ranks, floor = pipe.execute()
         if not fields:
-            raise base.not_found(name, version)
+            raise self._missing(name, version, floor)
         return _info(name, version, fields, ranks)
 
     def get_state(self, *, name: str, version: int) -> VersionState:
@@ -308,8 +309,11 @@ class RedisStore:
         # A version hash always has `state` (publish creates it with every field), so nil means unknown.
         with self._guard():
             state = self._redis.hget(self._keys.version(name, version), "state")
-        if state is None:
-            raise base.not_found(name, version)
+            if state is None:  # unknown, or deleted by retention (a second read, for misses only)
+                floor = self._redis.get(self._keys.pruned(name))
+                if floor is not None and version <= int(floor):
+                    return VersionState.RETIRED
+                raise base.not_found(name, version)
         return VersionState(state.decode())
 
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
@@ -350,18 +354,21 @@ class RedisStore:
                 pipe.hmget(self._keys.sources(name, version), sorted(set(ranks)))
             else:
                 pipe.hvals(self._keys.sources(name, version))
-            exists, blobs = pipe.execute()
+            pipe.get(self._keys.pruned(name))
+            exists, blobs, floor = pipe.execute()
         if not exists:
-            raise base.not_found(name, version)
+            raise self._missing(name, version, floor)
         return sorted((wire.source_from_bytes(b) for b in blobs if b is not None), key=lambda s: s.rank)
 
     def resolve(self, *, name: str, version: int | None, known_layout: str, ranks: Sequence[int] = ()) -> Resolved:
         args = ["" if version is None else version, self._keys.version_prefix(name), known_layout]
         args += sorted(set(ranks))
         with self._guard():
-            reply = self._resolve(keys=[self._keys.versions(name)], args=args)
+            reply = self._resolve(keys=[self._keys.versions(name), self._keys.pruned(name)], args=args)
         if not reply:
             raise base.no_ready(name) if version is None else base.not_found(name, version)
+        if reply[0] == b"deleted":
+            raise base.deleted(name, version or 0)
         number, omitted = int(reply[0]), reply[1] == b"1"
         n = int(reply[2])
         flat = reply[3 : 3 + n]
@@ -374,6 +381,12 @@ class RedisStore:
             layout_digest=fields.get(b"layout", b"").decode(),
             tensors_omitted=omitted,
         )
+
+    @staticmethod
+    def _missing(name: str, version: int, floor: bytes | None) -> CatalogError:
+        """The error for a version hash that is absent: deleted by retention, or never published."""
+        pruned = floor is not None and version <= int(floor)
+        return base.deleted(name, version) if pruned else base.not_found(name, version)
 
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._guard():
