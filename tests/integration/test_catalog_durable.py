@@ -250,3 +250,49 @@ def test_start_up_warns_when_redis_persistence_is_off_or_unknown(shared_store: s
     with locked, CatalogProcess(locked.url(), tmp_path / "locked.log") as served, CatalogClient(served.address) as c:
         c.ping()  # CONFIG refused: a warning, not a failed start
     assert "cannot read the persistence settings" in (tmp_path / "locked.log").read_text()
+
+
+@pytest.mark.soak
+def test_soak_repeated_kills_of_servers_and_redis_lose_no_acknowledged_version(tmp_path: Path) -> None:
+    """A publisher loop over two catalog servers on a private AOF Redis, while the servers are killed -9 and
+    Redis is SIGKILLed over and over: every version whose publish returned is READY at the end."""
+    if not RedisProcess.available():
+        pytest.skip("redis-server is not installed")
+    rounds, world = 30, 2
+    with RedisProcess(tmp_path) as redis:
+        servers = [CatalogProcess(redis.url(), tmp_path / f"serve-{i}.log").start() for i in range(2)]
+        clients = [CatalogClient(s.address, timeout_s=60.0) for s in servers]
+        for c in clients:
+            c.ping()  # a client retries outages only once it has reached its catalog
+        acknowledged: list[int] = []
+        stop = threading.Event()
+
+        def publish_loop() -> None:
+            v = 0
+            while not stop.is_set():
+                for r in range(world):
+                    clients[(v + r) % 2].publish(
+                        name="soak", version=v, world_size=world, model=samples.MODEL, source=samples.source(r)
+                    )
+                acknowledged.append(v)
+                v += 1
+
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                loop = pool.submit(publish_loop)
+                for i in range(rounds):
+                    servers[i % 2].kill()
+                    servers[i % 2].start()
+                    redis.stop(signal.SIGKILL)
+                    redis.start()
+                    assert not loop.done(), loop.exception()
+                stop.set()
+                loop.result(timeout=120)
+            infos = {i.version: i for i in clients[0].list_versions(name="soak")}
+            assert acknowledged and all(infos[v].state is VersionState.READY for v in acknowledged)
+            print(f"{len(acknowledged)} versions acknowledged across {rounds} rounds of kills: all READY")
+        finally:
+            for c in clients:
+                c.close()
+            for s in servers:
+                s.stop()
