@@ -193,12 +193,17 @@ class Receiver:
     def _resolve(self, version: int | None, deadline: float) -> Resolved:
         """The version to pull and its sources, in one catalog round trip when it is READY.
 
-        The sources come without tensor descriptors when the cached plan's layout digest matches.
+        With a plan cached under a layout digest, the catalog is asked for that digest and for the
+        trainer ranks the plan reads only: when the version's digest matches, the sources come without
+        tensor descriptors and only those ranks' (a few hundred bytes per rank, however large the
+        trainer world). When it does not (the layout changed), the version is resolved again in full.
         """
-        known = self._plan_key[0] if self._plan_key is not None and self._plan_key[0] else ""
+        known, ranks = "", ()
+        if self._plan_key is not None and self._plan_key[0] and self._plan is not None:
+            known, ranks = self._plan_key[0], tuple(sorted(self._plan.bytes_by_rank))
         while True:
             try:
-                resolved = self._client.resolve(name=self.name, version=version, known_layout=known)
+                resolved = self._client.resolve(name=self.name, version=version, known_layout=known, ranks=ranks)
             except VersionNotFoundError:
                 if version is None:
                     if time.monotonic() > deadline:
@@ -207,6 +212,9 @@ class Receiver:
                     continue
                 resolved = None
             if resolved is not None and resolved.info.state is VersionState.READY:
+                if ranks and not resolved.tensors_omitted:
+                    # A new layout: a new plan needs every rank's records, of this same version.
+                    return self._client.resolve(name=self.name, version=resolved.info.version)
                 return resolved
             # A pinned version not READY (or not published) yet: wait for it; this raises if it is
             # retired, or not READY by the deadline.

@@ -82,6 +82,17 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
+# Back-off between the retries of a call whose catalog went away (a restart, a Redis fail-over).
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+# gRPC's own reconnect back-off grows to 120 s by default: a client would then find a restarted
+# catalog long after its deadline. Capped, a channel retries its connection at least every second.
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
 
 def format_ranks(ranks: Sequence[int]) -> str:
     """`[0, 1, 2, 5, 7, 8]` -> `"0-2, 5, 7-8"`: short even for thousand-rank worlds."""
@@ -92,6 +103,15 @@ def format_ranks(ranks: Sequence[int]) -> str:
         else:
             runs.append([r, r])
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _rank_list(method: str, ranks: Sequence[int]) -> list[int]:
+    """Sorted distinct ranks, refused before a round trip unless every one is an int >= 0."""
+    if isinstance(ranks, (str, bytes)) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks
+    ):
+        raise ConfigError(f"{method}: ranks must be ints >= 0, got {ranks!r}")
+    return sorted(set(ranks))
 
 
 class CatalogClient:
@@ -114,6 +134,13 @@ class CatalogClient:
         dedicated_connection: open this client's own TCP connection, where by default clients of one
             process with the same address share one: for a process that stands in for many readers
             (a load test) or wants its calls kept apart from others'.
+
+    Reconnection: once a client has reached the catalog, a call that finds it gone (a restarted
+    catalog server, or one whose Redis is restarting) waits and retries until its `timeout_s`
+    deadline, so a restart shorter than the deadline is invisible to callers. Every RPC is
+    idempotent (a re-sent publish replaces the agent's own part, a re-sent claim is the holder's),
+    so a retry after a lost reply is safe. A client that never reached the catalog fails at once:
+    a wrong address is reported, not waited on.
 
     Raises (from every method): CatalogUnavailableError when the catalog cannot be reached or does not
     answer in time; ConfigError for arguments the catalog refuses; other CatalogError subclasses as
@@ -150,6 +177,7 @@ class CatalogClient:
         options = [
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
+            *_RECONNECT_OPTIONS,
         ]
         if dedicated_connection:
             options.append(("grpc.use_local_subchannel_pool", 1))
@@ -164,6 +192,7 @@ class CatalogClient:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.CatalogStub(self._channel)
         self._closed = False
+        self._reached = False  # set by the first answer from the catalog: from then on, retry outages
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -192,10 +221,30 @@ class CatalogClient:
             request = request_type(**fields)
         except (TypeError, ValueError) as exc:  # wrong type or out of the field's range
             raise ConfigError(f"{method}: {exc}") from exc
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise self._translate(method, exc) from None
+        return self._send(method, request, time.monotonic() + self.timeout_s)
+
+    def _send(self, method: str, request: Message, deadline: float) -> Any:
+        """One RPC, retried while the catalog is unavailable (once it has been reached) until `deadline`."""
+        backoff = RETRY_FIRST_S
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                reply = getattr(self._stub, method)(
+                    request, timeout=max(remaining, 0.001), metadata=self._metadata, wait_for_ready=self._reached
+                )
+            except grpc.RpcError as exc:
+                error = self._translate(method, exc)
+                if not isinstance(error, CatalogUnavailableError) or not self._reached:
+                    raise error from None
+                remaining = deadline - time.monotonic()
+                if remaining <= backoff:
+                    raise error from None
+                logger.info("catalog at %s unavailable (%s); retrying for %.1fs more", self.address, method, remaining)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+                continue
+            self._reached = True
+            return reply
 
     def _translate(self, method: str, exc: grpc.RpcError) -> errors.RefitError:
         code: grpc.StatusCode = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -204,6 +253,8 @@ class CatalogClient:
         named = next((v for k, v in metadata if k == wire.ERROR_METADATA_KEY), None)
         cls = _ERRORS_BY_NAME.get(named) if isinstance(named, str) else None
         logger.debug("catalog %s %s -> %s (%s): %s", self.address, method, code.name, named, details)
+        if named is not None:  # only the catalog itself names an error class: it was reached
+            self._reached = True
         if cls is CatalogUnavailableError or (cls is None and code in _UNAVAILABLE):
             return CatalogUnavailableError(
                 f"catalog at {self.address} is unavailable ({method}: {code.name}, "
@@ -330,15 +381,22 @@ class CatalogClient:
             raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
         if self._closed:
             raise CatalogError(f"catalog client for {self.address} is closed")
+        request = pb.GetStateRequest(name=name, version=version)
+        deadline = time.monotonic() + self.timeout_s
         future = self._stub.GetState.future(
-            pb.GetStateRequest(name=name, version=version), timeout=self.timeout_s, metadata=self._metadata
+            request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=self._reached
         )
 
         def answer() -> VersionState:
             try:
-                return wire.state_from_proto(future.result().state)
+                reply = future.result()
             except grpc.RpcError as exc:
-                raise self._translate("GetState", exc) from None
+                error = self._translate("GetState", exc)
+                if not isinstance(error, CatalogUnavailableError) or not self._reached:
+                    raise error from None
+                reply = self._send("GetState", request, deadline)  # the catalog went away: retry, same deadline
+            self._reached = True
+            return wire.state_from_proto(reply.state)
 
         return answer
 
@@ -355,23 +413,32 @@ class CatalogClient:
             for v in self._call("ListVersions", pb.ListVersionsRequest, **fields).versions
         ]
 
-    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
-        """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
-        response = self._call("GetSources", pb.GetSourcesRequest, name=name, version=version)
+    def get_sources(self, *, name: str, version: int, ranks: Sequence[int] = ()) -> list[SourceRecord]:
+        """The published parts of a version, sorted by rank; VersionNotFoundError if unknown.
+
+        `ranks`: only these trainer ranks' parts (those the version lacks are left out); empty: all.
+        """
+        response = self._call(
+            "GetSources", pb.GetSourcesRequest, name=name, version=version, ranks=_rank_list("get_sources", ranks)
+        )
         return list(wire.sources_from_proto(response.sources, None, self.limits))
 
-    def resolve(self, *, name: str, version: int | None = None, known_layout: str = "") -> Resolved:
+    def resolve(
+        self, *, name: str, version: int | None = None, known_layout: str = "", ranks: Sequence[int] = ()
+    ) -> Resolved:
         """`version` (None: the newest READY one) with its state and sources, in one round trip.
 
         Any state is returned for an explicit `version`; the caller checks `info.state`. When
         `known_layout` is the version's `layout_digest` (a plan cached from an earlier resolve), the
         sources come without tensor descriptors and `tensors_omitted` is True: a small message.
+        `ranks` (empty: all) limits `sources` to those trainer ranks, the ones a cached plan reads;
+        `info.published_ranks` still lists every rank.
 
         Raises:
             VersionNotFoundError: `version` is unknown, or it is None and no version is READY (no
                 waiting: poll, or use `wait_ready` for a given version).
         """
-        fields: dict[str, Any] = {"name": name, "known_layout": known_layout}
+        fields: dict[str, Any] = {"name": name, "known_layout": known_layout, "ranks": _rank_list("resolve", ranks)}
         if version is not None:
             fields["version"] = version
         return wire.resolved_from_proto(self._call("Resolve", pb.ResolveRequest, **fields), self.limits)

@@ -338,12 +338,14 @@ class ListVersionsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
 
 class GetSourcesRequest(_message.Message):
-    __slots__ = ("name", "version")
+    __slots__ = ("name", "version", "ranks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetSourcesResponse(_message.Message):
     __slots__ = ("sources",)
@@ -352,14 +354,16 @@ class GetSourcesResponse(_message.Message):
     def __init__(self, sources: _Optional[_Iterable[_Union[SourceRecord, _Mapping]]] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
-    __slots__ = ("name", "version", "known_layout")
+    __slots__ = ("name", "version", "known_layout", "ranks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KNOWN_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     known_layout: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., known_layout: _Optional[str] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., known_layout: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
     __slots__ = ("info", "sources", "layout_digest", "tensors_omitted")

@@ -167,6 +167,15 @@ class NixlAgent:
         with self._lock:
             return bytes(self._agent.get_agent_metadata())
 
+    def backends(self) -> dict[str, list[str]]:
+        """What this NIXL build offers: `plugins` (every backend plugin it can load) and `ucx_memory`
+        (the memory kinds its UCX backend registers: DRAM_SEG, and VRAM_SEG with CUDA support)."""
+        with self._lock:
+            return {
+                "plugins": sorted(str(p) for p in self._agent.get_plugin_list()),
+                "ucx_memory": sorted(str(m) for m in self._agent.get_backend_mem_types("UCX")),
+            }
+
     # -- peers ----------------------------------------------------------------------------------
 
     def connect(self, agent_name: str, metadata: bytes) -> None:

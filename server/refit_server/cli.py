@@ -1,4 +1,4 @@
-"""`refit-catalog`: run a catalog (`serve`) and inspect one (`list`, `show`).
+"""`refit-catalog`: run a catalog (`serve`), inspect one (`list`, `show`), preflight a host (`doctor`).
 
 Owns argument parsing and the human/JSON rendering of versions and sources. Inspection goes through
 `CatalogClient`, like any other reader. Every failure prints one line to stderr and exits 1.
@@ -22,6 +22,7 @@ from refit.errors import RefitError
 from refit.types import ModelMeta, ParallelCoords, SourceRecord, TensorDesc, VersionInfo
 from refit_server.auth import read_token_file
 from refit_server.server import CatalogServer
+from refit_server.stores import DEFAULT_KEEP_RETIRED
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         metrics_port=args.metrics_port,
+        keep_retired=None if args.keep_retired < 0 else args.keep_retired,
     )
     stop = threading.Event()
     # SIGTERM (from a supervisor or a test) stops as cleanly as Ctrl-C.
@@ -243,6 +245,22 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from refit_server import doctor
+
+    logging.basicConfig(level=logging.ERROR)  # the table is the report; library warnings would repeat it
+    token = read_token_file(args.token_file, "token") if args.token_file else None  # None: $REFIT_CATALOG_TOKEN
+    checks = doctor.run_checks(
+        catalog=args.catalog, redis=args.redis, timeout_s=args.timeout_s, token=token, tls_ca=args.tls_ca
+    )
+    ok = not doctor.failed(checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [c.as_json() for c in checks]}, indent=2))
+    else:
+        print(_table(("CHECK", "STATUS", "DETAIL"), [(c.name, c.status.upper(), c.detail) for c in checks]))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit-catalog", description="Run or inspect a refit catalog.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve Prometheus metrics over HTTP on this port of --host (0: a free one, printed on the second line)",
     )
+    serve.add_argument(
+        "--keep-retired",
+        type=int,
+        default=DEFAULT_KEEP_RETIRED,
+        help=f"retired versions kept per model; older ones are deleted (default {DEFAULT_KEEP_RETIRED}; "
+        "0: delete at retirement; -1: keep every version)",
+    )
     serve.set_defaults(func=_serve)
 
     def inspector(name: str, help_: str) -> argparse.ArgumentParser:
@@ -289,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("version", type=int)
     show.add_argument("--tensors", action="store_true", help="also list every tensor of every source")
     show.set_defaults(func=_show)
+
+    doc = sub.add_parser("doctor", help="preflight: NIXL, UCX, a loopback READ, the catalog, Redis")
+    doc.add_argument("--catalog", default=None, help="catalog host:port to Ping and read (default: not checked)")
+    doc.add_argument("--redis", default=None, help="redis://host:port/db store URL to check (default: not checked)")
+    doc.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each check's waits")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.add_argument("--token-file", default=None, help="file holding a catalog token (default $REFIT_CATALOG_TOKEN)")
+    doc.add_argument("--tls-ca", default=None, help="PEM CA of the catalog's certificate: connect over TLS")
+    doc.set_defaults(func=_doctor)
     return parser
 
 

@@ -20,7 +20,8 @@ from refit.errors import ConfigError
 from refit_server.auth import Authority
 from refit_server.metrics import CatalogMetrics
 from refit_server.service import CatalogService, add_to_server
-from refit_server.stores import Store, check_url, open_store
+from refit_server.stores import DEFAULT_KEEP_RETIRED, Store, check_url, open_store
+from refit_server.stores.base import check_keep_retired
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class CatalogServer:
         metrics_port: serve Prometheus metrics (`refit_server.metrics`) over HTTP on this port of
             `host` (0: a free one, read back from `.metrics_address`); None: no metrics endpoint.
             Needs the prometheus-client package.
+        keep_retired: retention: how many RETIRED versions of each model to keep; older retired
+            ones are deleted with their source records when a version is retired, so the catalog
+            stays bounded however many versions a run publishes. None keeps every version; 0
+            deletes each version as it is retired. Servers sharing one Redis should agree on it.
 
     Raises:
         ConfigError: unknown store URL or bad arguments (at construction, before anything is bound),
@@ -80,8 +85,10 @@ class CatalogServer:
         tls_ca: str | None = None,
         limits: CatalogLimits = DEFAULT_LIMITS,
         metrics_port: int | None = None,
+        keep_retired: int | None = DEFAULT_KEEP_RETIRED,
     ) -> None:
         check_url(store)
+        self.keep_retired = check_keep_retired(keep_retired)
         if not 0 <= port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {port}")
         if metrics_port is not None and not 0 <= metrics_port < 65536:
@@ -134,10 +141,12 @@ class CatalogServer:
         with self._lock:
             if self._server is not None:
                 return self
-            store = open_store(self.store_url)
+            store = open_store(self.store_url, keep_retired=self.keep_retired)
             metrics: CatalogMetrics | None = None
             try:
                 store.ping()  # CatalogUnavailableError here, before a port is taken
+                for warning in store.durability_warnings():
+                    logger.warning("refit catalog store: %s", warning)
                 if self.metrics_port is not None:
                     metrics = CatalogMetrics(store)
                 server = grpc.server(

@@ -158,6 +158,10 @@ class CatalogService(pb_grpc.CatalogServicer):
     def _agent(self, agent_name: str) -> str:
         return bounds.agent_name("agent_name", agent_name, self._limits)
 
+    def _ranks(self, ranks: Any) -> tuple[int, ...]:
+        bounds.count("ranks", len(ranks), self._limits.max_world_size)
+        return tuple(bounds.rank(f"ranks[{i}]", r, self._limits) for i, r in enumerate(ranks))
+
     @_rpc
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
         self._store.ping()
@@ -244,14 +248,18 @@ class CatalogService(pb_grpc.CatalogServicer):
 
     @_rpc
     def GetSources(self, request: pb.GetSourcesRequest, context: grpc.ServicerContext) -> pb.GetSourcesResponse:
-        sources = self._store.get_sources(name=self._name(request.name), version=self._version(request.version))
+        sources = self._store.get_sources(
+            name=self._name(request.name), version=self._version(request.version), ranks=self._ranks(request.ranks)
+        )
         return pb.GetSourcesResponse(sources=[wire.source_to_proto(s) for s in sources])
 
     @_rpc
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
         version = self._version(request.version) if request.HasField("version") else None
         known = bounds.text("known_layout", request.known_layout, self._limits.max_short_chars, required=False)
-        resolved = self._store.resolve(name=self._name(request.name), version=version, known_layout=known)
+        resolved = self._store.resolve(
+            name=self._name(request.name), version=version, known_layout=known, ranks=self._ranks(request.ranks)
+        )
         return wire.resolved_to_proto(resolved)
 
     @_rpc

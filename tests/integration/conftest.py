@@ -61,7 +61,9 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def catalog_server(store_url: str) -> Iterator[CatalogServer]:
-    with CatalogServer(store=store_url, port=0, max_workers=4).start() as server:
+    # Every retired version stays: these tests read them back. Retention has its own tests
+    # (test_catalog_retention.py).
+    with CatalogServer(store=store_url, port=0, max_workers=4, keep_retired=None).start() as server:
         yield server
 
 

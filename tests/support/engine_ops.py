@@ -114,3 +114,38 @@ def logits_equal(state: dict, rank: int, world_size: int) -> bool:
     got = trainer_ops.logits(state, rank, world_size, key="engine", tokens=tokens)
     want = trainer_ops.logits(state, rank, world_size, key="truth", tokens=tokens)
     return got is None or bool(torch.equal(got, want))
+
+
+def refit_kept(state: dict, rank: int, world_size: int, *, catalog: str, name: str) -> dict[str, Any]:
+    """Refit through one Receiver kept in this rank's state across calls (its cached plan lives on);
+    report what the catalog sent (the sources' ranks, whether they carried tensors) and what differs."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from refit import Receiver
+    from refit.engines import MegatronEngine
+
+    engine, truth = _model(state, "engine"), _model(state, "truth")
+    key = f"receiver/{name}"
+    if key not in state:
+        replica = ps.get_data_parallel_rank()
+        state[key] = Receiver(catalog=catalog, engine=MegatronEngine(engine), name=name, replica=replica)
+    rcv = state[key]
+    staged = rcv.fetch()
+    result = rcv.install(staged)
+    got, want = _state(engine), _state(truth)
+    differ = sorted(set(got) ^ set(want)) + [n for n in got if n in want and not torch.equal(got[n], want[n])]
+    return {
+        "version": result.version,
+        "differ": differ,
+        "source_ranks": [s.rank for s in staged.sources],
+        "with_tensors": any(s.tensors for s in staged.sources),
+        "plan_ranks": sorted(rcv.plan.bytes_by_rank),
+    }
+
+
+def close_receivers(state: dict, rank: int, world_size: int) -> int:
+    keys = [k for k in state if isinstance(k, str) and k.startswith("receiver/")]
+    for k in keys:
+        state.pop(k).close()
+    return len(keys)

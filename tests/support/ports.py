@@ -73,3 +73,12 @@ def held_closed_port(host: str = "127.0.0.1") -> int:
     holder.bind((host, 0))
     _HELD.append(holder)
     return holder.getsockname()[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago, for a server that cannot bind port 0 and report it (redis-server:
+    port 0 turns its TCP listener off). Another process may take it before the server binds it, so the caller
+    must retry with a fresh port when the server fails to bind (`tests/support/catalog_procs.RedisProcess`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -8,7 +8,7 @@ Redis. `check_url` validates a URL without connecting, so a bad one fails before
 from __future__ import annotations
 
 from refit.errors import ConfigError
-from refit_server.stores.base import Store
+from refit_server.stores.base import DEFAULT_KEEP_RETIRED, Store
 from refit_server.stores.memory import MemoryStore
 
 
@@ -24,14 +24,15 @@ def check_url(url: str) -> None:
     raise ConfigError(f"unknown catalog store {url!r}: use 'memory' or 'redis://host:port/db[?prefix=P]'")
 
 
-def open_store(url: str) -> Store:
-    """Build the store `url` names; it is not contacted yet (call `ping()`)."""
+def open_store(url: str, *, keep_retired: int | None = DEFAULT_KEEP_RETIRED) -> Store:
+    """Build the store `url` names, keeping `keep_retired` retired versions per model (None: all);
+    it is not contacted yet (call `ping()`)."""
     check_url(url)
     if url == "memory":
-        return MemoryStore()
+        return MemoryStore(keep_retired=keep_retired)
     from refit_server.stores.redis import RedisStore
 
-    return RedisStore(url)
+    return RedisStore(url, keep_retired=keep_retired)
 
 
-__all__ = ["MemoryStore", "Store", "check_url", "open_store"]
+__all__ = ["DEFAULT_KEEP_RETIRED", "MemoryStore", "Store", "check_url", "open_store"]

@@ -25,17 +25,30 @@ publish also refuses a FAILED version (VersionFailedError), checked with RETIRED
 Layout digest: publish also stores the part's source layout digest (`wire.source_encodings`) and its
 head (the record without tensors), and, whenever every rank 0..world_size-1 has a part, the version's
 layout digest (`version_layout`), so reads never recompute it. Until then the version's digest is "".
+
+Retention (`keep_retired`): retire then deletes every RETIRED version of the model but the newest
+`keep_retired` ones, with their source records, in the same atomic step, so a catalog that sees a
+version per training step stays bounded. The store remembers the highest number it deleted per
+model, so a deleted version (or any older number the model lacks) still reads as retired: get_state
+answers RETIRED, get_version, get_sources and resolve raise VersionRetiredError (`deleted`), retire
+changes nothing, and a publish into it is refused with VersionRetiredError: RETIRED stays final. It
+is left out of list_versions and latest. None keeps every version; 0 deletes versions as they are
+retired. STAGING and READY versions are never deleted.
+
+Rank filter (`ranks`): get_sources and resolve return only those ranks' records (a receiver's plan
+reads a few trainer ranks of many); empty means every rank; ranks the version lacks are skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from refit.catalog.values import Resolved
 from refit.errors import (
+    ConfigError,
     ConflictError,
     LeaseExpiredError,
     RankTakenError,
@@ -63,6 +76,9 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
+
+    def durability_warnings(self) -> list[str]:
+        """What would make this store lose versions it acknowledged (logged at start-up); [] if nothing."""
 
     def claim(
         self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float, lease_s: float = 0.0
@@ -95,14 +111,16 @@ class Store(Protocol):
     def list_versions(self, *, name: str | None) -> list[VersionInfo]:
         """Every version (of `name`, or of every name), sorted by (name, version)."""
 
-    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
-        """The published parts of a version, sorted by rank; VersionNotFoundError if unknown."""
+    def get_sources(self, *, name: str, version: int, ranks: Sequence[int] = ()) -> list[SourceRecord]:
+        """The published parts of a version (only `ranks`' when given), sorted by rank;
+        VersionNotFoundError if unknown."""
 
-    def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
+    def resolve(self, *, name: str, version: int | None, known_layout: str, ranks: Sequence[int] = ()) -> Resolved:
         """The version (the newest READY one when `version` is None) with its sources, read atomically.
 
         Sources come without tensors when `known_layout` is non-empty and equals the version's layout
-        digest. VersionNotFoundError if the version is unknown, or `version` is None and none is READY.
+        digest, and only `ranks`' when given. VersionNotFoundError if the version is unknown, or
+        `version` is None and none is READY.
         """
 
     def counts(self) -> StoreCounts:
@@ -111,8 +129,29 @@ class Store(Protocol):
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         """Mark the version (and with `and_older` every older one) RETIRED; returns what changed, ascending.
 
-        VersionNotFoundError if the version is unknown and `and_older` is False.
+        Then deletes the model's RETIRED versions beyond the newest `keep_retired` (see the module
+        docstring). VersionNotFoundError if the version is unknown and `and_older` is False.
         """
+
+
+# --- retention and the rank filter -------------------------------------------------------------------
+
+DEFAULT_KEEP_RETIRED = 2
+
+
+def check_keep_retired(keep_retired: int | None) -> int | None:
+    """`keep_retired` validated: None (keep every version) or an int >= 0."""
+    if keep_retired is not None and (
+        not isinstance(keep_retired, int) or isinstance(keep_retired, bool) or keep_retired < 0
+    ):
+        raise ConfigError(f"keep_retired must be None or an int >= 0, got {keep_retired!r}")
+    return keep_retired
+
+
+def selected(records: Iterable[int], ranks: Sequence[int]) -> list[int]:
+    """The ranks of `records` to return, ascending: all of them, or those in `ranks`."""
+    have = set(records)
+    return sorted(have & set(ranks) if ranks else have)
 
 
 # --- errors, worded once for every store -------------------------------------------------------------
@@ -124,6 +163,12 @@ def not_found(name: str, version: int) -> VersionNotFoundError:
 
 def no_ready(name: str) -> VersionNotFoundError:
     return VersionNotFoundError(f"{name!r} has no READY version")
+
+
+def deleted(name: str, version: int) -> VersionRetiredError:
+    return VersionRetiredError(
+        f"{name!r} v{version} is RETIRED and its record was deleted by the catalog's retention (keep_retired)"
+    )
 
 
 def retired(name: str, version: int) -> VersionRetiredError:

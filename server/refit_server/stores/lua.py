@@ -9,6 +9,7 @@ Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key
     P:m:N:claims                HASH  rank -> "<claimed_at>|<agent name>"
     P:m:N:leases                ZSET  rank -> lease expiry (Redis TIME, unix seconds); leased claims only
     P:m:N:lease_s               HASH  rank -> lease length in seconds; leased claims only
+    P:m:N:pruned                STRING the highest version number retention deleted (absent: none)
     P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at,
                                       layout (the version's layout digest; absent until every rank
                                       published, and in versions written before digests existed),
@@ -192,6 +193,7 @@ PUBLISH = (
 -- ARGV[4]  model bytes     ARGV[5]  rank             ARGV[6]  agent name
 -- ARGV[7]  source bytes    ARGV[8]  now              ARGV[9]  source layout digest
 -- ARGV[10] head bytes       ARGV[11] the model's key prefix (the reaper's)
+-- KEYS[9]  pruned key of the model (the highest version number retention deleted)
 -- The caller guarantees rank < world_size, so HLEN(agents) == world_size means every rank published.
 -- Once every rank has a layout digest, the version's layout digest is SHA-1 over exactly the bytes
 -- stores.base.version_layout hashes (keep the two in step); until then the field is absent.
@@ -199,6 +201,11 @@ PUBLISH = (
 --        | {"retired"} | {"failed", failure} | {"conflict", world_size, model bytes} | {"claimed", holder}
 --        | {"published", holder}
 local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  -- A version retention deleted was RETIRED, and RETIRED is final.
+  local floor = redis.call('GET', KEYS[9])
+  if floor and tonumber(ARGV[2]) <= tonumber(floor) then return {'retired'} end
+end
 if state then
   if state == 'RETIRED' then return {'retired'} end
   if state == 'FAILED' then return {'failed', redis.call('HGET', KEYS[1], 'failure') or ''} end
@@ -250,27 +257,56 @@ return reply
 RETIRE = (
     _LEASES
     + """
--- retire: mark a version (and optionally every older one) RETIRED; a FAILED version stays FAILED.
+-- retire: mark a version (and optionally every older one) RETIRED (a FAILED version stays FAILED),
+-- then delete the model's RETIRED versions beyond the newest `keep` (retention) with every key of theirs.
 -- KEYS[1]  versions zset of the model
+-- KEYS[2]  pruned key of the model (the highest version number retention deleted)
 -- ARGV[1]  version
 -- ARGV[2]  "1" to also retire every older version, else "0"
 -- ARGV[3]  prefix of the model's version-hash keys (key = prefix .. number)
--- ARGV[4]  the model's key prefix (the reaper's)
+-- ARGV[4]  keep: how many RETIRED versions to keep, or "" to keep every version
+-- ARGV[5]  the model's key prefix (the reaper's; always the last argument)
 -- The older versions' keys are built from ARGV[3] because they are only known inside the script
 -- (fine on one Redis instance; not Redis Cluster safe).
--- Reply:   {"not_found"} (unknown version, ARGV[2] == "0") | {"ok", changed version...} ascending
+-- Reply:   {"not_found"} (unknown version, ARGV[2] == "0")
+--        | {"ok", number of changed versions, changed version... ascending, deleted version... ascending}
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not known and ARGV[2] ~= '1' then return {'not_found'} end
+if not known and ARGV[2] ~= '1' then
+  local floor = redis.call('GET', KEYS[2])
+  if floor and tonumber(ARGV[1]) <= tonumber(floor) then return {'ok', '0'} end  -- retired and deleted already
+  return {'not_found'}
+end
 local targets = {ARGV[1]}
 if ARGV[2] == '1' then targets = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1]) end
-local reply = {'ok'}
+local changed = {}
 for _, v in ipairs(targets) do
   local key = ARGV[3] .. v
   local state = redis.call('HGET', key, 'state')
   if state ~= 'RETIRED' and state ~= 'FAILED' then
     redis.call('HSET', key, 'state', 'RETIRED')
-    table.insert(reply, v)
+    table.insert(changed, v)
   end
+end
+local reply = {'ok', tostring(#changed)}
+for _, v in ipairs(changed) do table.insert(reply, v) end
+if ARGV[4] ~= '' then
+  local keep, seen, deleted = tonumber(ARGV[4]), 0, {}
+  for _, v in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
+    local key = ARGV[3] .. v
+    if redis.call('HGET', key, 'state') == 'RETIRED' then
+      seen = seen + 1
+      if seen > keep then
+        redis.call('DEL', key, key .. ':sources', key .. ':heads', key .. ':layouts', key .. ':agents')
+        redis.call('ZREM', KEYS[1], v)
+        table.insert(deleted, 1, v)
+      end
+    end
+  end
+  if #deleted > 0 then
+    local floor = tonumber(redis.call('GET', KEYS[2]) or '-1')
+    if tonumber(deleted[#deleted]) > floor then redis.call('SET', KEYS[2], deleted[#deleted]) end
+  end
+  for _, v in ipairs(deleted) do table.insert(reply, v) end
 end
 return reply
 """
@@ -308,8 +344,10 @@ RESOLVE = (
 -- ARGV[1]  version number, or "" for the newest READY version
 -- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; + ":agents", ":sources", ":heads")
 -- ARGV[3]  the caller's known layout digest ("" never matches)
--- ARGV[4]  the model's key prefix (the reaper's)
--- Reply:   {} if not found
+-- ARGV[4..#ARGV-1] only these ranks' records (none: every rank's)
+-- ARGV[#ARGV] the model's key prefix (the reaper's; always the last argument)
+-- KEYS[2]  pruned key of the model (the highest version number retention deleted)
+-- Reply:   {} if not found | {"deleted"} if ARGV[1] names a version retention deleted
 --        | {version, omitted ("1": heads sent, "0": full records), n, HGETALL of the version hash (n
 --           items), m, the agents' ranks (m items), record...}
 local v = nil
@@ -320,7 +358,11 @@ if ARGV[1] == '' then
   if not v then return {} end
 else
   v = ARGV[1]
-  if redis.call('EXISTS', ARGV[2] .. v) == 0 then return {} end
+  if redis.call('EXISTS', ARGV[2] .. v) == 0 then
+    local floor = redis.call('GET', KEYS[2])
+    if floor and tonumber(v) <= tonumber(floor) then return {'deleted'} end
+    return {}
+  end
 end
 local key = ARGV[2] .. v
 local fields = redis.call('HGETALL', key)
@@ -328,7 +370,16 @@ local ranks = redis.call('HKEYS', key .. ':agents')
 local layout = redis.call('HGET', key, 'layout')
 local omitted = '0'
 if ARGV[3] ~= '' and layout == ARGV[3] then omitted = '1' end
-local records = redis.call('HVALS', key .. (omitted == '1' and ':heads' or ':sources'))
+local records = {}
+local hash = key .. (omitted == '1' and ':heads' or ':sources')
+if #ARGV > 4 then
+  -- HMGET: only the records asked for leave Redis; a rank the version lacks comes back as false.
+  for _, b in ipairs(redis.call('HMGET', hash, unpack(ARGV, 4, #ARGV - 1))) do
+    if b then table.insert(records, b) end
+  end
+else
+  records = redis.call('HVALS', hash)
+end
 local reply = {v, omitted, tostring(#fields)}
 for _, x in ipairs(fields) do table.insert(reply, x) end
 table.insert(reply, tostring(#ranks))

@@ -2,7 +2,8 @@
 
 One lock guards everything, which makes each operation atomic exactly as the Redis store's Lua
 scripts are; catalog traffic is a handful of small calls per version, so contention does not matter.
-State dies with the process.
+State dies with the process. Retired versions beyond the newest `keep_retired` are deleted at
+retirement (`stores.base` describes retention).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from refit.catalog import wire
@@ -56,22 +57,35 @@ class _Version:
 
 
 class MemoryStore:
-    """Thread-safe in-memory `Store`; `clock` (unix seconds) times the leases."""
+    """Thread-safe in-memory `Store`; `clock` (unix seconds) times the leases; `keep_retired` as in
+    `stores.base.check_keep_retired`."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, keep_retired: int | None = base.DEFAULT_KEEP_RETIRED
+    ) -> None:
+        self.keep_retired = base.check_keep_retired(keep_retired)
         self._lock = threading.Lock()
         self._clock = clock
         self._versions: dict[str, dict[int, _Version]] = {}
         self._claims: dict[str, dict[int, Claim]] = {}
+        self._pruned: dict[str, int] = {}  # model -> the highest version number deleted by retention
 
     def __repr__(self) -> str:
-        return "MemoryStore()"
+        return f"MemoryStore(keep_retired={self.keep_retired})"
+
+    def size(self) -> int:
+        """How many versions the store holds (every model): what retention keeps bounded."""
+        with self._lock:
+            return sum(len(v) for v in self._versions.values())
 
     def ping(self) -> None:
         return None
 
     def close(self) -> None:
         return None
+
+    def durability_warnings(self) -> list[str]:
+        return []  # in-process by design: its state lives exactly as long as the catalog serving it
 
     # -- leases ------------------------------------------------------------------------------------
 
@@ -142,6 +156,8 @@ class MemoryStore:
         with self._lock:
             self._reap(name)
             v = self._versions.get(name, {}).get(version)
+            if v is None and version <= self._pruned.get(name, -1):
+                raise base.retired(name, version)  # retired and deleted by retention: still final
             if v is not None:
                 if v.state is VersionState.RETIRED:
                     raise base.retired(name, version)
@@ -181,6 +197,8 @@ class MemoryStore:
     def get_state(self, *, name: str, version: int) -> VersionState:
         with self._lock:
             self._reap(name)
+            if version not in self._versions.get(name, {}) and version <= self._pruned.get(name, -1):
+                return VersionState.RETIRED
             return self._get(name, version).state
 
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
@@ -199,13 +217,13 @@ class MemoryStore:
                 self._reap(n)
             return [self._versions[n][v].info(n, v) for n in names for v in sorted(self._versions.get(n, {}))]
 
-    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
+    def get_sources(self, *, name: str, version: int, ranks: Sequence[int] = ()) -> list[SourceRecord]:
         with self._lock:
             self._reap(name)
             v = self._get(name, version)
-            return [v.sources[r] for r in sorted(v.sources)]
+            return [v.sources[r] for r in base.selected(v.sources, ranks)]
 
-    def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
+    def resolve(self, *, name: str, version: int | None, known_layout: str, ranks: Sequence[int] = ()) -> Resolved:
         with self._lock:
             self._reap(name)
             if version is None:
@@ -219,7 +237,7 @@ class MemoryStore:
             records = v.heads if omitted else v.sources
             return Resolved(
                 info=v.info(name, version),
-                sources=tuple(records[r] for r in sorted(records)),
+                sources=tuple(records[r] for r in base.selected(records, ranks)),
                 layout_digest=v.layout,
                 tensors_omitted=omitted,
             )
@@ -229,12 +247,22 @@ class MemoryStore:
             self._reap(name)
             versions = self._versions.get(name, {})
             if version not in versions and not and_older:
+                if version <= self._pruned.get(name, -1):
+                    return []  # retired and deleted already
                 raise base.not_found(name, version)
             targets = sorted(n for n in versions if n <= version) if and_older else [version]
             final = (VersionState.RETIRED, VersionState.FAILED)
             changed = [n for n in targets if versions[n].state not in final]
             for n in changed:
                 versions[n].state = VersionState.RETIRED
+            if self.keep_retired is not None:
+                retired = sorted((n for n, v in versions.items() if v.state is VersionState.RETIRED), reverse=True)
+                deleted = sorted(retired[self.keep_retired :])
+                for n in deleted:
+                    del versions[n]
+                if deleted:
+                    self._pruned[name] = max(self._pruned.get(name, -1), deleted[-1])
+                    logger.info("%r: deleted retired versions %s (keep_retired=%d)", name, deleted, self.keep_retired)
             return changed
 
     def counts(self) -> base.StoreCounts:
@@ -245,5 +273,6 @@ class MemoryStore:
     def _get(self, name: str, version: int) -> _Version:
         v = self._versions.get(name, {}).get(version)
         if v is None:
-            raise base.not_found(name, version)
+            pruned = version <= self._pruned.get(name, -1)
+            raise base.deleted(name, version) if pruned else base.not_found(name, version)
         return v

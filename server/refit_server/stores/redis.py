@@ -28,6 +28,7 @@ from refit_server.stores import base, lua
 logger = logging.getLogger(__name__)
 
 _QUERY_KEYS = ("prefix", "timeout_s")
+PERSISTENCE_KEYS = ("appendonly", "appendfsync", "save")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,6 +109,9 @@ class _Keys:
     def claims(self, name: str) -> str:
         return f"{self._model(name)}:claims"
 
+    def pruned(self, name: str) -> str:
+        return f"{self._model(name)}:pruned"
+
     def version_prefix(self, name: str) -> str:
         return f"{self._model(name)}:v:"
 
@@ -144,9 +148,14 @@ def _info(name: str, version: int, fields: dict[bytes, bytes], ranks: Sequence[b
 
 
 class RedisStore:
-    """`Store` over one Redis instance; safe to share between threads (redis-py pools connections)."""
+    """`Store` over one Redis instance; safe to share between threads (redis-py pools connections).
 
-    def __init__(self, url: str) -> None:
+    `keep_retired` as in `stores.base.check_keep_retired`; every catalog server sharing one Redis
+    should use the same value (each retire applies its own server's).
+    """
+
+    def __init__(self, url: str, *, keep_retired: int | None = base.DEFAULT_KEEP_RETIRED) -> None:
+        self.keep_retired = base.check_keep_retired(keep_retired)
         self.config = parse_url(url)
         c = self.config
         self._keys = _Keys(c.prefix)
@@ -172,7 +181,7 @@ class RedisStore:
         self._resolve = self._redis.register_script(lua.RESOLVE)
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.config.where}, prefix={self.config.prefix!r})"
+        return f"RedisStore({self.config.where}, prefix={self.config.prefix!r}, keep_retired={self.keep_retired})"
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -189,6 +198,48 @@ class RedisStore:
 
     def close(self) -> None:
         self._redis.close()
+
+    def persistence(self) -> dict[str, str] | None:
+        """Redis's `appendonly`, `appendfsync` and `save` settings; None when CONFIG is refused
+        (disabled or renamed, as managed Redis services do)."""
+        try:
+            with self._guard():
+                pipe = self._redis.pipeline(transaction=False)
+                for key in PERSISTENCE_KEYS:
+                    pipe.config_get(key)
+                replies = pipe.execute()
+        except CatalogUnavailableError:
+            raise
+        except CatalogError as exc:
+            logger.debug("cannot read the persistence settings of %s: %s", self.config.where, exc)
+            return None
+        settings = {}
+        for key, reply in zip(PERSISTENCE_KEYS, replies, strict=True):
+            value = reply.get(key, reply.get(key.encode()))
+            settings[key] = value.decode() if isinstance(value, bytes) else str(value)
+        return settings
+
+    def durability_warnings(self) -> list[str]:
+        """What makes a Redis restart lose versions (see docs/catalog.md, Durability); [] if nothing."""
+        settings = self.persistence()
+        if settings is None:
+            return [
+                f"cannot read the persistence settings of {self.config.where} (CONFIG refused); make sure it "
+                "runs with appendonly yes and appendfsync always, or a restart may lose versions"
+            ]
+        warnings = []
+        if settings["appendonly"] != "yes":
+            warnings.append(
+                f"{self.config.where} runs without an append-only file (appendonly {settings['appendonly']}, "
+                f"save {settings['save']!r}): a Redis restart loses the versions and claims written since its "
+                "last snapshot; set appendonly yes and appendfsync always"
+            )
+        elif settings["appendfsync"] != "always":
+            warnings.append(
+                f"{self.config.where} syncs its append-only file with appendfsync {settings['appendfsync']}: "
+                "a crash of its host may lose the last second of writes; appendfsync always loses none"
+            )
+        return warnings
 
     def claim(
         self, *, name: str, rank: int, agent_name: str, takeover: bool, now: float, lease_s: float = 0.0
@@ -236,6 +287,7 @@ class RedisStore:
             k.names(),
             k.layouts(name, version),
             k.heads(name, version),
+            k.pruned(name),
         ]
         record, head, layout = wire.source_encodings(source)
         args = [name, version, world_size, wire.model_to_bytes(model), rank, agent, record, repr(now), layout, head,
@@ -277,9 +329,10 @@ class RedisStore:
             pipe = self._reaped([name])
             pipe.hgetall(self._keys.version(name, version))
             pipe.hkeys(self._keys.agents(name, version))
-            _, fields, ranks = pipe.execute()
+            pipe.get(self._keys.pruned(name))
+            _, fields, ranks, floor = pipe.execute()
         if not fields:
-            raise base.not_found(name, version)
+            raise self._missing(name, version, floor)
         return _info(name, version, fields, ranks)
 
     def get_state(self, *, name: str, version: int) -> VersionState:
@@ -289,8 +342,11 @@ class RedisStore:
             pipe = self._reaped([name])
             pipe.hget(self._keys.version(name, version), "state")
             _, state = pipe.execute()
-        if state is None:
-            raise base.not_found(name, version)
+            if state is None:  # unknown, or deleted by retention (a second read, for misses only)
+                floor = self._redis.get(self._keys.pruned(name))
+                if floor is not None and version <= int(floor):
+                    return VersionState.RETIRED
+                raise base.not_found(name, version)
         return VersionState(state.decode())
 
     def latest(self, *, name: str, state: VersionState) -> VersionInfo | None:
@@ -326,23 +382,36 @@ class RedisStore:
         ]
         return sorted(infos, key=lambda i: (i.name, i.version))
 
-    def get_sources(self, *, name: str, version: int) -> list[SourceRecord]:
+    def get_sources(self, *, name: str, version: int, ranks: Sequence[int] = ()) -> list[SourceRecord]:
         with self._guard():
             pipe = self._reaped([name])
             pipe.exists(self._keys.version(name, version))
-            pipe.hvals(self._keys.sources(name, version))
-            _, exists, blobs = pipe.execute()
+            if ranks:  # only the records asked for leave Redis
+                pipe.hmget(self._keys.sources(name, version), sorted(set(ranks)))
+            else:
+                pipe.hvals(self._keys.sources(name, version))
+            pipe.get(self._keys.pruned(name))
+            _, exists, blobs, floor = pipe.execute()
         if not exists:
-            raise base.not_found(name, version)
-        return sorted((wire.source_from_bytes(b) for b in blobs), key=lambda s: s.rank)
+            raise self._missing(name, version, floor)
+        return sorted((wire.source_from_bytes(b) for b in blobs if b is not None), key=lambda s: s.rank)
 
-    def resolve(self, *, name: str, version: int | None, known_layout: str) -> Resolved:
+    def resolve(self, *, name: str, version: int | None, known_layout: str, ranks: Sequence[int] = ()) -> Resolved:
         k = self._keys
-        args = ["" if version is None else version, k.version_prefix(name), known_layout, k.model(name)]
+        # The ranks sit between the fixed arguments and the model's key prefix, which is always last.
+        args = [
+            "" if version is None else version,
+            k.version_prefix(name),
+            known_layout,
+            *sorted(set(ranks)),
+            k.model(name),
+        ]
         with self._guard():
-            reply = self._resolve(keys=[self._keys.versions(name)], args=args)
+            reply = self._resolve(keys=[self._keys.versions(name), self._keys.pruned(name)], args=args)
         if not reply:
             raise base.no_ready(name) if version is None else base.not_found(name, version)
+        if reply[0] == b"deleted":
+            raise base.deleted(name, version or 0)
         number, omitted = int(reply[0]), reply[1] == b"1"
         n = int(reply[2])
         flat = reply[3 : 3 + n]
@@ -373,12 +442,23 @@ class RedisStore:
             states = Counter(VersionState(s.decode()) for s in (pipe.execute() if len(pipe) else []) if s)
         return base.StoreCounts(versions=dict(states), claims=claims)
 
+    @staticmethod
+    def _missing(name: str, version: int, floor: bytes | None) -> CatalogError:
+        """The error for a version hash that is absent: deleted by retention, or never published."""
+        pruned = floor is not None and version <= int(floor)
+        return base.deleted(name, version) if pruned else base.not_found(name, version)
+
     def retire(self, *, name: str, version: int, and_older: bool) -> list[int]:
         with self._guard():
+            keep = "" if self.keep_retired is None else self.keep_retired
             reply = self._retire(
-                keys=[self._keys.versions(name)],
-                args=[version, int(and_older), self._keys.version_prefix(name), self._keys.model(name)],
+                keys=[self._keys.versions(name), self._keys.pruned(name)],
+                args=[version, int(and_older), self._keys.version_prefix(name), keep, self._keys.model(name)],
             )
         if reply[0] == b"not_found":
             raise base.not_found(name, version)
-        return sorted(int(v) for v in reply[1:])
+        n = int(reply[1])
+        changed, deleted = sorted(int(v) for v in reply[2 : 2 + n]), [int(v) for v in reply[2 + n :]]
+        if deleted:
+            logger.info("%r: deleted retired versions %s (keep_retired=%d)", name, deleted, self.keep_retired)
+        return changed
