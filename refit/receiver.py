@@ -249,16 +249,25 @@ class Receiver:
         dest = self._dests.get(target.hf_name)
         return dest is not None and dest.is_contiguous() and dest.numel() > 0
 
+    @staticmethod
+    def _key_of(resolved: Resolved, dead: dict[int, tuple[str, str]]) -> tuple[object, ...]:
+        # The catalog's layout digest covers what a plan depends on; without one (an older catalog)
+        # the key is the records themselves.
+        return (
+            resolved.layout_digest,
+            resolved.info.model,
+            () if resolved.layout_digest else resolved.sources,
+            frozenset(dead),
+        )
+
     def _plan_for(self, resolved: Resolved, dead: dict[int, tuple[str, str]]) -> Plan:
         """The plan over the live sources (`dead`: rank -> (agent, why) of the ones not to read from)."""
         info, sources = resolved.info, resolved.sources
-        # The catalog's layout digest covers what a plan depends on; without one (an older catalog)
-        # the key is the records themselves.
-        key = (resolved.layout_digest, info.model, () if resolved.layout_digest else sources, frozenset(dead))
+        key = self._key_of(resolved, dead)
         if key == self._plan_key and self._plan is not None:
             return self._plan
-        if resolved.tensors_omitted:  # planned before, but with other sources dead: get the descriptors
-            sources = self._client.resolve(name=self.name, version=info.version).sources
+        if resolved.tensors_omitted:  # `_fetch_once` resolves in full whenever the cached plan does not fit
+            raise VersionNotFoundError(f"{self.name!r} v{info.version}: the catalog omitted tensors for a stale plan")
         check_compatible(self._spec, info.model)
         live = [s for s in sources if s.rank not in dead]
         try:
@@ -339,9 +348,13 @@ class Receiver:
         # 1. Resolve the version and plan this rank's reads from its live sources (cached while the
         #    sources stay the same); a plan the engine cannot take is refused before anything is allocated.
         resolved = self._resolve(version, deadline)
+        excluded = (dead or DeadSources()).excluded(resolved.sources, resolved.info.dead_ranks)
+        if resolved.tensors_omitted and self._key_of(resolved, excluded) != self._plan_key:
+            # Other sources are dead now: a new plan needs every rank's records with their tensors.
+            resolved = self._client.resolve(name=self.name, version=resolved.info.version)
+            excluded = (dead or DeadSources()).excluded(resolved.sources, resolved.info.dead_ranks)
         info, sources = resolved.info, resolved.sources
         self._agents = {s.agent_name: s.rank for s in sources}
-        excluded = (dead or DeadSources()).excluded(sources, info.dead_ranks)
         plan = self._plan_for(resolved, excluded)
         whole_only = self._dests is None and not self._layered
         if whole_only and self._max_staging is not None and plan.staging_bytes > self._max_staging:
