@@ -35,11 +35,12 @@ from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of
-from refit.errors import ConfigError, VersionNotFoundError, VersionRetiredError
+from refit.errors import ConfigError, DigestError, RefitError, VersionNotFoundError, VersionRetiredError
 from refit.plan.assemble import assemble
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import Target
+from refit.plan.verify import DigestIndex, Totals, Verifier
 from refit.staging import ReceiverStats, StagedVersion, StagingPool
 from refit.transport.nixl import NixlAgent
 from refit.types import UpdateResult, VersionState
@@ -82,6 +83,9 @@ class Receiver:
         on_after_wire: called with the version number after its last byte is pulled and before the
             receiver re-checks that the version is still READY (to instrument, or to race a trainer
             step in tests); an exception it raises fails the refit.
+        verify_digests: check every pulled block against the digest its trainer rank published
+            (`refit.digest`) before it is installed; a mismatch raises DigestError naming the tensor
+            and the trainer rank (docs/reliability.md, "Digests"). False skips the check.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class Receiver:
         max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
         token: str | None = None,
+        verify_digests: bool = True,
     ) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine must implement refit.engines.Engine, got {type(engine).__name__}")
@@ -130,6 +135,9 @@ class Receiver:
         self._plan: Plan | None = None
         self._generation = 0
         self._torn = False
+        self._verify = bool(verify_digests)
+        self._index: DigestIndex | None = None
+        self._checked = Totals()
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -158,6 +166,9 @@ class Receiver:
             peak_staging_bytes=pool.peak_bytes if pool else 0,
             quarantined=pool.quarantined if pool else 0,
             quarantined_bytes=pool.quarantined_bytes if pool else 0,
+            verified_bytes=self._checked.verified_bytes,
+            unverified_bytes=self._checked.unverified_bytes,
+            verify_seconds=self._checked.seconds,
         )
 
     # -- version resolution -----------------------------------------------------------------------
@@ -231,7 +242,24 @@ class Receiver:
         planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
         check_tensors(self.engine.expected(), planned)
         self._plan_key, self._plan = key, plan
+        self._index = DigestIndex(sources)  # digest places follow the layout, cached with the plan
         return plan
+
+    def _verifier(self, resolved: Resolved) -> Verifier | None:
+        if not self._verify or self._index is None:
+            return None
+        return Verifier(self._index, resolved.sources, version=resolved.info.version)
+
+    def _streamed_mismatch(self, exc: DigestError, version: int) -> RefitError:
+        """A streamed chunk failed its digest: a race if the version was retired meanwhile, else corruption."""
+        state = self._client.version_state(name=self.name, version=version)
+        if state is not VersionState.READY:  # the trainer may have overwritten the bytes: not corruption
+            return VersionRetiredError(
+                f"version {version} of {self.name!r} became {state.value} during the pull; "
+                "the engine's weights are mixed until a refit completes"
+            )
+        return DigestError(f"{exc}; the engine's weights are mixed until a refit completes", tensor=exc.tensor,
+                           rank=exc.rank, version=exc.version, block=exc.block)  # fmt: skip
 
     def _pool_for(self) -> StagingPool:
         if self._pool is None:
@@ -258,6 +286,15 @@ class Receiver:
                 if version is not None or time.monotonic() > deadline:
                     raise
                 logger.info("%s: version retired during the pull; retrying with the newest", self.name)
+            except DigestError as exc:
+                self._retry_digest(exc, version, deadline)
+
+    def _retry_digest(self, exc: DigestError, version: int | None, deadline: float) -> None:
+        """Raise `exc` unless an unpinned refit can pull a newer version (the same bytes would fail again)."""
+        latest = None if version is not None or time.monotonic() > deadline else self._client.latest(name=self.name)
+        if latest is None or latest.version <= exc.version:
+            raise exc
+        logger.warning("%s: %s; retrying with the newest version", self.name, exc)
 
     def _timeout(self, timeout_s: float | None) -> float:
         if timeout_s is None:
@@ -288,12 +325,20 @@ class Receiver:
         )
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
+        verifier = self._verifier(resolved)
+        timings: dict[str, float] = {}
         if not streamed:
-            # 3. Whole: validate, then the engine's tensors as views of staging where possible.
+            # 3. Whole: validate (still READY, so a digest mismatch is corruption, not a race), verify
+            #    every staged block, then the engine's tensors as views of staging where possible.
             self._check_ready(info.version)
+            if verifier is not None and plan.chunks:
+                try:
+                    verifier.pieces(plan.chunks[0].pieces, slots[0])
+                finally:
+                    self._checked.absorb(verifier, timings)
             tensors = assemble(plan, slots[0])
         self._generation += 1
-        t_done = time.perf_counter()
+        t_done = time.perf_counter() - timings.get("verify", 0.0)
         return StagedVersion(
             version=info.version,
             tensors=tensors,
@@ -307,7 +352,8 @@ class Receiver:
             plan=plan,
             sources=tuple(sources),
             timings={"plan": t_plan - t0, "prepare": t_read - t_plan, "wire": t_wire - t_read,
-                     "validate": t_done - t_wire},
+                     "validate": t_done - t_wire, **timings},
+            verifier=verifier if streamed else None,
         )  # fmt: skip
 
     def install(self, staged: StagedVersion, *, timeout_s: float | None = None) -> UpdateResult:
@@ -325,10 +371,16 @@ class Receiver:
             assert staged.plan is not None and self._dests is not None and self._pool is not None
             deadline = time.monotonic() + self._timeout(timeout_s)
             self._torn = True  # from here on, engine memory may hold bytes of this version
-            descriptors += self._pool.stream(
-                plan=staged.plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests,
-                deadline=deadline, start_check=lambda: self._start_check(staged.version), timings=timings,
-            )  # fmt: skip
+            try:
+                descriptors += self._pool.stream(
+                    plan=staged.plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests,
+                    deadline=deadline, start_check=lambda: self._start_check(staged.version), timings=timings,
+                    verifier=staged.verifier,
+                )  # fmt: skip
+            except DigestError as exc:
+                raise self._streamed_mismatch(exc, staged.version) from exc
+            finally:
+                self._checked.absorb(staged.verifier, timings)
             self._torn = False
         else:
             t0 = time.perf_counter()
@@ -374,6 +426,8 @@ class Receiver:
                 if version is not None or time.monotonic() > deadline:
                     raise
                 logger.info("%s: version retired during the pull; retrying with the newest", self.name)
+            except DigestError as exc:
+                self._retry_digest(exc, version, deadline)
 
     # -- life cycle ------------------------------------------------------------------------------------
 

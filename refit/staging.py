@@ -24,6 +24,7 @@ from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.assemble import scatter, zero_padding
 from refit.plan.records import Chunk, Plan
+from refit.plan.verify import Verifier
 from refit.transport.jobs import ReadJob, direct_jobs, jobs_for
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
@@ -56,6 +57,7 @@ class StagedVersion:
     pulled: int = 0
     plan: Plan | None = field(default=None, repr=False)
     sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
+    verifier: Verifier | None = field(default=None, repr=False)  # None: digests not checked
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,6 +71,10 @@ class ReceiverStats:
         quarantined: staging buffers set aside after a failed or timed-out read, so far; the next
             fetch pulls into fresh buffers.
         quarantined_bytes: bytes of those still held because a read into them may still be running.
+        verified_bytes: bytes checked against their trainer's digests so far (whole blocks).
+        unverified_bytes: bytes pulled so far that no digest check covered (blocks read in part, or
+            trainers that publish no digests; 0 when every byte was verified).
+        verify_seconds: seconds spent checking digests so far.
     """
 
     registrations: int
@@ -76,6 +82,9 @@ class ReceiverStats:
     peak_staging_bytes: int
     quarantined: int
     quarantined_bytes: int
+    verified_bytes: int = 0
+    unverified_bytes: int = 0
+    verify_seconds: float = 0.0
 
 
 class StagingPool:
@@ -164,6 +173,7 @@ class StagingPool:
         deadline: float,
         start_check: Callable[[], Callable[[], None]],
         timings: dict[str, float],
+        verifier: Verifier | None = None,
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -171,8 +181,9 @@ class StagingPool:
         chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
         reads run beside that pipeline, on their own worker. `start_check` sends the READY re-check
         once the last byte has landed and returns the wait for its answer, which runs after the last
-        chunk is installed. Adds "wire", "validate" (the check beyond the install) and "install"
-        seconds to `timings`.
+        chunk is installed. `verifier` checks each chunk in its slot before it is scattered, and the
+        direct reads once landed (a mismatch raises DigestError). Adds "wire", "validate" (the
+        check beyond the install) and "install" seconds to `timings`.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -219,11 +230,17 @@ class StagingPool:
                 if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
                     pending, upto = pull(k + 1)
                 last = k >= len(chunks) - 1
-                if last and direct is not None:
+                landed = last and direct is not None
+                if landed:
                     descriptors += direct.result()
                     direct = None
+                wire += time.perf_counter() - t0
+                if verifier is not None:  # before a byte of the chunk is scattered into the engine
+                    if k < len(chunks):
+                        verifier.pieces(chunks[k].pieces, slots[k % len(slots)])
+                    if landed:
+                        verifier.direct(plan.direct, dests)
                 t1 = time.perf_counter()
-                wire += t1 - t0
                 # The READY re-check is sent once the last byte has landed; its round trip runs in
                 # gRPC's threads beside the last chunk's install, and the refit succeeds only if it passes.
                 finish = start_check() if last else None

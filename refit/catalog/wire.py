@@ -17,6 +17,7 @@ from refit.errors import ConfigError
 from refit.proto import catalog_pb2 as pb
 from refit.types import (
     Claim,
+    DigestSet,
     ModelMeta,
     ParallelCoords,
     Region,
@@ -113,6 +114,7 @@ def tensor_to_proto(t: TensorDesc) -> pb.TensorDesc:
         offset=t.offset,
         region=t.region,
         byte_offset=t.byte_offset,
+        digest_block=t.digest_block,
     )
 
 
@@ -128,6 +130,7 @@ def tensor_from_proto(msg: pb.TensorDesc) -> TensorDesc:
         offset=msg.offset,
         region=msg.region,
         byte_offset=msg.byte_offset,
+        digest_block=msg.digest_block,
     )
 
 
@@ -148,6 +151,7 @@ def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
         agent_metadata=bytes(s.agent_metadata),
         regions=[region_to_proto(r) for r in s.regions],
         tensors=[tensor_to_proto(t) for t in s.tensors],
+        digests=_build(pb.DigestSet, algorithm=s.digests.algorithm, values=bytes(s.digests.values)),
     )
 
 
@@ -161,6 +165,7 @@ def source_from_proto(msg: pb.SourceRecord) -> SourceRecord:
         agent_metadata=bytes(msg.agent_metadata),
         regions=tuple(region_from_proto(r) for r in msg.regions),
         tensors=tuple(tensor_from_proto(t) for t in msg.tensors),
+        digests=DigestSet(algorithm=msg.digests.algorithm, values=bytes(msg.digests.values)),
     )
 
 
