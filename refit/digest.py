@@ -130,7 +130,8 @@ def block_digests(buf: torch.Tensor, start: int, geo: Geometry, count: int, row_
     ws = geo.word
     if (buf.data_ptr() + start) % ws or row_stride % ws:
         # Misaligned for the word view: an aligned copy of the blocks' bytes (rare; staging is item-aligned).
-        packed = buf.as_strided((rows, width), (row_stride, 1), buf.storage_offset() + start).contiguous()
+        view = buf.as_strided((rows, width), (row_stride, 1), buf.storage_offset() + start)
+        packed = view.clone(memory_format=torch.contiguous_format)
         seg, row_stride = packed.view(-1), width
     else:
         seg = buf[start : start + span]
