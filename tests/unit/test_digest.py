@@ -225,7 +225,7 @@ def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, wi
         try:
             _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct)
         except DigestError as exc:
-            assert exc.tensor.endswith(tensor) and exc.rank >= 0 and exc.version == 1
+            assert tensor in exc.tensor and exc.rank >= 0 and exc.version == 1
             assert f"{exc.tensor} from trainer rank {exc.rank}" in str(exc)
             failed.append(rank)
     assert failed  # the byte is read by some engine rank, and that rank refuses it
