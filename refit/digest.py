@@ -15,7 +15,7 @@ engine reads is read whole. A replicated tensor up to `BLOCK_BYTES` is one block
 `LINE_WORDS` words; `D = sum over lines m of (2m + 1) * (sum of the line's words)`, all mod 2**64.
 Only integer adds and multiplies, exact modulo 2**64: the value does not depend on the order of the
 reduction, so CPU and CUDA agree bit for bit. Any single changed word changes `D` (its weight is
-odd); so does moving data between lines; swapping words within one line (512 bytes) does not. Not a
+odd); so does moving data between lines; swapping words within one line (up to 16 KiB) does not. Not a
 cryptographic hash: it catches corruption and stale or misplaced bytes, not an adversary.
 """
 
@@ -35,7 +35,7 @@ from refit.types import DigestSet, TensorDesc
 ALGORITHM = "refit-linesum64-v1"
 BLOCK_BYTES = 4 << 20  # the largest block the publisher chooses
 MAX_SPLIT = 8  # blocks stay aligned for engine TP up to this many times the trainer's TP
-LINE_WORDS = 64  # words per line (512 bytes of int64 words)
+LINE_WORDS = 2048  # words per line (16 KiB of int64 words; long lines keep the sums on the vectorised path)
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 

@@ -182,8 +182,9 @@ class StagingPool:
         reads run beside that pipeline, on their own worker. `start_check` sends the READY re-check
         once the last byte has landed and returns the wait for its answer, which runs after the last
         chunk is installed. `verifier` checks each chunk in its slot before it is scattered, and the
-        direct reads once landed (a mismatch raises DigestError). Adds "wire", "validate" (the
-        check beyond the install) and "install" seconds to `timings`.
+        direct reads once landed, beside the last chunk's install (a mismatch raises DigestError
+        before the refit can succeed). Adds "wire", "validate" (the check beyond the install),
+        "install" and "verify" (the wall time the checks add) seconds to `timings`.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -217,8 +218,9 @@ class StagingPool:
         # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
         # reads of the next chunk and of direct reads), serializing pull and install.
         copies = self._copy_stream(slots[0])
-        wire = install = validate = 0.0
+        wire = install = validate = verify = 0.0
         descriptors = 0
+        checked: Future[None] | None = None
         try:
             for k in range(len(chunks) + (0 if chunks else 1)):
                 t0 = time.perf_counter()
@@ -234,13 +236,15 @@ class StagingPool:
                 if landed:
                     descriptors += direct.result()
                     direct = None
-                wire += time.perf_counter() - t0
+                tv = time.perf_counter()
+                wire += tv - t0
                 if verifier is not None:  # before a byte of the chunk is scattered into the engine
                     if k < len(chunks):
                         verifier.pieces(chunks[k].pieces, slots[k % len(slots)])
-                    if landed:
-                        verifier.direct(plan.direct, dests)
+                    if landed:  # in engine memory already: checked beside the last install, on the idle worker
+                        checked = executor.submit(verifier.direct, plan.direct, dests)
                 t1 = time.perf_counter()
+                verify += t1 - tv
                 # The READY re-check is sent once the last byte has landed; its round trip runs in
                 # gRPC's threads beside the last chunk's install, and the refit succeeds only if it passes.
                 finish = start_check() if last else None
@@ -251,19 +255,26 @@ class StagingPool:
                     _wait(copies)  # a slot is refilled only after the copies out of it ran
                 t3 = time.perf_counter()
                 install += t3 - t2
+                if checked is not None:
+                    checked.result()  # a mismatch raises here, before the refit can succeed
+                    checked = None
+                t4 = time.perf_counter()
+                verify += t4 - t3
                 if finish is not None:
                     finish()
-                validate += time.perf_counter() - t3 + t2 - t1
+                validate += time.perf_counter() - t4 + t2 - t1
             with _on(copies):
                 zero_padding(plan.targets, dests)
             _wait(copies)
         finally:
-            for f in (pending, direct):
+            for f in (pending, direct, checked):
                 if f is not None:
                     f.exception()  # a pull still in flight after a failure ends by its own deadline
         timings["wire"] = timings.get("wire", 0.0) + wire
         timings["validate"] = timings.get("validate", 0.0) + validate
         timings["install"] = install
+        if verifier is not None:
+            timings["verify"] = timings.get("verify", 0.0) + verify  # wall time; the direct check overlaps
         return descriptors
 
     def prefetch(

@@ -85,10 +85,11 @@ class Totals:
     seconds: float = 0.0
 
     def absorb(self, verifier: Verifier | None, timings: dict[str, float]) -> None:
-        """Add one refit's checks (once: the verifier's counts restart) and its "verify" seconds."""
+        """Add one refit's checks (once: the verifier's counts restart); its "verify" seconds unless the
+        streamed install already timed the wall time they added (the direct check overlaps the install)."""
         if verifier is None:
             return
-        timings["verify"] = timings.get("verify", 0.0) + verifier.seconds
+        timings.setdefault("verify", verifier.seconds)
         self.verified_bytes += verifier.verified_bytes
         self.unverified_bytes += verifier.unverified_bytes
         self.seconds += verifier.seconds

@@ -83,7 +83,7 @@ def test_the_digest_is_its_formula_for_every_word_size(shape, role, dtype, size)
     assert got is not None and got.tolist() == reference(data.numpy().tobytes(), geo)
 
 
-def test_every_single_byte_change_and_a_moved_line_change_the_digest() -> None:
+def test_every_single_byte_change_and_moved_data_change_the_digest() -> None:
     desc = _desc((16, 64), Role.COLUMN, "bfloat16", 1)
     data = _bytes(desc)
     base = digest.shard_digests(data, desc)
@@ -94,7 +94,7 @@ def test_every_single_byte_change_and_a_moved_line_change_the_digest() -> None:
             flipped[at] ^= bit
             assert not torch.equal(digest.shard_digests(flipped, desc), base), (at, bit)
     swapped = data.clone().view(-1, 512)
-    swapped[[0, 1]] = swapped[[1, 0]]  # two 512-byte lines of block 0 trade places
+    swapped[[0, 1]] = swapped[[1, 0]]  # two 512-byte runs trade places
     assert not torch.equal(digest.shard_digests(swapped.view(-1), desc), base)
 
 
