@@ -141,6 +141,11 @@ def block_digests(buf: torch.Tensor, start: int, geo: Geometry, count: int, row_
         words = words.to(torch.int64)
     lane = math.gcd(q, LINE_WORDS)
     lines = q // lane
+    if lines == 1 and rows > 1 and words.device.type == "cpu":
+        # Each block row is one line: weight the rows in one int64 matrix-vector product (short
+        # inner sums are slow on CPU; torch has no integer matmul on CUDA, where the sums are fast).
+        weights = torch.arange(rows, dtype=torch.int64) * 2 + 1
+        return torch.mv(words.reshape(rows, count * q).t(), weights).view(count, q).sum(-1)
     sums = words.reshape(rows, count, lines, lane).sum(-1)  # int64 adds wrap modulo 2**64
     weights = torch.arange(rows * lines, dtype=torch.int64, device=buf.device).view(rows, 1, lines) * 2 + 1
     return (sums * weights).sum((0, 2))
