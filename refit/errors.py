@@ -117,6 +117,24 @@ class SourceDeadError(TransportError):
         self.agents = tuple(agents)
 
 
+# --- integrity ----------------------------------------------------------------------------------------
+
+
+class DigestError(RefitError):
+    """Bytes a receiver pulled do not match the digest their trainer rank published with them.
+
+    Raised before any of those bytes reach the engine (whole installs keep the old weights; a
+    streamed refit leaves the engine torn). Names the tensor, the trainer rank and the block.
+    """
+
+    def __init__(self, message: str, *, tensor: str = "", rank: int = -1, version: int = -1, block: int = -1) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+        self.rank = rank
+        self.version = version
+        self.block = block
+
+
 # --- engines -------------------------------------------------------------------------------------------
 
 

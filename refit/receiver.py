@@ -49,12 +49,21 @@ from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
 from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of, installs_layers
-from refit.errors import ConfigError, LayoutError, TransportError, VersionNotFoundError, VersionRetiredError
+from refit.errors import (
+    ConfigError,
+    DigestError,
+    LayoutError,
+    RefitError,
+    TransportError,
+    VersionNotFoundError,
+    VersionRetiredError,
+)
 from refit.plan.assemble import assemble, assemble_chunk
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.liveness import DeadSources, source_dead
 from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
 from refit.plan.targets import Target
+from refit.plan.verify import DigestIndex, Totals, Verifier
 from refit.staging import ReceiverStats, StagedVersion, StagingPool
 from refit.transport.nixl import NixlAgent
 from refit.types import UpdateResult, VersionState
@@ -102,6 +111,9 @@ class Receiver:
         source_timeout_s: the most one pull attempt waits for its reads; a source that has not
             answered by then is taken for dead and its reads fail over to a replica (None: the
             update's whole deadline, which leaves no time to fail over from a stalled source).
+        verify_digests: check every pulled block against the digest its trainer rank published
+            (`refit.digest`) before it is installed; a mismatch raises DigestError naming the tensor
+            and the trainer rank (docs/reliability.md, "Digests"). False skips the check.
     """
 
     def __init__(
@@ -120,6 +132,7 @@ class Receiver:
         max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
         token: str | None = None,
+        verify_digests: bool = True,
         source_timeout_s: float | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
@@ -155,6 +168,9 @@ class Receiver:
         self._plan: Plan | None = None
         self._generation = 0
         self._torn = False
+        self._verify = bool(verify_digests)
+        self._index: DigestIndex | None = None
+        self._checked = Totals()
         self._source_timeout_s = source_timeout_s
         self._agents: dict[str, int] = {}  # agent name -> trainer rank, of the version being pulled
         self.failed_over: tuple[str, ...] = ()  # agents the last fetch or update failed over from
@@ -186,6 +202,9 @@ class Receiver:
             peak_staging_bytes=pool.peak_bytes if pool else 0,
             quarantined=pool.quarantined if pool else 0,
             quarantined_bytes=pool.quarantined_bytes if pool else 0,
+            verified_bytes=self._checked.verified_bytes,
+            unverified_bytes=self._checked.unverified_bytes,
+            verify_seconds=self._checked.seconds,
         )
 
     # -- version resolution -----------------------------------------------------------------------
@@ -284,7 +303,24 @@ class Receiver:
                 raise
             raise source_dead(self.name, info.version, dead, exc) from exc
         self._plan_key, self._plan = key, plan
+        self._index = DigestIndex(sources)  # digest places follow the layout, cached with the plan
         return plan
+
+    def _verifier(self, resolved: Resolved) -> Verifier | None:
+        if not self._verify or self._index is None:
+            return None
+        return Verifier(self._index, resolved.sources, version=resolved.info.version)
+
+    def _streamed_mismatch(self, exc: DigestError, version: int) -> RefitError:
+        """A streamed chunk failed its digest: a race if the version was retired meanwhile, else corruption."""
+        state = self._client.version_state(name=self.name, version=version)
+        if state is not VersionState.READY:  # the trainer may have overwritten the bytes: not corruption
+            return VersionRetiredError(
+                f"version {version} of {self.name!r} became {state.value} during the pull; "
+                "the engine's weights are mixed until a refit completes"
+            )
+        return DigestError(f"{exc}; the engine's weights are mixed until a refit completes", tensor=exc.tensor,
+                           rank=exc.rank, version=exc.version, block=exc.block)  # fmt: skip
 
     def _layer_of(self, target: Target) -> tuple[int, str]:
         return self.engine.layer_of(target.hf_name)  # type: ignore[attr-defined]
@@ -333,6 +369,15 @@ class Receiver:
                 # A streamed install that failed stays torn until a retry completes it.
                 if not self._fail_over(exc, dead, deadline):
                     raise
+            except DigestError as exc:
+                self._retry_digest(exc, version, deadline)
+
+    def _retry_digest(self, exc: DigestError, version: int | None, deadline: float) -> None:
+        """Raise `exc` unless an unpinned refit can pull a newer version (the same bytes would fail again)."""
+        latest = None if version is not None or time.monotonic() > deadline else self._client.latest(name=self.name)
+        if latest is None or latest.version <= exc.version:
+            raise exc
+        logger.warning("%s: %s; retrying with the newest version", self.name, exc)
 
     def _timeout(self, timeout_s: float | None) -> float:
         if timeout_s is None:
@@ -375,12 +420,20 @@ class Receiver:
         )  # fmt: skip
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
+        verifier = self._verifier(resolved)
+        timings: dict[str, float] = {}
         if not streamed:
-            # 3. Whole: validate, then the engine's tensors as views of staging where possible.
+            # 3. Whole: validate (still READY, so a digest mismatch is corruption, not a race), verify
+            #    every staged block, then the engine's tensors as views of staging where possible.
             self._check_ready(info.version)
+            if verifier is not None and plan.chunks:
+                try:
+                    verifier.pieces(plan.chunks[0].pieces, slots[0])
+                finally:
+                    self._checked.absorb(verifier, timings)
             tensors = assemble(plan, slots[0])
         self._generation += 1
-        t_done = time.perf_counter()
+        t_done = time.perf_counter() - timings.get("verify", 0.0)
         return StagedVersion(
             version=info.version,
             tensors=tensors,
@@ -394,7 +447,8 @@ class Receiver:
             plan=plan,
             sources=tuple(sources),
             timings={"plan": t_plan - t0, "prepare": t_read - t_plan, "wire": t_wire - t_read,
-                     "validate": t_done - t_wire},
+                     "validate": t_done - t_wire, **timings},
+            verifier=verifier if streamed else None,
         )  # fmt: skip
 
     def _read_deadline(self, deadline: float) -> float:
@@ -420,12 +474,17 @@ class Receiver:
             deadline = time.monotonic() + self._timeout(timeout_s)
             install_chunk = functools.partial(self._install_chunk, plan) if self._layered else None
             self._torn = True  # from here on, engine memory may hold bytes of this version
-            descriptors += self._pool.stream(
-                plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
-                deadline=deadline, read_deadline=self._read_deadline,
-                start_check=lambda: self._start_check(staged.version), timings=timings,
-                install_chunk=install_chunk,
-            )  # fmt: skip
+            try:
+                descriptors += self._pool.stream(
+                    plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
+                    deadline=deadline, read_deadline=self._read_deadline,
+                    start_check=lambda: self._start_check(staged.version), timings=timings,
+                    install_chunk=install_chunk, verifier=staged.verifier,
+                )  # fmt: skip
+            except DigestError as exc:
+                raise self._streamed_mismatch(exc, staged.version) from exc
+            finally:
+                self._checked.absorb(staged.verifier, timings)
             self._torn = False
         else:
             t0 = time.perf_counter()

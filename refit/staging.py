@@ -25,6 +25,7 @@ from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.assemble import zero_padding
 from refit.plan.records import Chunk, DirectRead, Plan
+from refit.plan.verify import Verifier
 from refit.transport.jobs import ReadJob, direct_jobs, jobs_for
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
@@ -57,6 +58,7 @@ class StagedVersion:
     pulled: int = 0
     plan: Plan | None = field(default=None, repr=False)
     sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
+    verifier: Verifier | None = field(default=None, repr=False)  # None: digests not checked
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,6 +72,10 @@ class ReceiverStats:
         quarantined: staging buffers set aside after a failed or timed-out read, so far; the next
             fetch pulls into fresh buffers.
         quarantined_bytes: bytes of those still held because a read into them may still be running.
+        verified_bytes: bytes checked against their trainer's digests so far (whole blocks).
+        unverified_bytes: bytes pulled so far that no digest check covered (blocks read in part, or
+            trainers that publish no digests; 0 when every byte was verified).
+        verify_seconds: seconds spent checking digests so far.
     """
 
     registrations: int
@@ -77,6 +83,9 @@ class ReceiverStats:
     peak_staging_bytes: int
     quarantined: int
     quarantined_bytes: int
+    verified_bytes: int = 0
+    unverified_bytes: int = 0
+    verify_seconds: float = 0.0
 
 
 class StagingPool:
@@ -173,6 +182,7 @@ class StagingPool:
         timings: dict[str, float],
         install_chunk: Callable[[int, torch.Tensor], None] | None = None,
         read_deadline: Callable[[float], float] = lambda deadline: deadline,
+        verifier: Verifier | None = None,
     ) -> int:
         """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -184,7 +194,9 @@ class StagingPool:
         beyond the install) and "install" seconds to `timings`. `install_chunk(k, slot)`, when given,
         installs chunk k from its slot instead of copying its pieces into `dests` (an engine that
         installs whole layers). Each read gets `read_deadline(deadline)`, its
-        attempt's deadline.
+        attempt's deadline. `verifier` checks each chunk in its slot before it is installed, and the
+        direct reads once landed, beside the last chunk's copies (a mismatch raises DigestError
+        before the refit can succeed); "verify" seconds (the wall time the checks add) go to `timings`.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -222,8 +234,9 @@ class StagingPool:
         # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
         # reads of the next chunk and of direct reads), serializing pull and install.
         copies = self._copy_stream(slots[0])
-        wire = install = validate = 0.0
+        wire = install = validate = verify = 0.0
         descriptors = 0
+        checked: Future[None] | None = None
         start = time.perf_counter()
         trace = logger.isEnabledFor(logging.DEBUG)
         try:
@@ -236,8 +249,12 @@ class StagingPool:
                     pending, ready = None, upto
                 if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
                     pending, upto = pull(k + 1)
+                tv = time.perf_counter()
+                wire += tv - t0
+                if verifier is not None and k < len(chunks):  # before a byte of the chunk reaches the engine
+                    verifier.pieces(chunks[k].pieces, slots[k % len(slots)])
                 t1 = time.perf_counter()
-                wire += t1 - t0
+                verify += t1 - tv
                 t_issued = t1
                 if k < len(chunks) and install_chunk is not None:
                     install_chunk(k, slots[k % len(slots)])  # returns once nothing reads the slot any more
@@ -262,28 +279,37 @@ class StagingPool:
                 descriptors += direct.result()
                 direct = None
             t4 = time.perf_counter()
+            if verifier is not None and plan.direct:  # in engine memory already: checked on an idle worker
+                checked = executor.submit(verifier.direct, plan.direct, dests)
             finish = start_check()
             if install_chunk is None:
                 with _on(copies):
                     zero_padding(plan.targets, dests)
             _wait(copies)
             t5 = time.perf_counter()
-            finish()
+            if checked is not None:
+                checked.result()  # a mismatch raises here, before the refit can succeed
+                checked = None
             t6 = time.perf_counter()
+            finish()
+            t7 = time.perf_counter()
             wire += t4 - t3
             install += t5 - t4
-            validate += t6 - t5
+            verify += t6 - t5
+            validate += t7 - t6
             if trace:
                 logger.debug("%s: direct reads done at %.2f ms, copies at %.2f ms, READY re-check at %.2f ms",
                              self._label, 1e3 * (t4 - start), 1e3 * (t5 - start), 1e3 * (t6 - start))  # fmt: skip
         finally:
             _wait(copies)  # the copies out of a slot end before a later refit may refill it
-            for f in (pending, direct):
+            for f in (pending, direct, checked):
                 if f is not None:
                     f.exception()  # a pull still in flight after a failure ends by its own deadline
         timings["wire"] = timings.get("wire", 0.0) + wire
         timings["validate"] = timings.get("validate", 0.0) + validate
         timings["install"] = install
+        if verifier is not None:
+            timings["verify"] = timings.get("verify", 0.0) + verify  # wall time; the direct check overlaps
         return descriptors
 
     def prefetch(

@@ -207,6 +207,7 @@ class TensorDesc:
     offset: int = 0
     region: int = 0
     byte_offset: int = 0
+    digest_block: int = 0  # units per digest block (`refit.digest`); 0: no digests
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -219,6 +220,7 @@ class TensorDesc:
         _non_negative(f"{self.name}: offset", self.offset)
         _non_negative(f"{self.name}: region", self.region)
         _non_negative(f"{self.name}: byte_offset", self.byte_offset)
+        _non_negative(f"{self.name}: digest_block", self.digest_block)
         if self.partition_dim == -1:
             if self.local_shape != self.global_shape:
                 raise ConfigError(f"{self.name}: replicated but local {self.local_shape} != global")
@@ -284,6 +286,19 @@ class Region:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DigestSet:
+    """Per-block digests of one source record's tensors (`refit.digest`): one little-endian int64 per
+    block, tensor after tensor in record order, over the tensors with `digest_block > 0`."""
+
+    algorithm: str = ""  # "": no digests
+    values: bytes = b""
+
+    def __post_init__(self) -> None:
+        if len(self.values) % 8 or (self.values and not self.algorithm):
+            raise ConfigError(f"digest values of {len(self.values)} bytes (algorithm {self.algorithm!r}) are malformed")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SourceRecord:
     """One trainer rank's part of one version: who it is, how to reach it, and what it holds."""
 
@@ -293,6 +308,7 @@ class SourceRecord:
     agent_metadata: bytes
     regions: tuple[Region, ...]
     tensors: tuple[TensorDesc, ...]
+    digests: DigestSet = field(default_factory=DigestSet)
 
     def __post_init__(self) -> None:
         _non_negative("rank", self.rank)

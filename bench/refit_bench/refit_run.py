@@ -67,6 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="time fetch() (which may run while the engine generates) apart from install() (the pause); "
         "default: one update_weights() call, all of it a pause",
     )  # fmt: skip
+    p.add_argument("--no-verify", action="store_true", help="Receiver(verify_digests=False): skip the digest check")
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
@@ -129,7 +130,7 @@ class TrainerRank:
                         p.mul_(0.5)  # stands in for an optimizer step: every tensor changes
             info = self.pub.stream_weights(msg["version"])
             return {"seconds": time.perf_counter() - t0, "state": info.state.value,
-                    "registrations": self.pub.num_registrations}  # fmt: skip
+                    "registrations": self.pub.num_registrations, "digest_s": self.pub.last_digest_seconds}  # fmt: skip
         raise ValueError(msg["cmd"])
 
 
@@ -168,10 +169,10 @@ class ReceiverRank:
 
     def __init__(
         self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
-        max_staging_bytes: int | None = None, direct: bool = True,
+        max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True,
     ) -> None:  # fmt: skip
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
-        self.max_staging_bytes, self.direct = max_staging_bytes, direct
+        self.max_staging_bytes, self.direct, self.verify = max_staging_bytes, direct, verify
         self.ep_size = ep_size
         self.device = measure.torch_device(device, gpu)
         if device == "cuda":
@@ -199,7 +200,8 @@ class ReceiverRank:
         link = cost.CPU_UCX if self.device.type == "cpu" else cost.GPU_LOCAL
         self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
                             replica=self.replica, timeout_s=600, link_cost=link,
-                            max_staging_bytes=self.max_staging_bytes, direct=self.direct)  # fmt: skip
+                            max_staging_bytes=self.max_staging_bytes, direct=self.direct,
+                            verify_digests=self.verify)  # fmt: skip
         self.engine_bytes = sum(t.numel() * t.element_size() for t in self.rcv.engine.tensors.values())
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +209,7 @@ class ReceiverRank:
             raise ValueError(msg["cmd"])
         if self.rcv is None:
             self._setup()
+        checked = self.rcv.stats
         t0 = time.perf_counter()
         if msg.get("split"):
             staged = self.rcv.fetch(msg["version"])
@@ -224,6 +227,10 @@ class ReceiverRank:
             "registrations": self.rcv.stats.registrations, "peak_staging_bytes": self.rcv.stats.peak_staging_bytes,
             "direct_bytes": result.direct_bytes, "chunks": result.chunks, "engine_bytes": self.engine_bytes,
             "fixed_s": sum(result.timings.get(k, 0.0) for k in ("plan", "prepare", "validate")),
+            "verify_s": result.timings.get("verify", 0.0),  # wall time the checks added
+            "verify_cpu_s": self.rcv.stats.verify_seconds - checked.verify_seconds,  # their own time
+            "verified_bytes": self.rcv.stats.verified_bytes - checked.verified_bytes,
+            "unverified_bytes": self.rcv.stats.unverified_bytes - checked.unverified_bytes,
         }  # fmt: skip
 
 
@@ -270,7 +277,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split")  # fmt: skip
+            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -287,7 +294,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         rcvs = [
             Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
-                   gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct)
+                   gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct,
+                   verify=not args.no_verify)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -316,6 +324,12 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_receiver": per_receiver,
         "seconds": statistics.median(r["wall_s"] for r in steady),
         "wire_seconds": statistics.median(r["wire_s"] for r in steady),
+        # Digest cost as a share of the refit's end-to-end time: computing them on the trainer (in
+        # stream_weights) and checking them on the receiver (before install).
+        "digest_publish_share": statistics.median(r["digest_s"] / r["wall_s"] for r in steady),
+        "digest_verify_share": statistics.median(r["verify_s"] / r["wall_s"] for r in steady),
+        "digest_verify_cpu_share": statistics.median(r["verify_cpu_s"] / r["wall_s"] for r in steady),
+        "unverified_bytes": steady[-1]["unverified_bytes"],
     }
     summary["gbps"] = per_receiver / summary["seconds"] / 1e9
     summary["wire_gbps"] = per_receiver / summary["wire_seconds"] / 1e9
@@ -349,6 +363,11 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
         "wire_s": max(x["wire"] for x in t),
         "validate_s": max(x["validate"] for x in t),
         "install_s": max(x["install"] for x in t),
+        "digest_s": max(p.get("digest_s", 0.0) for p in pub),
+        "verify_s": max(g["verify_s"] for g in got),
+        "verify_cpu_s": max(g["verify_cpu_s"] for g in got),
+        "verified_bytes": max(g["verified_bytes"] for g in got),
+        "unverified_bytes": max(g["unverified_bytes"] for g in got),
         "stall_s": max(g["stall_s"] for g in got),
         "wall_s": wall,
     }
@@ -474,3 +493,8 @@ def _print(result: dict[str, Any]) -> None:
         [r["what"], f"{r['gbps']:.2f}", f"{r['refit_vs']:.2f}", f"{r['wire_vs']:.2f}"] for r in result["references"]
     ]
     print(report.table(["reference (same run)", "GB/s", "refit / ref", "wire / ref"], ref_rows))
+    verify = (f"{s['digest_verify_share']:.1%} of the refit time to verify (the checks themselves: "
+              f"{s['digest_verify_cpu_share']:.1%}, some beside the install)")  # fmt: skip
+    verify = "off (--no-verify)" if c.get("no_verify") else verify
+    print(f"digests: {s['digest_publish_share']:.1%} of the refit time to compute on the trainer, {verify}; "
+          f"{s['unverified_bytes']:,} bytes per receiver not covered by a digest")  # fmt: skip

@@ -24,6 +24,7 @@ from refit.errors import ConfigError
 from refit.proto import catalog_pb2 as pb
 from refit.types import (
     Claim,
+    DigestSet,
     ModelMeta,
     ParallelCoords,
     Region,
@@ -142,6 +143,7 @@ def tensor_to_proto(t: TensorDesc) -> pb.TensorDesc:
         offset=t.offset,
         region=t.region,
         byte_offset=t.byte_offset,
+        digest_block=t.digest_block,
     )
 
 
@@ -169,6 +171,7 @@ def tensor_from_proto(
         offset=msg.offset,
         region=msg.region,
         byte_offset=msg.byte_offset,
+        digest_block=msg.digest_block,
     )
     if limits is not None:
         bounds.check_tensor(tensor, limits, field, dims=False)
@@ -196,6 +199,7 @@ def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
         agent_metadata=bytes(s.agent_metadata),
         regions=[region_to_proto(r) for r in s.regions],
         tensors=[tensor_to_proto(t) for t in s.tensors],
+        digests=_build(pb.DigestSet, algorithm=s.digests.algorithm, values=bytes(s.digests.values)),
     )
 
 
@@ -211,6 +215,7 @@ def source_from_proto(
         bounds.blob(f"{field}.agent_metadata", msg.agent_metadata, limits.max_agent_metadata_bytes)
         bounds.count(f"{field}.regions", len(msg.regions), limits.max_regions_per_record)
         bounds.count(f"{field}.tensors", len(msg.tensors), limits.max_tensors_per_record)
+        bounds.text(f"{field}.digests.algorithm", msg.digests.algorithm, limits.max_short_chars, required=False)
     regions = tuple(region_from_proto(r, limits, f"{field}.regions[{i}]") for i, r in enumerate(msg.regions))
     tensors = tuple(tensor_from_proto(t, limits, f"{field}.tensors[{i}]") for i, t in enumerate(msg.tensors))
     if limits is not None:
@@ -224,6 +229,7 @@ def source_from_proto(
         agent_metadata=bytes(msg.agent_metadata),
         regions=regions,
         tensors=tensors,
+        digests=DigestSet(algorithm=msg.digests.algorithm, values=bytes(msg.digests.values)),
     )
 
 

@@ -100,20 +100,34 @@ def _direct_parts(
     return parts
 
 
-def _cut(choice: Choice, geo: Geometry, limit: int) -> list[Located]:
-    """`choice` cut along its dimension into pieces of at most `limit` bytes (where it can be)."""
+def _cut(choice: Choice, geo: Geometry, limit: int, cap: int) -> list[Located]:
+    """`choice` cut along its dimension into pieces of at most `limit` bytes (where it can be).
+
+    Cuts fall on the shard's digest block boundaries (`refit.digest`) where a block fits in `cap`
+    (the chunk limit), so each piece holds whole blocks and a receiver can verify every byte.
+    """
     need, holder = choice.need, choice.holder
     width = need.stop - need.start
     if need.dim is None or width <= 1:
         return [(choice, geo)]
     per_row = geo.nbytes // width
     step = max(1, limit // per_row)
+    desc = holder.desc
+    block = desc.digest_block if need.dim == max(desc.partition_dim, 0) else 0
+    if block > 1 and block * per_row <= cap:
+        step = max(step, block)
     out: list[Located] = []
-    for start in range(need.start, need.stop, step):
+    start = need.start
+    while start < need.stop:
         stop = min(start + step, need.stop)
+        if block > 1 and stop < need.stop:  # back to the last block boundary, if that leaves a piece
+            local = holder.local + stop - need.start
+            aligned = stop - local % block
+            stop = aligned if aligned > start else stop
         sub_holder = Holder(rank=holder.rank, desc=holder.desc, local=holder.local + start - need.start)
         sub = Need(tensor=need.tensor, dim=need.dim, start=start, stop=stop, holders=(sub_holder,))
         out.append((Choice(need=sub, holder=sub_holder), geometry(sub, sub_holder)))
+        start = stop
     return out
 
 
@@ -140,7 +154,7 @@ def chunks(
         if whole or geo.nbytes <= share:
             items.append(((choice, geo), whole))
         else:
-            items.extend((part, False) for part in _cut(choice, geo, share))
+            items.extend((part, False) for part in _cut(choice, geo, share, limit))
     items.sort(key=lambda it: (it[0][0].holder.rank, it[0][0].holder.desc.region, it[0][1].remote_offset))
 
     # 2. Runs of about `limit` bytes: each takes about its quota from every rank, in address order.

@@ -120,7 +120,7 @@ class ModelMeta(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_query_groups: _Optional[int] = ..., kv_channels: _Optional[int] = ..., ffn_hidden_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., qkv_bias: _Optional[bool] = ..., qk_layernorm: _Optional[bool] = ..., gated_linear_unit: _Optional[bool] = ..., num_experts: _Optional[int] = ..., moe_ffn_hidden_size: _Optional[int] = ..., params_dtype: _Optional[str] = ..., q_lora_rank: _Optional[int] = ..., kv_lora_rank: _Optional[int] = ..., qk_nope_head_dim: _Optional[int] = ..., qk_rope_head_dim: _Optional[int] = ..., v_head_dim: _Optional[int] = ...) -> None: ...
 
 class TensorDesc(_message.Message):
-    __slots__ = ("name", "role", "dtype", "local_shape", "global_shape", "partition_dim", "partition_stride", "offset", "region", "byte_offset")
+    __slots__ = ("name", "role", "dtype", "local_shape", "global_shape", "partition_dim", "partition_stride", "offset", "region", "byte_offset", "digest_block")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class TensorDesc(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: Role
     dtype: str
@@ -141,7 +142,8 @@ class TensorDesc(_message.Message):
     offset: int
     region: int
     byte_offset: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., dtype: _Optional[str] = ..., local_shape: _Optional[_Iterable[int]] = ..., global_shape: _Optional[_Iterable[int]] = ..., partition_dim: _Optional[int] = ..., partition_stride: _Optional[int] = ..., offset: _Optional[int] = ..., region: _Optional[int] = ..., byte_offset: _Optional[int] = ...) -> None: ...
+    digest_block: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., dtype: _Optional[str] = ..., local_shape: _Optional[_Iterable[int]] = ..., global_shape: _Optional[_Iterable[int]] = ..., partition_dim: _Optional[int] = ..., partition_stride: _Optional[int] = ..., offset: _Optional[int] = ..., region: _Optional[int] = ..., byte_offset: _Optional[int] = ..., digest_block: _Optional[int] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("index", "addr", "nbytes", "device", "device_id")
@@ -158,20 +160,30 @@ class Region(_message.Message):
     def __init__(self, index: _Optional[int] = ..., addr: _Optional[int] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., device_id: _Optional[int] = ...) -> None: ...
 
 class SourceRecord(_message.Message):
-    __slots__ = ("rank", "coords", "agent_name", "agent_metadata", "regions", "tensors")
+    __slots__ = ("rank", "coords", "agent_name", "agent_metadata", "regions", "tensors", "digests")
     RANK_FIELD_NUMBER: _ClassVar[int]
     COORDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     coords: ParallelCoords
     agent_name: str
     agent_metadata: bytes
     regions: _containers.RepeatedCompositeFieldContainer[Region]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorDesc]
-    def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ...) -> None: ...
+    digests: DigestSet
+    def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ..., digests: _Optional[_Union[DigestSet, _Mapping]] = ...) -> None: ...
+
+class DigestSet(_message.Message):
+    __slots__ = ("algorithm", "values")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    algorithm: str
+    values: bytes
+    def __init__(self, algorithm: _Optional[str] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("name", "version", "state", "world_size", "published_ranks", "model", "created_at", "ready_at", "dead_ranks", "failure")

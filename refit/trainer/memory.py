@@ -45,6 +45,21 @@ class Block:
         return self.addr <= start and start + tensor.numel() * tensor.element_size() <= self.addr + self.nbytes
 
 
+def byte_views(blocks: Sequence[Block], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat uint8 tensor over each block's memory (its owner, or the storage of one of `tensors`)."""
+    storages = {t.untyped_storage().data_ptr(): t for t in tensors}
+    views = []
+    for b in blocks:
+        if b.owner is not None:
+            views.append(b.owner.view(-1).view(torch.uint8))
+            continue
+        t = storages.get(b.addr)
+        if t is None:
+            raise ConfigError(f"no tensor holds the registered block at {b.addr:#x}")
+        views.append(torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage()))
+    return views
+
+
 def storage_blocks(tensors: Sequence[torch.Tensor]) -> list[Block]:
     """The distinct storages behind `tensors`, one block each."""
     blocks: dict[int, Block] = {}

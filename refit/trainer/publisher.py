@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from refit import digest
 from refit.catalog.client import CatalogClient
 from refit.compat import megatron as mcore
 from refit.config import DEFAULT_TIMEOUTS, check_lease
@@ -41,7 +42,7 @@ from refit.trainer import blocks as column_blocks
 from refit.trainer import memory
 from refit.trainer.lease import Lease
 from refit.transport.nixl import NixlAgent
-from refit.types import Region, SourceRecord, TensorDesc, VersionInfo
+from refit.types import DigestSet, Region, SourceRecord, TensorDesc, VersionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Publisher:
         self._mirrored: dict[int, int] = {}  # parameter index -> its index in the mirror
         self._hooks: list[Any] = []
         self._lease: Lease | None = None
+        self.last_digest_seconds = 0.0  # seconds the last stream_weights spent computing digests
         try:
             self._agent = NixlAgent(prefix=f"refit-trainer-{name}-r{self.rank}")
             if lease_s:
@@ -215,8 +217,9 @@ class Publisher:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    def _describe(self, blocks: list[memory.Block], locate: Any) -> tuple[list[Region], list[TensorDesc]]:
-        """Regions and descriptors; `locate(i)` is (region, byte offset) of parameter i (blocked bytes if blocked)."""
+    def _describe(self, blocks: list[memory.Block], locate: Any) -> tuple[list[Region], list[TensorDesc], DigestSet]:
+        """Regions, descriptors and their digests; `locate(i)` is (region, byte offset) of parameter i
+        (blocked bytes if blocked). The digests are computed on the published bytes, on their device."""
         regions = [b.region(i) for i, b in enumerate(blocks)]
         descs: list[TensorDesc] = []
         for i, (p, layout) in enumerate(zip(self._params, self._layouts, strict=True)):
@@ -233,10 +236,15 @@ class Publisher:
                 region=region,
                 byte_offset=byte_offset,
             )
-            descs.extend(column_blocks.split(whole, layout.count) if layout is not None else (whole,))
-        return regions, descs
+            parts = column_blocks.split(whole, layout.count) if layout is not None else (whole,)
+            descs.extend(digest.with_blocks(d) for d in parts)
+        t0 = time.perf_counter()
+        views = memory.byte_views(blocks, [p.param for p in self._params])
+        digests = digest.pack([digest.shard_digests(views[d.region], d) for d in descs])
+        self.last_digest_seconds = time.perf_counter() - t0
+        return regions, descs, digests
 
-    def _live_layout(self) -> tuple[list[Region], list[TensorDesc]]:
+    def _live_layout(self) -> tuple[list[Region], list[TensorDesc], DigestSet]:
         self._refresh_live_blocks()
         live, mirror = self._live_blocks, self._mirror
 
@@ -258,7 +266,9 @@ class Publisher:
             # Its publish never reached the catalog, so no reader can know of it.
             logger.debug("rank %d: snapshot version %d was never published", self.rank, version)
 
-    def _snapshot_layout(self, ring: memory.SnapshotRing, version: int) -> tuple[list[Region], list[TensorDesc]]:
+    def _snapshot_layout(
+        self, ring: memory.SnapshotRing, version: int
+    ) -> tuple[list[Region], list[TensorDesc], DigestSet]:
         # The slot's old version is retired before the copy, so a reader of it discards what it pulled.
         slot = ring.write(version, self._retire_snapshot)
         places = list(zip(ring.block_index, ring.offsets, strict=True))
@@ -278,12 +288,12 @@ class Publisher:
             self._lease.ensure()  # a lapsed lease is claimed again before the rank publishes anew
         memory.synchronize([p.param for p in self._params])  # the optimizer's writes land before anyone reads
         if self._ring is not None:
-            regions, descs = self._snapshot_layout(self._ring, version)
+            regions, descs, digests = self._snapshot_layout(self._ring, version)
         else:
             self.invalidate()
             if self._mirror is not None:  # the old version is retired: its blocked copy may change now
                 self._mirror.refresh()
-            regions, descs = self._live_layout()
+            regions, descs, digests = self._live_layout()
         source = SourceRecord(
             rank=self.rank,
             coords=self.coords,
@@ -291,6 +301,7 @@ class Publisher:
             agent_metadata=self._agent.metadata(),
             regions=tuple(regions),
             tensors=tuple(descs),
+            digests=digests,
         )
         info = self._client.publish(
             name=self.name, version=version, world_size=self.world_size, model=self.model_meta, source=source

@@ -60,6 +60,10 @@ def test_refit_reports_phases_bytes_and_references(tmp_path: Path) -> None:
         assert 0.45 * shape.num_params * 2 < r["bytes_per_receiver"] < 0.6 * shape.num_params * 2
         assert r["wire_bytes_per_receiver"] >= r["bytes_per_receiver"]
         assert r["wire_s"] > 0 and r["stall_s"] > 0 and r["publish_s"] > 0
+        # Digests: computed on every trainer rank, every pulled byte verified on the receivers.
+        assert r["digest_s"] > 0 and r["verify_s"] > 0
+        assert r["verified_bytes"] > 0 and r["unverified_bytes"] < r["bytes_per_receiver"] // 10
+    assert out["summary"]["digest_publish_share"] > 0 and out["summary"]["digest_verify_share"] > 0
     # Memory is registered once: later refits add no registration on either side.
     assert len({(r["trainer_registrations"], r["receiver_registrations"]) for r in rows[1:]}) == 1
     assert rows[1]["trainer_registrations"] == rows[0]["trainer_registrations"]

@@ -93,3 +93,23 @@ def optimizer_step_retires(state: dict, rank: int, world_size: int, *, key: str,
             after = client.get_version(name=name, version=1).state.value
         dist.barrier()
     return f"{before}->{after}"
+
+
+def corrupt(state: dict, rank: int, world_size: int, *, catalog: str, name: str, version: int, tensor: str,
+            ranks: list[int]) -> str | None:  # fmt: skip
+    """Flip one byte of `tensor`'s published bytes in this rank's registered (CPU) memory, in the middle
+    of the shard, without publishing anything; returns the global name of the tensor changed."""
+    import ctypes
+
+    from refit.catalog.client import CatalogClient
+
+    if rank not in ranks:
+        return None
+    with CatalogClient(catalog) as client:
+        source = next(s for s in client.get_sources(name=name, version=version) if s.rank == rank)
+    desc = next(t for t in source.tensors if t.name.endswith(tensor))
+    region = next(r for r in source.regions if r.index == desc.region)
+    assert region.device == "cpu"
+    byte = ctypes.c_uint8.from_address(region.addr + desc.byte_offset + desc.nbytes // 2 + 1)
+    byte.value ^= 0x10
+    return desc.name

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "refit"
 
-VALUES = {"refit.errors", "refit.types", "refit.dtypes", "refit.config", "refit.proto"}
+VALUES = {"refit.errors", "refit.types", "refit.dtypes", "refit.config", "refit.proto", "refit.digest"}
 
 # Layer of a module (by the longest matching prefix) -> the layers it may import from.
 ALLOWED: dict[str, set[str]] = {
@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "refit.dtypes": {"refit.errors"},
     "refit.config": {"refit.errors"},
     "refit.types": {"refit.errors", "refit.dtypes"},
+    "refit.digest": {"refit.errors", "refit.dtypes", "refit.types"},
     "refit.proto": {"refit.proto"},
     "refit.compat": VALUES,
     "refit.plan": VALUES | {"refit.plan"},
