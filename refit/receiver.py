@@ -1,38 +1,23 @@
 """The engine hook: `Receiver.update_weights()` pulls a version and installs it into an engine.
 
 A refit is two steps, usable separately: `fetch` resolves the version, plans the byte ranges this
-engine rank needs and pulls what fits the staging window; `install` puts it into the engine.
+engine rank needs and pulls what fits the staging window; `install` puts it into the engine. Three
+ways to install, chosen per refit (docs/hooks.md has the contract of each):
 
-Two ways to install, chosen per refit:
+* **Whole**: everything into staging, re-checked READY, verified against the trainers' digests, then
+  installed as one set the engine validates first: the old version or the new one, never a mix.
+* **Streamed** (engines with `destinations()`: HF, Megatron): contiguous runs are READ straight into
+  engine memory, the rest streams through a window of `max_staging_bytes` (1 GiB by default) in
+  chunks. Engine memory changes during the refit, so it must not serve meanwhile; if the READY
+  re-check, a digest or a read fails, `Receiver.torn` says the weights are mixed until a refit
+  completes, and an unpinned `update_weights()` pulls the newest version again.
+* **Layer by layer** (engines with `layer_of()` and `install_layers()`: vLLM): chunks of whole layers
+  (`refit.plan.layered`), chunk k installed while chunk k + 1 is pulled; same re-check and `torn`.
 
-* **Whole.** When the staged tensors fit the window and nothing is read straight into the engine,
-  everything is pulled into staging, the version is re-checked READY (bytes a trainer overwrote
-  mid-pull are never used) and the engine installs the complete set at once, validating first: the
-  engine holds the old version or the new one, never a mix. Engines with neither `destinations()`
-  nor `install_layers()` always install this way.
-* **Streamed.** An engine that exposes `destinations()` (its live tensors; HF, Megatron) takes the
-  bounded path: tensors that are one contiguous run of a trainer rank's bytes are READ straight into
-  their engine memory (registered once), and the rest streams through a staging window of
-  `max_staging_bytes` (1 GiB by default) in chunks, the pull of one overlapping the install of the
-  previous. Engine memory changes during the refit, so it must not serve meanwhile (install while
-  generation is paused). The version is re-checked READY after the last byte is pulled; if a
-  trainer step raced the pull, or a read failed, the engine's weights are mixed: `Receiver.torn`
-  says so until a refit completes, and an unpinned `update_weights()` pulls the newest version again.
-* **Layer by layer.** An engine that installs whole layers (`layer_of()` and `install_layers()`;
-  vLLM) streams a refit larger than its window in chunks of whole layers (`refit.plan.layered`):
-  `fetch` pulls the first two, and `install` installs chunk k (all of its layers at once) while
-  chunk k + 1 is pulled. Same READY re-check and `torn` as the streamed path.
-
-A read that fails or times out may leave transfers running into staging, so those buffers are set
-aside and the next pull gets fresh ones (`Receiver.stats` shows both).
-
-Failover. A trainer rank the catalog lists as dead (`VersionInfo.dead_ranks`: its lease lapsed) is
-never read from: the plan takes its tensors from a DP/EDP replica holding the same bytes. A read
-that fails or times out (`source_timeout_s`) marks its source dead for the rest of the call, and
-`fetch`/`update_weights` plan the version again without it and pull again, within the same
-deadline. When no live replica holds what a dead rank held, `SourceDeadError` names the rank and its
-agent; nothing is installed from it (whole: the engine keeps its weights; streamed: `torn` until the
-next refit completes, as for any failed streamed install).
+Failover: a rank the catalog lists as dead, or whose read fails or times out (`source_timeout_s`), is
+not read from again in this call; the version is planned again from DP/EDP replicas and pulled within
+the same deadline, or `SourceDeadError` names the rank. A read that fails may leave transfers running
+into staging, so those buffers are set aside (`Receiver.stats`).
 """
 
 from __future__ import annotations
@@ -46,27 +31,25 @@ from typing import TypeVar
 import torch
 
 from refit.catalog.client import CatalogClient
-from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS
-from refit.engines.base import Engine, TensorSpec, check_compatible, check_tensors, destinations_of, installs_layers
+from refit.engines.base import Engine, destinations_of, installs_layers
 from refit.errors import (
     ConfigError,
     DigestError,
-    LayoutError,
-    RefitError,
     TransportError,
-    VersionNotFoundError,
     VersionRetiredError,
 )
 from refit.plan.assemble import assemble, assemble_chunk
 from refit.plan.cost import DEFAULT_COST, LinkCost
-from refit.plan.liveness import DeadSources, source_dead
-from refit.plan.planner import MAX_OVERREAD, Plan, plan_refit, stripe
-from refit.plan.targets import Target
-from refit.plan.verify import DigestIndex, Totals, Verifier
-from refit.staging import ReceiverStats, StagedVersion, StagingPool
+from refit.plan.liveness import DeadSources
+from refit.plan.planner import MAX_OVERREAD, Plan, stripe
+from refit.plan.verify import Totals
+from refit.plan_cache import PlanCache
+from refit.staged import ReceiverStats, StagedVersion
+from refit.staging import StagingPool
 from refit.transport.nixl import NixlAgent
-from refit.types import UpdateResult, VersionState
+from refit.types import UpdateResult
+from refit.versions import CatalogVersions
 
 logger = logging.getLogger(__name__)
 
@@ -147,29 +130,28 @@ class Receiver:
             direct_min_bytes = DIRECT_MIN_BYTES.get(torch.device(engine.device).type, DIRECT_MIN_BYTES["cuda"])
         if max_overread < 0 or direct_min_bytes < 0:
             raise ConfigError(f"max_overread ({max_overread}) and direct_min_bytes ({direct_min_bytes}) must be >= 0")
-        self._link_cost, self._max_overread = link_cost, max_overread
         self.engine = engine
         self.name = name
         self._spec = engine.spec()
-        self._layout = self._spec.layout()
         self._stripe = stripe(replica=replica, tp_rank=self._spec.tp_rank, tp_size=self._spec.tp_size)
         self._timeout_s = timeout_s
-        self._on_after_wire = on_after_wire
         self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token)
+        self._versions = CatalogVersions(self._client, name, on_after_wire=on_after_wire)
         self._dests = destinations_of(engine)
         self._layered = self._dests is None and installs_layers(engine)
         self._max_staging = max_staging_bytes
         bounded = self._dests is not None or self._layered
         self._window = max_staging_bytes if max_staging_bytes is not None or not bounded else DEFAULT_WINDOW
         self._direct = direct and self._dests is not None
-        self._direct_min = direct_min_bytes
         self._pool: StagingPool | None = None
-        self._plan_key: tuple | None = None
-        self._plan: Plan | None = None
+        self._plans = PlanCache(
+            name=name, engine=engine, spec=self._spec, stripe=self._stripe, link_cost=link_cost,
+            max_overread=max_overread, window=self._window, dests=self._dests, direct=self._direct,
+            direct_min_bytes=direct_min_bytes, layered=self._layered,
+        )  # fmt: skip
         self._generation = 0
         self._torn = False
         self._verify = bool(verify_digests)
-        self._index: DigestIndex | None = None
         self._checked = Totals()
         self._source_timeout_s = source_timeout_s
         self._agents: dict[str, int] = {}  # agent name -> trainer rank, of the version being pulled
@@ -180,7 +162,7 @@ class Receiver:
     @property
     def plan(self) -> Plan | None:
         """The plan of the last fetch that got as far as planning (None before)."""
-        return self._plan
+        return self._plans.plan
 
     @property
     def torn(self) -> bool:
@@ -206,124 +188,6 @@ class Receiver:
             unverified_bytes=self._checked.unverified_bytes,
             verify_seconds=self._checked.seconds,
         )
-
-    # -- version resolution -----------------------------------------------------------------------
-
-    def _resolve(self, version: int | None, deadline: float) -> Resolved:
-        """The version to pull and its sources, in one catalog round trip when it is READY.
-
-        With a plan cached under a layout digest, the catalog is asked for that digest and for the
-        trainer ranks the plan reads only: when the version's digest matches, the sources come without
-        tensor descriptors and only those ranks' (a few hundred bytes per rank, however large the
-        trainer world). When it does not (the layout changed), the version is resolved again in full.
-        """
-        known, ranks = "", ()
-        if self._plan_key is not None and self._plan_key[0] and self._plan is not None:
-            known, ranks = self._plan_key[0], tuple(sorted(self._plan.bytes_by_rank))
-        while True:
-            try:
-                resolved = self._client.resolve(name=self.name, version=version, known_layout=known, ranks=ranks)
-            except VersionNotFoundError:
-                if version is None:
-                    if time.monotonic() > deadline:
-                        raise VersionNotFoundError(f"no READY version of {self.name!r} in the catalog") from None
-                    time.sleep(DEFAULT_TIMEOUTS.poll_s)
-                    continue
-                resolved = None
-            if resolved is not None and resolved.info.state is VersionState.READY:
-                if ranks and not resolved.tensors_omitted:
-                    # A new layout: a new plan needs every rank's records, of this same version.
-                    return self._client.resolve(name=self.name, version=resolved.info.version)
-                return resolved
-            # A pinned version not READY (or not published) yet: wait for it; this raises if it is
-            # retired, or not READY by the deadline.
-            assert version is not None  # the newest READY version is READY
-            remaining = max(deadline - time.monotonic(), _MIN_WAIT_S)
-            self._client.wait_ready(name=self.name, version=version, timeout_s=remaining)
-
-    def _check_ready(self, version: int) -> None:
-        """The seqlock check: a version retired while we read may have been overwritten mid-pull."""
-        self._start_check(version)()
-
-    def _start_check(self, version: int) -> Callable[[], None]:
-        """Send the READY re-check now; the returned call waits for its answer and raises if retired."""
-        if self._on_after_wire is not None:
-            self._on_after_wire(version)
-        answer = self._client.version_state_later(name=self.name, version=version)
-
-        def finish() -> None:
-            state = answer()
-            if state is not VersionState.READY:
-                mixed = "the engine's weights are mixed until a refit completes" if self._torn else "nothing installed"
-                raise VersionRetiredError(
-                    f"version {version} of {self.name!r} became {state.value} during the pull; {mixed}"
-                )
-
-        return finish
-
-    # -- planning -----------------------------------------------------------------------------------
-
-    def _accepts_direct(self, target: Target) -> bool:
-        assert self._dests is not None
-        dest = self._dests.get(target.hf_name)
-        return dest is not None and dest.is_contiguous() and dest.numel() > 0
-
-    @staticmethod
-    def _key_of(resolved: Resolved, dead: dict[int, tuple[str, str]]) -> tuple[object, ...]:
-        # The catalog's layout digest covers what a plan depends on; without one (an older catalog)
-        # the key is the records themselves.
-        return (
-            resolved.layout_digest,
-            resolved.info.model,
-            () if resolved.layout_digest else resolved.sources,
-            frozenset(dead),
-        )
-
-    def _plan_for(self, resolved: Resolved, dead: dict[int, tuple[str, str]]) -> Plan:
-        """The plan over the live sources (`dead`: rank -> (agent, why) of the ones not to read from)."""
-        info, sources = resolved.info, resolved.sources
-        key = self._key_of(resolved, dead)
-        if key == self._plan_key and self._plan is not None:
-            return self._plan
-        if resolved.tensors_omitted:  # `_fetch_once` resolves in full whenever the cached plan does not fit
-            raise VersionNotFoundError(f"{self.name!r} v{info.version}: the catalog omitted tensors for a stale plan")
-        check_compatible(self._spec, info.model)
-        live = [s for s in sources if s.rank not in dead]
-        try:
-            plan = plan_refit(model=info.model, sources=live, layout=self._layout, stripe=self._stripe,
-                              cost=self._link_cost, max_overread=self._max_overread,
-                              window=self._window if self._dests is not None or self._layered else None,
-                              direct=self._accepts_direct if self._direct else None,
-                              direct_min_bytes=max(self._direct_min, 1),
-                              layer_of=self._layer_of if self._layered else None)  # fmt: skip
-            planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
-            check_tensors(self.engine.expected(), planned)
-        except LayoutError as exc:
-            if not dead:
-                raise
-            raise source_dead(self.name, info.version, dead, exc) from exc
-        self._plan_key, self._plan = key, plan
-        self._index = DigestIndex(sources)  # digest places follow the layout, cached with the plan
-        return plan
-
-    def _verifier(self, resolved: Resolved) -> Verifier | None:
-        if not self._verify or self._index is None:
-            return None
-        return Verifier(self._index, resolved.sources, version=resolved.info.version)
-
-    def _streamed_mismatch(self, exc: DigestError, version: int) -> RefitError:
-        """A streamed chunk failed its digest: a race if the version was retired meanwhile, else corruption."""
-        state = self._client.version_state(name=self.name, version=version)
-        if state is not VersionState.READY:  # the trainer may have overwritten the bytes: not corruption
-            return VersionRetiredError(
-                f"version {version} of {self.name!r} became {state.value} during the pull; "
-                "the engine's weights are mixed until a refit completes"
-            )
-        return DigestError(f"{exc}; the engine's weights are mixed until a refit completes", tensor=exc.tensor,
-                           rank=exc.rank, version=exc.version, block=exc.block)  # fmt: skip
-
-    def _layer_of(self, target: Target) -> tuple[int, str]:
-        return self.engine.layer_of(target.hf_name)  # type: ignore[attr-defined]
 
     def _fail_over(self, exc: TransportError, dead: DeadSources, deadline: float) -> bool:
         """Whether a failed pull is worth another attempt without the source that failed it."""
@@ -370,14 +234,7 @@ class Receiver:
                 if not self._fail_over(exc, dead, deadline):
                     raise
             except DigestError as exc:
-                self._retry_digest(exc, version, deadline)
-
-    def _retry_digest(self, exc: DigestError, version: int | None, deadline: float) -> None:
-        """Raise `exc` unless an unpinned refit can pull a newer version (the same bytes would fail again)."""
-        latest = None if version is not None or time.monotonic() > deadline else self._client.latest(name=self.name)
-        if latest is None or latest.version <= exc.version:
-            raise exc
-        logger.warning("%s: %s; retrying with the newest version", self.name, exc)
+                self._versions.retry_digest(exc, version, deadline)
 
     def _timeout(self, timeout_s: float | None) -> float:
         if timeout_s is None:
@@ -392,15 +249,15 @@ class Receiver:
         t0 = time.perf_counter()
         # 1. Resolve the version and plan this rank's reads from its live sources (cached while the
         #    sources stay the same); a plan the engine cannot take is refused before anything is allocated.
-        resolved = self._resolve(version, deadline)
+        resolved = self._versions.resolve(version, deadline, *self._plans.known())
         excluded = (dead or DeadSources()).excluded(resolved.sources, resolved.info.dead_ranks)
-        if resolved.tensors_omitted and self._key_of(resolved, excluded) != self._plan_key:
+        if resolved.tensors_omitted and not self._plans.fits(resolved, excluded):
             # Other sources are dead now: a new plan needs every rank's records with their tensors.
             resolved = self._client.resolve(name=self.name, version=resolved.info.version)
             excluded = (dead or DeadSources()).excluded(resolved.sources, resolved.info.dead_ranks)
         info, sources = resolved.info, resolved.sources
         self._agents = {s.agent_name: s.rank for s in sources}
-        plan = self._plan_for(resolved, excluded)
+        plan = self._plans.plan_for(resolved, excluded)
         whole_only = self._dests is None and not self._layered
         if whole_only and self._max_staging is not None and plan.staging_bytes > self._max_staging:
             raise ConfigError(
@@ -420,12 +277,12 @@ class Receiver:
         )  # fmt: skip
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
-        verifier = self._verifier(resolved)
+        verifier = self._plans.verifier(resolved) if self._verify else None
         timings: dict[str, float] = {}
         if not streamed:
             # 3. Whole: validate (still READY, so a digest mismatch is corruption, not a race), verify
             #    every staged block, then the engine's tensors as views of staging where possible.
-            self._check_ready(info.version)
+            self._versions.check_ready(info.version, torn=False)
             if verifier is not None and plan.chunks:
                 try:
                     verifier.pieces(plan.chunks[0].pieces, slots[0])
@@ -478,11 +335,11 @@ class Receiver:
                 descriptors += self._pool.stream(
                     plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
                     deadline=deadline, read_deadline=self._read_deadline,
-                    start_check=lambda: self._start_check(staged.version), timings=timings,
+                    start_check=lambda: self._versions.start_check(staged.version, torn=True), timings=timings,
                     install_chunk=install_chunk, verifier=staged.verifier,
                 )  # fmt: skip
             except DigestError as exc:
-                raise self._streamed_mismatch(exc, staged.version) from exc
+                raise self._versions.mismatch(exc, staged.version) from exc
             finally:
                 self._checked.absorb(staged.verifier, timings)
             self._torn = False

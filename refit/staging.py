@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -36,56 +35,6 @@ logger = logging.getLogger(__name__)
 _PARKED: list[torch.Tensor] = []
 
 MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
-
-
-@dataclass(kw_only=True)
-class StagedVersion:
-    """A version pulled (or, streamed, begun) and ready to install (valid until the next fetch).
-
-    `tensors` is the complete set when the version is installed whole; a streamed version holds its
-    first chunks in staging (`pulled` of them) and pulls the rest during `install`.
-    """
-
-    version: int
-    tensors: dict[str, torch.Tensor]
-    bytes: int
-    num_sources: int
-    num_descriptors: int
-    staging_bytes: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    generation: int = 0
-    streamed: bool = False
-    pulled: int = 0
-    plan: Plan | None = field(default=None, repr=False)
-    sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
-    verifier: Verifier | None = field(default=None, repr=False)  # None: digests not checked
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReceiverStats:
-    """A receiver's staging, at one moment.
-
-    Attributes:
-        registrations: buffers and engine storages registered with NIXL so far (constant while reused).
-        staging_bytes: size of the current staging buffers (0: none allocated, or set aside).
-        peak_staging_bytes: the most staging held at once so far.
-        quarantined: staging buffers set aside after a failed or timed-out read, so far; the next
-            fetch pulls into fresh buffers.
-        quarantined_bytes: bytes of those still held because a read into them may still be running.
-        verified_bytes: bytes checked against their trainer's digests so far (whole blocks).
-        unverified_bytes: bytes pulled so far that no digest check covered (blocks read in part, or
-            trainers that publish no digests; 0 when every byte was verified).
-        verify_seconds: seconds spent checking digests so far.
-    """
-
-    registrations: int
-    staging_bytes: int
-    peak_staging_bytes: int
-    quarantined: int
-    quarantined_bytes: int
-    verified_bytes: int = 0
-    unverified_bytes: int = 0
-    verify_seconds: float = 0.0
 
 
 class StagingPool:
