@@ -8,13 +8,16 @@ without the optimizer is tests/integration/test_publisher_ddp.py). On two GPUs:
 
 Two trainer ranks (TP1, DP2) train a bf16 llama-shaped GPTModel on random tokens, with
 `overlap_param_gather` on (the all-gather is deferred to the next forward) and off (the step gathers).
-After each step every rank publishes; a receiver in this process (a plain-tensor engine on GPU 0)
-pulls the version. The ground truth is each rank's own updated shard of the param buffers, gathered
-with plain `torch.distributed.all_gather` (tests/support/ddp_ops.py); the receiver's HF tensors go
-back to Megatron's layout through the test's own converter.
+After each step every rank publishes; a receiver in this process (a plain-tensor engine on GPU
+`$REFIT_TEST_RECEIVER_GPU`, default 0) pulls the version. The ground truth is each rank's own
+updated shard of the param buffers, gathered with plain `torch.distributed.all_gather`
+(tests/support/ddp_ops.py); the receiver's HF tensors go back to Megatron's layout through the
+test's own converter.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 VERSIONS = (1, 2, 3)
+RECEIVER_GPU = int(os.environ.get("REFIT_TEST_RECEIVER_GPU", "0"))  # the trainer ranks use GPUs 0 and 1
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap_param_gather", "step_gathers"])
@@ -55,7 +59,7 @@ def test_publishes_the_weights_of_the_next_forward(overlap: bool) -> None:
                     assert r["pending_gathers"] == []
                 assert any(r["state"] == "READY" for r in ranks)
                 if rcv is None:
-                    rcv = ddp_ops.receiver(server.address, name, version, torch.device("cuda", 0))
+                    rcv = ddp_ops.receiver(server.address, name, version, torch.device("cuda", RECEIVER_GPU))
                 assert rcv.update_weights(version=version).version == version
                 assert ddp_ops.differing(rcv, ranks[0]["truth"]) == [], f"v{version}: pulled bytes differ"
                 # The next forward uses exactly these bytes: its pre-hooks start no all-gather, change nothing.
