@@ -8,6 +8,7 @@
 #   run(kind="nvidia-h200-x2", carry=[".carry-1"], command=
 #     "bash .carry-1/stage.sh >/dev/null 2>&1; . /tmp/carry/env.sh && bash bench/scripts/gpu_megatron_ddp.sh")
 # Elsewhere: any environment with refit's dependencies and two GPUs, from the repository root.
+# REFIT_TEST_RECEIVER_GPU=1 puts the test's receiver on GPU 1 (default 0; the trainer ranks use GPUs 0 and 1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/server:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}

@@ -60,7 +60,12 @@ def test_publishes_the_weights_of_the_next_forward(overlap: bool) -> None:
                 assert any(r["state"] == "READY" for r in ranks)
                 if rcv is None:
                     rcv = ddp_ops.receiver(server.address, name, version, torch.device("cuda", RECEIVER_GPU))
-                assert rcv.update_weights(version=version).version == version
+                try:
+                    result = rcv.update_weights(version=version)
+                except Exception:
+                    _print_regions(server.address, name, version)  # shown with the failure: what each rank registered
+                    raise
+                assert result.version == version
                 assert ddp_ops.differing(rcv, ranks[0]["truth"]) == [], f"v{version}: pulled bytes differ"
                 # The next forward uses exactly these bytes: its pre-hooks start no all-gather, change nothing.
                 for g in cluster.run("tests.support.ddp_ops:forward_gathers", timeout_s=120):
@@ -69,3 +74,12 @@ def test_publishes_the_weights_of_the_next_forward(overlap: bool) -> None:
             if rcv is not None:
                 rcv.close()
             cluster.run("tests.support.ddp_ops:close", timeout_s=60)
+
+
+def _print_regions(catalog: str, name: str, version: int) -> None:
+    from refit.catalog.client import CatalogClient
+
+    with CatalogClient(catalog) as client:
+        for source in client.get_sources(name=name, version=version):
+            for g in source.regions:
+                print(f"rank {source.rank} region {g.index}: {g.addr:#x}+{g.nbytes} on {g.device}:{g.device_id}")
