@@ -216,6 +216,54 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     return module
 
 
+_DDP = ("megatron.core.distributed.distributed_data_parallel", "DistributedDataParallel")
+
+
+def ddp_wrapper(module: nn.Module) -> nn.Module | None:
+    """The Megatron `DistributedDataParallel` in a chunk's `.module` chain; None if it has none.
+
+    Its parameters are views of its contiguous param buffers (`buffers[i].param_data`), so they must
+    never be moved elsewhere (refit's arena consolidation would detach them from DDP).
+    """
+    while isinstance(module, nn.Module):
+        # The class is imported only for a candidate: megatron.core.distributed pulls in the optimizers.
+        if hasattr(module, "ddp_config") and isinstance(module, _class(_DDP)):
+            return module
+        if hasattr(module, "decoder"):
+            return None
+        module = getattr(module, "module", None)
+    return None
+
+
+def defers_param_gather(ddp: nn.Module) -> bool:
+    """Whether `ddp`'s distributed optimizer leaves the bf16 param all-gather to the next forward.
+
+    With `use_distributed_optimizer` and `overlap_param_gather`, `DistributedOptimizer.step()`
+    updates only the rank's own shard of each param buffer; the all-gather of the others is
+    dispatched by the next forward's pre-hooks (or, with `overlap_param_gather_with_optimizer_step`,
+    left in flight by the step). Without `overlap_param_gather` the step gathers synchronously.
+    """
+    cfg = _attr(ddp, "ddp_config", "DistributedDataParallel")
+    require(hasattr(cfg, "overlap_param_gather"), "DistributedDataParallelConfig.overlap_param_gather")
+    return bool(getattr(cfg, "use_distributed_optimizer", False)) and bool(cfg.overlap_param_gather)
+
+
+def gather_params(ddp: nn.Module) -> None:
+    """Complete `ddp`'s param all-gather now (a collective over its data-parallel group).
+
+    `start_param_sync(force_sync=True)` waits for an all-gather already in flight, or runs one
+    synchronously, for every bucket group, and leaves each group `param_gather_dispatched` with no
+    handle: the next forward's pre-hook (`finish_param_sync`) then neither gathers again nor waits,
+    and the next `finish_grad_sync` clears the flag for the step after, as in Megatron's own loop.
+    """
+    sync = _attr(ddp, "start_param_sync", "DistributedDataParallel")
+    groups = [*_attr(ddp, "bucket_groups", "DistributedDataParallel")]
+    groups += getattr(ddp, "expert_parallel_bucket_groups", [])
+    for group in groups:
+        require(hasattr(group, "param_gather_dispatched"), "_ParamAndGradBucketGroup.param_gather_dispatched")
+    sync(force_sync=True)
+
+
 def model_config(chunk: nn.Module) -> Any:
     """The chunk's TransformerConfig."""
     return _attr(chunk, "config", "GPTModel")

@@ -66,6 +66,12 @@ def model_chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return out
 
 
+def ddp_wrappers(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """The Megatron DistributedDataParallel wrapper of each chunk that has one (see `model_chunks`)."""
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    return [ddp for ddp in (mcore.ddp_wrapper(c) for c in chunks) if ddp is not None]
+
+
 def parallel_coords() -> tuple[int, int, ParallelCoords]:
     """(global rank, world size, parallel coordinates) of this process, trainer or engine rank."""
     import torch.distributed as dist

@@ -13,6 +13,12 @@ version takes the slot of the oldest), so the last `k` versions stay readable wh
 on; a slot's old version is retired before the slot is overwritten, and the copy has landed (on
 GPU too) before the new version is published.
 
+Megatron DDP with the distributed optimizer and `overlap_param_gather`: a step updates only the
+rank's own shard of each bf16 param buffer and leaves the all-gather of the rest to the next
+forward's pre-hooks. `stream_weights` completes that all-gather first (a collective over the
+data-parallel group, after the previous version is retired), so the version holds exactly the
+weights the next forward uses, and that forward does not gather again.
+
 Column blocks (`row_blocks=k`). A row-parallel shard (split on an inner dim: row-parallel weights,
 attention `linear_proj`, MoE expert `linear_fc2`) is published as `k` contiguous column blocks, each
 its own descriptor (`refit.trainer.blocks`), so an engine at a higher TP reads its columns in one
@@ -37,7 +43,14 @@ from refit.compat import megatron as mcore
 from refit.config import DEFAULT_TIMEOUTS, check_lease
 from refit.dtypes import dtype_name
 from refit.errors import ConfigError, RefitError, VersionNotFoundError
-from refit.megatron.model import LocalParam, local_parameters, model_chunks, model_meta, parallel_coords
+from refit.megatron.model import (
+    LocalParam,
+    ddp_wrappers,
+    local_parameters,
+    model_chunks,
+    model_meta,
+    parallel_coords,
+)
 from refit.trainer import blocks as column_blocks
 from refit.trainer import memory
 from refit.trainer.lease import Lease
@@ -114,6 +127,10 @@ class Publisher:
         elif lease_s != 0:
             raise ConfigError(f"lease_s must be > 0 (or 0: no lease), got {lease_s!r}")
         chunks = model_chunks(model)
+        ddps = ddp_wrappers(model)
+        # DDP chunks whose distributed optimizer leaves the param all-gather to the next forward.
+        self._deferred_gathers = [d for d in ddps if mcore.defers_param_gather(d)]
+        self._in_ddp = bool(ddps)
         self.rank, self.world_size, self.coords = parallel_coords()
         self.name = name
         self.model_meta = model_meta(chunks, architecture=architecture, vocab_size=vocab_size)
@@ -155,7 +172,8 @@ class Publisher:
     def _setup_memory(self, consolidate: bool) -> None:
         tensors = [p.param for p in self._params]
         blocks = memory.storage_blocks(tensors)
-        if consolidate and self._snapshots == 0 and len(blocks) > MAX_STORAGE_REGIONS:
+        # DDP parameters are views of its param buffers: moving them would detach them from DDP.
+        if consolidate and not self._in_ddp and self._snapshots == 0 and len(blocks) > MAX_STORAGE_REGIONS:
             blocks = memory.consolidate(tensors)
         self._live_blocks = blocks
         blocked = [i for i, layout in enumerate(self._layouts) if layout is not None]
@@ -286,11 +304,14 @@ class Publisher:
         start = time.perf_counter()
         if self._lease is not None:
             self._lease.ensure()  # a lapsed lease is claimed again before the rank publishes anew
+        if self._ring is None:
+            self.invalidate()  # before the all-gather below writes the live parameters
+        for ddp in self._deferred_gathers:  # the bytes the next forward would use, gathered now
+            mcore.gather_params(ddp)
         memory.synchronize([p.param for p in self._params])  # the optimizer's writes land before anyone reads
         if self._ring is not None:
             regions, descs, digests = self._snapshot_layout(self._ring, version)
         else:
-            self.invalidate()
             if self._mirror is not None:  # the old version is retired: its blocked copy may change now
                 self._mirror.refresh()
             regions, descs, digests = self._live_layout()

@@ -26,6 +26,9 @@ class ReadOp:
     count: int = 1
     local_stride: int = 0
     remote_stride: int = 0
+    # The remote registered region it reads: two regions may be adjacent in memory (two caching-allocator
+    # blocks, e.g. Megatron DDP's bf16 and fp32 param buffers), and NIXL rejects a descriptor spanning both.
+    region: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,27 +44,30 @@ class ReadJob:
 
 
 def merge_reads(ops: Sequence[ReadOp]) -> list[tuple[int, int, int]]:
-    """Expand strided ops and merge ranges that are adjacent on both sides.
+    """Expand strided ops and merge ranges that are adjacent on both sides and in one remote region.
 
     Returns `(local_addr, remote_addr, nbytes)` triples; a fast link pays per descriptor, so a
-    sliced plan must not explode into thousands of small reads when its ranges touch.
+    sliced plan must not explode into thousands of small reads when its ranges touch. A merged
+    range never spans two registered regions, even adjacent ones: NIXL would reject it.
     """
-    flat: list[tuple[int, int, int]] = []
+    flat: list[tuple[int, int, int, int]] = []
     for op in ops:
         for i in range(op.count):
-            flat.append((op.local_addr + i * op.local_stride, op.remote_addr + i * op.remote_stride, op.nbytes))
+            flat.append(
+                (op.local_addr + i * op.local_stride, op.remote_addr + i * op.remote_stride, op.nbytes, op.region)
+            )
     flat.sort(key=lambda r: r[1])
     merged: list[list[int]] = []
-    for local, remote, n in flat:
+    for local, remote, n, region in flat:
         if n <= 0:
             continue
         if merged:
             last = merged[-1]
-            if last[0] + last[2] == local and last[1] + last[2] == remote:
+            if last[0] + last[2] == local and last[1] + last[2] == remote and last[3] == region:
                 last[2] += n
                 continue
-        merged.append([local, remote, n])
-    return [(a, b, c) for a, b, c in merged]
+        merged.append([local, remote, n, region])
+    return [(a, b, c) for a, b, c, _ in merged]
 
 
 class PlannedRead(Protocol):
@@ -162,6 +168,7 @@ def _group(
                 count=count,
                 local_stride=block,
                 remote_stride=stride,
+                region=index,
             )
         )
     return [

@@ -77,10 +77,17 @@ def _send(results: Any, seq: int, rank: int, ok: bool, value: Any) -> None:
     results.put((seq, rank, ok, payload))
 
 
-def _worker(rank: int, world_size: int, port: int, pg_timeout_s: float, commands: Any, results: Any) -> None:
-    """Worker entry point: join the process group, then serve commands until told to stop."""
+def _worker(
+    rank: int, world_size: int, port: int, pg_timeout_s: float, commands: Any, results: Any, cuda: bool = False
+) -> None:
+    """Worker entry point: join the process group, then serve commands until told to stop.
+
+    `cuda`: the rank uses GPU `rank` and NCCL (no CPU shims); otherwise the GPUs are hidden and gloo is used.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    os.environ.update(LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    os.environ.update(LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    if not cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(1)
     parent = os.getppid()
     try:
@@ -92,10 +99,18 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout_s: float, commands
         store = dist.TCPStore(
             "127.0.0.1", port, world_size=None, is_master=False, timeout=datetime.timedelta(seconds=pg_timeout_s)
         )
+        if cuda:
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
+            "nccl" if cuda else "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+            **({"device_id": torch.device("cuda", rank)} if cuda else {}),
         )
-        apply_cpu_shims()
+        if not cuda:
+            apply_cpu_shims()
     except BaseException:  # noqa: BLE001 - reported to the test, then the worker exits
         _send(results, _READY, rank, False, traceback.format_exc())
         return
@@ -129,7 +144,7 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout_s: float, commands
 
 
 class TrainerCluster:
-    """`world_size` spawned processes in one gloo group, each serving `run` commands.
+    """`world_size` spawned processes in one gloo group (NCCL, a GPU each, if `cuda`), each serving `run` commands.
 
     Use as a context manager. `timeout_s` bounds start-up (spawn, imports, rendezvous);
     `pg_timeout_s` is the gloo collective timeout inside the workers. After a command times out,
@@ -137,8 +152,11 @@ class TrainerCluster:
     `run` is not thread-safe: drive a cluster from one thread.
     """
 
-    def __init__(self, world_size: int = 8, timeout_s: float = 180.0, pg_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, world_size: int = 8, timeout_s: float = 180.0, pg_timeout_s: float = 300.0, cuda: bool = False
+    ) -> None:
         self.world_size = world_size
+        self.cuda = cuda
         self.timeout_s = timeout_s
         self.pg_timeout_s = pg_timeout_s
         self.startup_s: float | None = None
@@ -189,6 +207,7 @@ class TrainerCluster:
                         self.pg_timeout_s,
                         self._commands[rank],
                         self._results,
+                        self.cuda,
                     ),
                     name=f"trainer-rank{rank}",
                     daemon=True,

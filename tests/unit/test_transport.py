@@ -48,6 +48,29 @@ def test_strided_ops_expand_and_merge_where_their_blocks_touch() -> None:
     assert merge_reads([dense]) == [(0, 10_000, 256)]
 
 
+def test_ranges_of_two_adjacent_regions_stay_apart() -> None:
+    # Two registrations back to back in memory (Megatron DDP's fp32 and bf16 param buffers can be):
+    # one descriptor across both would be rejected by NIXL, so the touching ranges are not merged.
+    ops = [
+        ReadOp(local_addr=0, remote_addr=5000, nbytes=100, region=0),
+        ReadOp(local_addr=100, remote_addr=5100, nbytes=100, region=1),
+        ReadOp(local_addr=200, remote_addr=5200, nbytes=50, region=1),
+    ]
+    assert merge_reads(ops) == [(0, 5000, 100), (100, 5100, 150)]
+
+
+def test_jobs_keep_reads_of_adjacent_regions_in_separate_descriptors() -> None:
+    adjacent = record(
+        1, (Region(index=0, addr=0x3000_0000, nbytes=256), Region(index=1, addr=0x3000_0000 + 256, nbytes=256))
+    )
+    plan = plan_of(
+        Read(rank=1, region=0, remote_offset=192, local_offset=0, block_bytes=64),
+        Read(rank=1, region=1, remote_offset=0, local_offset=64, block_bytes=64),
+    )
+    (job,) = jobs_for(plan, [adjacent], 0x9000, "cpu", 0)
+    assert merge_reads(job.ops) == [(0x9000, 0x3000_0000 + 192, 64), (0x9000 + 64, 0x3000_0000 + 256, 64)]
+
+
 def test_zero_byte_ops_are_dropped() -> None:
     ops = [
         ReadOp(local_addr=0, remote_addr=0, nbytes=0),
@@ -102,8 +125,8 @@ def test_each_rank_and_remote_device_is_one_job_with_absolute_addresses() -> Non
         ReadOp(local_addr=0x9000 + 32, remote_addr=0x1000_0000, nbytes=16, count=2, local_stride=16, remote_stride=128)
     ]
     assert jobs[1].ops == [
-        ReadOp(local_addr=0x9000, remote_addr=0x2000_0000 + 64, nbytes=32, local_stride=32),
-        ReadOp(local_addr=0x9000 + 72, remote_addr=0x2000_0000 + 512, nbytes=8, local_stride=8),
+        ReadOp(local_addr=0x9000, remote_addr=0x2000_0000 + 64, nbytes=32, local_stride=32, region=1),
+        ReadOp(local_addr=0x9000 + 72, remote_addr=0x2000_0000 + 512, nbytes=8, local_stride=8, region=1),
     ]
     assert jobs[2].ops == [ReadOp(local_addr=0x9000 + 64, remote_addr=0x7000_0000 + 8, nbytes=8, local_stride=8)]
     # A list of records works as well as a mapping by rank.
