@@ -75,6 +75,9 @@ class Receiver:
         timeout_s: default deadline of a whole update (waiting for READY plus the pull).
         catalog_timeout_s: deadline of each catalog call.
         token: a catalog token (the reader token suffices; None: `$REFIT_CATALOG_TOKEN`, else none).
+        tls_ca, tls_cert, tls_key: PEM files for a catalog served over TLS: the CA that signed its
+            certificate, and this client's certificate and key where the catalog requires mutual TLS
+            (as `CatalogClient`).
         max_staging_bytes: the staging window: at most this many staging bytes at once on this rank.
             An engine with `destinations()` streams a larger refit through it (default 1 GiB), one
             with `install_layers()` streams it in chunks of whole layers (default 1 GiB; a layer
@@ -115,6 +118,9 @@ class Receiver:
         max_overread: float = MAX_OVERREAD,
         on_after_wire: Callable[[int], None] | None = None,
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         verify_digests: bool = True,
         source_timeout_s: float | None = None,
     ) -> None:
@@ -135,7 +141,9 @@ class Receiver:
         self._spec = engine.spec()
         self._stripe = stripe(replica=replica, tp_rank=self._spec.tp_rank, tp_size=self._spec.tp_size)
         self._timeout_s = timeout_s
-        self._client = CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token)
+        self._client = CatalogClient(
+            catalog, timeout_s=catalog_timeout_s, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._versions = CatalogVersions(self._client, name, on_after_wire=on_after_wire)
         self._dests = destinations_of(engine)
         self._layered = self._dests is None and installs_layers(engine)

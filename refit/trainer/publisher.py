@@ -90,6 +90,9 @@ class Publisher:
         consolidate: allow moving a bare model's parameters into one arena per device.
         timeout_s: deadline of every catalog call.
         token: the catalog's trainer token (None: `$REFIT_CATALOG_TOKEN`, else none); never logged.
+        tls_ca, tls_cert, tls_key: PEM files for a catalog served over TLS: the CA that signed its
+            certificate, and this client's certificate and key where the catalog requires mutual TLS
+            (as `CatalogClient`).
 
     Raises:
         ConfigError: bad arguments or uninitialised torch.distributed / parallel_state.
@@ -112,6 +115,9 @@ class Publisher:
         consolidate: bool = True,
         timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         lease_s: float = DEFAULT_TIMEOUTS.lease_s,
         heartbeat_s: float | None = None,
     ) -> None:
@@ -142,7 +148,9 @@ class Publisher:
             for p in self._params
         ]  # fmt: skip
         self._snapshots = snapshots
-        self._client = CatalogClient(catalog, timeout_s=timeout_s, token=token)
+        self._client = CatalogClient(
+            catalog, timeout_s=timeout_s, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._agent: NixlAgent | None = None
         self._current: int | None = None
         self._last: int | None = None

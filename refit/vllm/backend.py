@@ -62,6 +62,10 @@ class RefitInitInfo(WeightTransferInitInfo):
     max_staging_bytes: int | None = None
     # The catalog token (None: each worker's $REFIT_CATALOG_TOKEN); kept out of the repr, so out of logs.
     token: str | None = field(default=None, repr=False)
+    # PEM files on the worker's machine for a catalog served over TLS (as `CatalogClient`'s).
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.catalog or self.replica < 0 or self.timeout_s <= 0 or self.catalog_timeout_s <= 0:
@@ -125,6 +129,9 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             catalog_timeout_s=init_info.catalog_timeout_s,
             max_staging_bytes=init_info.max_staging_bytes,
             token=init_info.token,
+            tls_ca=init_info.tls_ca,
+            tls_cert=init_info.tls_cert,
+            tls_key=init_info.tls_key,
         )
         self._init = init_info
         logger.info(

@@ -143,10 +143,14 @@ def init_info(
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
     max_staging_bytes: int | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> dict[str, Any]:
     """The refit backend's `init_info` for `init_weight_transfer_engine` (`token`: the catalog token
     its workers present; None leaves it to each worker's `$REFIT_CATALOG_TOKEN`; `max_staging_bytes`:
-    each worker's staging window, None for the backend's default)."""
+    each worker's staging window, None for the backend's default; `tls_*`: PEM files, on the workers'
+    machines, for a catalog served over TLS)."""
     if not catalog or replica < 0 or timeout_s <= 0 or catalog_timeout_s <= 0:
         raise ConfigError("catalog must be set, replica >= 0, timeout_s > 0 and catalog_timeout_s > 0")
     if max_staging_bytes is not None and max_staging_bytes <= 0:
@@ -159,4 +163,5 @@ def init_info(
         "catalog_timeout_s": catalog_timeout_s,
         **({"token": token} if token is not None else {}),
         **({"max_staging_bytes": max_staging_bytes} if max_staging_bytes is not None else {}),
+        **{k: v for k, v in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)) if v is not None},
     }

@@ -10,13 +10,24 @@ from typing import Any
 
 
 def publish(
-    state: dict, rank: int, world_size: int, *, key: str, catalog: str, version: int, token: str, vocab_size: int = 0
+    state: dict,
+    rank: int,
+    world_size: int,
+    *,
+    key: str,
+    catalog: str,
+    version: int,
+    token: str,
+    vocab_size: int = 0,
+    tls_ca: str | None = None,
 ) -> dict[str, Any]:
     from refit import Publisher
 
     pubs = state.setdefault("publishers", {})
     if key not in pubs:
-        pubs[key] = Publisher(catalog=catalog, model=state[key], name=key, vocab_size=vocab_size, token=token)
+        pubs[key] = Publisher(
+            catalog=catalog, model=state[key], name=key, vocab_size=vocab_size, token=token, tls_ca=tls_ca
+        )
     info = pubs[key].stream_weights(version)
     return {"rank": rank, "state": info.state.value}
 
