@@ -9,7 +9,6 @@ nothing protobuf or `grpc.RpcError` leaves this module. The server names the ref
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,15 @@ from google.protobuf.message import Message
 from refit import errors
 from refit.catalog import wire
 from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
+from refit.catalog.channel import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    TOKEN_ENV,
+    answered,
+    open_channel,
+    resolve_token,
+    translate,
+)
 from refit.catalog.values import Resolved
 from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
 from refit.proto import catalog_pb2 as pb
@@ -28,70 +36,7 @@ from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionStat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CatalogClient", "Resolved", "format_ranks"]
-
-# Only these classes may be named by the server; anything else falls back to the status code.
-_ERRORS_BY_NAME: dict[str, type[errors.RefitError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.CatalogError,
-        errors.CatalogUnavailableError,
-        errors.VersionNotFoundError,
-        errors.VersionNotReadyError,
-        errors.VersionRetiredError,
-        errors.VersionFailedError,
-        errors.LeaseExpiredError,
-        errors.RankTakenError,
-        errors.ConflictError,
-        errors.ConfigError,
-        errors.AuthError,
-    )
-}
-
-TOKEN_ENV = "REFIT_CATALOG_TOKEN"
-_AUTH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-
-
-def resolve_token(token: str | None) -> str | None:
-    """`token`, or `$REFIT_CATALOG_TOKEN` when it is None; None (no credential) when both are unset.
-
-    Refused before any call: a token gRPC metadata cannot carry (non-ASCII, whitespace) would
-    otherwise fail later with a transport error that hides the cause. The message never shows it.
-    """
-    if token is None:
-        token = os.environ.get(TOKEN_ENV) or None
-        source = f"${TOKEN_ENV}"
-    else:
-        source = "token"
-    if token is None:
-        return None
-    if not isinstance(token, str) or not token or not all(33 <= ord(c) < 127 for c in token):
-        raise ConfigError(f"{source} must be a non-empty string of printable ASCII without spaces")
-    return token
-
-
-def _read(path: str | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
-
-
-_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-# Back-off between the retries of a call whose catalog went away (a restart, a Redis fail-over).
-RETRY_FIRST_S = 0.05
-RETRY_MAX_S = 1.0
-# gRPC's own reconnect back-off grows to 120 s by default: a client would then find a restarted
-# catalog long after its deadline. Capped, a channel retries its connection at least every second.
-_RECONNECT_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
+__all__ = ["TOKEN_ENV", "CatalogClient", "Resolved", "format_ranks", "resolve_token"]
 
 
 def format_ranks(ranks: Sequence[int]) -> str:
@@ -174,22 +119,10 @@ class CatalogClient:
         self.tls = tls_ca is not None
         # The token lives only in the metadata tuple, never in an attribute a repr or log would show.
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            *_RECONNECT_OPTIONS,
-        ]
-        if dedicated_connection:
-            options.append(("grpc.use_local_subchannel_pool", 1))
-        if self.tls:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca, "tls_ca"),
-                private_key=_read(tls_key, "tls_key"),
-                certificate_chain=_read(tls_cert, "tls_cert"),
-            )
-            self._channel = grpc.secure_channel(address, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = open_channel(
+            address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
+            dedicated=dedicated_connection,
+        )  # fmt: skip
         self._stub = pb_grpc.CatalogStub(self._channel)
         self._closed = False
         self._reached = False  # set by the first answer from the catalog: from then on, retry outages
@@ -247,36 +180,9 @@ class CatalogClient:
             return reply
 
     def _translate(self, method: str, exc: grpc.RpcError) -> errors.RefitError:
-        code: grpc.StatusCode = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
-        metadata = (exc.trailing_metadata() if isinstance(exc, grpc.Call) else None) or ()
-        named = next((v for k, v in metadata if k == wire.ERROR_METADATA_KEY), None)
-        cls = _ERRORS_BY_NAME.get(named) if isinstance(named, str) else None
-        logger.debug("catalog %s %s -> %s (%s): %s", self.address, method, code.name, named, details)
-        if named is not None:  # only the catalog itself names an error class: it was reached
+        if answered(exc):
             self._reached = True
-        if cls is CatalogUnavailableError or (cls is None and code in _UNAVAILABLE):
-            return CatalogUnavailableError(
-                f"catalog at {self.address} is unavailable ({method}: {code.name}, "
-                f"deadline {self.timeout_s:g}s): {details}"
-            )
-        if cls is errors.AuthError or (cls is None and code in _AUTH):
-            return errors.AuthError(
-                f"catalog at {self.address} refused {method} ({code.name}): {details}",
-                permission_denied=code == grpc.StatusCode.PERMISSION_DENIED,
-            )
-        if cls is not None:
-            return cls(details)
-        if code == grpc.StatusCode.NOT_FOUND:
-            return errors.VersionNotFoundError(details)
-        if code == grpc.StatusCode.ALREADY_EXISTS:
-            return errors.RankTakenError(details)
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            retired = "retired" in details.lower()
-            return errors.VersionRetiredError(details) if retired else errors.ConflictError(details)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return ConfigError(details)
-        return CatalogError(f"catalog at {self.address}: {method} failed with {code.name}: {details}")
+        return translate(self.address, self.timeout_s, method, exc)
 
     # -- RPCs --------------------------------------------------------------------------------------
 
