@@ -64,7 +64,7 @@ def _reader(address: str, name: str, rounds: int, timeout_s: float, start: threa
 
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     errors: Counter[str] = Counter()
-    known = ""
+    known, version = "", None
     with CatalogClient(address, timeout_s=timeout_s, dedicated_connection=True) as client:
         start.wait(timeout=600)
         for _ in range(rounds):  # a fixed number of refits: the loop is bounded whatever happens
@@ -75,10 +75,13 @@ def _reader(address: str, name: str, rounds: int, timeout_s: float, start: threa
                         resolved = client.resolve(name=name, known_layout=known)
                         kind = "resolve_known" if resolved.tensors_omitted else "resolve_full"
                         known, version = resolved.layout_digest, resolved.info.version
+                    elif version is None:  # no resolve has answered yet: nothing to re-check
+                        errors["state: no version resolved"] += 1
+                        continue
                     else:
                         client.version_state(name=name, version=version)
                 except Exception as exc:  # noqa: BLE001 - counted and reported, never retried
-                    errors[f"{kind}: {type(exc).__name__}"] += 1
+                    errors[f"{kind}: {type(exc).__name__}: {str(exc)[:160]}"] += 1
                     continue
                 times[kind].append(time.perf_counter() - t0)
     return {"times": times, "errors": dict(errors)}
