@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("publish", "resolve_full", "resolve_known", "state")
+KINDS = ("publish", "resolve_full", "resolve_known", "state", "failed")
 
 
 @contextlib.contextmanager
@@ -81,7 +81,8 @@ def _reader(address: str, name: str, rounds: int, timeout_s: float, start: threa
                     else:
                         client.version_state(name=name, version=version)
                 except Exception as exc:  # noqa: BLE001 - counted and reported, never retried
-                    errors[f"{kind}: {type(exc).__name__}: {str(exc)[:160]}"] += 1
+                    errors[f"{kind}: {type(exc).__name__}: {str(exc)[:600]}"] += 1
+                    times["failed"].append(time.perf_counter() - t0)  # how long a failed call took
                     continue
                 times[kind].append(time.perf_counter() - t0)
     return {"times": times, "errors": dict(errors)}
