@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from refit import errors
-from refit.catalog import wire
+from refit.catalog import bounds, wire
 from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.catalog.channel import (
     RETRY_FIRST_S,
@@ -242,6 +242,8 @@ class CatalogClient:
         """
         if not isinstance(model, ModelMeta) or not isinstance(source, SourceRecord):
             raise ConfigError("publish needs a ModelMeta and a SourceRecord")
+        # The server's checks, before the round trip: a record out of bounds fails here, naming the field.
+        bounds.check_source(source, self.limits)
         response = self._call(
             "Publish",
             pb.PublishRequest,

@@ -35,6 +35,9 @@ def grpc_options(limits: CatalogLimits) -> tuple[tuple[str, int], ...]:
         # gRPC sets SO_REUSEPORT by default: a second catalog on a busy port would "start" and silently
         # split the traffic (two memory stores, two truths). Refuse the port instead.
         ("grpc.so_reuseport", 0),
+        # gRPC core cancels (CANCELLED) a call the server has not picked up within 30 s by default: under
+        # a burst of readers the queue outlasts that, and calls were lost. The caller's deadline decides.
+        ("grpc.server_max_unrequested_time_in_server", 3600),
     )
 
 

@@ -52,3 +52,17 @@ def test_refusals_never_echo_the_input_whole() -> None:
     with pytest.raises(ConfigError) as caught:
         wire.source_from_proto(msg)
     assert "past the end of region 0" in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_the_client_refuses_an_out_of_bounds_part_before_any_round_trip() -> None:
+    from refit.catalog.client import CatalogClient
+    from tests.support import ports
+
+    small = dataclasses.replace(DEFAULT_LIMITS, max_agent_metadata_bytes=4)
+    # Nothing listens there: a ConfigError (not CatalogUnavailableError) proves no call was made.
+    with (
+        ports.closed_port() as port,
+        CatalogClient(f"127.0.0.1:{port}", timeout_s=5.0, limits=small) as client,
+        pytest.raises(ConfigError, match=r"source\.agent_metadata: 9 bytes, over the limit of 4"),
+    ):
+        client.publish(name="m", version=1, world_size=1, model=samples.MODEL, source=samples.source(0))
