@@ -247,36 +247,6 @@ def close(state: dict, rank: int, world_size: int) -> bool:
 # -- the test process's side: a receiver holding plain tensors ---------------------------------------
 
 
-class TensorsEngine:
-    """An engine rank that is only the tensors it serves (the receiver installs into them)."""
-
-    def __init__(self, spec: Any, shapes: dict[str, Any], device: torch.device) -> None:
-        from refit.dtypes import torch_dtype
-
-        self._spec, self._device = spec, device
-        self.tensors = {n: torch.empty(s.shape, dtype=torch_dtype(s.dtype), device=device) for n, s in shapes.items()}
-
-    def spec(self) -> Any:
-        return self._spec
-
-    def expected(self) -> dict[str, Any]:
-        from refit.engines.base import specs_of
-
-        return specs_of(self.tensors)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def destinations(self) -> dict[str, torch.Tensor]:
-        return dict(self.tensors)
-
-    def install(self, tensors: dict[str, torch.Tensor]) -> None:
-        from refit.engines.base import install_tensors
-
-        install_tensors(self.tensors, tensors)
-
-
 def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any:
     """A TP1 Receiver whose engine holds the HF tensors the catalog's version describes."""
     from refit import Receiver
@@ -284,6 +254,7 @@ def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any
     from refit.engines.base import EngineSpec, TensorSpec
     from refit.plan import cost
     from refit.plan.planner import plan_refit
+    from refit_bench.refit_run import BufferEngine  # the bench's engine of plain tensors
 
     with CatalogClient(catalog) as client:
         info = client.wait_ready(name=name, version=version, timeout_s=60)
@@ -292,7 +263,7 @@ def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any
     targets = plan_refit(model=info.model, sources=sources, layout=spec.layout()).targets
     shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in targets}
     link = cost.GPU_LOCAL if device.type == "cuda" else cost.CPU_UCX
-    return Receiver(catalog=catalog, engine=TensorsEngine(spec, shapes, device), name=name, timeout_s=120,
+    return Receiver(catalog=catalog, engine=BufferEngine(spec, shapes, device), name=name, timeout_s=120,
                     link_cost=link)  # fmt: skip
 
 
