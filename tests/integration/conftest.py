@@ -8,6 +8,7 @@ when no Redis server answers there, so `make test` stays meaningful on a machine
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,15 +34,16 @@ def _redis_client():  # redis is imported lazily: only the Redis cases need it
     return redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=db, socket_timeout=2)
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A store URL on the test Redis with a fresh key prefix; its keys are deleted afterwards."""
+@contextlib.contextmanager
+def redis_prefix(tag: str) -> Iterator[str]:
+    """A store URL on the test Redis with a fresh key prefix `tag-...`; its keys are deleted afterwards.
+    Skips the test when the test Redis does not answer."""
     client = _redis_client()
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001 - any failure to reach Redis means "skip", not "error"
         pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    prefix = f"refit-test-{uuid.uuid4().hex[:12]}"
+    prefix = f"{tag}-{uuid.uuid4().hex[:12]}"
     try:
         yield f"{REDIS_URL}?prefix={prefix}"
     finally:
@@ -49,6 +51,13 @@ def redis_url() -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A store URL on the test Redis with a fresh key prefix; its keys are deleted afterwards."""
+    with redis_prefix("refit-test") as url:
+        yield url
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,7 @@ from refit.catalog.client import CatalogClient
 from refit.engines import HFEngine
 from refit.errors import RankTakenError
 from refit.types import VersionState
-from tests.integration.conftest import REDIS_URL, _redis_client
+from tests.integration.conftest import _redis_client, redis_prefix
 from tests.support import catalog_samples as samples
 from tests.support import hf_models as hm
 from tests.support.catalog_procs import CatalogProcess, RedisProcess
@@ -43,19 +42,8 @@ pytestmark = pytest.mark.redis
 @pytest.fixture(scope="module")
 def shared_store() -> Iterator[str]:
     """A prefix of the test Redis shared by this module's catalog servers; deleted afterwards."""
-    client = _redis_client()
-    try:
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - no Redis means skip, not error
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    prefix = f"refit-durable-{uuid.uuid4().hex[:12]}"
-    try:
-        yield f"{REDIS_URL}?prefix={prefix}"
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    with redis_prefix("refit-durable") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
