@@ -21,6 +21,7 @@ cryptographic hash: it catches corruption and stale or misplaced bytes, not an a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,8 +148,14 @@ def block_digests(buf: torch.Tensor, start: int, geo: Geometry, count: int, row_
         weights = torch.arange(rows, dtype=torch.int64) * 2 + 1
         return torch.mv(words.reshape(rows, count * q).t(), weights).view(count, q).sum(-1)
     sums = words.reshape(rows, count, lines, lane).sum(-1)  # int64 adds wrap modulo 2**64
-    weights = torch.arange(rows * lines, dtype=torch.int64, device=buf.device).view(rows, 1, lines) * 2 + 1
-    return (sums * weights).sum((0, 2))
+    return (sums * _line_weights(rows, lines, buf.device)).sum((0, 2))
+
+
+@functools.lru_cache(maxsize=256)
+def _line_weights(rows: int, lines: int, device: torch.device) -> torch.Tensor:
+    """The odd weights 2m + 1 of the lines, shaped (rows, 1, lines); made once per shape and device
+    (a receiver checks the same block shapes every refit)."""
+    return torch.arange(rows * lines, dtype=torch.int64, device=device).view(rows, 1, lines) * 2 + 1
 
 
 def shard_digests(region: torch.Tensor, desc: TensorDesc) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.assemble import zero_padding
 from refit.plan.records import Chunk, DirectRead, Plan
-from refit.plan.verify import Verifier
+from refit.plan.verify import Pending, Verifier
 from refit.transport.jobs import ReadJob, direct_jobs, jobs_for
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
@@ -143,9 +143,11 @@ class StagingPool:
         beyond the install) and "install" seconds to `timings`. `install_chunk(k, slot)`, when given,
         installs chunk k from its slot instead of copying its pieces into `dests` (an engine that
         installs whole layers). Each read gets `read_deadline(deadline)`, its
-        attempt's deadline. `verifier` checks each chunk in its slot before it is installed, and the
-        direct reads once landed, beside the last chunk's copies (a mismatch raises DigestError
-        before the refit can succeed); "verify" seconds (the wall time the checks add) go to `timings`.
+        attempt's deadline. `verifier` digests each chunk in its slot on the copy stream, ahead of its
+        copies, and the direct reads once landed; every digest is compared once at the end, before
+        the refit can succeed (a mismatch raises DigestError; the engine is torn until a refit
+        completes, as after a failed read). A chunk that `install_chunk` loads is checked before it.
+        "verify" seconds (the wall time the checks add) go to `timings`.
         """
         slots = self._slots_of(plan)
         chunks = plan.chunks
@@ -186,6 +188,7 @@ class StagingPool:
         wire = install = validate = verify = 0.0
         descriptors = 0
         checked: Future[None] | None = None
+        launched = Pending()
         start = time.perf_counter()
         trace = logger.isEnabledFor(logging.DEBUG)
         try:
@@ -200,8 +203,13 @@ class StagingPool:
                     pending, upto = pull(k + 1)
                 tv = time.perf_counter()
                 wire += tv - t0
-                if verifier is not None and k < len(chunks):  # before a byte of the chunk reaches the engine
-                    verifier.pieces(chunks[k].pieces, slots[k % len(slots)])
+                if verifier is not None and k < len(chunks) and install_chunk is not None:
+                    verifier.pieces(chunks[k].pieces, slots[k % len(slots)])  # before the engine loads it
+                elif verifier is not None and k < len(chunks):
+                    # On the copy stream, ahead of the copies out of the slot: done before it is refilled.
+                    # Compared once at the end: engine memory is torn until then either way.
+                    with _on(copies):
+                        launched.extend(verifier.launch(chunks[k].pieces, slots[k % len(slots)]))
                 t1 = time.perf_counter()
                 verify += t1 - tv
                 t_issued = t1
@@ -236,6 +244,8 @@ class StagingPool:
                     zero_padding(plan.targets, dests)
             _wait(copies)
             t5 = time.perf_counter()
+            if verifier is not None and launched.got:
+                verifier.compare(launched)  # every chunk's digests, one host sync
             if checked is not None:
                 checked.result()  # a mismatch raises here, before the refit can succeed
                 checked = None

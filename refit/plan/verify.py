@@ -13,7 +13,7 @@ import bisect
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -77,6 +77,18 @@ class _Check:
 
 
 @dataclass(kw_only=True, slots=True)
+class Pending:
+    """Digests launched on a device and the blocks they are to match (`Verifier.launch`)."""
+
+    got: list[torch.Tensor] = field(default_factory=list)
+    checks: list[_Check] = field(default_factory=list)
+
+    def extend(self, other: Pending) -> None:
+        self.got.extend(other.got)
+        self.checks.extend(other.checks)
+
+
+@dataclass(kw_only=True, slots=True)
 class Totals:
     """A receiver's digest checks over every refit (what `ReceiverStats` reports)."""
 
@@ -120,16 +132,26 @@ class Verifier:
 
     def pieces(self, pieces: Sequence[Piece], buf: torch.Tensor) -> None:
         """Verify the staged `pieces` in `buf` (a flat uint8 staging slot); raises DigestError."""
+        self.compare(self.launch(pieces, buf))
+
+    def launch(self, pieces: Sequence[Piece], buf: torch.Tensor) -> Pending:
+        """Start the digests of the staged `pieces` in `buf` on the current stream, without waiting;
+        `compare` checks them (the slot must not be refilled before they ran)."""
         t0 = time.perf_counter()
-        got: list[torch.Tensor] = []
-        checks: list[_Check] = []
+        pending = Pending()
         for p in pieces:
             entry = self._index.find(p.rank, p.region, p.remote_offset)
             if entry is None or p.rank not in self._values:
                 self.unverified_bytes += p.nbytes
                 continue
-            self._piece(p, entry, buf, got, checks)
-        self._compare(got, checks)
+            self._piece(p, entry, buf, pending.got, pending.checks)
+        self.seconds += time.perf_counter() - t0
+        return pending
+
+    def compare(self, pending: Pending) -> None:
+        """Wait for launched digests (one host sync for all of them) and compare; raises DigestError."""
+        t0 = time.perf_counter()
+        self._compare(pending.got, pending.checks)
         self.seconds += time.perf_counter() - t0
 
     def direct(self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor]) -> None:
