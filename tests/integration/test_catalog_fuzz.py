@@ -5,9 +5,9 @@ GetSources, Resolve and Ping calls, plus raw bytes that are no message at all.
 Every answer must be a status the catalog means (never UNKNOWN, INTERNAL or UNAVAILABLE: no crash, and
 the server keeps answering); a request built to break one bound must be INVALID_ARGUMENT naming the
 field, with the catalog unchanged. After every step the catalog's versions must keep its invariants:
-a version never disappears, its world size, model and creation time never change, its published ranks
-only grow, READY exactly when every rank 0..world_size-1 published, RETIRED never leaves RETIRED (nor
-READY back to STAGING); reads of READY versions give every rank, and Resolve gives the newest READY one.
+a version disappears only once RETIRED (retention, `keep_retired`) and never comes back, its world
+size, model and creation time never change, its published ranks only grow, READY exactly when every
+rank 0..world_size-1 published, RETIRED and FAILED are final (nor READY back to STAGING); reads of READY versions give every rank, and Resolve gives the newest READY one.
 
 `make test` runs a slice (`CI_REQUESTS` per store); `make soak` the campaign (`SOAK_REQUESTS` per store,
 over 10,000 in total). Needs the `hypothesis` package (the test extra).
@@ -48,6 +48,7 @@ MEANT = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # a message over max_message_bytes
 }
 READY, STAGING, RETIRED = pb.VERSION_STATE_READY, pb.VERSION_STATE_STAGING, pb.VERSION_STATE_RETIRED
+FAILED = pb.VERSION_STATE_FAILED
 METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["Catalog"].methods]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -93,6 +94,7 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
             ns = uuid.uuid4().hex[:8]  # every example has its own models
             self.names = [f"{ns}-a", f"{ns}-b"]
             self.seen: dict[tuple[str, int], pb.VersionInfo] = {}
+            self.deleted: set[tuple[str, int]] = set()
             self.digests: list[str] = []
 
         def _name(self, data: st.DataObject) -> str:
@@ -163,7 +165,7 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
         @rule(data=st.data(), state=st.integers(-1, 5))
         def latest(self, data: st.DataObject, state: int) -> None:
             code, _, _ = campaign.call("Latest", pb.LatestRequest(name=self._name(data), state=state))
-            if state not in (READY, STAGING, RETIRED):
+            if state not in (READY, STAGING, RETIRED, FAILED):
                 assert code is grpc.StatusCode.INVALID_ARGUMENT
 
         @rule(data=st.data(), has_version=st.booleans(), version=versions, known=layouts)
@@ -201,7 +203,11 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
         @invariant()
         def versions_keep_their_rules(self) -> None:
             now = self._versions()
-            assert set(self.seen) <= set(now), f"versions disappeared: {set(self.seen) - set(now)}"
+            # Retention deletes RETIRED versions (keep_retired); nothing else disappears, nothing comes back.
+            gone = set(self.seen) - set(now)
+            assert all(self.seen[k].state == RETIRED for k in gone), f"versions disappeared: {gone}"
+            self.deleted |= gone
+            assert not self.deleted & set(now), f"deleted versions came back: {self.deleted & set(now)}"
             for key, v in now.items():
                 published = list(v.published_ranks)
                 assert published == sorted(set(published)) and all(0 <= r < v.world_size for r in published)
@@ -213,6 +219,7 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
                     assert (v.world_size, v.model, v.created_at) == (prev.world_size, prev.model, prev.created_at)
                     assert set(prev.published_ranks) <= set(published), f"{key} lost published ranks"
                     assert prev.state != RETIRED or v.state == RETIRED, f"{key} left RETIRED"
+                    assert prev.state != FAILED or v.state == FAILED, f"{key} left FAILED"
                     assert prev.state != READY or v.state in (READY, RETIRED), f"{key} went back to STAGING"
             campaign.ready += sum(v.state == READY for k, v in now.items() if k not in self.seen)
             self.seen = now
