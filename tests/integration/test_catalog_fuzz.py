@@ -5,9 +5,10 @@ GetSources, Resolve and Ping calls, plus raw bytes that are no message at all.
 Every answer must be a status the catalog means (never UNKNOWN, INTERNAL or UNAVAILABLE: no crash, and
 the server keeps answering); a request built to break one bound must be INVALID_ARGUMENT naming the
 field, with the catalog unchanged. After every step the catalog's versions must keep its invariants:
-a version disappears only once RETIRED (retention, `keep_retired`) and never comes back, its world
+a version disappears only once retired (retention, `keep_retired`) and never comes back, its world
 size, model and creation time never change, its published ranks only grow, READY exactly when every
-rank 0..world_size-1 published, RETIRED and FAILED are final (nor READY back to STAGING); reads of READY versions give every rank, and Resolve gives the newest READY one.
+rank 0..world_size-1 published, RETIRED and FAILED are final (nor READY back to STAGING); reads of
+READY versions give every rank, and Resolve gives the newest READY one.
 
 `make test` runs a slice (`CI_REQUESTS` per store); `make soak` the campaign (`SOAK_REQUESTS` per store,
 over 10,000 in total). Needs the `hypothesis` package (the test extra).
@@ -95,6 +96,7 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
             self.names = [f"{ns}-a", f"{ns}-b"]
             self.seen: dict[tuple[str, int], pb.VersionInfo] = {}
             self.deleted: set[tuple[str, int]] = set()
+            self.retired: list[tuple[str, int, bool]] = []  # Retire calls since the last invariant check
             self.digests: list[str] = []
 
         def _name(self, data: st.DataObject) -> str:
@@ -150,7 +152,10 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
 
         @rule(data=st.data(), version=versions, and_older=st.booleans())
         def retire(self, data: st.DataObject, version: int, and_older: bool) -> None:
-            campaign.call("Retire", pb.RetireRequest(name=self._name(data), version=version, and_older=and_older))
+            name = self._name(data)
+            code, _, _ = campaign.call("Retire", pb.RetireRequest(name=name, version=version, and_older=and_older))
+            if code is grpc.StatusCode.OK:
+                self.retired.append((name, version, and_older))
 
         # -- reads ---------------------------------------------------------------------------------
 
@@ -203,9 +208,17 @@ def _catalog_machine(campaign: Campaign) -> type[RuleBasedStateMachine]:
         @invariant()
         def versions_keep_their_rules(self) -> None:
             now = self._versions()
-            # Retention deletes RETIRED versions (keep_retired); nothing else disappears, nothing comes back.
+
+            # Retention deletes RETIRED versions (keep_retired), also one a Retire call just retired;
+            # nothing else disappears, nothing comes back.
+            def retired(key: tuple[str, int]) -> bool:
+                return self.seen[key].state == RETIRED or any(
+                    n == key[0] and (v == key[1] or (older and key[1] <= v)) for n, v, older in self.retired
+                )
+
             gone = set(self.seen) - set(now)
-            assert all(self.seen[k].state == RETIRED for k in gone), f"versions disappeared: {gone}"
+            assert all(retired(k) for k in gone), f"versions disappeared: {gone}"
+            self.retired.clear()
             self.deleted |= gone
             assert not self.deleted & set(now), f"deleted versions came back: {self.deleted & set(now)}"
             for key, v in now.items():
