@@ -74,6 +74,7 @@ _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Back-off between the retries of a call whose catalog went away (a restart, a Redis fail-over).
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
+FIRST_CONTACT_S = 1.0  # how long a client that never reached its catalog retries an unavailable one
 # gRPC's own reconnect back-off grows to 120 s by default: a client would then find a restarted
 # catalog long after its deadline. Capped, a channel retries its connection at least every second.
 _RECONNECT_OPTIONS = (

@@ -20,6 +20,7 @@ from refit import errors
 from refit.catalog import bounds, wire
 from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.catalog.channel import (
+    FIRST_CONTACT_S,
     RETRY_FIRST_S,
     RETRY_MAX_S,
     TOKEN_ENV,
@@ -159,6 +160,9 @@ class CatalogClient:
     def _send(self, method: str, request: Message, deadline: float) -> Any:
         """One RPC, retried while the catalog is unavailable (once it has been reached) until `deadline`."""
         backoff = RETRY_FIRST_S
+        # A client that never reached its catalog retries only briefly: a connection still being set
+        # up on a loaded host is waited for, a wrong address is still reported within a second.
+        first_until = time.monotonic() + FIRST_CONTACT_S
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -167,7 +171,9 @@ class CatalogClient:
                 )
             except grpc.RpcError as exc:
                 error = self._translate(method, exc)
-                if not isinstance(error, CatalogUnavailableError) or not self._reached:
+                if not isinstance(error, CatalogUnavailableError):
+                    raise error from None
+                if not self._reached and time.monotonic() + backoff > first_until:
                     raise error from None
                 remaining = deadline - time.monotonic()
                 if remaining <= backoff:
