@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 
 from refit.catalog.client import CatalogClient
 from tests.support import catalog_samples as samples
+from tests.support.catalog_procs import first_line
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -32,15 +31,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, timeout=60, check=False)
 
 
-def _first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
-    try:
-        return lines.get(timeout=timeout_s)
-    except queue.Empty:
-        return ""
-
-
 @pytest.fixture
 def served(store_url: str) -> Iterator[str]:
     """`refit-catalog serve --port 0` running in a subprocess; yields the host:port it bound."""
@@ -52,7 +42,7 @@ def served(store_url: str) -> Iterator[str]:
         env=ENV,
     )
     try:
-        line = _first_line(proc, 60.0)  # a deadline against a hung start only: it returns with the line
+        line = first_line(proc, 60.0)  # a deadline against a hung start only: it returns with the line
         bound = re.fullmatch(r"refit catalog serving on (127\.0\.0\.1:(\d+))\n", line)
         if bound is None or int(bound.group(2)) == 0:
             proc.kill()

@@ -32,7 +32,7 @@ CLI = [sys.executable, "-m", "refit_server.cli"]
 START_S = 60.0  # deadline of a start on a busy machine; a start that is on time returns as soon as it is up
 
 
-def _first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+def first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()  # type: ignore[union-attr]
     try:
@@ -77,7 +77,7 @@ class CatalogProcess:
                 text=True,
                 env=ENV,
             )
-        line = _first_line(self.proc, START_S)
+        line = first_line(self.proc, START_S)
         bound = re.fullmatch(r"refit catalog serving on 127\.0\.0\.1:(\d+)\n", line)
         if bound is None or (self.port and int(bound.group(1)) != self.port):
             _end(self.proc, signal.SIGKILL)
