@@ -12,8 +12,9 @@ import pytest
 
 from refit.catalog.client import TOKEN_ENV, CatalogClient
 from refit.errors import AuthError
-from tests.integration.test_catalog_cli import CLI, ENV, _first_line
+from tests.integration.test_catalog_cli import CLI, ENV
 from tests.support import catalog_samples as samples
+from tests.support.catalog_procs import first_line
 
 TRAINER = "cli-trainer-4e7a0c2d9f"
 READER = "cli-reader-1b5f8a3e6d"
@@ -30,7 +31,7 @@ def test_serve_with_token_files(tmp_path, monkeypatch) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
-        bound = re.fullmatch(r"refit catalog serving on (127\.0\.0\.1:\d+)\n", _first_line(proc, 60.0))
+        bound = re.fullmatch(r"refit catalog serving on (127\.0\.0\.1:\d+)\n", first_line(proc, 60.0))
         assert bound is not None
         address = bound.group(1)
         with CatalogClient(address, token=TRAINER) as trainer:

@@ -15,8 +15,9 @@ import pytest
 from refit.catalog.client import CatalogClient
 from refit.errors import ConfigError, VersionNotFoundError
 from refit_server import CatalogServer
-from tests.integration.test_catalog_cli import CLI, ENV, _first_line
+from tests.integration.test_catalog_cli import CLI, ENV
 from tests.support import catalog_samples as samples
+from tests.support.catalog_procs import first_line
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
@@ -87,8 +88,8 @@ def test_serve_metrics_port_from_the_command_line(store_url: str) -> None:
     cmd = [*CLI, "serve", "--port", "0", "--metrics-port", "0", "--store", store_url, "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        address = _first_line(proc, 60.0).split()[-1]
-        metrics_line = _first_line(proc, 10.0)
+        address = first_line(proc, 60.0).split()[-1]
+        metrics_line = first_line(proc, 10.0)
         assert metrics_line.startswith("refit catalog metrics on http://127.0.0.1:"), metrics_line
         metrics_address = metrics_line.split("http://")[1].removesuffix("/metrics\n")
         with CatalogClient(address, timeout_s=5.0) as client:
