@@ -153,10 +153,18 @@ class TrainerCluster:
     """
 
     def __init__(
-        self, world_size: int = 8, timeout_s: float = 180.0, pg_timeout_s: float = 300.0, cuda: bool = False
+        self,
+        world_size: int = 8,
+        timeout_s: float = 180.0,
+        pg_timeout_s: float = 300.0,
+        cuda: bool = False,
+        daemon: bool = True,
     ) -> None:
         self.world_size = world_size
         self.cuda = cuda
+        # daemon=False: the workers may start processes of their own (Megatron's inference coordinator),
+        # which daemonic processes may not; `close` still terminates them.
+        self.daemon = daemon
         self.timeout_s = timeout_s
         self.pg_timeout_s = pg_timeout_s
         self.startup_s: float | None = None
@@ -210,7 +218,7 @@ class TrainerCluster:
                         self.cuda,
                     ),
                     name=f"trainer-rank{rank}",
-                    daemon=True,
+                    daemon=self.daemon,
                 )
                 proc.start()
                 self._procs.append(proc)

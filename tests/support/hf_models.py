@@ -214,6 +214,15 @@ QWEN3_QKNORM = ModelCase(
 LLAMA_PADDED = ModelCase("llama-padded", "llama", _cfg(vocab_size=1000), make_vocab_size_divisible_by=128)
 LLAMA_4L = ModelCase("llama-4l", "llama", _cfg(num_hidden_layers=4), make_vocab_size_divisible_by=64)
 LLAMA_BF16 = dataclasses.replace(LLAMA_GQA, id="llama-gqa-bf16", dtype="bfloat16")
+# Megatron's dynamic inference engine (GPU only): FlashAttention-4 takes head_dim 64, not 32; long sequences.
+LLAMA_DYNAMIC = dataclasses.replace(
+    LLAMA_BF16,
+    id="llama-dynamic-bf16",
+    hf_config=_cfg(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        rope_theta=500000.0, max_position_embeddings=1024,
+    ),
+)  # fmt: skip
 # Vocab 1000 padded to multiples of 384 x TP: 1152 rows at TP 1 but 1536 at TP 2.
 LLAMA_PAD384 = dataclasses.replace(LLAMA_PADDED, id="llama-pad384", make_vocab_size_divisible_by=384)
 
@@ -318,6 +327,7 @@ CASES: dict[str, ModelCase] = {
         LLAMA_PADDED,
         LLAMA_4L,
         LLAMA_BF16,
+        LLAMA_DYNAMIC,
         LLAMA_PAD384,
         *MOE_CASES,
         QWEN3_MOE_BF16,
