@@ -13,6 +13,7 @@ time as the other ranks. One refit:
 2. **pause -> suspend**: the engine finishes its step and stops (every rank, Megatron's world
    barrier); suspend frees the KV cache where the KV-cache mode does ("recompute": requests in flight
    are checkpointed, to be prefilled again) and deletes the CUDA graphs where Megatron recaptures them.
+   The ranks agree that every one got there (else each undoes what it did and raises).
 3. **install**: a copy into the parameters' existing storage (CUDA graphs captured before stay
    valid); the ranks agree that every one installed.
 4. **epoch**: the primary rank sends `set_generation_epoch(version)`: Megatron stamps every request
@@ -39,7 +40,7 @@ from typing import Any
 from refit.compat import megatron_inference as compat
 from refit.config import DEFAULT_TIMEOUTS
 from refit.engines.megatron import MegatronEngine
-from refit.errors import ConfigError, EngineError, RefitError, TornWeightsError
+from refit.errors import ConfigError, EngineError, TornWeightsError
 from refit.megatron.model import parallel_coords
 from refit.megatron_inference.agree import Agreement, RankAgreement
 from refit.megatron_inference.versions import CachePolicy, cache_policy
@@ -73,12 +74,16 @@ class _SyncLifecycle:
     def __init__(self, llm: Any, timeout_s: float) -> None:
         self._llm, self._timeout_s = llm, timeout_s
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-megatron-lifecycle")
+        self._stuck: str | None = None  # a call that never returned blocks the pool's one thread
 
     def __call__(self, name: str) -> None:
+        if self._stuck is not None:
+            raise EngineError(f"MegatronLLM.{self._stuck}() never returned; the engine cannot be driven any more")
         future = self._pool.submit(getattr(self._llm, name))
         try:
             future.result(timeout=self._timeout_s)
         except FutureTimeout:
+            self._stuck = name
             raise EngineError(f"MegatronLLM.{name}() did not return within {self._timeout_s:g}s") from None
 
     def close(self) -> None:
@@ -248,7 +253,7 @@ class MegatronRefitter:
     def _fetch(self, version: int | None) -> tuple[StagedVersion | None, BaseException | None]:
         try:
             return self.receiver.fetch(version, timeout_s=self._timeout_s), None
-        except RefitError as exc:
+        except Exception as exc:  # noqa: BLE001 - raised after the other ranks heard of it
             return None, exc
 
     def _swap(self, staged: StagedVersion, lifecycle: Callable[[str], None], times: dict[str, float]) -> Any:
@@ -256,12 +261,17 @@ class MegatronRefitter:
         done: list[str] = []  # lifecycle steps taken: after an error, only those are undone
         resumable = True
         try:
-            for step in ("pause", "suspend"):
-                lifecycle(step)
-                done.append(step)
+            error: BaseException | None = None
+            try:
+                for step in ("pause", "suspend"):
+                    lifecycle(step)
+                    done.append(step)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it before anyone installs
+                error = exc
+            _raise_if_failed(self._agreement.exchange(failed=error is not None), error, "pause")
             t_install = time.perf_counter()
             times["pause"] = t_install - times["paused_at"]
-            result, error = None, None
+            result = None
             try:
                 result = self.receiver.install(staged, timeout_s=self._timeout_s)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it before anyone resumes
@@ -272,8 +282,8 @@ class MegatronRefitter:
                 resumable = False
                 why = f"{type(error).__name__}: {error}" if error else "this rank installed it"
                 raise TornWeightsError(
-                    f"v{staged.version} was installed on some engine ranks and not on others ({why}); "
-                    "the engine stays suspended: refit it again before resuming"
+                    f"the install of v{staged.version} left the engine ranks on different or mixed weights "
+                    f"({why}); the engine stays suspended: refit it again (that resumes it)"
                 ) from error
             _raise_if_failed(agreed, error, "install")
             t_resume = time.perf_counter()
@@ -293,7 +303,7 @@ def _raise_if_failed(agreed: Agreement, error: BaseException | None, step: str) 
     if error is not None:
         raise error
     if agreed.any_failed:
-        raise EngineError(f"another engine rank failed the {step}; nothing was installed on this rank")
+        raise EngineError(f"another engine rank failed the {step}; this rank stopped there too")
 
 
 def install_outcome(agreed: Agreement, *, torn: bool) -> str:

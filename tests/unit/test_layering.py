@@ -43,6 +43,9 @@ ALLOWED: dict[str, set[str]] = {
     "refit.vllm": VALUES
     | {"refit.plan", "refit.compat", "refit.transport", "refit.catalog"}
     | {"refit.engines", "refit.receiver", "refit.vllm"},
+    # Megatron's dynamic inference engine: a receiver and MegatronEngine per engine rank, never the trainer.
+    "refit.megatron_inference": VALUES
+    | {"refit.compat", "refit.megatron", "refit.engines", "refit.receiver", "refit.megatron_inference"},
 }
 
 
