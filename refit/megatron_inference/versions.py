@@ -120,13 +120,25 @@ def token_versions(policy_epoch: Sequence[Sequence[int]] | None, *, prompt_len: 
     return forward[prompt_len - 1 :]
 
 
+def prompt_length(request: object) -> int:
+    """The prompt length of a megatron-core request: `prompt_tokens`, or `prompt_length` when the
+    request came back through the coordinator (it drops the prompt tensor unless asked to return it)."""
+    prompt = getattr(request, "prompt_tokens", None)
+    if prompt is not None:
+        return len(prompt)
+    length = getattr(request, "prompt_length", None)
+    if length is None:
+        raise ConfigError(f"{type(request).__name__} has neither prompt_tokens nor prompt_length")
+    return int(length)
+
+
 def request_token_versions(request: object) -> list[int]:
     """`token_versions` of a (merged) megatron-core `DynamicInferenceRequest`, as `generate` returns it."""
-    prompt = getattr(request, "prompt_tokens", None)
     generated = getattr(request, "generated_tokens", None)
-    if prompt is None or generated is None:
-        raise ConfigError(f"{type(request).__name__} has no prompt_tokens / generated_tokens")
-    return token_versions(getattr(request, "policy_epoch", None), prompt_len=len(prompt), generated_len=len(generated))
+    if generated is None:
+        raise ConfigError(f"{type(request).__name__} has no generated_tokens")
+    epochs = getattr(request, "policy_epoch", None)
+    return token_versions(epochs, prompt_len=prompt_length(request), generated_len=len(generated))
 
 
 __all__ = [
@@ -137,6 +149,7 @@ __all__ = [
     "CachePolicy",
     "cache_policy",
     "position_versions",
+    "prompt_length",
     "request_token_versions",
     "token_versions",
 ]

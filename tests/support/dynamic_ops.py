@@ -162,12 +162,12 @@ def _sampling(tokens: int) -> Any:
 
 
 def _outputs(requests: list[Any]) -> list[dict[str, Any]]:
-    from refit.megatron_inference.versions import position_versions, request_token_versions
+    from refit.megatron_inference.versions import position_versions, prompt_length, request_token_versions
 
     out = []
     for r in requests:
         tokens = [int(t) for t in r.generated_tokens]
-        length = len(r.prompt_tokens) + len(tokens)
+        length = prompt_length(r) + len(tokens)
         kv = position_versions(r.kv_cache_epoch, length, what="kv_cache_epoch") if r.kv_cache_epoch else None
         out.append({"tokens": tokens, "versions": request_token_versions(r), "kv_versions": kv})
     return out

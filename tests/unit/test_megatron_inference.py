@@ -97,6 +97,14 @@ def test_lengths_are_checked() -> None:
     with pytest.raises(ConfigError, match="generated_tokens"):
         request_token_versions(object())
 
+    class Returned:  # what a request without its prompt tensor carries
+        prompt_tokens, prompt_length, generated_tokens, policy_epoch = None, 4, [1, 2], [(0, 7)]
+
+    assert request_token_versions(Returned()) == [7, 7]
+    Returned.prompt_length = None
+    with pytest.raises(ConfigError, match="prompt_length"):
+        request_token_versions(Returned())
+
 
 class _Mode:
     """An enum member as megatron-core's KVCacheManagementMode is (a str enum with `.value`)."""
@@ -177,6 +185,10 @@ def test_versions_through_a_recompute_checkpoint_of_real_megatron_requests() -> 
     merged = record.merge()
     assert len(merged.prompt_tokens) == prompt_len and len(merged.generated_tokens) == steps
     assert request_token_versions(merged) == truth
+    # Through the coordinator, as `generate` returns it: the prompt tensor is dropped, its length kept.
+    returned = DynamicInferenceRequest.deserialize(merged.serialize())
+    assert returned.prompt_tokens is None and returned.prompt_length == prompt_len
+    assert request_token_versions(returned) == truth
 
 
 @needs_019
