@@ -58,6 +58,7 @@ CASE = dynamic_ops.CASE
 PROMPT_LEN = 300  # over one KV block (256 tokens): prefix caching matches whole blocks
 TOKENS = 160
 MIN_BEFORE = 4
+SLOW = 600.0  # engine start-up, CUDA-graph capture and FlashAttention-4's first compiles (~3 s each)
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +115,15 @@ def test_refit_running_dynamic_engine(trainers, catalog, tmp_path, facade, kv_mo
     after_prompts = [probe, *dynamic_ops.prompts(2, PROMPT_LEN, seed=8)]
 
     with _engine() as engine:
-        [info] = engine.run(f"{ENGINE}:start", hf_path=str(init), **options)
+        [info] = engine.run(f"{ENGINE}:start", timeout_s=SLOW, hf_path=str(init), **options)
         assert info["fa4"], "megatron-core did not find FlashAttention-4"
         assert engine.run(f"{ENGINE}:attach", catalog=catalog, name=t.name) == [kv_mode]
 
-        [r1] = engine.run(f"{ENGINE}:refit", version=1)
+        [r1] = engine.run(f"{ENGINE}:refit", timeout_s=SLOW, version=1)
         assert r1["version"] == 1 and r1["bytes"] > 0 and r1["storage_kept"]
         assert r1["chunks"] == 1  # the whole version was prefetched; the stall held only the install
         assert engine.run(f"{ENGINE}:differing", hf_path=str(v1)) == [[]]
-        [probed] = engine.run(f"{ENGINE}:generate", prompts=[probe], tokens=8)
+        [probed] = engine.run(f"{ENGINE}:generate", timeout_s=SLOW, prompts=[probe], tokens=8)
         assert probed[0]["versions"] == [1] * 8
 
         v2_model = t.step(seed=2)
@@ -131,8 +132,8 @@ def test_refit_running_dynamic_engine(trainers, catalog, tmp_path, facade, kv_mo
         v2 = write_state(v2_model, tmp_path / "v2.safetensors")
 
         [cross] = engine.run(
-            f"{ENGINE}:crossing", prompts=crossing_prompts, tokens=TOKENS, version=2, min_before=MIN_BEFORE,
-            timeout_s=300.0,
+            f"{ENGINE}:crossing", timeout_s=SLOW, prompts=crossing_prompts, tokens=TOKENS, version=2,
+            min_before=MIN_BEFORE,
         )  # fmt: skip
         report = cross["report"]
         assert report["version"] == 2 and cross["storage_kept"]
@@ -152,7 +153,7 @@ def test_refit_running_dynamic_engine(trainers, catalog, tmp_path, facade, kv_mo
                 assert set(out["kv_versions"]) == {2}
             before.append(k)
 
-        after = engine.run(f"{ENGINE}:generate", prompts=after_prompts, tokens=TOKENS)[0]
+        after = engine.run(f"{ENGINE}:generate", timeout_s=SLOW, prompts=after_prompts, tokens=TOKENS)[0]
         assert all(o["versions"] == [2] * TOKENS for o in after)
     _record(f"{facade}-{kv_mode}", idle=r1, crossing=report, seen_before_refit=cross["seen_before_refit"],
             tokens_of_v1=before)  # fmt: skip
@@ -161,14 +162,16 @@ def test_refit_running_dynamic_engine(trainers, catalog, tmp_path, facade, kv_mo
     # right after the resume on the refitted engine, before the prompts after the refit).
     continuations = [p + o["tokens"][:k] for p, o, k in zip(crossing_prompts, cross["outputs"], before, strict=True)]
     with _engine() as fresh:
-        fresh.run(f"{ENGINE}:start", hf_path=str(v2), **options)
+        fresh.run(f"{ENGINE}:start", timeout_s=SLOW, hf_path=str(v2), **options)
         fresh.run(f"{ENGINE}:attach", catalog=catalog, name=t.name)
         fresh.run(f"{ENGINE}:mark", version=2)
-        if kv_mode == "recompute" and len(set(before)) == 1:
-            # The crossing requests were re-prefilled together at resume and decoded in lockstep: one batch.
-            [cont] = fresh.run(f"{ENGINE}:generate", prompts=continuations, tokens=TOKENS - before[0])
+        if kv_mode == "recompute":
+            # Submitted in one batch, the crossing requests decode in lockstep: they crossed at the same
+            # token, were re-prefilled together at resume, and are one batch here too.
+            assert len(set(before)) == 1, before
+            [cont] = fresh.run(f"{ENGINE}:generate", timeout_s=SLOW, prompts=continuations, tokens=TOKENS - before[0])
             for got, want, k in zip(cross["outputs"], cont, before, strict=True):
                 assert got["tokens"][k:] == want["tokens"], "the crossing request used KV of the old weights"
-        [want_after] = fresh.run(f"{ENGINE}:generate", prompts=after_prompts, tokens=TOKENS)
+        [want_after] = fresh.run(f"{ENGINE}:generate", timeout_s=SLOW, prompts=after_prompts, tokens=TOKENS)
         assert [o["tokens"] for o in after] == [o["tokens"] for o in want_after]
     t.close()
