@@ -49,6 +49,22 @@ def gpt_model(llm: Any) -> nn.Module:
     return model
 
 
+def quantized_weights(model: nn.Module) -> str | None:
+    """Why the engine computes from weights other than its parameters (None: it computes from them).
+
+    FP8 inference converts the model (`prepare_model_for_fp8_inference`), and the inference-optimized
+    layers with MXFP8 quantize the decoder weights into persistent buffers of their own, which CUDA
+    graphs capture (megatron-core 0.19.2 `resharding/refit.py` converts them on every swap). A copy
+    into the parameters would not reach those.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "fp8", None):
+        return f"fp8={config.fp8!r}"
+    if getattr(config, "transformer_impl", None) == "inference_optimized" and getattr(config, "fp8_recipe", None):
+        return f"transformer_impl='inference_optimized' with fp8_recipe={config.fp8_recipe!r}"
+    return None
+
+
 def kv_settings(llm: Any) -> KVSettings:
     """The KV-cache settings of the facade's `DynamicInferenceContext` (`context.config`)."""
     config = _get(_get(llm, "context", "MegatronLLM"), "config", "DynamicInferenceContext")
@@ -109,6 +125,7 @@ __all__ = [
     "installed",
     "is_primary",
     "kv_settings",
+    "quantized_weights",
     "require_coroutine",
     "submit_generation_epoch",
 ]

@@ -156,8 +156,13 @@ class MegatronRefitter:
             settings.kv_mode, prefix_caching=settings.prefix_caching,
             static_kv_memory_pointers=settings.static_kv_memory_pointers, keep_stale_kv=keep_stale_kv,
         )  # fmt: skip
+        model = compat.gpt_model(llm)
+        quantized = compat.quantized_weights(model)
+        if quantized is not None:
+            raise ConfigError(f"the engine computes from quantized copies of its weights ({quantized}); refit "
+                              "installs into the bf16/fp32 parameters only")  # fmt: skip
         self.llm = llm
-        self.engine = MegatronEngine(compat.gpt_model(llm), architecture=architecture, vocab_size=vocab_size)
+        self.engine = MegatronEngine(model, architecture=architecture, vocab_size=vocab_size)
         if replica is None:
             replica = parallel_coords()[2].dp_rank
         self._agreement = RankAgreement(group, device=self.engine.device)

@@ -210,3 +210,17 @@ def test_the_dynamic_engine_internals_refit_reads_are_there() -> None:
             assert callable(getattr(cls, name)), (cls.__name__, name)
     assert isinstance(_CoordinatorRuntime.client, property)
     assert callable(_EventLoopManager.submit) and callable(InferenceClient.set_generation_epoch)
+
+
+def test_quantized_inference_is_recognised_on_a_real_gpt_model() -> None:
+    import dataclasses
+
+    from refit.compat.megatron_inference import quantized_weights
+    from tests.support import engine_ops
+    from tests.support import hf_models as hm
+
+    with engine_ops.one_process_world():
+        model = engine_ops.gpt_model(hm.LLAMA_GQA)
+        assert quantized_weights(model) is None  # bf16/fp32 parameters are what it computes from
+        model.config = dataclasses.replace(model.config, fp8="hybrid")
+        assert quantized_weights(model) == "fp8='hybrid'"
