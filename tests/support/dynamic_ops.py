@@ -109,7 +109,9 @@ def start(
         num_cuda_graphs=4 if cuda_graphs else None, materialize_only_last_token_logits=True,
     )  # fmt: skip
     cls = MegatronLLM if facade == "sync" else MegatronAsyncLLM
-    state["llm"] = cls(model=model, tokenizer=ToyTokenizer(CASE.vocab_size), inference_config=config)
+    # Loopback: Megatron binds its ZMQ sockets on socket.gethostname() otherwise, which a sandbox may not resolve.
+    tokenizer = ToyTokenizer(CASE.vocab_size)
+    state["llm"] = cls(model=model, tokenizer=tokenizer, inference_config=config, coordinator_host="127.0.0.1")
     state["facade"], state["model"] = facade, model
     state["ptrs"] = {k: v.data_ptr() for k, v in _params(model).items()}
     return {"fa4": bool(getattr(attention, "HAVE_FA4", False)), "params": len(state["ptrs"])}
