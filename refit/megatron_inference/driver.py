@@ -178,6 +178,19 @@ class MegatronRefitter:
         self._sync: _SyncLifecycle | None = None
         self.version: int | None = None  # the version installed by the last refit
 
+    def close(self) -> None:
+        """Release the receiver (its staging and NIXL registrations); the engine keeps running."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        self.receiver.close()
+
+    def __enter__(self) -> MegatronRefitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- versions ---------------------------------------------------------------------------------
 
     def mark_version(self, version: int) -> None:

@@ -257,7 +257,7 @@ def shutdown(state: dict, rank: int, world_size: int) -> bool:
     llm = state.pop("llm", None)
     refitter = state.pop("refitter", None)
     if refitter is not None:
-        refitter.receiver.close()
+        refitter.close()
     if llm is None:
         return False
     if state["facade"] == "sync":
