@@ -37,6 +37,11 @@ UCX_DEFAULTS: dict[str, str] = {
     "UCX_RCACHE_MAX_UNRELEASED": "1024",
     # NIXL logs every agent's creation at INFO to stdout, which would mix into callers' output.
     "NIXL_LOG_LEVEL": "WARN",
+    # UCX's TCP connect blocks by default, inside NIXL's add_remote_agent/make_connection (under the
+    # agent's lock): a peer whose SYNs go unanswered (a partition, no route back) holds it for the
+    # kernel's SYN timeout (~130 s), past any refit deadline. Non-blocking, such a peer's READ fails or
+    # times out instead, which refit bounds (`source_timeout_s`, the update's deadline).
+    "UCX_TCP_CONN_NB": "y",
 }
 UCX_CUDA_DEFAULTS: dict[str, str] = {
     # Without NVLink, UCX disables cuda_ipc get_zcopy and a READ falls to ~0.5 GB/s (vs ~1.5 TB/s).
