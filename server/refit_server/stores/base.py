@@ -123,6 +123,12 @@ class Store(Protocol):
         `version` is None and none is READY.
         """
 
+    def generation(self, *, name: str) -> str:
+        """A token that changes whenever anything a read of `name` returns may have changed: a publish,
+        a retire (and retention), a lapsed lease's kill; evaluated after the reaper, like every read.
+        Never repeats for one store's data (it also changes when that data is lost and written anew).
+        The catalog files cached `Resolve` replies under it (`refit_server.replies`)."""
+
     def counts(self) -> StoreCounts:
         """Versions per state and claims held, over every name (for metrics; need not be atomic)."""
 
