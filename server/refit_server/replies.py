@@ -1,12 +1,14 @@
 """`ReplyCache`: encoded `Resolve` replies kept per (model, version, known layout, ranks filter).
 
 Under load the catalog's cost is converting the same records into the same protobuf bytes for every
-reader (docs/benchmarks.md, "catalog under load"). A reply is cached together with the model's
-*generation* (`Store.generation`: a token that changes with every change a read of the model could
-see, lease lapses included, read after the reaper ran), and served only while the generation is still
-the same: any state change invalidates it, whichever catalog server made it (the Redis store keeps the
-generation in Redis). The generation is read before the store is, so a reply is never older than the
-generation it is filed under.
+reader (docs/benchmarks.md, "catalog under load"). A reply of a READY version is cached together with
+the model's *generation* (`Store.generation`: a token that changes with every change such a reply
+could show, lease lapses included, read after the reaper ran), and served only while the generation
+is still the same: any such change invalidates it, whichever catalog server made it (the Redis store
+keeps the generation in Redis). The generation is read before the store is, so a reply is never older
+than the generation it is filed under. Replies of other versions (STAGING, FAILED, RETIRED: a pinned
+read) are computed every time, so the parts a trainer publishes into a STAGING version, the bulk of
+the catalog's writes, need not invalidate anything.
 
 Concurrent misses of one key are computed once: the first caller computes, the others wait for its
 bytes (bounded by their own deadline; a caller whose wait runs out, or whose leader failed, computes
@@ -58,8 +60,13 @@ class ReplyCache:
         self._bytes = 0
         self._hits = self._misses = self._shared = 0
 
-    def get(self, key: Hashable, generation: str, compute: Callable[[], bytes], *, wait_s: float | None) -> bytes:
-        """The reply for `key` at `generation`: cached, another caller's, or `compute()`d here."""
+    def get(
+        self, key: Hashable, generation: str, compute: Callable[[], tuple[bytes, bool]], *, wait_s: float | None
+    ) -> bytes:
+        """The reply for `key` at `generation`: cached, another caller's, or `compute()`d here.
+
+        `compute` returns the reply and whether it may be kept; one that may not is still handed to the
+        callers waiting for it (it was computed after they asked)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[0] == generation:
@@ -78,13 +85,14 @@ class ReplyCache:
                 return flight.data
             with self._lock:
                 self._misses += 1
-            return compute()  # the leader failed (its error is not shared) or is late: as if uncached
+            return compute()[0]  # the leader failed (its error is not shared) or is late: as if uncached
         try:
-            data = compute()
+            data, keep = compute()
             flight.data = data
             with self._lock:
                 self._misses += 1
-                self._put(key, generation, data)
+                if keep:
+                    self._put(key, generation, data)
             return data
         finally:
             with self._lock:

@@ -21,8 +21,10 @@ from google.protobuf.message import DecodeError, Message
 from refit import errors
 from refit.catalog import bounds, wire
 from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
+from refit.catalog.values import Resolved
 from refit.proto import catalog_pb2 as pb
 from refit.proto import catalog_pb2_grpc as pb_grpc
+from refit.types import VersionState
 from refit_server.auth import Authority
 from refit_server.metrics import CatalogMetrics
 from refit_server.replies import ReplyCache
@@ -270,15 +272,19 @@ class CatalogService(pb_grpc.CatalogServicer):
         known = bounds.text("known_layout", request.known_layout, self._limits.max_short_chars, required=False)
         ranks = tuple(sorted(set(self._ranks(request.ranks))))
 
-        def encoded() -> pb.ResolveResponse:
-            resolved = self._store.resolve(name=name, version=version, known_layout=known, ranks=ranks)
-            return wire.resolved_to_proto(resolved)
+        def resolve() -> Resolved:
+            return self._store.resolve(name=name, version=version, known_layout=known, ranks=ranks)
 
         if self.replies is None:
-            return encoded()
+            return wire.resolved_to_proto(resolve())
+
+        def encoded() -> tuple[bytes, bool]:
+            resolved = resolve()
+            # Only READY replies are covered by the generation (`Store.generation`).
+            return wire.resolved_to_proto(resolved).SerializeToString(), resolved.info.state is VersionState.READY
+
         generation = self._store.generation(name=name)  # first: a reply is never older than its generation
-        return self.replies.get((name, version, known, ranks), generation, lambda: encoded().SerializeToString(),
-                                wait_s=context.time_remaining())  # fmt: skip
+        return self.replies.get((name, version, known, ranks), generation, encoded, wait_s=context.time_remaining())
 
     @_rpc
     def Retire(self, request: pb.RetireRequest, context: grpc.ServicerContext) -> pb.RetireResponse:

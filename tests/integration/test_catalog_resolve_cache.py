@@ -54,8 +54,15 @@ def test_every_change_is_seen_through_the_cache(store_url: str) -> None:
         assert check(c, 1) == first
         assert server.replies.stats().hits == before.hits + 1  # served from the cache
 
-        publish(c, 2, ranks=(0,))  # STAGING: still version 1, but the generation moved on
+        publish(c, 2, ranks=(0,))  # STAGING: version 1 is still the newest READY one, still cached
+        hits = server.replies.stats().hits
         check(c, 1)
+        assert server.replies.stats().hits == hits + 1
+        for _ in range(2):  # a STAGING version is read anew every time: its parts move no generation
+            before_staging = server.replies.stats()
+            staging = c.resolve(name="m", version=2)
+            assert staging.info.state is VersionState.STAGING and staging.sources == (part(0, 2),)
+            assert server.replies.stats().misses == before_staging.misses + 1
         publish(c, 2, ranks=(1,))  # READY
         full = check(c, 2)
         check(c, 2, ranks=(1,), filter=(1,))  # another key: only rank 1's record

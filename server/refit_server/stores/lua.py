@@ -10,9 +10,10 @@ Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key
     P:m:N:leases                ZSET  rank -> lease expiry (Redis TIME, unix seconds); leased claims only
     P:m:N:lease_s               HASH  rank -> lease length in seconds; leased claims only
     P:m:N:pruned                STRING the highest version number retention deleted (absent: none)
-    P:m:N:gen                   HASH  n (changes a read could see: publish, retire, a lease's kill) and
-                                      epoch (Redis TIME when n was 1): the model's generation, under
-                                      which the catalog caches Resolve replies; absent until a change
+    P:m:N:gen                   HASH  n (changes to READY versions: a version made READY or a part
+                                      republished into one, a retire, a lease's kill) and epoch (Redis
+                                      TIME when n was 1): the model's generation, under which the
+                                      catalog caches Resolve replies of READY versions; absent until then
     P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at,
                                       layout (the version's layout digest; absent until every rank
                                       published, and in versions written before digests existed),
@@ -260,7 +261,8 @@ if redis.call('HLEN', KEYS[7]) == tonumber(ARGV[3]) then
 end
 -- Never stored empty: LATEST separates its reply's parts with "" because no field or value is empty.
 if layout == '' then redis.call('HDEL', KEYS[1], 'layout') else redis.call('HSET', KEYS[1], 'layout', layout) end
-refit_changed(M)
+-- A part of a STAGING version changes no READY version's reply (only READY ones are cached).
+if state == 'READY' then refit_changed(M) end
 local reply = redis.call('HMGET', KEYS[1], 'state', 'created_at', 'ready_at')
 table.insert(reply, 1, 'ok')
 for _, r in ipairs(redis.call('HKEYS', KEYS[3])) do table.insert(reply, r) end

@@ -194,7 +194,8 @@ class MemoryStore:
             # The service guarantees rank < world_size, so a full dict means every rank published.
             if v.state is VersionState.STAGING and len(v.sources) >= world_size:
                 v.state, v.ready_at = VersionState.READY, now
-            self._changed(name)
+            if v.state is VersionState.READY:  # a STAGING part changes no cached (READY) reply
+                self._changed(name)
             return v.info(name, version)
 
     def get_version(self, *, name: str, version: int) -> VersionInfo:
