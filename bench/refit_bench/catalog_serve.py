@@ -10,14 +10,28 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CatalogProcess:
+    """A running `refit-catalog serve`: where it listens, and its process id."""
+
+    address: str
+    pid: int
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, every thread) the process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 @contextlib.contextmanager
-def serve(store: str, *, args: Sequence[str] = (), stop_s: float = 30.0) -> Iterator[str]:
-    """The address of a `refit-catalog serve` process serving `store` (with extra `args`), for the block."""
+def serve(store: str, *, args: Sequence[str] = (), stop_s: float = 30.0) -> Iterator[CatalogProcess]:
+    """A `refit-catalog serve` process serving `store` (with extra `args`), for the block."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]),
@@ -30,7 +44,7 @@ def serve(store: str, *, args: Sequence[str] = (), stop_s: float = 30.0) -> Iter
         line = proc.stdout.readline()  # "refit catalog serving on HOST:PORT"; blocks until it binds
         if not line:
             raise RuntimeError(f"refit-catalog exited with {proc.wait(timeout=10)} before serving")
-        yield line.split()[-1]
+        yield CatalogProcess(address=line.split()[-1], pid=proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=stop_s)

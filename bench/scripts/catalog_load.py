@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     go, out = ctx.Event(), ctx.Queue()
     per_proc = [args.readers // args.procs + (i < args.readers % args.procs) for i in range(args.procs)]
     serve_args = ["--max-workers", str(args.max_workers), "--resolve-cache-mb", str(args.resolve_cache_mb)]
-    with serve(store, args=serve_args) as address:
+    with serve(store, args=serve_args) as served:
+        address = served.address
         procs = [
             ctx.Process(target=reader_process, args=(address, name, n, args.rounds, args.timeout_s, go, out))
             for n in per_proc
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 clients[0].retire(name=name, version=version - 1, and_older=True)
             results = [out.get(timeout=args.timeout_s * args.rounds * 2 + 600) for _ in procs]
             wall = time.perf_counter() - t0
+            catalog_cpu_s = served.cpu_s()  # every publish and read, and the start-up
         finally:
             for c in clients:
                 c.close()
@@ -152,6 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": dict(errors),
         "publishes": len(publish),
         "wall_s": round(wall, 2),
+        "catalog_cpu_s": round(catalog_cpu_s, 2),
         "reads_per_s": round(answered_reads / wall, 1) if wall > 0 else 0.0,
         "latency": {k: percentiles(times[k]) for k in KINDS},
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.2f}",
@@ -188,7 +191,8 @@ def main() -> None:
         )
         print(
             f"reads: {result['reads_answered']}/{result['reads_expected']} answered, lost {result['lost']}, "
-            f"errors {result['errors'] or 'none'}, {result['reads_per_s']} reads/s over {result['wall_s']} s"
+            f"errors {result['errors'] or 'none'}, {result['reads_per_s']} reads/s over {result['wall_s']} s, "
+            f"catalog CPU {result['catalog_cpu_s']} s"
         )
         for kind, stats in result["latency"].items():
             print(f"  {kind:14s} {stats}")

@@ -85,8 +85,8 @@ def catalog(store: str, *, same_process: bool) -> Iterator[str]:
         with CatalogServer(store=store, port=0).start() as server:
             yield server.address
         return
-    with serve(store, stop_s=10.0) as address:
-        yield address
+    with serve(store, stop_s=10.0) as served:
+        yield served.address
 
 
 def measure(store: str, tp: int, calls: int, *, same_process: bool, state_only: bool) -> dict[str, object]:
