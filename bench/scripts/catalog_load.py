@@ -17,46 +17,21 @@ non-zero if any request was lost or answered with an error. Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from refit_bench.catalog_serve import drop_redis_keys, percentiles, serve
+
 KINDS = ("publish", "resolve_full", "resolve_known", "state", "failed")
-
-
-@contextlib.contextmanager
-def catalog(store: str, max_workers: int) -> Iterator[str]:
-    """The address of a `refit-catalog serve` process serving `store`, for the block's duration."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "refit_server.cli", "serve", "--port", "0", "--store", store]
-    cmd += ["--max-workers", str(max_workers), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "refit catalog serving on HOST:PORT"; blocks until it binds
-        if not line:
-            raise RuntimeError(f"refit-catalog exited with {proc.wait(timeout=10)} before serving")
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _reader(address: str, name: str, rounds: int, timeout_s: float, start: threading.Barrier) -> dict[str, Any]:
@@ -113,19 +88,6 @@ def _publish_all(clients: list[Any], name: str, version: int, meta: Any, sources
         return list(pool.map(one, range(len(sources))))
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-    q = statistics.quantiles(ordered, n=100, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 99
-    return {
-        "n": len(ordered),
-        "p50_ms": round(q[49] * 1e3, 2),
-        "p99_ms": round(q[98] * 1e3, 2),
-        "max_ms": round(ordered[-1] * 1e3, 2),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from refit.catalog.client import CatalogClient
     from refit_bench.trainer_sources import TrainerLayout, load_config, synthesize_sources
@@ -139,7 +101,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
     per_proc = [args.readers // args.procs + (i < args.readers % args.procs) for i in range(args.procs)]
-    with catalog(store, args.max_workers) as address:
+    serve_args = ["--max-workers", str(args.max_workers), "--resolve-cache-mb", str(args.resolve_cache_mb)]
+    with serve(store, args=serve_args) as served:
+        address = served.address
         procs = [
             ctx.Process(target=reader_process, args=(address, name, n, args.rounds, args.timeout_s, go, out))
             for n in per_proc
@@ -157,18 +121,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 clients[0].retire(name=name, version=version - 1, and_older=True)
             results = [out.get(timeout=args.timeout_s * args.rounds * 2 + 600) for _ in procs]
             wall = time.perf_counter() - t0
+            catalog_cpu_s = served.cpu_s()  # every publish and read, and the start-up
         finally:
             for c in clients:
                 c.close()
             for p in procs:
                 p.join(timeout=60)
         if args.store != "memory":
-            import redis
-
-            with redis.Redis.from_url(args.store) as raw:
-                keys = list(raw.scan_iter(match=f"bench-load-{name}:*"))
-                if keys:
-                    raw.delete(*keys)
+            drop_redis_keys(args.store, f"bench-load-{name}")
     times = {k: [t for r in results for t in r["times"][k]] for k in KINDS}
     times["publish"] = publish
     errors: Counter[str] = Counter()
@@ -187,14 +147,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "versions_published": args.versions + 1,
         "server_workers": args.max_workers,
+        "resolve_cache_mb": args.resolve_cache_mb,
         "reads_expected": expected_reads,
         "reads_answered": answered_reads,
         "lost": expected_reads - answered_reads,
         "errors": dict(errors),
         "publishes": len(publish),
         "wall_s": round(wall, 2),
+        "catalog_cpu_s": round(catalog_cpu_s, 2),
         "reads_per_s": round(answered_reads / wall, 1) if wall > 0 else 0.0,
-        "latency": {k: _percentiles(times[k]) for k in KINDS},
+        "latency": {k: percentiles(times[k]) for k in KINDS},
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.2f}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -213,6 +175,9 @@ def main() -> None:
     parser.add_argument("--versions", type=int, default=3, help="versions published while the readers run")
     parser.add_argument("--store", default="memory", help="'memory' or redis://host:port/db")
     parser.add_argument("--max-workers", type=int, default=16, help="the catalog's RPC threads")
+    parser.add_argument(
+        "--resolve-cache-mb", type=int, default=256, help="the catalog's Resolve reply cache (0: none, as before it)"
+    )
     parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of every call")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
@@ -226,7 +191,8 @@ def main() -> None:
         )
         print(
             f"reads: {result['reads_answered']}/{result['reads_expected']} answered, lost {result['lost']}, "
-            f"errors {result['errors'] or 'none'}, {result['reads_per_s']} reads/s over {result['wall_s']} s"
+            f"errors {result['errors'] or 'none'}, {result['reads_per_s']} reads/s over {result['wall_s']} s, "
+            f"catalog CPU {result['catalog_cpu_s']} s"
         )
         for kind, stats in result["latency"].items():
             print(f"  {kind:14s} {stats}")

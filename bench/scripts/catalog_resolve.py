@@ -23,15 +23,13 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from refit.catalog import wire
 from refit.catalog.client import CatalogClient
+from refit_bench.catalog_serve import drop_redis_keys, serve
 from refit_bench.trainer_sources import TrainerLayout, synthesize_sources
 from refit_server import CatalogServer
 
@@ -87,22 +85,8 @@ def catalog(store: str, *, same_process: bool) -> Iterator[str]:
         with CatalogServer(store=store, port=0).start() as server:
             yield server.address
         return
-    root = Path(__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), str(root / "server"), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "refit_server.cli", "serve", "--port", "0", "--store", store, "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # "refit catalog serving on HOST:PORT"; blocks until it binds
-        if not line:
-            raise RuntimeError(f"refit-catalog exited with {proc.wait(timeout=10)} before serving")
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with serve(store, stop_s=10.0) as served:
+        yield served.address
 
 
 def measure(store: str, tp: int, calls: int, *, same_process: bool, state_only: bool) -> dict[str, object]:
@@ -168,13 +152,7 @@ def main() -> None:
             rows.append(measure(store, tp, args.calls, same_process=args.same_process, state_only=args.state_only))
             print(json.dumps(rows[-1]), flush=True)
     if args.redis:  # drop the benchmark's keys
-        import redis
-
-        prefix = stores[-1].split("prefix=")[1]
-        with redis.Redis.from_url(args.redis) as raw:
-            keys = list(raw.scan_iter(match=f"{prefix}:*"))
-            if keys:
-                raw.delete(*keys)
+        drop_redis_keys(args.redis, stores[-1].split("prefix=")[1])
 
 
 if __name__ == "__main__":

@@ -37,6 +37,18 @@ UCX_DEFAULTS: dict[str, str] = {
     "UCX_RCACHE_MAX_UNRELEASED": "1024",
     # NIXL logs every agent's creation at INFO to stdout, which would mix into callers' output.
     "NIXL_LOG_LEVEL": "WARN",
+    # UCX's TCP connect blocks by default, inside NIXL's add_remote_agent/make_connection (under the
+    # agent's lock): a peer whose SYNs go unanswered (a partition, no route back) holds it for the
+    # kernel's SYN timeout (~130 s), past any refit deadline. Non-blocking, such a peer's READ fails or
+    # times out instead, which refit bounds (`source_timeout_s`, the update's deadline).
+    "UCX_TCP_CONN_NB": "y",
+    # Over TCP a READ is served by the source's UCP in software (TCP has no get_zcopy): each request
+    # is answered by a reply request, and UCX aborts the whole process (ucp_request.inl: "Fatal:
+    # unexpected error: Endpoint timeout") when its keepalive has failed the reader's endpoint while
+    # replies are queued: a trainer that resumes after a stall, its reader killed meanwhile. Without
+    # UCP keepalive the dead reader's endpoint fails by TCP (reset, or TCP keepalive) and the trainer
+    # lives; refit bounds every wait itself and needs no keepalive (docs/reliability.md, Chaos).
+    "UCX_KEEPALIVE_INTERVAL": "inf",
 }
 UCX_CUDA_DEFAULTS: dict[str, str] = {
     # Without NVLink, UCX disables cuda_ipc get_zcopy and a READ falls to ~0.5 GB/s (vs ~1.5 TB/s).

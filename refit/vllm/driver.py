@@ -117,11 +117,16 @@ def refit_llm(
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
     max_staging_bytes: int | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> RefitReport:
     """Refit a synchronous `vllm.LLM` (created with the refit backend) to `version` (default: newest READY).
 
     `LLM` generates only inside its own calls, so nothing runs while this one does; the stall is the
-    install. `token`: the catalog token (None: `$REFIT_CATALOG_TOKEN` in each process).
+    install. `token`: the catalog token (None: `$REFIT_CATALOG_TOKEN` in each process). `tls_ca`,
+    `tls_cert`, `tls_key`: PEM files for a catalog served over TLS (as `Receiver`'s), used for the lookup
+    here and by every worker.
     `max_staging_bytes`: each worker's staging window (None: 1 GiB; see docs/vllm.md "Memory"). Raises a
     `RefitError`; the engine keeps its previous weights, except after a `TornWeightsError` (a streamed
     install failed part-way and no repair with the newest version succeeded).
@@ -136,6 +141,9 @@ def refit_llm(
         catalog_timeout_s=catalog_timeout_s,
         token=token,
         max_staging_bytes=max_staging_bytes,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     return run(refit_steps(plan), LLMControl(llm))
 
@@ -153,6 +161,9 @@ async def refit_async_llm(
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
     max_staging_bytes: int | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> RefitReport:
     """Refit a running `AsyncLLM` between generation steps; requests in flight are kept, not lost.
 
@@ -160,8 +171,9 @@ async def refit_async_llm(
     `CompletionOutput.weight_versions`. With `recompute_running` (default) their KV cache is
     recomputed with the new weights when they resume, so after the swap no cached state from the
     old weights is used; with False it is kept (cheaper, staler) and the prefix-cache reset may not
-    happen while they hold blocks. `max_staging_bytes` as for `refit_llm`. Raises a `RefitError`; the
-    engine is resumed in every case but a `TornWeightsError` (its weights are a mix: it stays paused).
+    happen while they hold blocks. `max_staging_bytes`, `token` and `tls_*` as for `refit_llm`. Raises a
+    `RefitError`; the engine is resumed in every case but a `TornWeightsError` (its weights are a mix: it
+    stays paused).
     The event loop is never blocked: the catalog lookup runs in a thread, every engine call is awaited.
     """
     plan = RefitPlan(
@@ -174,6 +186,9 @@ async def refit_async_llm(
         catalog_timeout_s=catalog_timeout_s,
         token=token,
         max_staging_bytes=max_staging_bytes,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     return await run_async(refit_steps(plan), AsyncLLMControl(engine, recompute_running=recompute_running))
 

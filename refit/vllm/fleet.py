@@ -30,6 +30,7 @@ from refit.compat import vllm as vllm_compat
 from refit.config import DEFAULT_TIMEOUTS
 from refit.errors import ConfigError, EngineError, RefitError
 from refit.vllm.flow import RefitPlan, refit_steps, resolve_version, run
+from refit.vllm.values import check_tls, tls_options
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +132,14 @@ def refit_one_server(
     poll_s: float = DEFAULT_TIMEOUTS.poll_s,
     token: str | None = None,
     max_staging_bytes: int | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> ServerResult:
     """Refit one server to `version` (already READY); errors are reported in the result, never raised.
 
-    `max_staging_bytes`: each worker's staging window (None: the backend's default; see docs/vllm.md)."""
+    `max_staging_bytes`: each worker's staging window (None: the backend's default; see docs/vllm.md).
+    `tls_*`: PEM files for a catalog served over TLS, sent to the server's workers (paths on its machine)."""
     server = VLLMServer(url, timeout_s=timeout_s)
     plan = RefitPlan(
         catalog=catalog,
@@ -146,6 +151,9 @@ def refit_one_server(
         poll_s=poll_s,
         token=token,
         max_staging_bytes=max_staging_bytes,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     t0 = time.perf_counter()
     try:
@@ -181,6 +189,8 @@ class Fleet:
         token: the catalog token, for the fleet's reads and the servers' pulls (sent in their
             `init_info`); None: `$REFIT_CATALOG_TOKEN` here and in each server, else none.
         max_staging_bytes: each server worker's staging window (None: the backend's default, 1 GiB).
+        tls_ca, tls_cert, tls_key: PEM files for a catalog served over TLS (as `Receiver`'s), for the
+            fleet's reads and sent to the servers (so the paths must hold on their machines too).
     """
 
     def __init__(
@@ -193,12 +203,17 @@ class Fleet:
         max_parallel: int = 8,
         token: str | None = None,
         max_staging_bytes: int | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
+        check_tls(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         if timeout_s <= 0 or max_parallel < 1 or (max_staging_bytes is not None and max_staging_bytes <= 0):
             raise ConfigError("timeout_s must be > 0, max_parallel >= 1 and max_staging_bytes positive")
         self.max_staging_bytes = max_staging_bytes
         self.catalog, self.name, self.timeout_s, self.max_parallel = catalog, name, timeout_s, max_parallel
         self._token = token  # private: a Fleet's attributes are printed, its token must not be
+        self._tls = tls_options(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self._replicas: dict[str, int] = {}
         self._lock = threading.Lock()
         self.current: int | None = None  # the version the fleet was last refitted to
@@ -223,8 +238,9 @@ class Fleet:
     def refit(self, version: int | None = None) -> list[ServerResult]:
         """Refit every server to `version` (default: the newest READY one); skip those already on it."""
         v = resolve_version(
-            catalog=self.catalog, name=self.name, version=version, timeout_s=self.timeout_s, token=self._token
-        )
+            catalog=self.catalog, name=self.name, version=version, timeout_s=self.timeout_s, token=self._token,
+            **self._tls,
+        )  # fmt: skip
         self.current = v
         return self._bring(v)
 
@@ -277,6 +293,7 @@ class Fleet:
                 timeout_s=self.timeout_s,
                 token=self._token,
                 max_staging_bytes=self.max_staging_bytes,
+                **self._tls,
             )
 
         if not targets:
@@ -319,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-staging-bytes", type=int, help="each worker's staging window (default 1 GiB; see docs/vllm.md)"
     )
+    # The names of `refit-catalog`'s options; the files are also read by the servers' workers.
+    parser.add_argument("--tls-ca", help="PEM CA of the catalog's certificate: connect over TLS (sent to the servers)")
+    parser.add_argument("--tls-cert", help="PEM client certificate for a catalog requiring mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -334,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = _read_token(args.token_file) if args.token_file else None
         fleet = Fleet(catalog=args.catalog, name=args.name, servers=servers(), timeout_s=args.timeout_s, token=token,
-                      max_staging_bytes=args.max_staging_bytes)  # fmt: skip
+                      max_staging_bytes=args.max_staging_bytes, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                      tls_key=args.tls_key)  # fmt: skip
         if args.watch is not None:
             stop = threading.Event()
             try:

@@ -64,6 +64,7 @@ from refit.vllm.values import (
     RefitReport,
     Step,
     init_info,
+    tls_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,14 @@ def resolve_version(
     timeout_s: float,
     catalog_timeout_s: float = DEFAULT_TIMEOUTS.catalog_s,
     token: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> int:
-    """The version to install: `version` once it is READY, or the newest READY one."""
-    with CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token) as client:
+    """The version to install: `version` once it is READY, or the newest READY one (`tls_*`: PEM files
+    for a catalog served over TLS, as `CatalogClient`'s)."""
+    tls = tls_options(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    with CatalogClient(catalog, timeout_s=catalog_timeout_s, token=token, **tls) as client:
         if version is not None:
             return client.wait_ready(name=name, version=version, timeout_s=timeout_s).version
         info = client.latest(name=name, state=VersionState.READY)
@@ -166,6 +172,7 @@ def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_count
                 "timeout_s": plan.timeout_s,
                 "catalog_timeout_s": plan.catalog_timeout_s,
                 **({"token": plan.token} if plan.token is not None else {}),
+                **_tls(plan),
             },
         )
     info = init_info(
@@ -176,6 +183,7 @@ def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_count
         catalog_timeout_s=plan.catalog_timeout_s,
         token=plan.token,
         max_staging_bytes=plan.max_staging_bytes,
+        **_tls(plan),
     )
     yield from _call("init", "init_weight_transfer_engine", info=info)
     staged = yield from _prefetch(plan, version, clock)
@@ -213,6 +221,10 @@ def refit_steps(plan: RefitPlan, *, clock: Callable[[], float] = time.perf_count
             "(the newest READY version) and resumed"
         )
     return out
+
+
+def _tls(plan: RefitPlan) -> dict[str, str]:
+    return tls_options(tls_ca=plan.tls_ca, tls_cert=plan.tls_cert, tls_key=plan.tls_key)
 
 
 def _call(call: str, what: str, /, **kwargs: Any) -> Generator[Step, Any, Any]:
@@ -257,6 +269,7 @@ def _install_or_repair(plan: RefitPlan, version: int) -> Generator[Step, Any, An
             newest = yield Step(op="resolve", kwargs={
                 "catalog": plan.catalog, "name": plan.name, "version": None, "timeout_s": plan.timeout_s,
                 "catalog_timeout_s": plan.catalog_timeout_s, **({"token": plan.token} if plan.token else {}),
+                **_tls(plan),
             })  # fmt: skip
             yield from _swap(newest)
         except PROGRAMMING_ERRORS:

@@ -58,6 +58,8 @@ class RefitPlan:
         catalog_timeout_s: deadline of one catalog call (the driver's and each worker's).
         token: the catalog token, for the driver's calls and each worker's (None: each process's
             `$REFIT_CATALOG_TOKEN`, else none); kept out of the repr.
+        tls_ca, tls_cert, tls_key: PEM files for a catalog served over TLS, as `Receiver`'s: used by
+            the driver's lookup and sent to the workers (so the paths must hold on their machines too).
     """
 
     catalog: str
@@ -71,8 +73,12 @@ class RefitPlan:
     grace_s: float = DEFAULT_TIMEOUTS.grace_s
     token: str | None = field(default=None, repr=False)
     max_staging_bytes: int | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
+        check_tls(tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
         if self.max_staging_bytes is not None and (
             not isinstance(self.max_staging_bytes, int) or self.max_staging_bytes <= 0
         ):
@@ -134,6 +140,17 @@ class AsyncControl(Protocol):
 # -- pure helpers -------------------------------------------------------------------------------------------
 
 
+def check_tls(*, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+    """The rule `CatalogClient` applies, checked where the options are given (before any call is made)."""
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+        raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
+
+
+def tls_options(*, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> dict[str, str]:
+    """The TLS keyword arguments that are set (a plaintext catalog gets none)."""
+    return {k: v for k, v in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)) if v is not None}
+
+
 def init_info(
     *,
     catalog: str,
@@ -155,6 +172,7 @@ def init_info(
         raise ConfigError("catalog must be set, replica >= 0, timeout_s > 0 and catalog_timeout_s > 0")
     if max_staging_bytes is not None and max_staging_bytes <= 0:
         raise ConfigError(f"max_staging_bytes must be positive, got {max_staging_bytes}")
+    check_tls(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     return {
         "catalog": catalog,
         "name": name,
@@ -163,5 +181,5 @@ def init_info(
         "catalog_timeout_s": catalog_timeout_s,
         **({"token": token} if token is not None else {}),
         **({"max_staging_bytes": max_staging_bytes} if max_staging_bytes is not None else {}),
-        **{k: v for k, v in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)) if v is not None},
+        **tls_options(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key),
     }

@@ -21,6 +21,7 @@ from refit.catalog.client import CatalogClient, format_ranks
 from refit.errors import RefitError
 from refit.types import ModelMeta, ParallelCoords, SourceRecord, TensorDesc, VersionInfo
 from refit_server.auth import read_token_file
+from refit_server.replies import DEFAULT_MAX_BYTES
 from refit_server.server import CatalogServer
 from refit_server.stores import DEFAULT_KEEP_RETIRED
 
@@ -201,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         metrics_port=args.metrics_port,
         keep_retired=None if args.keep_retired < 0 else args.keep_retired,
+        resolve_cache_bytes=args.resolve_cache_mb << 20,
     )
     stop = threading.Event()
     # SIGTERM (from a supervisor or a test) stops as cleanly as Ctrl-C.
@@ -261,6 +263,13 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit-catalog", description="Run or inspect a refit catalog.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_KEEP_RETIRED,
         help=f"retired versions kept per model; older ones are deleted (default {DEFAULT_KEEP_RETIRED}; "
         "0: delete at retirement; -1: keep every version)",
+    )
+    serve.add_argument(
+        "--resolve-cache-mb",
+        type=_non_negative,
+        default=DEFAULT_MAX_BYTES >> 20,
+        help=f"memory for encoded Resolve replies, served again while their model is unchanged "
+        f"(default {DEFAULT_MAX_BYTES >> 20}; 0: no cache)",
     )
     serve.set_defaults(func=_serve)
 

@@ -19,6 +19,7 @@ from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
 from refit.errors import ConfigError
 from refit_server.auth import Authority
 from refit_server.metrics import CatalogMetrics
+from refit_server.replies import DEFAULT_MAX_BYTES, ReplyCache
 from refit_server.service import CatalogService, add_to_server
 from refit_server.stores import DEFAULT_KEEP_RETIRED, Store, check_url, open_store
 from refit_server.stores.base import check_keep_retired
@@ -67,6 +68,8 @@ class CatalogServer:
             ones are deleted with their source records when a version is retired, so the catalog
             stays bounded however many versions a run publishes. None keeps every version; 0
             deletes each version as it is retired. Servers sharing one Redis should agree on it.
+        resolve_cache_bytes: memory for encoded `Resolve` replies, each served again while its model
+            is unchanged (`refit_server.replies`; `.replies.stats()` counts hits); 0: no cache.
 
     Raises:
         ConfigError: unknown store URL or bad arguments (at construction, before anything is bound),
@@ -89,8 +92,11 @@ class CatalogServer:
         limits: CatalogLimits = DEFAULT_LIMITS,
         metrics_port: int | None = None,
         keep_retired: int | None = DEFAULT_KEEP_RETIRED,
+        resolve_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         check_url(store)
+        if not isinstance(resolve_cache_bytes, int) or resolve_cache_bytes < 0:
+            raise ConfigError(f"resolve_cache_bytes must be an int >= 0, got {resolve_cache_bytes!r}")
         self.keep_retired = check_keep_retired(keep_retired)
         if not 0 <= port < 65536:
             raise ConfigError(f"port must be in [0, 65536), got {port}")
@@ -117,6 +123,8 @@ class CatalogServer:
         self.max_workers = max_workers
         self.limits = limits
         self.metrics_port = metrics_port
+        self.resolve_cache_bytes = resolve_cache_bytes
+        self.replies: ReplyCache | None = None  # the running server's Resolve reply cache
         self._metrics: CatalogMetrics | None = None
         self._metrics_bound = 0
         self._store: Store | None = None
@@ -155,7 +163,8 @@ class CatalogServer:
                 server = grpc.server(
                     futures.ThreadPoolExecutor(max_workers=self.max_workers), options=grpc_options(self.limits)
                 )
-                add_to_server(CatalogService(store, self._authority, self.limits, metrics), server)
+                replies = ReplyCache(max_bytes=self.resolve_cache_bytes) if self.resolve_cache_bytes else None
+                add_to_server(CatalogService(store, self._authority, self.limits, metrics, replies), server)
                 target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
                 try:
                     if self._tls is None:
@@ -179,6 +188,7 @@ class CatalogServer:
                 store.close()
                 raise
             self._store, self._server, self._bound_port, self._metrics = store, server, bound, metrics
+            self.replies = replies
         tls = "off" if self._tls is None else "mutual" if self._tls[2] else "on"
         auth = self._authority.mode
         logger.info("refit catalog serving on %s (store %s, auth %s, tls %s)", self.address, store, auth, tls)

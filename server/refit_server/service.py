@@ -21,10 +21,13 @@ from google.protobuf.message import DecodeError, Message
 from refit import errors
 from refit.catalog import bounds, wire
 from refit.catalog.bounds import DEFAULT_LIMITS, CatalogLimits
+from refit.catalog.values import Resolved
 from refit.proto import catalog_pb2 as pb
 from refit.proto import catalog_pb2_grpc as pb_grpc
+from refit.types import VersionState
 from refit_server.auth import Authority
 from refit_server.metrics import CatalogMetrics
+from refit_server.replies import ReplyCache
 from refit_server.stores import Store
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,11 @@ def _lenient(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
     return parse
 
 
+def _serialize(message: Message | bytes) -> bytes:
+    """A reply's bytes; a handler may return them already encoded (the `Resolve` reply cache)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def add_to_server(service: CatalogService, server: grpc.Server) -> None:
     """Register `service` for every RPC of `refit.v1.Catalog`, with lenient request parsing."""
     descriptor = pb.DESCRIPTOR.services_by_name["Catalog"]
@@ -80,7 +88,7 @@ def add_to_server(service: CatalogService, server: grpc.Server) -> None:
         m.name: grpc.unary_unary_rpc_method_handler(
             getattr(service, m.name),
             request_deserializer=_lenient(getattr(pb, m.input_type.name)),
-            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+            response_serializer=_serialize,
         )
         for m in descriptor.methods
     }
@@ -132,7 +140,9 @@ def _lease(lease_s: float) -> float:
 
 class CatalogService(pb_grpc.CatalogServicer):
     """Checks each caller's authority, validates every field of each request against `limits`
-    (`refit.catalog.bounds`: INVALID_ARGUMENT naming the field, the store untouched) and forwards it."""
+    (`refit.catalog.bounds`: INVALID_ARGUMENT naming the field, the store untouched) and forwards it.
+    With `replies`, `Resolve` answers come from that cache while the model's generation is unchanged
+    (`refit_server.replies`); `Resolve` then returns the reply's bytes, not a message."""
 
     def __init__(
         self,
@@ -140,8 +150,10 @@ class CatalogService(pb_grpc.CatalogServicer):
         authority: Authority | None = None,
         limits: CatalogLimits = DEFAULT_LIMITS,
         metrics: CatalogMetrics | None = None,
+        replies: ReplyCache | None = None,
     ) -> None:
         self._store = store
+        self.replies = replies
         self._metrics = metrics
         self._authority = authority if authority is not None else Authority()
         self._limits = limits
@@ -254,13 +266,25 @@ class CatalogService(pb_grpc.CatalogServicer):
         return pb.GetSourcesResponse(sources=[wire.source_to_proto(s) for s in sources])
 
     @_rpc
-    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse | bytes:
+        name = self._name(request.name)
         version = self._version(request.version) if request.HasField("version") else None
         known = bounds.text("known_layout", request.known_layout, self._limits.max_short_chars, required=False)
-        resolved = self._store.resolve(
-            name=self._name(request.name), version=version, known_layout=known, ranks=self._ranks(request.ranks)
-        )
-        return wire.resolved_to_proto(resolved)
+        ranks = tuple(sorted(set(self._ranks(request.ranks))))
+
+        def resolve() -> Resolved:
+            return self._store.resolve(name=name, version=version, known_layout=known, ranks=ranks)
+
+        if self.replies is None:
+            return wire.resolved_to_proto(resolve())
+
+        def encoded() -> tuple[bytes, bool]:
+            resolved = resolve()
+            # Only READY replies are covered by the generation (`Store.generation`).
+            return wire.resolved_to_proto(resolved).SerializeToString(), resolved.info.state is VersionState.READY
+
+        generation = self._store.generation(name=name)  # first: a reply is never older than its generation
+        return self.replies.get((name, version, known, ranks), generation, encoded, wait_s=context.time_remaining())
 
     @_rpc
     def Retire(self, request: pb.RetireRequest, context: grpc.ServicerContext) -> pb.RetireResponse:

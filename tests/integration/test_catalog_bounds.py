@@ -129,8 +129,11 @@ def test_a_stored_record_outside_its_region_is_never_served(redis_url: str) -> N
             raw.hset(f"{prefix}:m:m:v:1:sources", "0", _bad_record().SerializeToString())
         finally:
             raw.close()
+        # The reply cached before the write (the catalog did not make it, so the model's generation
+        # did not move) is the record as published; any reply rebuilt from Redis is refused.
+        assert client.resolve(name="m").sources == (samples.source(0),)
         with pytest.raises(ConfigError, match=r"linear_fc1.weight runs past the end of region 0"):
-            client.resolve(name="m")
+            client.resolve(name="m", ranks=[0])
         with pytest.raises(ConfigError, match=r"linear_fc1.weight runs past the end of region 0"):
             client.get_sources(name="m", version=1)
 

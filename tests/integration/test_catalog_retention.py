@@ -66,8 +66,8 @@ def test_a_long_run_stays_bounded(serve, store_url: str, keep: int) -> None:
         assert {n for n, _ in counts[keep:]} == {keep + 1}
         if store_url != "memory":
             # A version is five keys (hash, sources, heads, layouts, agents); plus the versions zset,
-            # the claims-free model's pruned marker, and the global names set.
-            assert {k for _, k in counts[keep + 1 :]} == {5 * (keep + 1) + 3}
+            # the claims-free model's pruned marker and generation, and the global names set.
+            assert {k for _, k in counts[keep + 1 :]} == {5 * (keep + 1) + 4}
 
         kept = client.list_versions(name="m")
         assert [i.version for i in kept] == list(range(RUN - 1 - keep, RUN))

@@ -59,6 +59,11 @@ def netns() -> Iterator[Netns]:
         _ip("-n", name, "addr", "add", f"{net}.2/24", "dev", ns_link)
         _ip("-n", name, "link", "set", ns_link, "up")
         _ip("-n", name, "link", "set", "lo", "up")
+        # A route back to every host address, as a real network has. Without it a process whose UCX was
+        # initialised before this pair existed (UCX caches the routing table once per process) finds
+        # no route over the new link, connects from another interface with that interface's address
+        # bound as the source (UCX_TCP_EP_BIND_SRC_ADDR), and the namespace cannot answer the SYN.
+        _ip("-n", name, "route", "add", "default", "via", f"{net}.1")
         yield Netns(name=name, path=f"/var/run/netns/{name}", host_addr=f"{net}.1", ns_addr=f"{net}.2", ns_link=ns_link)
     finally:
         with contextlib.suppress(subprocess.SubprocessError):

@@ -17,7 +17,7 @@ def check_url(url: str) -> None:
     if url == "memory":
         return
     if url.startswith(("redis://", "rediss://")):
-        from refit_server.stores.redis import parse_url
+        from refit_server.stores.redis_keys import parse_url
 
         parse_url(url)
         return

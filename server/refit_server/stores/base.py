@@ -123,6 +123,14 @@ class Store(Protocol):
         `version` is None and none is READY.
         """
 
+    def generation(self, *, name: str) -> str:
+        """A token that changes whenever a `resolve` of a READY version of `name` could answer
+        differently: a version made READY, a part republished into a READY version, a retire (and
+        retention), a lapsed lease's kill; evaluated after the reaper, like every read. A part of a
+        STAGING version need not change it. Never repeats for one store's data (it also changes when
+        that data is lost and written anew). The catalog files cached `Resolve` replies of READY
+        versions under it (`refit_server.replies`)."""
+
     def counts(self) -> StoreCounts:
         """Versions per state and claims held, over every name (for metrics; need not be atomic)."""
 

@@ -1,5 +1,5 @@
-"""The Lua scripts that make the Redis store atomic: claim, heartbeat, release, publish, retire, the
-latest and resolve lookups, and the lease reaper every one of them runs first.
+"""The Lua scripts that make the Redis store atomic: claim, heartbeat, release, publish, retire, and
+the lease reaper every script runs first (`lua_reads.py` has the lookups).
 
 Kept as Python strings (not .lua files) so they ship with the package without package-data rules.
 Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key layout:
@@ -10,6 +10,10 @@ Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key
     P:m:N:leases                ZSET  rank -> lease expiry (Redis TIME, unix seconds); leased claims only
     P:m:N:lease_s               HASH  rank -> lease length in seconds; leased claims only
     P:m:N:pruned                STRING the highest version number retention deleted (absent: none)
+    P:m:N:gen                   HASH  n (changes to READY versions: a version made READY or a part
+                                      republished into one, a retire, a lease's kill) and epoch (Redis
+                                      TIME when n was 1): the model's generation, under which the
+                                      catalog caches Resolve replies of READY versions; absent until then
     P:m:N:v:<version>           HASH  state, world_size, model (ModelMeta protobuf), created_at, ready_at,
                                       layout (the version's layout digest; absent until every rank
                                       published, and in versions written before digests existed),
@@ -23,11 +27,12 @@ Each script's header documents its KEYS, ARGV and reply; `redis.py` owns the key
 
 P is the configured prefix and N the URL-quoted model name (so a ':' in a name cannot alias another
 key). The scripts target one Redis instance, not Redis Cluster: publish touches the global names set
-and retire builds keys it was not passed. The order of publish's checks is the one `stores.base`
+and retire builds keys it was not passed. The read-only scripts (latest, resolve, the reaper alone and
+the generation) are in `lua_reads.py`. The order of publish's checks is the one `stores.base`
 defines; the Python side turns each non-"ok" reply into the shared error.
 
 Leases: every script's last ARGV is the model's key prefix `P:m:N`, and every script first runs
-`refit_reap` on it (the `_LEASES` functions, prepended): a lease past its expiry by Redis's own clock
+`refit_reap` on it (the `LEASES` functions, prepended): a lease past its expiry by Redis's own clock
 (TIME, so several catalog servers sharing Redis agree) drops its claim and kills its rank, exactly as
 `stores.base` defines, inside the same atomic script. Reads that are pipelines run `REAP` first in
 their MULTI.
@@ -35,7 +40,7 @@ their MULTI.
 
 from __future__ import annotations
 
-_LEASES = """
+LEASES = """
 local function refit_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -45,9 +50,18 @@ local function refit_fail(key, reason)
   if f then reason = f .. '; ' .. reason end
   redis.call('HSET', key, 'failure', reason)
 end
+-- A change a read could see: the model's generation moves on. The epoch is set when the count starts,
+-- so a generation never repeats, even where Redis lost the hash and counts again.
+local function refit_changed(m)
+  if redis.call('HINCRBY', m .. ':gen', 'n', 1) == 1 then
+    local t = redis.call('TIME')
+    redis.call('HSET', m .. ':gen', 'epoch', t[1] .. '.' .. t[2])
+  end
+end
 -- The rank's publishing agent is gone: its STAGING versions FAIL, its READY parts are dead.
 local function refit_kill(m, rank, agent)
   local reason = 'rank ' .. rank .. " (agent '" .. agent .. "') lost its lease"
+  refit_changed(m)
   for _, v in ipairs(redis.call('ZRANGE', m .. ':versions', 0, -1)) do
     local key = m .. ':v:' .. v
     local st = redis.call('HMGET', key, 'state', 'world_size')
@@ -90,7 +104,7 @@ refit_reap(M)
 """
 
 CLAIM = (
-    _LEASES
+    LEASES
     + """
 -- claim: hold one trainer rank of a model for an agent.
 -- KEYS[1]  claims hash of the model (rank -> "<claimed_at>|<agent>")
@@ -133,7 +147,7 @@ return {'ok', claimed_at, prev, expires}
 )
 
 HEARTBEAT = (
-    _LEASES
+    LEASES
     + """
 -- heartbeat: renew the holder's lease for its lease length.
 -- KEYS[1]  claims hash of the model
@@ -157,7 +171,7 @@ return {'ok', string.sub(cur, 1, sep - 1), len or '0', expires}
 )
 
 RELEASE = (
-    _LEASES
+    LEASES
     + """
 -- release: drop an agent's claim (and its lease) on one rank; any other holder's claim is left alone.
 -- KEYS[1]  claims hash of the model
@@ -177,7 +191,7 @@ return 0
 )
 
 PUBLISH = (
-    _LEASES
+    LEASES
     + """
 -- publish: add (or replace) one rank's part of a version; create the version in STAGING on the first
 -- part and flip it to READY when every rank 0..world_size-1 has a part.
@@ -247,6 +261,8 @@ if redis.call('HLEN', KEYS[7]) == tonumber(ARGV[3]) then
 end
 -- Never stored empty: LATEST separates its reply's parts with "" because no field or value is empty.
 if layout == '' then redis.call('HDEL', KEYS[1], 'layout') else redis.call('HSET', KEYS[1], 'layout', layout) end
+-- A part of a STAGING version changes no READY version's reply (only READY ones are cached).
+if state == 'READY' then refit_changed(M) end
 local reply = redis.call('HMGET', KEYS[1], 'state', 'created_at', 'ready_at')
 table.insert(reply, 1, 'ok')
 for _, r in ipairs(redis.call('HKEYS', KEYS[3])) do table.insert(reply, r) end
@@ -255,7 +271,7 @@ return reply
 )
 
 RETIRE = (
-    _LEASES
+    LEASES
     + """
 -- retire: mark a version (and optionally every older one) RETIRED (a FAILED version stays FAILED),
 -- then delete the model's RETIRED versions beyond the newest `keep` (retention) with every key of theirs.
@@ -308,93 +324,7 @@ if ARGV[4] ~= '' then
   end
   for _, v in ipairs(deleted) do table.insert(reply, v) end
 end
+if #reply > 2 then refit_changed(M) end
 return reply
-"""
-)
-
-LATEST = (
-    _LEASES
-    + """
--- latest: the highest-numbered version of a model in a given state, read atomically.
--- KEYS[1]  versions zset of the model
--- ARGV[1]  state ("STAGING", "READY" or "RETIRED")
--- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; agents = key .. ":agents")
--- ARGV[3]  the model's key prefix (the reaper's)
--- Reply:   {} if none | {version, HGETALL of the version hash (flat), "", rank...}
-local versions = redis.call('ZREVRANGE', KEYS[1], 0, -1)
-for _, v in ipairs(versions) do
-  local key = ARGV[2] .. v
-  if redis.call('HGET', key, 'state') == ARGV[1] then
-    local reply = {v}
-    for _, x in ipairs(redis.call('HGETALL', key)) do table.insert(reply, x) end
-    table.insert(reply, '')
-    for _, r in ipairs(redis.call('HKEYS', key .. ':agents')) do table.insert(reply, r) end
-    return reply
-  end
-end
-return {}
-"""
-)
-
-RESOLVE = (
-    _LEASES
-    + """
--- resolve: a version with its sources, read atomically (one round trip for a receiver's refit).
--- KEYS[1]  versions zset of the model
--- ARGV[1]  version number, or "" for the newest READY version
--- ARGV[2]  prefix of the model's version-hash keys (key = prefix .. number; + ":agents", ":sources", ":heads")
--- ARGV[3]  the caller's known layout digest ("" never matches)
--- ARGV[4..#ARGV-1] only these ranks' records (none: every rank's)
--- ARGV[#ARGV] the model's key prefix (the reaper's; always the last argument)
--- KEYS[2]  pruned key of the model (the highest version number retention deleted)
--- Reply:   {} if not found | {"deleted"} if ARGV[1] names a version retention deleted
---        | {version, omitted ("1": heads sent, "0": full records), n, HGETALL of the version hash (n
---           items), m, the agents' ranks (m items), record...}
-local v = nil
-if ARGV[1] == '' then
-  for _, n in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
-    if redis.call('HGET', ARGV[2] .. n, 'state') == 'READY' then v = n break end
-  end
-  if not v then return {} end
-else
-  v = ARGV[1]
-  if redis.call('EXISTS', ARGV[2] .. v) == 0 then
-    local floor = redis.call('GET', KEYS[2])
-    if floor and tonumber(v) <= tonumber(floor) then return {'deleted'} end
-    return {}
-  end
-end
-local key = ARGV[2] .. v
-local fields = redis.call('HGETALL', key)
-local ranks = redis.call('HKEYS', key .. ':agents')
-local layout = redis.call('HGET', key, 'layout')
-local omitted = '0'
-if ARGV[3] ~= '' and layout == ARGV[3] then omitted = '1' end
-local records = {}
-local hash = key .. (omitted == '1' and ':heads' or ':sources')
-if #ARGV > 4 then
-  -- HMGET: only the records asked for leave Redis; a rank the version lacks comes back as false.
-  for _, b in ipairs(redis.call('HMGET', hash, unpack(ARGV, 4, #ARGV - 1))) do
-    if b then table.insert(records, b) end
-  end
-else
-  records = redis.call('HVALS', hash)
-end
-local reply = {v, omitted, tostring(#fields)}
-for _, x in ipairs(fields) do table.insert(reply, x) end
-table.insert(reply, tostring(#ranks))
-for _, r in ipairs(ranks) do table.insert(reply, r) end
-for _, b in ipairs(records) do table.insert(reply, b) end
-return reply
-"""
-)
-
-REAP = (
-    _LEASES
-    + """
--- reap: only the lease reaper, run first in the MULTI of a read that is a pipeline.
--- ARGV[1]  the model's key prefix
--- Reply:   1
-return 1
 """
 )

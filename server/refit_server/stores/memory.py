@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class MemoryStore:
         self._versions: dict[str, dict[int, _Version]] = {}
         self._claims: dict[str, dict[int, Claim]] = {}
         self._pruned: dict[str, int] = {}  # model -> the highest version number deleted by retention
+        self._changes: dict[str, int] = {}  # model -> changes a read could see (see `generation`)
+        self._epoch = uuid.uuid4().hex[:12]  # this store's data: a counter never repeats across stores
 
     def __repr__(self) -> str:
         return f"MemoryStore(keep_retired={self.keep_retired})"
@@ -98,9 +101,13 @@ class MemoryStore:
                 del claims[rank]
                 self._kill(name, rank, c.agent_name)
 
+    def _changed(self, name: str) -> None:
+        self._changes[name] = self._changes.get(name, 0) + 1
+
     def _kill(self, name: str, rank: int, agent_name: str) -> None:
         reason = base.lease_lost(rank, agent_name)
         logger.warning("%s: %s", name, reason)
+        self._changed(name)
         for v in self._versions.get(name, {}).values():
             if v.state is VersionState.STAGING and rank < v.world_size:
                 v.state = VersionState.FAILED
@@ -187,6 +194,8 @@ class MemoryStore:
             # The service guarantees rank < world_size, so a full dict means every rank published.
             if v.state is VersionState.STAGING and len(v.sources) >= world_size:
                 v.state, v.ready_at = VersionState.READY, now
+            if v.state is VersionState.READY:  # a STAGING part changes no cached (READY) reply
+                self._changed(name)
             return v.info(name, version)
 
     def get_version(self, *, name: str, version: int) -> VersionInfo:
@@ -255,15 +264,23 @@ class MemoryStore:
             changed = [n for n in targets if versions[n].state not in final]
             for n in changed:
                 versions[n].state = VersionState.RETIRED
+            if changed:
+                self._changed(name)
             if self.keep_retired is not None:
                 retired = sorted((n for n, v in versions.items() if v.state is VersionState.RETIRED), reverse=True)
                 deleted = sorted(retired[self.keep_retired :])
                 for n in deleted:
                     del versions[n]
                 if deleted:
+                    self._changed(name)
                     self._pruned[name] = max(self._pruned.get(name, -1), deleted[-1])
                     logger.info("%r: deleted retired versions %s (keep_retired=%d)", name, deleted, self.keep_retired)
             return changed
+
+    def generation(self, *, name: str) -> str:
+        with self._lock:
+            self._reap(name)
+            return f"{self._epoch}:{self._changes.get(name, 0)}"
 
     def counts(self) -> base.StoreCounts:
         with self._lock:

@@ -1,7 +1,7 @@
 """`RedisStore`: the catalog kept in Redis, so it outlives the catalog process.
 
-Owns the URL format (`redis://[user:password@]host:port/db?prefix=refit&timeout_s=5`, or `rediss://`),
-the key builders, and the translation of Lua replies and Redis failures into refit errors. Values are
+Owns the calls to Redis and the translation of Lua replies and Redis failures into refit errors; the
+URL format and the key builders are `redis_keys.py`'s. Values are
 serialized protobuf (through `refit.catalog.wire`); every mutation is one Lua script from `lua.py`,
 whose header documents the key layout. Behaviour matches `MemoryStore` exactly (`stores.base`).
 """
@@ -12,8 +12,6 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -21,114 +19,14 @@ from redis.retry import Retry
 
 from refit.catalog import wire
 from refit.catalog.values import Resolved
-from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
+from refit.errors import CatalogError, CatalogUnavailableError
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
-from refit_server.stores import base, lua
+from refit_server.stores import base, lua, lua_reads
+from refit_server.stores.redis_keys import Keys, parse_url
 
 logger = logging.getLogger(__name__)
 
-_QUERY_KEYS = ("prefix", "timeout_s")
 PERSISTENCE_KEYS = ("appendonly", "appendfsync", "save")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RedisConfig:
-    """A parsed `redis://` store URL."""
-
-    host: str
-    port: int
-    db: int
-    prefix: str = "refit"
-    timeout_s: float = 5.0
-    ssl: bool = False
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"redis at {self.host}:{self.port}/{self.db}"
-
-
-def parse_url(url: str) -> RedisConfig:
-    """Parse a store URL, raising ConfigError for anything malformed or unknown."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"store URL {url!r} is not redis:// or rediss://")
-    try:
-        port = parts.port or 6379
-    except ValueError as exc:
-        raise ConfigError(f"store URL {url!r}: {exc}") from exc
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ConfigError(f"store URL {url!r}: database must be a number, got {path!r}")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - set(_QUERY_KEYS))
-    if unknown:
-        raise ConfigError(f"store URL {url!r}: unknown options {unknown} (known: {list(_QUERY_KEYS)})")
-    prefix = query.get("prefix", ["refit"])[-1]
-    if not prefix:
-        raise ConfigError(f"store URL {url!r}: prefix must be non-empty")
-    try:
-        timeout_s = float(query.get("timeout_s", ["5"])[-1])
-    except ValueError as exc:
-        raise ConfigError(f"store URL {url!r}: timeout_s: {exc}") from exc
-    if timeout_s <= 0:
-        raise ConfigError(f"store URL {url!r}: timeout_s must be positive")
-    return RedisConfig(
-        host=parts.hostname or "127.0.0.1",
-        port=port,
-        db=int(path or 0),
-        prefix=prefix,
-        timeout_s=timeout_s,
-        ssl=parts.scheme == "rediss",
-        username=parts.username,
-        password=parts.password,
-    )
-
-
-class _Keys:
-    """One builder per key; the layout is documented in `lua.py`."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def names(self) -> str:
-        return f"{self.prefix}:names"
-
-    def model(self, name: str) -> str:
-        """The model's key prefix (every script's last argument: the lease reaper's)."""
-        return self._model(name)
-
-    def _model(self, name: str) -> str:
-        # Quoting keeps a ':' inside a model name from aliasing another model's keys.
-        return f"{self.prefix}:m:{quote(name, safe='')}"
-
-    def versions(self, name: str) -> str:
-        return f"{self._model(name)}:versions"
-
-    def claims(self, name: str) -> str:
-        return f"{self._model(name)}:claims"
-
-    def pruned(self, name: str) -> str:
-        return f"{self._model(name)}:pruned"
-
-    def version_prefix(self, name: str) -> str:
-        return f"{self._model(name)}:v:"
-
-    def version(self, name: str, version: int) -> str:
-        return f"{self.version_prefix(name)}{version}"
-
-    def sources(self, name: str, version: int) -> str:
-        return f"{self.version(name, version)}:sources"
-
-    def agents(self, name: str, version: int) -> str:
-        return f"{self.version(name, version)}:agents"
-
-    def layouts(self, name: str, version: int) -> str:
-        return f"{self.version(name, version)}:layouts"
-
-    def heads(self, name: str, version: int) -> str:
-        return f"{self.version(name, version)}:heads"
 
 
 def _info(name: str, version: int, fields: dict[bytes, bytes], ranks: Sequence[bytes]) -> VersionInfo:
@@ -158,7 +56,7 @@ class RedisStore:
         self.keep_retired = base.check_keep_retired(keep_retired)
         self.config = parse_url(url)
         c = self.config
-        self._keys = _Keys(c.prefix)
+        self._keys = Keys(c.prefix)
         self._redis = redis.Redis(
             host=c.host,
             port=c.port,
@@ -173,12 +71,13 @@ class RedisStore:
         )
         self._claim = self._redis.register_script(lua.CLAIM)
         self._heartbeat = self._redis.register_script(lua.HEARTBEAT)
-        self._reap = self._redis.register_script(lua.REAP)
+        self._reap = self._redis.register_script(lua_reads.REAP)
         self._release = self._redis.register_script(lua.RELEASE)
         self._publish = self._redis.register_script(lua.PUBLISH)
         self._retire = self._redis.register_script(lua.RETIRE)
-        self._latest = self._redis.register_script(lua.LATEST)
-        self._resolve = self._redis.register_script(lua.RESOLVE)
+        self._latest = self._redis.register_script(lua_reads.LATEST)
+        self._resolve = self._redis.register_script(lua_reads.RESOLVE)
+        self._generation = self._redis.register_script(lua_reads.GENERATION)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.config.where}, prefix={self.config.prefix!r}, keep_retired={self.keep_retired})"
@@ -424,6 +323,11 @@ class RedisStore:
             layout_digest=fields.get(b"layout", b"").decode(),
             tensors_omitted=omitted,
         )
+
+    def generation(self, *, name: str) -> str:
+        with self._guard():
+            n, epoch = self._generation(keys=[], args=[self._keys.model(name)])
+        return f"{(epoch or b'-').decode()}:{(n or b'0').decode()}"
 
     def counts(self) -> base.StoreCounts:
         k = self._keys
