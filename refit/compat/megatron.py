@@ -20,7 +20,7 @@ from torch import nn
 
 from refit.errors import DependencyError
 
-TESTED_VERSIONS = ("0.16.1",)
+TESTED_VERSIONS = ("0.16.1", "0.19.2")
 
 
 def version() -> str:
@@ -236,16 +236,19 @@ def ddp_wrapper(module: nn.Module) -> nn.Module | None:
 
 
 def defers_param_gather(ddp: nn.Module) -> bool:
-    """Whether `ddp`'s distributed optimizer leaves the bf16 param all-gather to the next forward.
+    """Whether `ddp` leaves the bf16 param all-gather to the next forward's pre-hooks.
 
-    With `use_distributed_optimizer` and `overlap_param_gather`, `DistributedOptimizer.step()`
-    updates only the rank's own shard of each param buffer; the all-gather of the others is
-    dispatched by the next forward's pre-hooks (or, with `overlap_param_gather_with_optimizer_step`,
-    left in flight by the step). Without `overlap_param_gather` the step gathers synchronously.
+    DDP says so itself in `use_forward_hook`, set from its config at construction: in 0.16.1 with
+    `use_distributed_optimizer` and `overlap_param_gather`; from 0.19 with `overlap_param_gather`
+    alone (which also covers the layer-wise distributed optimizer, run without
+    `use_distributed_optimizer`). Then a step updates only the rank's own part of each param buffer,
+    and the all-gather of the rest is dispatched by the next forward (or, with
+    `overlap_param_gather_with_optimizer_step`, left in flight by the step). Without it the step
+    gathers synchronously.
     """
-    cfg = _attr(ddp, "ddp_config", "DistributedDataParallel")
-    require(hasattr(cfg, "overlap_param_gather"), "DistributedDataParallelConfig.overlap_param_gather")
-    return bool(getattr(cfg, "use_distributed_optimizer", False)) and bool(cfg.overlap_param_gather)
+    _attr(ddp, "ddp_config", "DistributedDataParallel")
+    require(hasattr(ddp, "use_forward_hook"), "DistributedDataParallel.use_forward_hook")
+    return bool(ddp.use_forward_hook)
 
 
 def gather_params(ddp: nn.Module) -> None:
