@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refit.errors import DependencyError
+from refit.errors import ConfigError, DependencyError
 
 TESTED_VERSIONS = ("0.16.1", "0.19.2")
 
@@ -343,6 +343,16 @@ def transformer_shape(config: Any) -> TransformerShape:
     """The fields of a TransformerConfig that describe the model's tensors."""
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         require(isinstance(getattr(config, field, None), int), f"TransformerConfig.{field}")
+    # megatron-core 0.19's generalized TP (`tensor_parallel_num_weight_shards` > TP) splits every weight
+    # again over an axis of its own that no parameter attribute describes: refit would publish a part
+    # of a shard as the whole shard.
+    gtp = int(getattr(config, "gtp_weight_remat_size", 1) or 1)
+    if gtp > 1:
+        raise ConfigError(
+            f"TransformerConfig.tensor_parallel_num_weight_shards={config.tensor_parallel_num_weight_shards} "
+            f"(generalized tensor parallelism, gtp_weight_remat_size={gtp}) is not supported: refit reads "
+            "weights split over tensor parallelism only"
+        )
     heads = config.num_attention_heads
     experts = int(getattr(config, "num_moe_experts", None) or 0)
     mla = bool(getattr(config, "multi_latent_attention", False))

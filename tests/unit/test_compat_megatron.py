@@ -252,6 +252,22 @@ def test_ddp_defers_the_param_gather_exactly_when_its_forward_hooks_gather(
             mcore.require(group.param_gather_dispatched and group.param_gather_handle is None, "start_param_sync")
 
 
+def test_generalized_tensor_parallel_weights_are_refused_by_name() -> None:
+    """megatron-core >= 0.19 can split weights beyond TP (`tensor_parallel_num_weight_shards`); refit
+    cannot describe those parts, so it says so before anything is read."""
+    from megatron.core.transformer import TransformerConfig
+
+    if not any(f.name == "tensor_parallel_num_weight_shards" for f in dataclasses.fields(TransformerConfig)):
+        pytest.skip(f"megatron-core {mcore.version()} has no generalized tensor parallelism")
+    from tests.support.trainer_ops import transformer_config
+
+    config = transformer_config(CASE, tp=1, pp=1, vpp=None, params_dtype=torch.float32)
+    assert mcore.transformer_shape(config).num_layers == CASE.num_layers
+    sharded = dataclasses.replace(config, tensor_parallel_num_weight_shards=2)
+    with pytest.raises(ConfigError, match="tensor_parallel_num_weight_shards=2"):
+        mcore.transformer_shape(sharded)
+
+
 def test_megatron_optimizer_chain(world: None) -> None:
     """A ChainedOptimizer of two members: its `optimizer` property asserts, so the chain is walked first."""
     from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer, MegatronOptimizer
