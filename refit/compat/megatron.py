@@ -236,15 +236,11 @@ def ddp_wrapper(module: nn.Module) -> nn.Module | None:
 
 
 def defers_param_gather(ddp: nn.Module) -> bool:
-    """Whether `ddp` leaves the bf16 param all-gather to the next forward's pre-hooks.
+    """Whether `ddp` leaves the param all-gather to the next forward's pre-hooks (`use_forward_hook`).
 
-    DDP says so itself in `use_forward_hook`, set from its config at construction: in 0.16.1 with
-    `use_distributed_optimizer` and `overlap_param_gather`; from 0.19 with `overlap_param_gather`
-    alone (which also covers the layer-wise distributed optimizer, run without
-    `use_distributed_optimizer`). Then a step updates only the rank's own part of each param buffer,
-    and the all-gather of the rest is dispatched by the next forward (or, with
-    `overlap_param_gather_with_optimizer_step`, left in flight by the step). Without it the step
-    gathers synchronously.
+    DDP sets it from its config: 0.16.1 with `use_distributed_optimizer` and `overlap_param_gather`;
+    0.19 with `overlap_param_gather` alone (the layer-wise distributed optimizer's case too). A step
+    then updates only the rank's own part of each param buffer; without it the step gathers.
     """
     _attr(ddp, "ddp_config", "DistributedDataParallel")
     require(hasattr(ddp, "use_forward_hook"), "DistributedDataParallel.use_forward_hook")
