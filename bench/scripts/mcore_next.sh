@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # refit against the newest verified megatron-core (0.19.2) on the CPU, in a Python 3.12 venv of its own.
 # CI and `make test` keep Python 3.11 + megatron-core 0.16.1 (.venv); this script checks the other end of the
-# supported range (pyproject: megatron-core>=0.16.1,<0.20). Not part of `make test`.
+# supported range (pyproject: megatron-core>=0.16.1,<0.20). Not part of `make test`. The setup downloads ~3 GB
+# (torch with its CUDA libraries) once; the tests take about 6 minutes on 2 cores (docs/compat.md).
 #
 #   bash bench/scripts/mcore_next.sh setup        # create the venv and install everything into it
 #   bash bench/scripts/mcore_next.sh test [ARGS]  # setup (once), then the Megatron tests (pytest ARGS appended)
