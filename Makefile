@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test soak lint proto clean
+.PHONY: install demo test soak lint proto clean test-mcore-next
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m pytest -m soak $(PYTEST_ARGS)
 
+# The Megatron tests against megatron-core 0.19.2 in a Python 3.12 venv of their own (.venv312, made and
+# filled by the script; PYTHON312 names the interpreter). Not part of `make test`.
+PYTHON312 ?= python3.12
+test-mcore-next:
+	MCORE_NEXT_PYTHON=$(PYTHON312) bash bench/scripts/mcore_next.sh test $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check refit server bench tests
 	$(BIN)/ruff format --check refit server bench tests
@@ -40,4 +46,4 @@ proto: $(STAMP)
 	PATH=$(BIN):$$PATH bash scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv312 build *.egg-info

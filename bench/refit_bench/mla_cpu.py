@@ -1,4 +1,4 @@
-"""What megatron-core 0.16.1 needs to build a multi-latent attention GPTModel without CUDA or Transformer
+"""What megatron-core (0.16.1 to 0.19.x) needs to build a multi-latent attention GPTModel without CUDA or Transformer
 Engine, for the bench (`reader_sources` on the meta device, `synthetic.build_gpt` on CPU).
 
 The same choices as the test trainers' (tests/support/megatron_mla.py), kept here because bench must
@@ -67,18 +67,49 @@ def mla_core_attention() -> type:
     return MLADotProductAttention
 
 
+def mla_self_attention() -> type | None:
+    """From megatron-core 0.19, the MLA self-attention that builds no query norm without a query latent
+    (`q_lora_rank=None`), as 0.16.1 did and as HF DeepSeek has; None before 0.19.
+
+    0.19 resolves the norms itself (`_resolve_qk_norm_config`) and, with `qk_layernorm` and no query
+    latent, wants a fused norm + `linear_q_proj`, which the local backend cannot build."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    if not hasattr(MLASelfAttention, "_resolve_qk_norm_config"):
+        return None
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    class NoQueryNormMLASelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules: Any) -> dict[str, Any]:
+            if self.config.q_lora_rank is not None or not self.config.qk_layernorm:
+                return super()._resolve_qk_norm_config(submodules)
+            return {
+                "linear_q_proj": submodules.linear_q_proj,
+                "linear_q_up_proj": IdentityOp,
+                "linear_kv_up_proj": submodules.linear_kv_up_proj,
+                "q_layernorm": IdentityOp,
+                "kv_layernorm": submodules.kv_layernorm,
+            }
+
+    return NoQueryNormMLASelfAttention
+
+
 def mla_local_spec(config: Any) -> Any:
     """The local-spec decoder block of an MLATransformerConfig, made buildable without TE.
 
     Without TE, `megatron.core.extensions.transformer_engine` still imports (with MagicMock stand-ins),
     so the MLA module believes TE is there and `isinstance(..., TELinear)` fails: this build uses no
-    TE, say so (process-wide, idempotent). Every layer gets the MLA-aware core attention."""
+    TE, say so (process-wide, idempotent). Every layer gets the MLA-aware core attention (and, from
+    0.19, self-attention)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer import multi_latent_attention
 
     multi_latent_attention.HAVE_TE = False
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     core = mla_core_attention()
+    attention = mla_self_attention()
     for layer_spec in spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = core
+        if attention is not None:
+            layer_spec.submodules.self_attention.module = attention
     return spec

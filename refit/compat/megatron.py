@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from refit.errors import DependencyError
+from refit.errors import ConfigError, DependencyError
 
-TESTED_VERSIONS = ("0.16.1",)
+TESTED_VERSIONS = ("0.16.1", "0.19.2")
 
 
 def version() -> str:
@@ -236,16 +236,15 @@ def ddp_wrapper(module: nn.Module) -> nn.Module | None:
 
 
 def defers_param_gather(ddp: nn.Module) -> bool:
-    """Whether `ddp`'s distributed optimizer leaves the bf16 param all-gather to the next forward.
+    """Whether `ddp` leaves the param all-gather to the next forward's pre-hooks (`use_forward_hook`).
 
-    With `use_distributed_optimizer` and `overlap_param_gather`, `DistributedOptimizer.step()`
-    updates only the rank's own shard of each param buffer; the all-gather of the others is
-    dispatched by the next forward's pre-hooks (or, with `overlap_param_gather_with_optimizer_step`,
-    left in flight by the step). Without `overlap_param_gather` the step gathers synchronously.
+    DDP sets it from its config: 0.16.1 with `use_distributed_optimizer` and `overlap_param_gather`;
+    0.19 with `overlap_param_gather` alone (the layer-wise distributed optimizer's case too). A step
+    then updates only the rank's own part of each param buffer; without it the step gathers.
     """
-    cfg = _attr(ddp, "ddp_config", "DistributedDataParallel")
-    require(hasattr(cfg, "overlap_param_gather"), "DistributedDataParallelConfig.overlap_param_gather")
-    return bool(getattr(cfg, "use_distributed_optimizer", False)) and bool(cfg.overlap_param_gather)
+    _attr(ddp, "ddp_config", "DistributedDataParallel")
+    require(hasattr(ddp, "use_forward_hook"), "DistributedDataParallel.use_forward_hook")
+    return bool(ddp.use_forward_hook)
 
 
 def gather_params(ddp: nn.Module) -> None:
@@ -340,6 +339,16 @@ def transformer_shape(config: Any) -> TransformerShape:
     """The fields of a TransformerConfig that describe the model's tensors."""
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         require(isinstance(getattr(config, field, None), int), f"TransformerConfig.{field}")
+    # megatron-core 0.19's generalized TP (`tensor_parallel_num_weight_shards` > TP) splits every weight
+    # again over an axis of its own that no parameter attribute describes: refit would publish a part
+    # of a shard as the whole shard.
+    gtp = int(getattr(config, "gtp_weight_remat_size", 1) or 1)
+    if gtp > 1:
+        raise ConfigError(
+            f"TransformerConfig.tensor_parallel_num_weight_shards={config.tensor_parallel_num_weight_shards} "
+            f"(generalized tensor parallelism, gtp_weight_remat_size={gtp}) is not supported: refit reads "
+            "weights split over tensor parallelism only"
+        )
     heads = config.num_attention_heads
     experts = int(getattr(config, "num_moe_experts", None) or 0)
     mla = bool(getattr(config, "multi_latent_attention", False))

@@ -60,7 +60,7 @@ def apply_ucx_defaults(environ: dict[str, str] | None = None, *, cuda: bool | No
     """Set refit's UCX defaults where unset; returns the values that were applied."""
     env = os.environ if environ is None else environ
     wanted = dict(UCX_DEFAULTS)
-    if cuda if cuda is not None else _cuda_major() is not None:
+    if cuda if cuda is not None else _cuda_devices():
         wanted.update(UCX_CUDA_DEFAULTS)
     applied = {}
     for key, value in wanted.items():
@@ -102,6 +102,16 @@ def _cuda_major() -> int | None:
         return None
     version = getattr(torch.version, "cuda", None)
     return int(version.split(".")[0]) if version else None
+
+
+def _cuda_devices() -> bool:
+    """A CUDA build of torch that sees a GPU. PyPI's default torch is a CUDA build on CPU-only hosts too,
+    where UCX has no cuda_ipc transport and prints a warning about the unused CUDA setting to stdout."""
+    if _cuda_major() is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def load_nixl_api() -> ModuleType:

@@ -1,8 +1,9 @@
-"""Megatron-Core 0.16.1 multi-latent attention (DeepSeek-V3 / Kimi-K2) on CPU, for the test trainers.
+"""Megatron-Core (0.16.1 to 0.19.x) multi-latent attention (DeepSeek-V3 / Kimi-K2) on CPU, for the test trainers.
 
 Owns what trainer_ops needs beyond a GQA model to build an MLA GPTModel from a `ModelCase`:
 * `config_fields`: the `MLATransformerConfig` fields equivalent to HF's `DeepseekV3Config`;
-* `fit_local_spec`: the local layer spec made buildable (a core attention that takes MLA's k / v sizes);
+* `fit_local_spec`: the local layer spec made buildable (a core attention that takes MLA's k / v sizes;
+  from 0.19, no query norm without a query latent);
 * `apply_cpu_workarounds`: the Transformer-Engine mock Megatron's MLA module sees without TE.
 The library itself never patches Megatron; these are the test trainer's choices, stated in
 docs/mla_conventions.md. megatron-core is imported lazily.
@@ -96,11 +97,46 @@ def _core_attention_class() -> type:
     return MLADotProductAttention
 
 
+def _self_attention_class() -> type | None:
+    """The MLA self-attention that keeps HF DeepSeek's norms under megatron-core >= 0.19; None before.
+
+    0.19 resolves the query / latent norms itself (`MultiLatentAttention._resolve_qk_norm_config`):
+    with `qk_layernorm` and no query latent (`q_lora_rank=None`) it rejects the local spec's
+    `q_layernorm` and wants a fused norm + `linear_q_proj` (a norm HF's `q_proj` does not have, and
+    one the local backend cannot build). 0.16.1 built no query norm there and only the latent
+    `kv_layernorm`: that is what this class resolves to in that one case.
+    """
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    if not hasattr(MLASelfAttention, "_resolve_qk_norm_config"):
+        return None  # 0.16.1 builds the spec's modules as they are
+
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    class NoQueryNormMLASelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules: Any) -> dict[str, Any]:
+            if self.config.q_lora_rank is not None or not self.config.qk_layernorm:
+                return super()._resolve_qk_norm_config(submodules)
+            return {
+                "linear_q_proj": submodules.linear_q_proj,
+                "linear_q_up_proj": IdentityOp,
+                "linear_kv_up_proj": submodules.linear_kv_up_proj,
+                "q_layernorm": IdentityOp,
+                "kv_layernorm": submodules.kv_layernorm,
+            }
+
+    return NoQueryNormMLASelfAttention
+
+
 def fit_local_spec(block_spec: Any) -> Any:
-    """Put the MLA-aware core attention into every layer spec of a local-spec decoder block (in place)."""
+    """Put the MLA-aware core attention (and, from 0.19, self-attention) into every layer spec of a
+    local-spec decoder block (in place)."""
     core = _core_attention_class()
+    attention = _self_attention_class()
     for layer_spec in block_spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = core
+        if attention is not None:
+            layer_spec.submodules.self_attention.module = attention
     return block_spec
 
 

@@ -222,6 +222,52 @@ def test_wrappers_keep_the_model_in_module(world: None, monkeypatch: pytest.Monk
     assert reader.model_chunks([wrapped]) == [half]
 
 
+@pytest.mark.parametrize(
+    ("distributed_optimizer", "overlap"),
+    [(False, False), (True, False), (True, True), (False, True)],
+    ids=["plain", "distopt", "distopt-overlap", "overlap-only"],
+)
+def test_ddp_defers_the_param_gather_exactly_when_its_forward_hooks_gather(
+    world: None, monkeypatch: pytest.MonkeyPatch, distributed_optimizer: bool, overlap: bool
+) -> None:
+    """DDP gathers params in the next forward iff it hooked the model's forwards (0.16.1: distributed
+    optimizer and overlap; 0.19: overlap alone, the layer-wise optimizer's case too). refit's answer is
+    checked against the hooks DDP registered, and the forced gather leaves every group dispatched."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model = gpt_model()
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    cfg = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer, overlap_param_gather=overlap)
+    ddp = DistributedDataParallel(model.config, cfg, model)
+    hooked = any(m._forward_pre_hooks for m in model.modules())
+    mcore.require(mcore.defers_param_gather(ddp) == hooked, "DistributedDataParallel.use_forward_hook")
+    if overlap and distributed_optimizer:
+        assert hooked  # the case refit was written for defers in every supported version
+    if hooked:
+        mcore.gather_params(ddp)
+        groups = [*ddp.bucket_groups, *getattr(ddp, "expert_parallel_bucket_groups", [])]
+        assert groups
+        for group in groups:
+            mcore.require(group.param_gather_dispatched and group.param_gather_handle is None, "start_param_sync")
+
+
+def test_generalized_tensor_parallel_weights_are_refused_by_name() -> None:
+    """megatron-core >= 0.19 can split weights beyond TP (`tensor_parallel_num_weight_shards`); refit
+    cannot describe those parts, so it says so before anything is read."""
+    from megatron.core.transformer import TransformerConfig
+
+    if not any(f.name == "tensor_parallel_num_weight_shards" for f in dataclasses.fields(TransformerConfig)):
+        pytest.skip(f"megatron-core {mcore.version()} has no generalized tensor parallelism")
+    from tests.support.trainer_ops import transformer_config
+
+    config = transformer_config(CASE, tp=1, pp=1, vpp=None, params_dtype=torch.float32)
+    assert mcore.transformer_shape(config).num_layers == CASE.num_layers
+    sharded = dataclasses.replace(config, tensor_parallel_num_weight_shards=2)
+    with pytest.raises(ConfigError, match="tensor_parallel_num_weight_shards=2"):
+        mcore.transformer_shape(sharded)
+
+
 def test_megatron_optimizer_chain(world: None) -> None:
     """A ChainedOptimizer of two members: its `optimizer` property asserts, so the chain is walked first."""
     from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer, MegatronOptimizer

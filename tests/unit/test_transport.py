@@ -159,3 +159,19 @@ def test_the_progress_delay_is_read_when_asked_and_validated() -> None:
     for bad in ("-1", "1.5", "soon"):
         with pytest.raises(ConfigError, match="REFIT_NIXL_PROGRESS_DELAY_US"):
             progress_delay_us({"REFIT_NIXL_PROGRESS_DELAY_US": bad})
+
+
+def test_ucx_cuda_defaults_apply_only_with_a_gpu() -> None:
+    """The cuda_ipc setting goes with a GPU torch sees: on a CPU-only host (even under PyPI's CUDA build
+    of torch) UCX would warn on stdout about an unused variable."""
+    import torch
+
+    from refit.transport.nixl import UCX_CUDA_DEFAULTS, UCX_DEFAULTS, apply_ucx_defaults
+
+    env: dict[str, str] = {}
+    applied = apply_ucx_defaults(env)
+    assert set(UCX_DEFAULTS) <= set(applied)
+    assert (set(UCX_CUDA_DEFAULTS) <= set(env)) == torch.cuda.is_available()
+    forced: dict[str, str] = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "n"}
+    apply_ucx_defaults(forced, cuda=True)
+    assert forced["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "n"  # what the user set stays
