@@ -8,7 +8,7 @@ distributed optimizer over all chunks with `get_megatron_optimizer` and a refit 
 to it. `step` trains one step (every chunk runs forward and backward on its own random input: a
 pipeline's activations are not needed to move the weights), runs the real optimizer step, then
 publishes the version. On CPU the cluster's optimizer shims (`cluster.apply_optimizer_cpu_shims`)
-let the same optimizer run on gloo. `receiver` and `differing` are the test process's side.
+let the same optimizer run on gloo. The test process's side (the receiver, the checks) is ddp_check.py.
 
 Ground truth, taken before `stream_weights`: the distributed optimizer writes each rank's own
 shard of every bucket of the bf16 param buffers (`shard_buffer`: dp equal parts, part dp_rank);
@@ -16,7 +16,8 @@ those shards, gathered with plain `torch.distributed.all_gather` over the data-p
 the weights every rank must hold before the next forward. Compared to them bit for bit: the live
 buffers before the publish (stale with `overlap_param_gather`: what publishing without the forced
 gather would have exposed), the live buffers after it, and (in the test) what a receiver pulled,
-converted back to each chunk's Megatron layout by the test's own HF -> Megatron converter.
+converted back to each chunk's Megatron layout by the test's own HF -> Megatron converter
+(`ddp_check.differing`).
 
 Order (`order_probe=True`): every place the step or the publisher changes parameter bytes (each
 distributed optimizer's copy of its main params into the bf16 shards, each bucket group's param
@@ -43,7 +44,7 @@ BATCH = 2
 BUCKET_ELEMENTS = 40_000  # several buckets (one with overlap_grad_reduce=False: Megatron makes it one)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
@@ -239,7 +240,7 @@ def _stale_buckets(ddps: list[Any], truth: list[list[list[torch.Tensor]]]) -> in
     """Buckets whose live bytes differ from the truth."""
     wants = [want for per_buffer in truth for per_bucket in per_buffer for want in per_bucket]
     return sum(
-        not torch.equal(_bits(bucket.param_data.view(-1)), _bits(want))
+        not torch.equal(bits(bucket.param_data.view(-1)), bits(want))
         for bucket, want in zip(_buckets(ddps), wants, strict=True)
     )
 
@@ -344,7 +345,7 @@ def forward_gathers(state: dict, rank: int, world_size: int) -> dict:
                 del group.start_param_sync
             else:
                 group.start_param_sync = own
-    changed = sum(not torch.equal(_bits(b.param_data), _bits(x)) for b, x in zip(_buckets(ddps), before, strict=True))
+    changed = sum(not torch.equal(bits(b.param_data), bits(x)) for b, x in zip(_buckets(ddps), before, strict=True))
     return {"started": started, "changed": changed}
 
 
@@ -358,53 +359,3 @@ def close(state: dict, rank: int, world_size: int) -> bool:
     for key in ("ddps", "models", "optimizer"):
         state.pop(key, None)
     return True
-
-
-# -- the test process's side: a receiver holding plain tensors ---------------------------------------
-
-
-def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any:
-    """A TP1 Receiver whose engine holds the HF tensors the catalog's version describes."""
-    from refit import Receiver
-    from refit.catalog.client import CatalogClient
-    from refit.engines.base import EngineSpec, TensorSpec
-    from refit.plan import cost
-    from refit.plan.planner import plan_refit
-    from refit_bench.refit_run import BufferEngine  # the bench's engine of plain tensors
-
-    with CatalogClient(catalog) as client:
-        info = client.wait_ready(name=name, version=version, timeout_s=60)
-        sources = client.get_sources(name=name, version=version)
-    spec = EngineSpec.from_meta(info.model, tp_rank=0, tp_size=1)
-    targets = plan_refit(model=info.model, sources=sources, layout=spec.layout()).targets
-    shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in targets}
-    link = cost.GPU_LOCAL if device.type == "cuda" else cost.CPU_UCX
-    return Receiver(catalog=catalog, engine=BufferEngine(spec, shapes, device), name=name, timeout_s=120,
-                    link_cost=link)  # fmt: skip
-
-
-def differing(rcv: Any, truths: list[list[dict] | None]) -> list[str]:
-    """Names whose pulled bytes differ from the truth, per chunk of every rank that sent one.
-
-    The receiver's HF tensors go back to each chunk's Megatron layout (its TP rank, global layers, first
-    and last stage) through the test's own converter; every parameter of every layer must be covered.
-    """
-    from tests.support.megatron_convert import hf_to_megatron_local
-
-    hf = {k: v.cpu() for k, v in rcv.engine.tensors.items()}
-    bad: list[str] = []
-    covered: set[int] = set()
-    for chunks in (t for t in truths if t is not None):
-        for c in chunks:
-            got = hf_to_megatron_local(hf, CASE, tp_size=c["tp_size"], tp_rank=c["tp_rank"], layers=c["layers"],
-                                       pre_process=c["pre_process"], post_process=c["post_process"],
-                                       padded_vocab=hm.padded_vocab(CASE, c["tp_size"]))  # fmt: skip
-            where = f"tp{c['tp_rank']} layers {c['layers']}"
-            if sorted(got) != sorted(c["params"]):
-                bad += [f"{where}: {k} (names differ)" for k in sorted(set(got) ^ set(c["params"]))]
-                continue
-            bad += [f"{where}: {k}" for k, v in c["params"].items() if not torch.equal(_bits(got[k]), _bits(v))]
-            covered.update(c["layers"])
-    if covered != set(range(CASE.num_layers)):
-        bad.append(f"layers {sorted(set(range(CASE.num_layers)) - covered)} have no truth")
-    return bad
