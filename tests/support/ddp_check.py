@@ -6,8 +6,10 @@ builds the DDP-wrapped chunks with the order probe, trains and publishes each ve
 defers the gather, none after, no gather left for the next forward, which starts none and changes no
 byte; (2) the order: every write of parameter bytes (the optimizer's shard copy, each bucket group's
 all-gather, in the step or in the publisher) came after the last version was RETIRED in the real
-catalog; (3) the bytes: a TP1 receiver's HF tensors, converted back to each chunk's Megatron layout by
-the test's own converter, equal the all-gathered truth bit for bit, every layer covered.
+catalog; (3) the bytes: version 0, published before any step, is the HF model every rank started
+from (through the test's converter), pulled into a receiver's HF tensors bit for bit; after each
+step, that receiver's HF tensors, converted back to each chunk's Megatron layout by the test's own
+converter, equal the all-gathered truth bit for bit, every layer covered.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def train_and_pull(
             assert b["bucket_groups"][0] > 1  # several all-gathers, chained by the pre-hooks
     rcv = None
     try:
+        # Version 0: the weights as built from the HF model, before any step. The receiver's HF tensors
+        # must be the HF model's own, bit for bit (no converter on this side of the comparison).
+        initial = cluster.run("tests.support.ddp_ops:publish_initial", timeout_s=120, version=0)
+        assert [r["stale_before"] for r in initial] == [0] * len(initial)  # DDP's buffers start in sync
+        rcv = receiver(catalog, name, 0, receiver_device)
+        assert rcv.update_weights(version=0).version == 0
+        assert differing_from_hf(rcv) == []
         for version in versions:
             ranks = cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=version)
             for r, b in zip(ranks, built, strict=True):
@@ -53,10 +62,8 @@ def train_and_pull(
                 assert (r["stale_before"] > 0) == overlap, r["stale_before"]
                 assert r["stale_after"] == 0
                 assert r["pending_gathers"] == []
-                check_order(r, first=version == versions[0], overlap=overlap, gathers=sum(b["bucket_groups"]))
+                check_order(r, overlap=overlap, gathers=sum(b["bucket_groups"]))
             assert any(r["state"] == "READY" for r in ranks)  # the last rank to publish made it READY
-            if rcv is None:
-                rcv = receiver(catalog, name, version, receiver_device)
             try:
                 assert rcv.update_weights(version=version).version == version
             except Exception:
@@ -72,12 +79,9 @@ def train_and_pull(
         cluster.run("tests.support.ddp_ops:close", timeout_s=60)
 
 
-def check_order(r: dict, *, first: bool, overlap: bool, gathers: int) -> None:
+def check_order(r: dict, *, overlap: bool, gathers: int) -> None:
     """Every write of parameter bytes came after the version last published was RETIRED in the catalog."""
     step, publish = r["step_writes"], r["publish_writes"]
-    if first:
-        assert step == [] and publish == []  # nothing published before: nothing to retire
-        return
     assert {state for _, state in step + publish} == {"RETIRED"}, (step, publish)
     assert any(w.startswith("shard write") for w, _ in step)  # the optimizer's copy into the bf16 shards
     step_gathers = [w for w, _ in step if w.startswith("gather")]
@@ -85,6 +89,16 @@ def check_order(r: dict, *, first: bool, overlap: bool, gathers: int) -> None:
     # overlap_param_gather: the publisher forces the deferred all-gather of every bucket group of
     # every chunk; otherwise the step gathered them all and the publisher gathers nothing.
     assert (len(publish_gathers), len(step_gathers)) == ((gathers, 0) if overlap else (0, gathers))
+
+
+def differing_from_hf(rcv: Any) -> list[str]:
+    """Names whose pulled bytes differ from the HF model every trainer rank started from (or are missing)."""
+    hf = hm.build_hf_model(CASE, seed=ddp_ops.HF_SEED).state_dict()
+    got = {k: v.cpu() for k, v in rcv.engine.tensors.items()}
+    if sorted(got) != sorted(hf):
+        return [f"{k} (names differ)" for k in sorted(set(got) ^ set(hf))]
+    # The local spec keeps norms in fp32: the pulled norm is the HF bf16 value widened, exactly.
+    return [k for k, v in hf.items() if not torch.equal(ddp_ops.bits(got[k]), ddp_ops.bits(v.to(got[k].dtype)))]
 
 
 def print_regions(catalog: str, name: str, version: int) -> None:

@@ -41,6 +41,7 @@ CASE = dataclasses.replace(hm.LLAMA_BF16, id="llama-gqa-4l-bf16",
                            hf_config={**hm.LLAMA_BF16.hf_config, "num_hidden_layers": 4})  # fmt: skip
 SEQ = 32
 BATCH = 2
+HF_SEED = 5  # the HF model every rank starts from (tests/support/hf_models.build_hf_model)
 BUCKET_ELEMENTS = 40_000  # several buckets (one with overlap_grad_reduce=False: Megatron makes it one)
 
 
@@ -82,7 +83,7 @@ def build(
         apply_optimizer_cpu_shims()
     config = trainer_ops.transformer_config(CASE, tp=tp, pp=pp, vpp=vpp, params_dtype=torch.bfloat16)
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    torch.manual_seed(1234 + pp_rank)
+    hf = hm.build_hf_model(CASE, seed=HF_SEED).state_dict()
     models = []
     for vp_stage in [None] if vpp is None else range(vpp):
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
@@ -97,6 +98,7 @@ def build(
             position_embedding_type="rope",
             vp_stage=vp_stage,
         )
+        _load_hf(chunk, hf, tp)
         models.append(chunk.cuda() if cuda else chunk)
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=True,
@@ -127,6 +129,27 @@ def build(
         "dp_size": ps.get_data_parallel_world_size(),
         "layers": [trainer_ops._global_layers(m) for m in models],
     }
+
+
+def _load_hf(chunk: Any, hf: dict[str, torch.Tensor], tp: int) -> None:
+    """Start from the HF model: its tensors through the test's own converter into this chunk (exact:
+    a reshuffle, and the bf16 norms widened to the local spec's fp32)."""
+    from megatron.core import parallel_state as ps
+
+    from tests.support.megatron_convert import hf_to_megatron_local
+
+    local = hf_to_megatron_local(hf, CASE, tp_size=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
+                                 layers=trainer_ops._global_layers(chunk), pre_process=chunk.pre_process,
+                                 post_process=chunk.post_process, padded_vocab=hm.padded_vocab(CASE, tp))  # fmt: skip
+    result = chunk.load_state_dict(local, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise AssertionError(f"state dict mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+
+
+def publish_initial(state: dict, rank: int, world_size: int, *, version: int) -> dict:
+    """Publish the weights as built (the HF model's, before any step); as `step` without the step."""
+    return _publish(state, version)
 
 
 class _OrderProbe:
