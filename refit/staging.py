@@ -165,7 +165,11 @@ class StagingPool:
         direct: Future[int] | None = None
         if plan.direct:
             self.register_engine(dests[d.target] for d in plan.direct)
-            where = {d.target: (dests[d.target].data_ptr(), *device_of(dests[d.target])) for d in plan.direct}
+            where = {
+                d.target: (t.data_ptr(), *device_of(t), t.untyped_storage().data_ptr())
+                for d in plan.direct
+                for t in (dests[d.target],)
+            }
             # In batches of about a chunk, two in flight: a chunk's read, posted meanwhile, then waits
             # behind two batches rather than behind every direct read (a peer's transfers run in order).
             batches = [direct_jobs(b, sources, where) for b in _batches(plan.direct, _chunk_size(plan))]

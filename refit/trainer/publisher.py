@@ -17,7 +17,8 @@ Megatron DDP with the distributed optimizer and `overlap_param_gather`: a step u
 rank's own shard of each bf16 param buffer and leaves the all-gather of the rest to the next
 forward's pre-hooks. `stream_weights` completes that all-gather first (a collective over the
 data-parallel group, after the previous version is retired), so the version holds exactly the
-weights the next forward uses, and that forward does not gather again.
+weights the next forward uses, and that forward does not gather again. With virtual pipeline
+chunks (a list of models, each in its own DDP) it does so for every chunk, in list order.
 
 Column blocks (`row_blocks=k`). A row-parallel shard (split on an inner dim: row-parallel weights,
 attention `linear_proj`, MoE expert `linear_fc2`) is published as `k` contiguous column blocks, each

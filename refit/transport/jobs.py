@@ -29,6 +29,9 @@ class ReadOp:
     # The remote registered region it reads: two regions may be adjacent in memory (two caching-allocator
     # blocks, e.g. Megatron DDP's bf16 and fp32 param buffers), and NIXL rejects a descriptor spanning both.
     region: int = 0
+    # The same for the local side: the registration it writes (a staging slot, or one engine tensor's
+    # storage: two engine tensors may be adjacent blocks of the caching allocator too).
+    local_region: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,29 +47,30 @@ class ReadJob:
 
 
 def merge_reads(ops: Sequence[ReadOp]) -> list[tuple[int, int, int]]:
-    """Expand strided ops and merge ranges that are adjacent on both sides and in one remote region.
+    """Expand strided ops and merge ranges that are adjacent on both sides and in one region on each side.
 
     Returns `(local_addr, remote_addr, nbytes)` triples; a fast link pays per descriptor, so a
     sliced plan must not explode into thousands of small reads when its ranges touch. A merged
-    range never spans two registered regions, even adjacent ones: NIXL would reject it.
+    range never spans two registered regions, remote or local, even adjacent ones: NIXL would
+    reject it (`NIXL_ERR_NOT_FOUND`).
     """
-    flat: list[tuple[int, int, int, int]] = []
+    flat: list[tuple[int, int, int, tuple[int, int]]] = []
     for op in ops:
+        regions = (op.region, op.local_region)
         for i in range(op.count):
-            flat.append(
-                (op.local_addr + i * op.local_stride, op.remote_addr + i * op.remote_stride, op.nbytes, op.region)
-            )
+            local, remote = op.local_addr + i * op.local_stride, op.remote_addr + i * op.remote_stride
+            flat.append((local, remote, op.nbytes, regions))
     flat.sort(key=lambda r: r[1])
-    merged: list[list[int]] = []
-    for local, remote, n, region in flat:
+    merged: list[list] = []
+    for local, remote, n, regions in flat:
         if n <= 0:
             continue
         if merged:
             last = merged[-1]
-            if last[0] + last[2] == local and last[1] + last[2] == remote and last[3] == region:
+            if last[0] + last[2] == local and last[1] + last[2] == remote and last[3] == regions:
                 last[2] += n
                 continue
-        merged.append([local, remote, n, region])
+        merged.append([local, remote, n, regions])
     return [(a, b, c) for a, b, c, _ in merged]
 
 
@@ -112,7 +116,7 @@ def jobs_for(
         (r.rank, r.region, r.remote_offset, staging_addr + r.local_offset, r.block_bytes, r.count, r.remote_stride)
         for r in plan.reads
     ]
-    return _group(ops, sources, lambda _: (local_device, local_device_id))
+    return _group(ops, sources, lambda _: (local_device, local_device_id, 0))  # one registration: the slot
 
 
 class PlannedDirect(Protocol):
@@ -135,10 +139,11 @@ class PlannedDirect(Protocol):
 def direct_jobs(
     reads: Iterable[PlannedDirect],
     sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
-    destinations: Mapping[str, tuple[int, str, int]],
+    destinations: Mapping[str, tuple[int, str, int, int]],
 ) -> list[ReadJob]:
     """The READ jobs that land each direct read in its engine tensor: `destinations` maps the target
-    to its (address, device, device id); a read lands `offset` bytes into it."""
+    to its (address, device, device id, address of its storage: the registration it lies in); a read
+    lands `offset` bytes into it."""
     ops = [(r.rank, r.region, r.remote_offset, destinations[r.target][0] + r.offset, r.nbytes, 1, 0) for r in reads]
     where = {destinations[r.target][0] + r.offset: destinations[r.target][1:] for r in reads}
     return _group(ops, sources, lambda addr: where[addr])
@@ -147,10 +152,11 @@ def direct_jobs(
 def _group(
     ops: Iterable[tuple[int, int, int, int, int, int, int]],
     sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
-    local: Callable[[int], tuple[str, int]],
+    local: Callable[[int], tuple[str, int, int]],
 ) -> list[ReadJob]:
     """(rank, region, remote offset, local address, block bytes, count, remote stride) reads as
-    jobs, one per (trainer rank, remote device, local device); `local` gives an address's device."""
+    jobs, one per (trainer rank, remote device, local device); `local` gives an address's device,
+    device id and local registration."""
     records = sources.values() if isinstance(sources, Mapping) else sources
     by_rank = {s.rank: s for s in records}
     regions: dict[tuple[int, int], Region] = {(s.rank, g.index): g for s in by_rank.values() for g in s.regions}
@@ -160,7 +166,8 @@ def _group(
         if region is None:
             # The planner only plans from the records it was given: a plan paired with other sources.
             raise LayoutError(f"the plan reads region {index} of rank {rank}, which the sources do not have")
-        groups[(rank, region.device, region.device_id, *local(local_addr))].append(
+        local_device, local_device_id, local_region = local(local_addr)
+        groups[(rank, region.device, region.device_id, local_device, local_device_id)].append(
             ReadOp(
                 local_addr=local_addr,
                 remote_addr=region.addr + remote_offset,
@@ -169,6 +176,7 @@ def _group(
                 local_stride=block,
                 remote_stride=stride,
                 region=index,
+                local_region=local_region,
             )
         )
     return [

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from refit.errors import TransportError
 from refit.transport.jobs import ReadJob, ReadOp
 from refit.transport.nixl import NixlAgent
 
@@ -51,3 +52,37 @@ def test_depth_must_be_positive(agents) -> None:
     reader, *_ = agents
     with pytest.raises(ValueError, match="depth"):
         reader.read_batches([], depth=0)
+
+
+# -- registrations that touch in memory ---------------------------------------------------------------
+# Megatron DDP's param buffers (and an engine's tensors) can be adjacent blocks of one allocator segment,
+# each registered on its own. NIXL accepts no descriptor spanning two registrations: this is the
+# `NIXL_ERR_NOT_FOUND` a GPU receiver met reading a DDP trainer rank before `merge_reads` kept reads
+# of different regions apart (the bf16 buffer's last four tensors and the fp32 buffer after it, 428,544
+# bytes in one descriptor).
+
+
+@pytest.mark.parametrize("side", ["remote", "local"])
+def test_reads_touching_two_registrations_stay_two_descriptors(side: str) -> None:
+    half = 64 << 10
+    src = torch.randint(0, 256, (2 * half,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    dst = torch.zeros_like(src)
+    split, whole = [(0, half), (half, half)], [(0, 2 * half)]
+    with NixlAgent(prefix="touch-reader") as reader, NixlAgent(prefix="touch-source") as source:
+        for start, n in split if side == "remote" else whole:
+            source.register(src.data_ptr() + start, n)
+        for start, n in split if side == "local" else whole:
+            reader.register(dst.data_ptr() + start, n)
+        reader.connect(source.name, source.metadata())
+        tag = "region" if side == "remote" else "local_region"
+        ops = [
+            ReadOp(local_addr=dst.data_ptr() + start, remote_addr=src.data_ptr() + start, nbytes=n, **{tag: i})
+            for i, (start, n) in enumerate(split)
+        ]
+        assert reader.read([ReadJob(agent_name=source.name, ops=ops)], timeout_s=60) == 2
+        assert torch.equal(dst, src)
+        # The same bytes as one descriptor across the boundary: what merging them would post.
+        spanning = ReadOp(local_addr=dst.data_ptr(), remote_addr=src.data_ptr(), nbytes=2 * half)
+        with pytest.raises(TransportError, match="NIXL_ERR_NOT_FOUND"):
+            reader.read([ReadJob(agent_name=source.name, ops=[spanning])], timeout_s=60)
+        assert reader.in_flight() == 0

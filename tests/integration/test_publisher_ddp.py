@@ -1,13 +1,17 @@
-"""Publisher on a GPTModel in Megatron DDP (distributed-optimizer buffers, `overlap_param_gather`) on CPU.
+"""Publisher on GPTModels in Megatron DDP with the distributed optimizer, trained on CPU (gloo).
 
-Two gloo trainer ranks (TP1, DP2) wrap a bf16 GPTModel in megatron-core's DistributedDataParallel
-with `use_distributed_optimizer=True, overlap_param_gather=True`: its parameters become views of two
-param buffers (bf16 weights, fp32 norms), split in buckets that each rank owns a shard of. The
-distributed optimizer itself needs CUDA tensors, so each version is made as its step makes it: each
-rank writes new values into its own shards only (`ddp_ops.shard_step`), and the peer's shards stay
-stale until an all-gather. The ground truth is the owned shards gathered with plain
-`torch.distributed.all_gather`. The GPU test with the real optimizer and training steps is
-tests/gpu/test_megatron_ddp.py.
+Each trainer rank wraps its bf16 GPTModel chunk(s) in megatron-core's DistributedDataParallel
+(`use_distributed_optimizer=True`; `overlap_param_gather` on: the all-gather of the peers' shards
+is left to the next forward; or off: the step gathers) and trains with megatron-core's own
+DistributedOptimizer (run on CPU by the cluster's optimizer shims), then publishes each version.
+Layouts: TP1 x DP2; PP2 x VPP2 x DP2 (a list of model chunks, each in its own DDP, as Megatron-LM
+wires them); TP2 x DP2. The ground truth is each rank's own updated shards gathered with plain
+`torch.distributed.all_gather` (tests/support/ddp_ops.py); a TP1 receiver pulls each version over
+real NIXL and its HF tensors, converted back to every chunk's Megatron layout by the test's own
+converter, must equal it bit for bit. Every write of parameter bytes (the optimizer's copy into
+the bf16 shards, every bucket group's all-gather, the step's or the publisher's) is preceded by a
+look at the real catalog: the version last published must already be RETIRED
+(tests/support/ddp_check.py). The GPU test with NCCL and CUDA memory is tests/gpu/test_megatron_ddp.py.
 """
 
 from __future__ import annotations
@@ -17,39 +21,38 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.support import ddp_ops
 from tests.support.cluster import TrainerCluster
+from tests.support.ddp_check import train_and_pull
+
+OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap_param_gather", "step_gathers"])
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def ddp_cluster() -> Iterator[TrainerCluster]:
+def dp2_cluster() -> Iterator[TrainerCluster]:
     with TrainerCluster(world_size=2, timeout_s=300.0) as cluster:
         yield cluster
 
 
-def test_stream_weights_gathers_the_deferred_shards(ddp_cluster: TrainerCluster, catalog: str) -> None:
-    built = ddp_cluster.run("tests.support.ddp_ops:build", timeout_s=300, catalog=catalog, name="ddp-cpu", tp=1,
-                            overlap=True, cuda=False)  # fmt: skip
-    for b in built:
-        assert b["dp_size"] == 2 and b["buffers"] == 2 and b["bucket_groups"] > 1
-        assert b["param_storages"] == 0  # every parameter is a view of a DDP param buffer
-        assert b["registrations"] == b["buffers"]  # the buffers are registered as they are, not copied
-    rcv = None
-    try:
-        for version in (1, 2):
-            ranks = ddp_cluster.run("tests.support.ddp_ops:shard_step", timeout_s=120, version=version)
-            for r in ranks:
-                assert r["stale_before"] > 0  # publishing without the gather would expose the peer's old shard
-                assert r["stale_after"] == 0
-                assert r["pending_gathers"] == []
-            if rcv is None:
-                rcv = ddp_ops.receiver(catalog, "ddp-cpu", version, torch.device("cpu"))
-            assert rcv.update_weights(version=version).version == version
-            assert ddp_ops.differing(rcv, ranks[0]["truth"]) == []
-            # The next forward uses these bytes as they are: its pre-hooks start no all-gather.
-            for g in ddp_cluster.run("tests.support.ddp_ops:forward_gathers", timeout_s=120):
-                assert g == {"started": [], "changed": 0}
-    finally:
-        if rcv is not None:
-            rcv.close()
-        ddp_cluster.run("tests.support.ddp_ops:close", timeout_s=60)
+@pytest.fixture(scope="module")
+def world4_cluster() -> Iterator[TrainerCluster]:
+    with TrainerCluster(world_size=4, timeout_s=300.0) as cluster:
+        yield cluster
+
+
+@OVERLAP
+def test_tp1_dp2(dp2_cluster: TrainerCluster, catalog: str, overlap: bool) -> None:
+    train_and_pull(dp2_cluster, catalog, name=f"ddp-tp1-{overlap}", overlap=overlap, cuda=False, receiver_device=CPU,
+                   tp=1)  # fmt: skip
+
+
+@OVERLAP
+def test_pp2_vpp2_dp2(world4_cluster: TrainerCluster, catalog: str, overlap: bool) -> None:
+    train_and_pull(world4_cluster, catalog, name=f"ddp-vpp-{overlap}", overlap=overlap, cuda=False,
+                   receiver_device=CPU, tp=1, pp=2, vpp=2)  # fmt: skip
+
+
+@OVERLAP
+def test_tp2_dp2(world4_cluster: TrainerCluster, catalog: str, overlap: bool) -> None:
+    train_and_pull(world4_cluster, catalog, name=f"ddp-tp2-{overlap}", overlap=overlap, cuda=False,
+                   receiver_device=CPU, tp=2)  # fmt: skip

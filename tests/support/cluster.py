@@ -68,6 +68,67 @@ def apply_cpu_shims() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _TorchOnCpu:
+    """The `torch` module as megatron-core's optimizer modules see it under `apply_optimizer_cpu_shims`:
+    every attribute is torch's own, except that a tensor factory asked for `device="cuda"` builds on the CPU."""
+
+    _FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full"})
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            device = kwargs.get("device")
+            if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def apply_optimizer_cpu_shims() -> None:
+    """Let megatron-core 0.16.1's DistributedOptimizer (and its Float16 / chained relatives) run on CPU.
+
+    Besides `apply_cpu_shims`, on top of which it runs:
+    * Its scalars (found-inf flag, scale, grad-norm buffers) are built with `device="cuda"` in
+      `optimizer.py`, `clip_grads.py`, `grad_scaler.py` and `utils.local_multi_tensor_l2_norm`:
+      those modules see a `torch` whose tensor factories put such tensors on the CPU.
+    * It accepts only parameters whose `type()` is `torch.cuda.{BFloat16,Half,Float}Tensor`: a
+      CPU parameter's `type()` (no arguments) answers with the CUDA name. Only `Parameter.type` is
+      touched; plain tensors and `type(dtype)` conversions are torch's own.
+    Everything the optimizer computes (the Adam step on fp32 main params, the copy into the bf16
+    shards, the DDP reduce-scatter and all-gather over gloo) is megatron-core's own code. Idempotent.
+    """
+    import importlib
+
+    for name in (
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.optimizer.distrib_optimizer",
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.optimizer.grad_scaler",
+        "megatron.core.utils",
+    ):
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _TorchOnCpu):
+            module.torch = _TorchOnCpu(module.torch)
+    if getattr(torch.nn.Parameter.type, "_refit_cpu_shim", False):
+        return
+    real_type = torch.Tensor.type
+
+    def cuda_named_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or self.device.type != "cpu":
+            return real_type(self, *args, **kwargs)
+        return real_type(self).replace("torch.", "torch.cuda.", 1)
+
+    cuda_named_type._refit_cpu_shim = True  # type: ignore[attr-defined]
+    torch.nn.Parameter.type = cuda_named_type  # type: ignore[method-assign]
+
+
 def _send(results: Any, seq: int, rank: int, ok: bool, value: Any) -> None:
     """Pickle here, not in the queue's feeder thread, so an unpicklable result becomes an error."""
     try:

@@ -8,8 +8,9 @@ import pytest
 
 from refit.errors import ConfigError, LayoutError
 from refit.plan.planner import Plan, Read, plan_refit
+from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
-from refit.transport.jobs import ReadJob, ReadOp, jobs_for, merge_reads
+from refit.transport.jobs import ReadJob, ReadOp, direct_jobs, jobs_for, merge_reads
 from refit.transport.nixl import progress_delay_us
 from refit.types import ParallelCoords, Region, SourceRecord
 from tests.support import catalog_samples as samples
@@ -69,6 +70,35 @@ def test_jobs_keep_reads_of_adjacent_regions_in_separate_descriptors() -> None:
     )
     (job,) = jobs_for(plan, [adjacent], 0x9000, "cpu", 0)
     assert merge_reads(job.ops) == [(0x9000, 0x3000_0000 + 192, 64), (0x9000 + 64, 0x3000_0000 + 256, 64)]
+
+
+def test_ranges_of_two_adjacent_local_registrations_stay_apart() -> None:
+    # Two engine tensors back to back in memory (two caching-allocator blocks), each its own
+    # registration: one descriptor writing both would be rejected by NIXL as well.
+    ops = [
+        ReadOp(local_addr=0, remote_addr=5000, nbytes=100, local_region=0),
+        ReadOp(local_addr=100, remote_addr=5100, nbytes=100, local_region=100),
+        ReadOp(local_addr=200, remote_addr=5200, nbytes=50, local_region=100),
+    ]
+    assert merge_reads(ops) == [(0, 5000, 100), (100, 5100, 150)]
+
+
+def test_direct_reads_merge_within_an_engine_storage_only() -> None:
+    src = record(1, (Region(index=0, addr=0x3000_0000, nbytes=1024),))
+    reads = [  # gate and up halves of one remote tensor, into two engine tensors that touch
+        DirectRead(target="gate", rank=1, region=0, remote_offset=0, nbytes=256),
+        DirectRead(target="up", rank=1, region=0, remote_offset=256, nbytes=256),
+        # two runs of one engine tensor (its two TP shards): one storage, so they still merge
+        DirectRead(target="qkv", rank=1, region=0, remote_offset=512, nbytes=128),
+        DirectRead(target="qkv", rank=1, region=0, remote_offset=640, nbytes=128, offset=128),
+    ]
+    where = {"gate": (0x9000, "cpu", 0, 0x9000), "up": (0x9100, "cpu", 0, 0x9100), "qkv": (0xA000, "cpu", 0, 0xA000)}
+    (job,) = direct_jobs(reads, [src], where)
+    assert merge_reads(job.ops) == [
+        (0x9000, 0x3000_0000, 256),
+        (0x9100, 0x3000_0000 + 256, 256),
+        (0xA000, 0x3000_0000 + 512, 256),
+    ]
 
 
 def test_zero_byte_ops_are_dropped() -> None:
