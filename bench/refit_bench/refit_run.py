@@ -68,6 +68,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "default: one update_weights() call, all of it a pause",
     )  # fmt: skip
     p.add_argument("--no-verify", action="store_true", help="Receiver(verify_digests=False): skip the digest check")
+    p.add_argument(
+        "--digest-ab", action="store_true",
+        help="alternate the digest check on and off between refits (odd versions on, even off) and report "
+        "what it adds as a share of the refit, both measured in this run",
+    )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
@@ -209,6 +214,7 @@ class ReceiverRank:
             raise ValueError(msg["cmd"])
         if self.rcv is None:
             self._setup()
+        self.rcv.verify_digests = bool(msg.get("verify", self.verify))
         checked = self.rcv.stats
         t0 = time.perf_counter()
         if msg.get("split"):
@@ -277,7 +283,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify")  # fmt: skip
+            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify",
+            "digest_ab")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -304,9 +311,10 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             for version in range(1, args.versions + 1):
                 pub = gather(trainers, cmd="publish", version=version)
                 t0 = time.perf_counter()
-                got = gather(rcvs, cmd="update", version=version, split=args.split)
+                verify = not args.no_verify and (not args.digest_ab or version % 2 == 1)
+                got = gather(rcvs, cmd="update", version=version, split=args.split, verify=verify)
                 wall = time.perf_counter() - t0
-                rows.append(_row(version, pub, got, wall))
+                rows.append({**_row(version, pub, got, wall), "verify": verify})
                 bar.update()
             from refit.catalog.client import CatalogClient
 
@@ -320,6 +328,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     refs = _references(args, per_receiver, shard_bytes, receivers, bar)
     bar.close()
     steady = rows[1:] or rows
+    checked = [r for r in steady if r["verify"]] or steady  # the refits that ran the digest check
     summary = {
         "bytes_per_receiver": per_receiver,
         "seconds": statistics.median(r["wall_s"] for r in steady),
@@ -327,10 +336,18 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         # Digest cost as a share of the refit's end-to-end time: computing them on the trainer (in
         # stream_weights) and checking them on the receiver (before install).
         "digest_publish_share": statistics.median(r["digest_s"] / r["wall_s"] for r in steady),
-        "digest_verify_share": statistics.median(r["verify_s"] / r["wall_s"] for r in steady),
-        "digest_verify_cpu_share": statistics.median(r["verify_cpu_s"] / r["wall_s"] for r in steady),
+        "digest_verify_share": statistics.median(r["verify_s"] / r["wall_s"] for r in checked),
+        "digest_verify_cpu_share": statistics.median(r["verify_cpu_s"] / r["wall_s"] for r in checked),
         "unverified_bytes": steady[-1]["unverified_bytes"],
     }
+    if args.digest_ab:
+        # Same run, same processes: the check's cost is what the refits with it take beyond those without.
+        on = [r["wall_s"] for r in steady if r["verify"]]
+        off = [r["wall_s"] for r in steady if not r["verify"]]
+        if on and off:
+            summary["digest_ab"] = {"on_s": statistics.median(on), "off_s": statistics.median(off),
+                                    "on_runs": on, "off_runs": off,
+                                    "share": 1 - statistics.median(off) / statistics.median(on)}  # fmt: skip
     summary["gbps"] = per_receiver / summary["seconds"] / 1e9
     summary["wire_gbps"] = per_receiver / summary["wire_seconds"] / 1e9
     for ref in refs:
@@ -498,3 +515,8 @@ def _print(result: dict[str, Any]) -> None:
     verify = "off (--no-verify)" if c.get("no_verify") else verify
     print(f"digests: {s['digest_publish_share']:.1%} of the refit time to compute on the trainer, {verify}; "
           f"{s['unverified_bytes']:,} bytes per receiver not covered by a digest")  # fmt: skip
+    ab = s.get("digest_ab")
+    if ab:
+        print(f"digest check on/off in this run: {1e3 * ab['on_s']:.1f} ms with it, {1e3 * ab['off_s']:.1f} ms "
+              f"without (medians of {len(ab['on_runs'])} and {len(ab['off_runs'])} refits): {ab['share']:.1%} of "
+              "the refit")  # fmt: skip
