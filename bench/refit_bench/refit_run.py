@@ -71,9 +71,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--digest-ab", action="store_true",
         help="alternate the digest check on and off between refits (odd versions on, even off) and report "
-        "what it adds as a share of the refit, both measured in this run",
+        "what it adds as a share of the refit, both measured in this run (summary.digest_ab; the summary's "
+        "end to end is then the median over both kinds)",
     )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
+    p.add_argument(
+        "--receiver-threads", type=int, default=0, metavar="N",
+        help="torch.set_num_threads(N) in each receiver process (default 0: torch's own choice); trainer "
+        "processes always use 1",
+    )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--receiver-gpu", type=int, default=0, help="GPU index of the receivers (trainer rank r uses r %% GPUs)"
@@ -174,8 +180,10 @@ class ReceiverRank:
 
     def __init__(
         self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
-        max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True,
+        max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True, threads: int = 0,
     ) -> None:  # fmt: skip
+        if threads > 0:
+            torch.set_num_threads(threads)  # beside the receiver's own pull threads, on a machine shared with trainers
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
         self.max_staging_bytes, self.direct, self.verify = max_staging_bytes, direct, verify
         self.ep_size = ep_size
@@ -284,7 +292,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
             "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify",
-            "digest_ab")  # fmt: skip
+            "digest_ab", "receiver_threads")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -302,7 +310,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
                    gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct,
-                   verify=not args.no_verify)
+                   verify=not args.no_verify, threads=args.receiver_threads)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -399,6 +407,8 @@ def _check_layout(args: argparse.Namespace, shape: Any) -> None:
         raise SystemExit(f"world {world} (TP*PP*DP) is not a multiple of ETP*EP*PP = {etp * args.ep * args.pp}")
     if shape.num_experts and shape.num_experts % args.ep:
         raise SystemExit(f"{shape.num_experts} experts do not split over EP {args.ep}")
+    if args.receiver_threads < 0:
+        raise SystemExit(f"--receiver-threads must be >= 0, got {args.receiver_threads}")
     if args.row_blocks < 1:
         raise SystemExit(f"--row-blocks must be >= 1, got {args.row_blocks}")
     if args.engine_ep not in (1, args.engine_tp):
