@@ -179,6 +179,18 @@ class Receiver:
         return self._torn
 
     @property
+    def verify_digests(self) -> bool:
+        """Whether fetches check pulled bytes against their digests (`verify_digests=`); settable, and
+        read at each fetch (refit-bench turns it off and on between refits to price the check)."""
+        return self._verify
+
+    @verify_digests.setter
+    def verify_digests(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ConfigError(f"verify_digests must be a bool, got {on!r}")
+        self._verify = on
+
+    @property
     def window(self) -> int | None:
         """The staging window (None: an engine that installs only whole sets, without a limit)."""
         return self._window

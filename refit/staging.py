@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import torch
 
@@ -111,10 +113,13 @@ class StagingPool:
         """Pull `jobs`; after a failure staging is set aside (a transfer that did not stop may still write)."""
         return self.read_batches([jobs], deadline)
 
-    def read_batches(self, batches: list[list[ReadJob]], deadline: float) -> int:
-        """`read` of `batches` in order, two in flight at a time."""
+    def read_batches(
+        self, batches: list[list[ReadJob]], deadline: float, landed: Callable[[int], None] | None = None
+    ) -> int:
+        """`read` of `batches` in order, two in flight at a time; `landed(k)` once batch k is in."""
         try:
-            return self.agent.read_batches(batches, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
+            timeout_s = max(deadline - time.monotonic(), MIN_WAIT_S)
+            return self.agent.read_batches(batches, timeout_s=timeout_s, landed=landed)
         except BaseException:
             self.quarantine()
             raise
@@ -137,16 +142,18 @@ class StagingPool:
 
         Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
         chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
-        reads run beside that pipeline, on their own worker, and the last chunk's copies run while
-        they finish. `start_check` sends the READY re-check once the last byte has landed and returns
-        the wait for its answer, which runs after the last copies. Adds "wire", "validate" (the check
-        beyond the install) and "install" seconds to `timings`. `install_chunk(k, slot)`, when given,
-        installs chunk k from its slot instead of copying its pieces into `dests` (an engine that
-        installs whole layers). Each read gets `read_deadline(deadline)`, its
-        attempt's deadline. `verifier` digests each chunk in its slot on the copy stream, ahead of its
-        copies, and the direct reads once landed; every digest is compared once at the end, before
-        the refit can succeed (a mismatch raises DigestError; the engine is torn until a refit
-        completes, as after a failed read). A chunk that `install_chunk` loads is checked before it.
+        reads run beside that pipeline, on their own worker (chunk 0 is posted first, so its copies
+        run while they land), and the last chunk's copies run while they finish. `start_check` sends
+        the READY re-check once the last byte has landed and returns the wait for its answer, which
+        runs after the last copies. Adds "wire", "validate" (the check beyond the install) and
+        "install" seconds to `timings`. `install_chunk(k, slot)`, when given, installs chunk k from
+        its slot instead of copying its pieces into `dests` (an engine that installs whole layers).
+        Each read gets `read_deadline(deadline)`, its attempt's deadline. `verifier` digests each
+        chunk in its slot on the copy stream, ahead of its copies, and each batch of direct reads as
+        it lands (while this thread waits for a pull, so the check runs beside the reads of later
+        batches); every digest is compared once at the end, before the refit can succeed (a mismatch
+        raises DigestError; the engine is torn until a refit completes, as after a failed read). A
+        chunk that `install_chunk` loads is checked before it.
         "verify" seconds (the wall time the checks add) go to `timings`.
         """
         slots = self._slots_of(plan)
@@ -163,6 +170,10 @@ class StagingPool:
                 )
             time.sleep(DEFAULT_TIMEOUTS.poll_s)
         direct: Future[int] | None = None
+        # Batch k of direct reads landed (k), or a pull ended (None): what this thread waits on.
+        landed: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        direct_reads: list[list[DirectRead]] = []
+        batches: list[list[ReadJob]] = []
         if plan.direct:
             self.register_engine(dests[d.target] for d in plan.direct)
             where = {
@@ -172,41 +183,70 @@ class StagingPool:
             }
             # In batches of about a chunk, two in flight: a chunk's read, posted meanwhile, then waits
             # behind two batches rather than behind every direct read (a peer's transfers run in order).
-            batches = [direct_jobs(b, sources, where) for b in _batches(plan.direct, _chunk_size(plan))]
+            direct_reads = _batches(plan.direct, _chunk_size(plan))
+            batches = [direct_jobs(b, sources, where) for b in direct_reads]
             self.connect(sources, [j for b in batches for j in b])
-            direct = executor.submit(self.read_batches, batches, read_deadline(deadline))
 
         def pull(k: int) -> tuple[Future[int], int]:
             chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
             self.connect(sources, chunk)
-            return executor.submit(self.read, chunk, read_deadline(deadline)), k + 1
+            future = executor.submit(self.read, chunk, read_deadline(deadline))
+            future.add_done_callback(lambda _: landed.put(None))
+            return future, k + 1
 
         # 2. The chunk pipeline: chunks [0, ready) are in their slots; the pull in flight ends at upto.
         #    A prefetched version already holds chunks 0 and 1, whose slots must be installed first.
+        #    Chunk 0 is posted before the direct reads, so its install runs while they land.
         ready = pulled
         pending, upto = pull(0) if ready == 0 and chunks else (None, ready)
+        if batches:
+            on_landed = landed.put if verifier is not None else None
+            direct = executor.submit(self.read_batches, batches, read_deadline(deadline), on_landed)
+            direct.add_done_callback(lambda _: landed.put(None))
         # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
         # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
         # reads of the next chunk and of direct reads), serializing pull and install.
         copies = self._copy_stream(slots[0])
         wire = install = validate = verify = 0.0
         descriptors = 0
-        checked: Future[None] | None = None
         launched = Pending()
+        checking = 0.0  # seconds this thread spent checking direct batches while it waited for pulls
+
+        def check(k: int) -> None:
+            nonlocal checking
+            assert verifier is not None
+            t = time.perf_counter()
+            with _on(copies):  # on a GPU, ahead of the copies (compared once at the end, as the chunks')
+                launched.extend(verifier.launch_direct(direct_reads[k], dests))
+            checking += time.perf_counter() - t
+
+        def wait_for(future: Future[int]) -> int:
+            """`future.result()`, checking the direct batches that land meanwhile."""
+            while not future.done():
+                try:
+                    k = landed.get(timeout=max(deadline - time.monotonic(), MIN_WAIT_S))
+                except queue.Empty:
+                    continue  # the pull ends by its own deadline
+                if k is not None:
+                    check(k)
+            return future.result()
+
         start = time.perf_counter()
         trace = logger.isEnabledFor(logging.DEBUG)
         try:
             for k in range(len(chunks) + (0 if chunks else 1)):
                 t0 = time.perf_counter()
+                c0 = checking
                 while k < len(chunks) and k >= ready:
                     if pending is None:
                         pending, upto = pull(ready)
-                    descriptors += pending.result()
+                    descriptors += wait_for(pending)
                     pending, ready = None, upto
                 if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
                     pending, upto = pull(k + 1)
                 tv = time.perf_counter()
-                wire += tv - t0
+                wire += tv - t0 - (checking - c0)
+                verify += checking - c0
                 if verifier is not None and k < len(chunks) and install_chunk is not None:
                     verifier.pieces(chunks[k].pieces, slots[k % len(slots)])  # before the engine loads it
                 elif verifier is not None and k < len(chunks):
@@ -236,12 +276,14 @@ class StagingPool:
             # the last byte has landed; its round trip runs in gRPC's threads beside those copies, and
             # the refit succeeds only if it passes.
             t3 = time.perf_counter()
+            c0 = checking
             if direct is not None:
-                descriptors += direct.result()
+                descriptors += wait_for(direct)
                 direct = None
+            while (k := _next(landed)) is not False:  # batches that landed after the last wait
+                if k is not None:
+                    check(k)
             t4 = time.perf_counter()
-            if verifier is not None and plan.direct:  # in engine memory already: checked on an idle worker
-                checked = executor.submit(verifier.direct, plan.direct, dests)
             finish = start_check()
             if install_chunk is None:
                 with _on(copies):
@@ -249,14 +291,12 @@ class StagingPool:
             _wait(copies)
             t5 = time.perf_counter()
             if verifier is not None and launched.got:
-                verifier.compare(launched)  # every chunk's digests, one host sync
-            if checked is not None:
-                checked.result()  # a mismatch raises here, before the refit can succeed
-                checked = None
+                verifier.compare(launched)  # every digest, one host sync; a mismatch fails the refit here
             t6 = time.perf_counter()
             finish()
             t7 = time.perf_counter()
-            wire += t4 - t3
+            wire += t4 - t3 - (checking - c0)
+            verify += checking - c0
             install += t5 - t4
             verify += t6 - t5
             validate += t7 - t6
@@ -265,7 +305,7 @@ class StagingPool:
                              self._label, 1e3 * (t4 - start), 1e3 * (t5 - start), 1e3 * (t6 - start))  # fmt: skip
         finally:
             _wait(copies)  # the copies out of a slot end before a later refit may refill it
-            for f in (pending, direct, checked):
+            for f in (pending, direct):
                 if f is not None:
                     f.exception()  # a pull still in flight after a failure ends by its own deadline
         timings["wire"] = timings.get("wire", 0.0) + wire
@@ -377,6 +417,14 @@ def _batches(reads: Sequence[DirectRead], nbytes: int) -> list[list[DirectRead]]
         out[-1].append(r)
         held += r.nbytes
     return out
+
+
+def _next(landed: queue.SimpleQueue[int | None]) -> int | Literal[False] | None:
+    """The next item of `landed` without waiting; False when there is none."""
+    try:
+        return landed.get_nowait()
+    except queue.Empty:
+        return False
 
 
 def _chunk_size(plan: Plan) -> int:

@@ -68,7 +68,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "default: one update_weights() call, all of it a pause",
     )  # fmt: skip
     p.add_argument("--no-verify", action="store_true", help="Receiver(verify_digests=False): skip the digest check")
+    p.add_argument(
+        "--digest-ab", action="store_true",
+        help="alternate the digest check on and off between refits (odd versions on, even off) and report "
+        "what it adds as a share of the refit, both measured in this run (summary.digest_ab; the summary's "
+        "end to end is then the median over both kinds)",
+    )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
+    p.add_argument(
+        "--receiver-threads", type=int, default=0, metavar="N",
+        help="torch.set_num_threads(N) in each receiver process (default 0: torch's own choice); trainer "
+        "processes always use 1",
+    )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--receiver-gpu", type=int, default=0, help="GPU index of the receivers (trainer rank r uses r %% GPUs)"
@@ -169,8 +180,10 @@ class ReceiverRank:
 
     def __init__(
         self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
-        max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True,
+        max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True, threads: int = 0,
     ) -> None:  # fmt: skip
+        if threads > 0:
+            torch.set_num_threads(threads)  # beside the receiver's own pull threads, on a machine shared with trainers
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
         self.max_staging_bytes, self.direct, self.verify = max_staging_bytes, direct, verify
         self.ep_size = ep_size
@@ -209,6 +222,7 @@ class ReceiverRank:
             raise ValueError(msg["cmd"])
         if self.rcv is None:
             self._setup()
+        self.rcv.verify_digests = bool(msg.get("verify", self.verify))
         checked = self.rcv.stats
         t0 = time.perf_counter()
         if msg.get("split"):
@@ -277,7 +291,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify")  # fmt: skip
+            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify",
+            "digest_ab", "receiver_threads")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -295,7 +310,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             Worker("refit_bench.refit_run:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
                    gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct,
-                   verify=not args.no_verify)
+                   verify=not args.no_verify, threads=args.receiver_threads)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -304,9 +319,10 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             for version in range(1, args.versions + 1):
                 pub = gather(trainers, cmd="publish", version=version)
                 t0 = time.perf_counter()
-                got = gather(rcvs, cmd="update", version=version, split=args.split)
+                verify = not args.no_verify and (not args.digest_ab or version % 2 == 1)
+                got = gather(rcvs, cmd="update", version=version, split=args.split, verify=verify)
                 wall = time.perf_counter() - t0
-                rows.append(_row(version, pub, got, wall))
+                rows.append({**_row(version, pub, got, wall), "verify": verify})
                 bar.update()
             from refit.catalog.client import CatalogClient
 
@@ -320,6 +336,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     refs = _references(args, per_receiver, shard_bytes, receivers, bar)
     bar.close()
     steady = rows[1:] or rows
+    checked = [r for r in steady if r["verify"]] or steady  # the refits that ran the digest check
     summary = {
         "bytes_per_receiver": per_receiver,
         "seconds": statistics.median(r["wall_s"] for r in steady),
@@ -327,10 +344,18 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         # Digest cost as a share of the refit's end-to-end time: computing them on the trainer (in
         # stream_weights) and checking them on the receiver (before install).
         "digest_publish_share": statistics.median(r["digest_s"] / r["wall_s"] for r in steady),
-        "digest_verify_share": statistics.median(r["verify_s"] / r["wall_s"] for r in steady),
-        "digest_verify_cpu_share": statistics.median(r["verify_cpu_s"] / r["wall_s"] for r in steady),
+        "digest_verify_share": statistics.median(r["verify_s"] / r["wall_s"] for r in checked),
+        "digest_verify_cpu_share": statistics.median(r["verify_cpu_s"] / r["wall_s"] for r in checked),
         "unverified_bytes": steady[-1]["unverified_bytes"],
     }
+    if args.digest_ab:
+        # Same run, same processes: the check's cost is what the refits with it take beyond those without.
+        on = [r["wall_s"] for r in steady if r["verify"]]
+        off = [r["wall_s"] for r in steady if not r["verify"]]
+        if on and off:
+            summary["digest_ab"] = {"on_s": statistics.median(on), "off_s": statistics.median(off),
+                                    "on_runs": on, "off_runs": off,
+                                    "share": 1 - statistics.median(off) / statistics.median(on)}  # fmt: skip
     summary["gbps"] = per_receiver / summary["seconds"] / 1e9
     summary["wire_gbps"] = per_receiver / summary["wire_seconds"] / 1e9
     for ref in refs:
@@ -382,6 +407,8 @@ def _check_layout(args: argparse.Namespace, shape: Any) -> None:
         raise SystemExit(f"world {world} (TP*PP*DP) is not a multiple of ETP*EP*PP = {etp * args.ep * args.pp}")
     if shape.num_experts and shape.num_experts % args.ep:
         raise SystemExit(f"{shape.num_experts} experts do not split over EP {args.ep}")
+    if args.receiver_threads < 0:
+        raise SystemExit(f"--receiver-threads must be >= 0, got {args.receiver_threads}")
     if args.row_blocks < 1:
         raise SystemExit(f"--row-blocks must be >= 1, got {args.row_blocks}")
     if args.engine_ep not in (1, args.engine_tp):
@@ -498,3 +525,8 @@ def _print(result: dict[str, Any]) -> None:
     verify = "off (--no-verify)" if c.get("no_verify") else verify
     print(f"digests: {s['digest_publish_share']:.1%} of the refit time to compute on the trainer, {verify}; "
           f"{s['unverified_bytes']:,} bytes per receiver not covered by a digest")  # fmt: skip
+    ab = s.get("digest_ab")
+    if ab:
+        print(f"digest check on/off in this run: {1e3 * ab['on_s']:.1f} ms with it, {1e3 * ab['off_s']:.1f} ms "
+              f"without (medians of {len(ab['on_runs'])} and {len(ab['off_runs'])} refits): {ab['share']:.1%} of "
+              "the refit")  # fmt: skip

@@ -156,9 +156,13 @@ class Verifier:
 
     def direct(self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor]) -> None:
         """Verify direct reads where they landed, in the engine's tensors `dests`; raises DigestError."""
+        self.compare(self.launch_direct(reads, dests))
+
+    def launch_direct(self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor]) -> Pending:
+        """Start the digests of direct reads where they landed, in `dests`, on the current stream (as
+        `launch`); a streamed install checks each batch of direct reads as it lands this way."""
         t0 = time.perf_counter()
-        got: list[torch.Tensor] = []
-        checks: list[_Check] = []
+        pending = Pending()
         for d in reads:
             entry = self._index.find(d.rank, d.region, d.remote_offset)
             if entry is None or d.rank not in self._values:
@@ -166,9 +170,9 @@ class Verifier:
                 continue
             buf = dests[d.target].detach().reshape(-1).view(torch.uint8)
             a = d.remote_offset - entry.desc.byte_offset
-            self._run(d.rank, entry, buf, d.offset, a, d.nbytes, [(a, d.nbytes)], got, checks)
-        self._compare(got, checks)
+            self._run(d.rank, entry, buf, d.offset, a, d.nbytes, [(a, d.nbytes)], pending.got, pending.checks)
         self.seconds += time.perf_counter() - t0
+        return pending
 
     # -- one piece ------------------------------------------------------------------------------------
 

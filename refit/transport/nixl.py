@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -239,12 +239,19 @@ class NixlAgent:
         return self.read_batches([jobs], timeout_s=timeout_s)
 
     def read_batches(
-        self, batches: Sequence[Sequence[ReadJob]], *, depth: int = 2, timeout_s: float = DEFAULT_TIMEOUTS.update_s
+        self,
+        batches: Sequence[Sequence[ReadJob]],
+        *,
+        depth: int = 2,
+        timeout_s: float = DEFAULT_TIMEOUTS.update_s,
+        landed: Callable[[int], None] | None = None,
     ) -> int:
         """Pull `batches` in order, at most `depth` of them in flight at once; as `read` otherwise.
 
         A transport serves the transfers of one peer in the order they were posted, so a read posted
         by another thread meanwhile waits behind at most `depth` batches instead of behind all of them.
+        `landed(k)`, when given, is called (in this thread) once every byte of batch k has landed, so
+        a caller can check a batch while later ones are still being pulled.
         """
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
@@ -269,11 +276,13 @@ class NixlAgent:
                     batch.append((handle, job, int(arr[:, 2].sum())))
                     total += n
                 if k + 1 >= depth:
-                    for handle, job, nbytes in posted[k + 1 - depth]:
-                        self._wait(handle, job.agent_name, deadline, nbytes)
-            for batch in posted[max(len(posted) - depth + 1, 0) :]:
-                for handle, job, nbytes in batch:
-                    self._wait(handle, job.agent_name, deadline, nbytes)
+                    self._wait_batch(posted[k + 1 - depth], deadline)
+                    if landed is not None:
+                        landed(k + 1 - depth)
+            for k in range(max(len(posted) - depth + 1, 0), len(posted)):
+                self._wait_batch(posted[k], deadline)
+                if landed is not None:
+                    landed(k)
             finished = True
         finally:
             with self._lock:
@@ -284,6 +293,10 @@ class NixlAgent:
                         else:
                             self._abandoned.append(handle)
         return total
+
+    def _wait_batch(self, batch: Sequence[tuple[Any, ReadJob, int]], deadline: float) -> None:
+        for handle, job, nbytes in batch:
+            self._wait(handle, job.agent_name, deadline, nbytes)
 
     def in_flight(self) -> int:
         """How many transfers of failed reads are still in progress; the ones that ended are released.

@@ -1,4 +1,5 @@
-"""`NixlAgent.read_batches`: batches pulled in order with a bounded number in flight, over real NIXL.
+"""`NixlAgent.read_batches`: batches pulled in order with a bounded number in flight, over real NIXL;
+`landed(k)` reports each batch once its bytes are in place.
 
 Two agents in one process (UCX loopback). Every other 4 KiB block of a source buffer is read; the
 destination must hold exactly those blocks, whatever the depth and however the reads are cut.
@@ -39,7 +40,15 @@ def test_batches_land_every_read_and_nothing_else(agents, depth: int, per_batch:
            for i in wanted]  # fmt: skip
     batches = [[ReadJob(agent_name=source.name, ops=ops[i : i + per_batch])] for i in range(0, len(ops), per_batch)]
     batches.insert(1, [])  # an empty batch is allowed and posts nothing
-    assert reader.read_batches(batches, depth=depth, timeout_s=60) == len(ops)  # no two blocks are adjacent
+    landed: list[tuple[int, bool]] = []  # (batch, whether its blocks were all in place when it was reported)
+
+    def on_landed(k: int) -> None:
+        done = [op for job in batches[k] for op in job.ops]
+        at = [(op.local_addr - dst.data_ptr(), op.nbytes) for op in done]
+        landed.append((k, all(torch.equal(dst[a : a + n], src[a : a + n]) for a, n in at)))
+
+    assert reader.read_batches(batches, depth=depth, timeout_s=60, landed=on_landed) == len(ops)  # none adjacent
+    assert landed == [(k, True) for k in range(len(batches))]  # each batch once, in order, after its bytes
     mask = torch.zeros(BLOCKS, dtype=torch.bool)
     mask[list(wanted)] = True
     mask = mask.repeat_interleave(BLOCK)

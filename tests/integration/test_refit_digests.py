@@ -18,7 +18,7 @@ from refit.catalog.client import CatalogClient
 from refit.dtypes import torch_dtype
 from refit.engines import HFEngine
 from refit.engines.base import EngineSpec, TensorSpec, install_tensors, specs_of
-from refit.errors import DigestError
+from refit.errors import ConfigError, DigestError
 from refit.plan.planner import plan_refit
 from tests.integration.test_refit_safety import Race, WholeEngine, assert_unchanged, snapshot
 from tests.support import hf_models as hm
@@ -94,8 +94,17 @@ def test_a_corrupted_streamed_refit_is_torn_then_healed_and_the_knob_turns_it_of
     with Receiver(engine=HFEngine(engine_model), verify_digests=False, **kwargs) as rcv:
         assert rcv.update_weights().version == 5
         assert rcv.stats.verified_bytes == 0
-    differ = [n for n, p in engine_model.named_parameters() if not torch.equal(p, dict(v5.named_parameters())[n])]
-    assert differ and all("layers.0.mlp.down_proj" in n for n in differ), (name, differ)
+        differ = [n for n, p in engine_model.named_parameters() if not torch.equal(p, dict(v5.named_parameters())[n])]
+        assert differ and all("layers.0.mlp.down_proj" in n for n in differ), (name, differ)
+
+        # The knob is read at each fetch: turned on, the same receiver refuses the next corrupted version.
+        with pytest.raises(ConfigError, match="verify_digests"):
+            rcv.verify_digests = 1  # type: ignore[assignment]
+        rcv.verify_digests = True
+        _next(t, 6)
+        name = _corrupt(t, 6, FC2)
+        with pytest.raises(DigestError, match=rf"{name} from trainer rank \d"):
+            rcv.update_weights()
 
 
 def test_an_unpinned_refit_of_a_corrupted_version_pulls_the_newer_one(trainer, catalog) -> None:
