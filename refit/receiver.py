@@ -47,6 +47,7 @@ from refit.plan.verify import Totals
 from refit.plan_cache import PlanCache
 from refit.staged import ReceiverStats, StagedVersion
 from refit.staging import StagingPool
+from refit.streaming import stream
 from refit.transport.nixl import NixlAgent
 from refit.types import UpdateResult
 from refit.versions import CatalogVersions
@@ -352,8 +353,8 @@ class Receiver:
             install_chunk = functools.partial(self._install_chunk, plan) if self._layered else None
             self._torn = True  # from here on, engine memory may hold bytes of this version
             try:
-                descriptors += self._pool.stream(
-                    plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
+                descriptors += stream(
+                    self._pool, plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
                     deadline=deadline, read_deadline=self._read_deadline,
                     start_check=lambda: self._versions.start_check(staged.version, torn=True), timings=timings,
                     install_chunk=install_chunk, verifier=staged.verifier,

@@ -32,10 +32,12 @@ ALLOWED: dict[str, set[str]] = {
     "refit.copies": VALUES | {"refit.plan"},
     "refit.staged": VALUES | {"refit.plan"},
     "refit.staging": VALUES | {"refit.plan", "refit.transport", "refit.copies", "refit.staged"},
+    "refit.streaming": VALUES | {"refit.plan", "refit.transport", "refit.staging"},
     "refit.plan_cache": VALUES | {"refit.plan", "refit.catalog", "refit.engines.base"},
     "refit.versions": VALUES | {"refit.catalog"},
     "refit.receiver": VALUES
     | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base", "refit.staging"}
+    | {"refit.streaming"}
     | {"refit.plan_cache", "refit.versions", "refit.staged"},
     "refit.trainer": VALUES | {"refit.compat", "refit.megatron", "refit.transport", "refit.catalog", "refit.trainer"},
     "refit.engines": VALUES | {"refit.plan", "refit.compat", "refit.megatron", "refit.engines"},

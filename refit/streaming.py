@@ -1,0 +1,253 @@
+"""The streamed install: a plan's chunks pulled through a receiver's two staging slots and copied
+into the engine's tensors, the direct reads beside them, digests checked as bytes land.
+
+Chunk k is installed from slot k % 2 while chunk k + 1 is pulled into the other slot; the direct reads
+(runs contiguous in both the trainer's memory and an engine tensor) go on their own worker in batches
+of about a chunk. The memory this runs on (slots, registrations, quarantine) is `refit.staging`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Literal
+
+import torch
+
+from refit.config import DEFAULT_TIMEOUTS
+from refit.dtypes import device_of
+from refit.errors import TransportError
+from refit.plan.assemble import zero_padding
+from refit.plan.records import DirectRead, Plan
+from refit.plan.verify import Pending, Verifier
+from refit.staging import MIN_WAIT_S, StagingPool, chunk_jobs, chunk_size
+from refit.transport.jobs import ReadJob, direct_jobs
+from refit.types import SourceRecord
+
+logger = logging.getLogger(__name__)
+
+
+def stream(
+    pool: StagingPool,
+    *,
+    plan: Plan,
+    sources: Sequence[SourceRecord],
+    pulled: int,
+    dests: Mapping[str, torch.Tensor],
+    deadline: float,
+    start_check: Callable[[], Callable[[], None]],
+    timings: dict[str, float],
+    install_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    read_deadline: Callable[[float], float] = lambda deadline: deadline,
+    verifier: Verifier | None = None,
+) -> int:
+    """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
+
+    Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
+    chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
+    reads run beside that pipeline, on their own worker (chunk 0 is posted first, so its copies
+    run while they land), and the last chunk's copies run while they finish. `start_check` sends
+    the READY re-check once the last byte has landed and returns the wait for its answer, which
+    runs after the last copies. Adds "wire", "validate" (the check beyond the install) and
+    "install" seconds to `timings`. `install_chunk(k, slot)`, when given, installs chunk k from
+    its slot instead of copying its pieces into `dests` (an engine that installs whole layers).
+    Each read gets `read_deadline(deadline)`, its attempt's deadline. `verifier` digests each
+    chunk in its slot on the copy stream, ahead of its copies, and each batch of direct reads as
+    it lands (while this thread waits for a pull, so the check runs beside the reads of later
+    batches); every digest is compared once at the end, before the refit can succeed (a mismatch
+    raises DigestError; the engine is torn until a refit completes, as after a failed read). A
+    chunk that `install_chunk` loads is checked before it.
+    "verify" seconds (the wall time the checks add) go to `timings`.
+    """
+    slots = pool.slots_of(plan)
+    chunks = plan.chunks
+    # One worker pulls the chunks, the other the direct reads, so both stay in flight at once.
+    executor = pool.executor()
+    # 1. Direct reads write engine memory: no transfer of an earlier failed read may still be running.
+    while pool.agent.in_flight():
+        if time.monotonic() > deadline:
+            raise TransportError(
+                "a failed read into this engine is still running (its source stalled); try again later"
+            )
+        time.sleep(DEFAULT_TIMEOUTS.poll_s)
+    direct: Future[int] | None = None
+    # Batch k of direct reads landed (k), or a pull ended (None): what this thread waits on.
+    landed: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    direct_reads: list[list[DirectRead]] = []
+    batches: list[list[ReadJob]] = []
+    if plan.direct:
+        pool.register_engine(dests[d.target] for d in plan.direct)
+        where = {
+            d.target: (t.data_ptr(), *device_of(t), t.untyped_storage().data_ptr())
+            for d in plan.direct
+            for t in (dests[d.target],)
+        }
+        # In batches of about a chunk, two in flight: a chunk's read, posted meanwhile, then waits
+        # behind two batches rather than behind every direct read (a peer's transfers run in order).
+        direct_reads = _batches(plan.direct, chunk_size(plan))
+        batches = [direct_jobs(b, sources, where) for b in direct_reads]
+        pool.connect(sources, [j for b in batches for j in b])
+
+    def pull(k: int) -> tuple[Future[int], int]:
+        chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
+        pool.connect(sources, chunk)
+        future = executor.submit(pool.read, chunk, read_deadline(deadline))
+        future.add_done_callback(lambda _: landed.put(None))
+        return future, k + 1
+
+    # 2. The chunk pipeline: chunks [0, ready) are in their slots; the pull in flight ends at upto.
+    #    A prefetched version already holds chunks 0 and 1, whose slots must be installed first.
+    #    Chunk 0 is posted before the direct reads, so its install runs while they land.
+    ready = pulled
+    pending, upto = pull(0) if ready == 0 and chunks else (None, ready)
+    if batches:
+        on_landed = landed.put if verifier is not None else None
+        direct = executor.submit(pool.read_batches, batches, read_deadline(deadline), on_landed)
+        direct.add_done_callback(lambda _: landed.put(None))
+    # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
+    # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
+    # reads of the next chunk and of direct reads), serializing pull and install.
+    copies = pool.copy_stream(slots[0])
+    wire = install = validate = verify = 0.0
+    descriptors = 0
+    launched = Pending()
+    checking = 0.0  # seconds this thread spent checking direct batches while it waited for pulls
+
+    def check(k: int) -> None:
+        nonlocal checking
+        assert verifier is not None
+        t = time.perf_counter()
+        with _on(copies):  # on a GPU, ahead of the copies (compared once at the end, as the chunks')
+            launched.extend(verifier.launch_direct(direct_reads[k], dests))
+        checking += time.perf_counter() - t
+
+    def wait_for(future: Future[int]) -> int:
+        """`future.result()`, checking the direct batches that land meanwhile."""
+        while not future.done():
+            try:
+                k = landed.get(timeout=max(deadline - time.monotonic(), MIN_WAIT_S))
+            except queue.Empty:
+                continue  # the pull ends by its own deadline
+            if k is not None:
+                check(k)
+        return future.result()
+
+    start = time.perf_counter()
+    trace = logger.isEnabledFor(logging.DEBUG)
+    try:
+        for k in range(len(chunks) + (0 if chunks else 1)):
+            t0 = time.perf_counter()
+            c0 = checking
+            while k < len(chunks) and k >= ready:
+                if pending is None:
+                    pending, upto = pull(ready)
+                descriptors += wait_for(pending)
+                pending, ready = None, upto
+            if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
+                pending, upto = pull(k + 1)
+            tv = time.perf_counter()
+            wire += tv - t0 - (checking - c0)
+            verify += checking - c0
+            if verifier is not None and k < len(chunks) and install_chunk is not None:
+                verifier.pieces(chunks[k].pieces, slots[k % len(slots)])  # before the engine loads it
+            elif verifier is not None and k < len(chunks):
+                # On the copy stream, ahead of the copies out of the slot: done before it is refilled.
+                # Compared once at the end: engine memory is torn until then either way.
+                with _on(copies):
+                    launched.extend(verifier.launch(chunks[k].pieces, slots[k % len(slots)]))
+            t1 = time.perf_counter()
+            verify += t1 - tv
+            t_issued = t1
+            if k < len(chunks) and install_chunk is not None:
+                install_chunk(k, slots[k % len(slots)])  # returns once nothing reads the slot any more
+                t_issued = time.perf_counter()
+            elif k < len(chunks):
+                with _on(copies):
+                    pool.copier(plan, k, slots[k % len(slots)], dests).run(copies)
+                t_issued = time.perf_counter()
+                if k < len(chunks) - 1:
+                    _wait(copies)  # a slot is refilled only after the copies out of it ran
+            t2 = time.perf_counter()
+            install += t2 - t1
+            if trace:
+                logger.debug("%s: chunk %d pulled at %.2f ms, copies issued by %.2f ms, done by %.2f ms",
+                             pool.label, k, 1e3 * (t1 - start), 1e3 * (t_issued - start),
+                             1e3 * (t2 - start))  # fmt: skip
+        # The last chunk's copies run while the direct reads finish. The READY re-check is sent once
+        # the last byte has landed; its round trip runs in gRPC's threads beside those copies, and
+        # the refit succeeds only if it passes.
+        t3 = time.perf_counter()
+        c0 = checking
+        if direct is not None:
+            descriptors += wait_for(direct)
+            direct = None
+        while (k := _next(landed)) is not False:  # batches that landed after the last wait
+            if k is not None:
+                check(k)
+        t4 = time.perf_counter()
+        finish = start_check()
+        if install_chunk is None:
+            with _on(copies):
+                zero_padding(plan.targets, dests)
+        _wait(copies)
+        t5 = time.perf_counter()
+        if verifier is not None and launched.got:
+            verifier.compare(launched)  # every digest, one host sync; a mismatch fails the refit here
+        t6 = time.perf_counter()
+        finish()
+        t7 = time.perf_counter()
+        wire += t4 - t3 - (checking - c0)
+        verify += checking - c0
+        install += t5 - t4
+        verify += t6 - t5
+        validate += t7 - t6
+        if trace:
+            logger.debug("%s: direct reads done at %.2f ms, copies at %.2f ms, READY re-check at %.2f ms",
+                         pool.label, 1e3 * (t4 - start), 1e3 * (t5 - start), 1e3 * (t6 - start))  # fmt: skip
+    finally:
+        _wait(copies)  # the copies out of a slot end before a later refit may refill it
+        for f in (pending, direct):
+            if f is not None:
+                f.exception()  # a pull still in flight after a failure ends by its own deadline
+    timings["wire"] = timings.get("wire", 0.0) + wire
+    timings["validate"] = timings.get("validate", 0.0) + validate
+    timings["install"] = install
+    if verifier is not None:
+        timings["verify"] = timings.get("verify", 0.0) + verify  # wall time; the direct check overlaps
+    return descriptors
+
+
+def _batches(reads: Sequence[DirectRead], nbytes: int) -> list[list[DirectRead]]:
+    """`reads` in order, cut into runs of about `nbytes` (one run when `nbytes` is 0: no chunks to yield to)."""
+    if nbytes <= 0:
+        return [list(reads)]
+    out: list[list[DirectRead]] = [[]]
+    held = 0
+    for r in reads:
+        if out[-1] and held + r.nbytes > nbytes:
+            out.append([])
+            held = 0
+        out[-1].append(r)
+        held += r.nbytes
+    return out
+
+
+def _next(landed: queue.SimpleQueue[int | None]) -> int | Literal[False] | None:
+    """The next item of `landed` without waiting; False when there is none."""
+    try:
+        return landed.get_nowait()
+    except queue.Empty:
+        return False
+
+
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _wait(stream: torch.cuda.Stream | None) -> None:
+    if stream is not None:
+        stream.synchronize()
