@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from refit_bench import report
 from refit_bench.procs import Worker, gather, rendezvous
-from refit_bench.refit_run import NAME
+from refit_bench.refit_ranks import NAME
 from refit_bench.synthetic import SHAPES, hf_engine_model
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 100, 42, 9]]
@@ -85,7 +85,7 @@ def measure_vllm(args: argparse.Namespace) -> dict[str, Any]:
         hf_engine_model(shape).save_pretrained(str(checkpoint), safe_serialization=True)
         store = rendezvous()  # held until the trainers are gone
         trainers = [
-            Worker("refit_bench.refit_run:TrainerRank", rank=r, world=world, port=store.port, tp=args.tp, pp=args.pp,
+            Worker("refit_bench.refit_ranks:TrainerRank", rank=r, world=world, port=store.port, tp=args.tp, pp=args.pp,
                    shape=shape.name, device="cpu", catalog=server.address)
             for r in range(world)
         ]  # fmt: skip

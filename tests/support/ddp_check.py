@@ -117,7 +117,7 @@ def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any
     from refit.engines.base import EngineSpec, TensorSpec
     from refit.plan import cost
     from refit.plan.planner import plan_refit
-    from refit_bench.refit_run import BufferEngine  # the bench's engine of plain tensors
+    from refit_bench.refit_ranks import BufferEngine  # the bench's engine of plain tensors
 
     with CatalogClient(catalog) as client:
         info = client.wait_ready(name=name, version=version, timeout_s=60)
