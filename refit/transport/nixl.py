@@ -37,11 +37,12 @@ UCX_DEFAULTS: dict[str, str] = {
     "UCX_RCACHE_MAX_UNRELEASED": "1024",
     # NIXL logs every agent's creation at INFO to stdout, which would mix into callers' output.
     "NIXL_LOG_LEVEL": "WARN",
-    # UCX's TCP connect blocks by default, inside NIXL's add_remote_agent/make_connection (under the
-    # agent's lock): a peer whose SYNs go unanswered (a partition, no route back) holds it for the
-    # kernel's SYN timeout (~130 s), past any refit deadline. Non-blocking, such a peer's READ fails or
-    # times out instead, which refit bounds (`source_timeout_s`, the update's deadline).
-    "UCX_TCP_CONN_NB": "y",
+    # Not set here: UCX_TCP_CONN_NB=y. UCX's TCP connect blocks by default, inside NIXL's
+    # add_remote_agent/make_connection, so a first connect to a peer whose SYNs go unanswered (a
+    # partition) waits out the kernel's SYN timeout (~130 s); non-blocking, it fails over within refit's
+    # deadlines instead. But with it, vLLM (CPU) workers' connects to trainer ranks never completed in
+    # our tests (tests/integration/test_vllm_backend.py hung until its deadline, every run), so it stays
+    # the user's choice (docs/reliability.md, "Chaos").
     # Over TCP a READ is served by the source's UCP in software (TCP has no get_zcopy): each request
     # is answered by a reply request, and UCX aborts the whole process (ucp_request.inl: "Fatal:
     # unexpected error: Endpoint timeout") when its keepalive has failed the reader's endpoint while

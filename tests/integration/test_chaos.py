@@ -317,13 +317,16 @@ def test_with_ucx_keepalive_a_receiver_killed_while_its_read_is_queued_aborts_th
 
 
 @pytest.mark.skipif(netns.available() is not None, reason=f"no network namespaces: {netns.available()}")
-def test_a_partition_between_receiver_and_a_source_times_out_and_fails_over(tmp_path) -> None:
+def test_a_partition_between_receiver_and_a_source_times_out_and_fails_over(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rank 1 lives in a network namespace of its own; cutting the veth link between it and the
     receiver stalls the receiver's READ (no reset, as in a real partition), which gives the source up
     after `source_timeout_s` and reads its bytes from rank 0, the DP replica. A receiver that first
     meets rank 1 during the partition (its connect goes unanswered) fails over the same way, within
-    its update's deadline: UCX's TCP connect is non-blocking (refit's default `UCX_TCP_CONN_NB=y`), so
-    no connect holds NIXL for the kernel's SYN timeout (~130 s)."""
+    its update's deadline when its UCX connects without blocking (`UCX_TCP_CONN_NB=y`, set for it here:
+    not refit's default, see docs/reliability.md), so no connect holds NIXL for the kernel's SYN
+    timeout (~130 s)."""
     with (
         netns.netns() as ns,
         CatalogServer(store="memory", host="0.0.0.0", port=0).start() as server,
@@ -348,6 +351,7 @@ def test_a_partition_between_receiver_and_a_source_times_out_and_fails_over(tmp_
                           source_timeout_s=SOURCE_TIMEOUT_S) as other:  # fmt: skip
                 other.update_weights(timeout_s=UPDATE_S)  # connected to both ranks before the cut
                 late_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+                monkeypatch.setenv("UCX_TCP_CONN_NB", "y")  # read when its NIXL agent is made
                 late = Receiver(catalog=catalog, engine=HFEngine(late_model), name=t.name, direct=False,
                                 source_timeout_s=SOURCE_TIMEOUT_S)  # fmt: skip
                 ns.partition()
