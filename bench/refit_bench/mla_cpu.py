@@ -1,8 +1,9 @@
 """What megatron-core (0.16.1 to 0.19.x) needs to build a multi-latent attention GPTModel without CUDA or Transformer
 Engine, for the bench (`reader_sources` on the meta device, `synthetic.build_gpt` on CPU).
 
-The same choices as the test trainers' (tests/support/megatron_mla.py), kept here because bench must
-not import tests; the library itself never patches Megatron. megatron-core is imported lazily.
+The test trainers (tests/support/megatron_mla.py) build their MLA models with the same classes from
+here (tests may import bench, never the reverse); the library itself never patches Megatron.
+megatron-core is imported lazily.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from refit_bench import mla_cpu
 from tests.support.hf_models import ModelCase
 
 
@@ -78,61 +79,12 @@ def config_class() -> type:
     return MLATransformerConfig
 
 
-def _core_attention_class() -> type:
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    class MLADotProductAttention(DotProductAttention):
-        """The local core attention, given MLA's key / value head sizes (`k_channels`, `v_channels`).
-
-        Megatron 0.16.1's local `DotProductAttention` takes neither keyword (only TE's attention does);
-        its forward already handles k and v head sizes that differ except for the output width, which
-        it takes from `kv_channels`: set here from `v_channels`.
-        """
-
-        def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kw: Any):
-            super().__init__(*args, **kw)
-            if v_channels is not None:
-                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
-
-    return MLADotProductAttention
-
-
-def _self_attention_class() -> type | None:
-    """The MLA self-attention that keeps HF DeepSeek's norms under megatron-core >= 0.19; None before.
-
-    0.19 resolves the query / latent norms itself (`MultiLatentAttention._resolve_qk_norm_config`):
-    with `qk_layernorm` and no query latent (`q_lora_rank=None`) it rejects the local spec's
-    `q_layernorm` and wants a fused norm + `linear_q_proj` (a norm HF's `q_proj` does not have, and
-    one the local backend cannot build). 0.16.1 built no query norm there and only the latent
-    `kv_layernorm`: that is what this class resolves to in that one case.
-    """
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-
-    if not hasattr(MLASelfAttention, "_resolve_qk_norm_config"):
-        return None  # 0.16.1 builds the spec's modules as they are
-
-    from megatron.core.transformer.identity_op import IdentityOp
-
-    class NoQueryNormMLASelfAttention(MLASelfAttention):
-        def _resolve_qk_norm_config(self, submodules: Any) -> dict[str, Any]:
-            if self.config.q_lora_rank is not None or not self.config.qk_layernorm:
-                return super()._resolve_qk_norm_config(submodules)
-            return {
-                "linear_q_proj": submodules.linear_q_proj,
-                "linear_q_up_proj": IdentityOp,
-                "linear_kv_up_proj": submodules.linear_kv_up_proj,
-                "q_layernorm": IdentityOp,
-                "kv_layernorm": submodules.kv_layernorm,
-            }
-
-    return NoQueryNormMLASelfAttention
-
-
 def fit_local_spec(block_spec: Any) -> Any:
     """Put the MLA-aware core attention (and, from 0.19, self-attention) into every layer spec of a
     local-spec decoder block (in place)."""
-    core = _core_attention_class()
-    attention = _self_attention_class()
+    # The bench builds the same CPU MLA models: one home for the two classes (tests may import bench).
+    core = mla_cpu.mla_core_attention()
+    attention = mla_cpu.mla_self_attention()
     for layer_spec in block_spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = core
         if attention is not None:

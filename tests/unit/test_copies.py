@@ -15,7 +15,7 @@ from refit.dtypes import torch_dtype
 from refit.plan.planner import plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
-from refit.staging import _batches
+from refit.streaming import _batches
 from tests.unit.test_assemble import expected, global_tensors, meta, stage, trainer
 
 VOCAB, PADDED = 61, 64
