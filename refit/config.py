@@ -50,3 +50,5 @@ def check_lease(lease_s: float, heartbeat_s: float) -> None:
 
 
 DEFAULT_TIMEOUTS = Timeouts()
+
+MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error

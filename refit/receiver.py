@@ -31,7 +31,7 @@ from typing import TypeVar
 import torch
 
 from refit.catalog.client import CatalogClient
-from refit.config import DEFAULT_TIMEOUTS
+from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.engines.base import Engine, destinations_of, installs_layers
 from refit.errors import (
     ConfigError,
@@ -55,7 +55,6 @@ from refit.versions import CatalogVersions
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
 
 DEFAULT_WINDOW = 1 << 30  # staging bytes per engine rank, for engines that take streamed installs
 # A run smaller than this goes through staging instead of a direct read: a direct read is a
@@ -408,7 +407,7 @@ class Receiver:
         def attempt(dead: DeadSources) -> UpdateResult:
             # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
             staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
-            return self.install(staged, timeout_s=max(deadline - time.monotonic(), _MIN_WAIT_S))
+            return self.install(staged, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
 
         return self._retrying(version, deadline, attempt)
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from refit.config import MIN_WAIT_S
 from refit.copies import ChunkCopier
 from refit.dtypes import device_of
 from refit.errors import TransportError
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 # Staging buffers a closed receiver could not free: a failed read may still write into them.
 _PARKED: list[torch.Tensor] = []
-
-MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
 
 
 class StagingPool:

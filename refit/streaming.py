@@ -18,13 +18,13 @@ from typing import Literal
 
 import torch
 
-from refit.config import DEFAULT_TIMEOUTS
+from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.assemble import zero_padding
 from refit.plan.records import DirectRead, Plan
 from refit.plan.verify import Pending, Verifier
-from refit.staging import MIN_WAIT_S, StagingPool, chunk_jobs, chunk_size
+from refit.staging import StagingPool, chunk_jobs, chunk_size
 from refit.transport.jobs import ReadJob, direct_jobs
 from refit.types import SourceRecord
 

@@ -11,13 +11,11 @@ from collections.abc import Callable
 
 from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
-from refit.config import DEFAULT_TIMEOUTS
+from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.errors import DigestError, RefitError, VersionNotFoundError, VersionRetiredError
 from refit.types import VersionState
 
 logger = logging.getLogger(__name__)
-
-MIN_WAIT_S = 0.001  # a wait whose deadline has passed still gets this long, so it fails by its own error
 
 
 class CatalogVersions:

@@ -84,6 +84,12 @@ _RECONNECT_OPTIONS = (
 )
 
 
+def check_tls(*, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
+    """The client's TLS options: a client certificate and key go together, and need a CA to check the server."""
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+        raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
+
+
 def open_channel(
     address: str,
     *,

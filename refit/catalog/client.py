@@ -25,6 +25,7 @@ from refit.catalog.channel import (
     RETRY_MAX_S,
     TOKEN_ENV,
     answered,
+    check_tls,
     open_channel,
     resolve_token,
     translate,
@@ -111,8 +112,7 @@ class CatalogClient:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
         if not isinstance(limits, CatalogLimits):
             raise ConfigError(f"limits must be a CatalogLimits, got {type(limits).__name__}")
-        if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
-            raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
+        check_tls(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         token = resolve_token(token)
         self.address = address
         self.timeout_s = timeout_s

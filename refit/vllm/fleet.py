@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from refit.catalog.channel import check_tls
 from refit.compat import vllm as vllm_compat
 from refit.config import DEFAULT_TIMEOUTS
 from refit.errors import ConfigError, EngineError, RefitError
 from refit.vllm.flow import RefitPlan, refit_steps, resolve_version, run
-from refit.vllm.values import check_tls, tls_options
+from refit.vllm.values import tls_options
 
 logger = logging.getLogger(__name__)
 

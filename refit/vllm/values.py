@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from refit.catalog.channel import check_tls
 from refit.config import DEFAULT_TIMEOUTS
 from refit.errors import ConfigError
 
@@ -138,12 +139,6 @@ class AsyncControl(Protocol):
 
 
 # -- pure helpers -------------------------------------------------------------------------------------------
-
-
-def check_tls(*, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
-    """The rule `CatalogClient` applies, checked where the options are given (before any call is made)."""
-    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
-        raise ConfigError("tls_cert and tls_key go together, and need tls_ca")
 
 
 def tls_options(*, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> dict[str, str]:
