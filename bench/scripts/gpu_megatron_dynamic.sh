@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU test of a refit of Megatron's running dynamic inference engine (tests/gpu/test_megatron_dynamic.py):
-# megatron-core 0.19.2 (Python 3.12) with FlashAttention-4 on one GPU, two CPU trainer ranks, real NIXL.
+# The GPU tests of issue 14, megatron-core 0.19.2 (Python 3.12) with FlashAttention-4: the refit of Megatron's
+# running dynamic inference engine (tests/gpu/test_megatron_dynamic.py: one GPU, two CPU trainer ranks, real
+# NIXL) and the Publisher on Megatron DDP + the distributed optimizer (tests/gpu/test_megatron_ddp.py: two GPUs
+# for TP1 x DP2, four for its other layouts; skipped with fewer).
 #
 # The wheels do not fit one device call's 64 MiB carry (nvidia-cutlass-dsl-libs-cu13 alone is 92 MB), so
 # they travel in three git-ignored folders, in three calls made back to back while the machine stays
 # warm (30 s after each call); each call stages its part in /tmp/dynwheels, the last one installs and runs.
 #
 # 1. On the CPU machine, from the repository root (needs network; ~140 MB):
-#      bash bench/scripts/gpu_megatron_dynamic.sh wheels
+#      bash bench/scripts/gpu_megatron_dynamic.sh wheels        (PIP="python3 -m pip" without a .venv)
 #    -> .whl/dyn-a (cutlass-dsl-libs-cu13 part 1 + the small wheels), .whl/dyn-b (parts 2-3),
 #       .whl/dyn-c (nixl-cu13 slimmed as in gpu_env.sh, nixl, grpcio)
 # 2. With the device tool (nvidia-h200: torch 2.11 + CUDA 13, Python 3.12; transformers, safetensors,
@@ -18,6 +20,7 @@
 #          bash bench/scripts/gpu_megatron_dynamic.sh run")
 #    A call that lands on a fresh machine (the previous one was given back) finds its earlier parts
 #    missing: `run` says which; start again from the first call.
+# Ran on nvidia-h200-x2 on 2026-11-30: both dynamic-engine cases and both TP1 x DP2 DDP cases passed.
 # Elsewhere: `run` on any machine with a GPU where those wheels (or the packages) are installed.
 # `run` writes the refit reports (stall vs install) to $OUT/megatron_dynamic.json when $OUT is set.
 set -euo pipefail
@@ -35,14 +38,14 @@ case "${1:-}" in
 wheels)
   PIP=${PIP:-.venv/bin/pip}
   rm -rf .whl/dyn-a .whl/dyn-b .whl/dyn-c && mkdir -p .whl/dyn-a .whl/dyn-b .whl/dyn-c
-  "$PIP" download "${PIP_TARGET[@]}" -d .whl/dyn-a "${SMALL[@]}"
+  $PIP download "${PIP_TARGET[@]}" -d .whl/dyn-a "${SMALL[@]}"
   tmp=$(mktemp -d)
-  "$PIP" download "${PIP_TARGET[@]}" -d "$tmp" nvidia-cutlass-dsl-libs-cu13==4.8.1
+  $PIP download "${PIP_TARGET[@]}" -d "$tmp" nvidia-cutlass-dsl-libs-cu13==4.8.1
   (cd "$tmp" && sha256sum "$CU13" > "$CU13.sha256" && split -b 40M -d "$CU13" "$CU13.part")
   mv "$tmp/$CU13.part00" "$tmp/$CU13.sha256" .whl/dyn-a/
   mv "$tmp"/"$CU13".part0[12] .whl/dyn-b/
   rm -rf "$tmp"
-  "$PIP" download "${PIP_TARGET[@]}" -d .whl/dyn-c nixl-cu13==1.5.1 nixl==1.5.1 grpcio==1.85.3
+  $PIP download "${PIP_TARGET[@]}" -d .whl/dyn-c nixl-cu13==1.5.1 nixl==1.5.1 grpcio==1.85.3
   zip -q -d .whl/dyn-c/nixl_cu13-*.whl 'nixl_ep_cu13/*' 'nixl_cu13.libs/ucx/libucx_perftest*'
   du -sh .whl/dyn-a .whl/dyn-b .whl/dyn-c
   ;;
@@ -74,7 +77,7 @@ run)
   python3 -c 'import torch, megatron.core as m, nixl; from megatron.core.transformer import attention as a
 print("torch", torch.__version__, "cuda", torch.version.cuda, "megatron-core", m.__version__, "FA4", a.HAVE_FA4)'
   shift
-  python3 -m pytest tests/gpu/test_megatron_dynamic.py -v -p no:cacheprovider "$@"
+  python3 -m pytest tests/gpu/test_megatron_dynamic.py tests/gpu/test_megatron_ddp.py -v -rs -p no:cacheprovider "$@"
   ;;
 *)
   echo "usage: $0 wheels | stage | run [pytest args]" >&2

@@ -102,6 +102,7 @@ def start(
     from megatron.core.inference.config import InferenceConfig, KVCacheManagementMode
     from megatron.core.transformer import attention
 
+    _one_split_on_hopper(attention)
     model = _model(hf_path, cuda_graphs=cuda_graphs)
     config = InferenceConfig(
         buffer_size_gb=2, max_sequence_length=1024, max_requests=8, max_tokens=4096,
@@ -115,6 +116,25 @@ def start(
     state["facade"], state["model"] = facade, model
     state["ptrs"] = {k: v.data_ptr() for k, v in _params(model).items()}
     return {"fa4": bool(getattr(attention, "HAVE_FA4", False)), "params": len(state["ptrs"])}
+
+
+def _one_split_on_hopper(attention: Any) -> None:
+    """Make Megatron's FlashAttention-4 calls ask for one KV split on SM 9.x.
+
+    megatron-core 0.19.2 passes `num_splits=0` (FA4's heuristic) unless `batch_invariant_mode`; the heuristic
+    picks a split for CUDA-graph warm-up shapes (few queries, long KV) and flash-attn-4 4.0.0b36 then asserts
+    "SplitKV not supported on SM 9.0". One split is what FA4 runs on Hopper anyway for every other shape.
+    """
+    if torch.cuda.get_device_capability()[0] != 9 or getattr(attention, "_refit_one_split", False):
+        return
+    inner = attention.flash_attn4_varlen_func
+
+    def one_split(*args: Any, **kwargs: Any) -> Any:
+        kwargs["num_splits"] = 1
+        return inner(*args, **kwargs)
+
+    attention.flash_attn4_varlen_func = one_split
+    attention._refit_one_split = True
 
 
 def attach(state: dict, rank: int, world_size: int, *, catalog: str, name: str) -> str:
