@@ -116,7 +116,7 @@ def jobs_for(
         (r.rank, r.region, r.remote_offset, staging_addr + r.local_offset, r.block_bytes, r.count, r.remote_stride)
         for r in plan.reads
     ]
-    return _group(ops, sources, lambda _: (local_device, local_device_id, 0))  # one registration: the slot
+    return _group(ops, _index(sources), lambda _: (local_device, local_device_id, 0))  # one registration: the slot
 
 
 class PlannedDirect(Protocol):
@@ -144,22 +144,44 @@ def direct_jobs(
     """The READ jobs that land each direct read in its engine tensor: `destinations` maps the target
     to its (address, device, device id, address of its storage: the registration it lies in); a read
     lands `offset` bytes into it."""
-    ops = [(r.rank, r.region, r.remote_offset, destinations[r.target][0] + r.offset, r.nbytes, 1, 0) for r in reads]
-    where = {destinations[r.target][0] + r.offset: destinations[r.target][1:] for r in reads}
-    return _group(ops, sources, lambda addr: where[addr])
+    return direct_job_batches([reads], sources, destinations)[0]
+
+
+def direct_job_batches(
+    batches: Iterable[Iterable[PlannedDirect]],
+    sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
+    destinations: Mapping[str, tuple[int, str, int, int]],
+) -> list[list[ReadJob]]:
+    """`direct_jobs` of each batch, the sources indexed once (a plan can hold hundreds of batches)."""
+    index = _index(sources)
+    out = []
+    for batch in batches:
+        reads = list(batch)
+        ops = [(r.rank, r.region, r.remote_offset, destinations[r.target][0] + r.offset, r.nbytes, 1, 0) for r in reads]
+        where = {destinations[r.target][0] + r.offset: destinations[r.target][1:] for r in reads}
+        out.append(_group(ops, index, where.__getitem__))
+    return out
+
+
+_Index = tuple[dict[int, SourceRecord], dict[tuple[int, int], Region]]
+
+
+def _index(sources: Mapping[int, SourceRecord] | Iterable[SourceRecord]) -> _Index:
+    """Sources by rank, and their regions by (rank, index)."""
+    records = sources.values() if isinstance(sources, Mapping) else sources
+    by_rank = {s.rank: s for s in records}
+    return by_rank, {(s.rank, g.index): g for s in by_rank.values() for g in s.regions}
 
 
 def _group(
     ops: Iterable[tuple[int, int, int, int, int, int, int]],
-    sources: Mapping[int, SourceRecord] | Iterable[SourceRecord],
+    index: _Index,
     local: Callable[[int], tuple[str, int, int]],
 ) -> list[ReadJob]:
     """(rank, region, remote offset, local address, block bytes, count, remote stride) reads as
     jobs, one per (trainer rank, remote device, local device); `local` gives an address's device,
     device id and local registration."""
-    records = sources.values() if isinstance(sources, Mapping) else sources
-    by_rank = {s.rank: s for s in records}
-    regions: dict[tuple[int, int], Region] = {(s.rank, g.index): g for s in by_rank.values() for g in s.regions}
+    by_rank, regions = index
     groups: dict[tuple[int, str, int, str, int], list[ReadOp]] = defaultdict(list)
     for rank, index, remote_offset, local_addr, block, count, stride in ops:
         region = regions.get((rank, index))

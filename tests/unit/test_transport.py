@@ -10,7 +10,7 @@ from refit.errors import ConfigError, LayoutError
 from refit.plan.planner import Plan, Read, plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
-from refit.transport.jobs import ReadJob, ReadOp, direct_jobs, jobs_for, merge_reads
+from refit.transport.jobs import ReadJob, ReadOp, direct_job_batches, direct_jobs, jobs_for, merge_reads
 from refit.transport.nixl import progress_delay_us
 from refit.types import ParallelCoords, Region, SourceRecord
 from tests.support import catalog_samples as samples
@@ -99,6 +99,15 @@ def test_direct_reads_merge_within_an_engine_storage_only() -> None:
         (0x9100, 0x3000_0000 + 256, 256),
         (0xA000, 0x3000_0000 + 512, 256),
     ]
+
+
+def test_direct_batches_are_the_jobs_of_each_batch() -> None:
+    srcs = [record(r, (Region(index=0, addr=0x1000_0000 * (r + 1), nbytes=4096),)) for r in (0, 1)]
+    reads = [DirectRead(target=f"t{i}", rank=i % 2, region=0, remote_offset=256 * i, nbytes=256) for i in range(6)]
+    where = {f"t{i}": (0x9000 + 0x1000 * i, "cpu", 0, 0x9000 + 0x1000 * i) for i in range(6)}
+    batches = [reads[:1], reads[1:4], reads[4:]]
+    assert direct_job_batches(batches, srcs, where) == [direct_jobs(b, srcs, where) for b in batches]
+    assert [len(jobs) for jobs in direct_job_batches(batches, srcs, where)] == [1, 2, 2]  # one job per trainer rank
 
 
 def test_zero_byte_ops_are_dropped() -> None:
