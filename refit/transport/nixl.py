@@ -54,7 +54,7 @@ UCX_DEFAULTS: dict[str, str] = {
     # agent accepts its own loopback connection in UCX's progress thread, holding the worker lock; when
     # that accept grows the process's fd table the kernel waits for an RCU grace period, and a pull
     # thread spinning on the lock meanwhile kept the CPU from the kernel thread that ends the grace
-    # period (2 vLLM CPU workers on 2 cores: first prefetches stalled 5-90 s, some past 120 s).
+    # period (2 vLLM CPU workers on 2 cores; docs/vllm.md, "Stall time vs wire time").
     "UCX_USE_MT_MUTEX": "y",
 }
 UCX_CUDA_DEFAULTS: dict[str, str] = {
