@@ -50,6 +50,12 @@ UCX_DEFAULTS: dict[str, str] = {
     # UCP keepalive the dead reader's endpoint fails by TCP (reset, or TCP keepalive) and the trainer
     # lives; refit bounds every wait itself and needs no keepalive (docs/reliability.md, Chaos).
     "UCX_KEEPALIVE_INTERVAL": "inf",
+    # A thread waiting for a UCP worker's lock sleeps instead of spinning. A receiver's first NIXL
+    # agent accepts its own loopback connection in UCX's progress thread, holding the worker lock; when
+    # that accept grows the process's fd table the kernel waits for an RCU grace period, and a pull
+    # thread spinning on the lock meanwhile kept the CPU from the kernel thread that ends the grace
+    # period (2 vLLM CPU workers on 2 cores; docs/vllm.md, "Stall time vs wire time").
+    "UCX_USE_MT_MUTEX": "y",
 }
 UCX_CUDA_DEFAULTS: dict[str, str] = {
     # Without NVLink, UCX disables cuda_ipc get_zcopy and a READ falls to ~0.5 GB/s (vs ~1.5 TB/s).

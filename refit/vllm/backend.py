@@ -115,6 +115,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
     def init_transfer_engine(self, init_info: RefitInitInfo) -> None:
         if self._init == init_info and self._receiver is not None:
             return
+        reserve_fds()
         self._close_receiver()
         model, model_config, device = vllm_compat.update_target(self)
         engine = VLLMEngine(
@@ -345,6 +346,37 @@ def agree_and_install(
 
 
 __all__ = ["RefitInitInfo", "RefitUpdateInfo", "RefitWeightTransferEngine", "agree_and_install"]
+
+
+# Slots this worker's fd table is grown to before its first pull (see `reserve_fds`).
+FD_RESERVE = 4096
+
+
+def reserve_fds(slots: int = FD_RESERVE) -> None:
+    """Grow this process's fd table to `slots` (at most RLIMIT_NOFILE) now, on the worker's main thread.
+
+    Growing the fd table of a multi-threaded process waits for an RCU grace period
+    (`expand_files` -> `synchronize_rcu`). A first pull's NIXL agent grows it in UCX's progress thread,
+    inside `accept` of its own loopback connection and holding the UCP worker lock; with every core busy
+    (each vLLM worker's pinned main thread busy-waits after each call, UCX threads spin on that lock),
+    the kernel thread that ends grace periods starved for up to minutes ("rcu_preempt kthread starved"
+    in dmesg) and the prefetch with it. Here, in an engine call, nothing of this worker spins.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = min(slots, soft) - 1
+    try:
+        os.fstat(top)
+        return  # open already: the table is at least that large
+    except OSError:
+        pass
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(fd, top)  # the table grows to hold `top`; fds stay allocated lowest-first
+        os.close(top)
+    finally:
+        os.close(fd)
 
 
 def _unpin() -> None:

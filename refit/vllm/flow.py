@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from refit import errors
@@ -237,14 +237,32 @@ def _call(call: str, what: str, /, **kwargs: Any) -> Generator[Step, Any, Any]:
         raise EngineError(f"vLLM refused {what}: {exc}") from exc
 
 
+# The longest wait between a prefetch's status polls. vLLM's workers busy-wait (sched_yield on threads
+# pinned to their cores) for 1 s after each call they get, so polls every 50 ms kept every core busy
+# for a whole pull; the kernel thread that ends RCU grace periods then starved (dmesg: "rcu_preempt
+# kthread starved") and the pull's NIXL set-up, which waits for one (an fd-table growth in UCX's
+# accept), stalled with it. Backed off past 1 s, the workers idle between polls.
+PREFETCH_POLL_MAX_S = 1.5
+
+
+def prefetch_polls(poll_s: float) -> Iterator[float]:
+    """The waits between a prefetch's status polls: `poll_s`, doubling up to `PREFETCH_POLL_MAX_S`
+    (a longer `poll_s` is kept)."""
+    wait = poll_s
+    while True:
+        yield wait
+        wait = max(poll_s, min(2 * wait, PREFETCH_POLL_MAX_S))
+
+
 def _prefetch(plan: RefitPlan, version: int, clock: Callable[[], float]) -> Generator[Step, Any, Any]:
     # The pull enforces timeout_s itself; the grace lets its own error (which names what was late) win.
     deadline = clock() + plan.timeout_s + plan.grace_s
     statuses = yield from _call("rpc", f"the prefetch of v{version}", op="prefetch", version=version)
+    waits = prefetch_polls(plan.poll_s)
     while not prefetch_done(statuses, version):
         if clock() > deadline:
             raise TransferTimeoutError(f"prefetch of v{version} not staged on every rank after {plan.timeout_s}s")
-        yield Step(op="sleep", kwargs={"seconds": plan.poll_s})
+        yield Step(op="sleep", kwargs={"seconds": next(waits)})
         statuses = yield from _call("rpc", f"the prefetch of v{version}", op="status")
     return statuses
 

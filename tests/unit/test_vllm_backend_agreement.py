@@ -141,3 +141,29 @@ def test_the_drivers_init_info_is_what_the_backend_accepts() -> None:
     info = RefitInitInfo(**flow.init_info(catalog="c:1", name="n", replica=1, timeout_s=9.0, catalog_timeout_s=3.0))
     assert info.catalog_timeout_s == 3.0 and info.timeout_s == 9.0 and info.replica == 1
     assert RefitUpdateInfo(version=7).version == 7
+
+
+def test_reserve_fds_grows_the_fd_table_once_and_closes_nothing() -> None:
+    # Growing it later, inside UCX's accept on a first pull, waited for an RCU grace period that a
+    # busy 2-core machine did not give for minutes (refit.vllm.backend.reserve_fds).
+    import os
+    import resource
+
+    from refit.vllm.backend import reserve_fds
+
+    def fd_size() -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("FDSize:")).split()[1])
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    before = sorted(os.listdir("/proc/self/fd"))
+    r, w = os.pipe()
+    try:
+        reserve_fds(2048)
+        assert fd_size() >= min(2048, soft)
+        assert os.write(w, b"x") == 1 and os.read(r, 1) == b"x"  # open fds untouched
+        reserve_fds(2048)  # again: nothing to do
+    finally:
+        os.close(r)
+        os.close(w)
+    assert sorted(os.listdir("/proc/self/fd")) == before

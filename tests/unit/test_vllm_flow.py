@@ -8,6 +8,8 @@ the production ones; a fake clock makes the deadlines exact.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 from typing import Any
 
@@ -228,6 +230,17 @@ def test_a_prefetch_that_never_completes_times_out_at_its_deadline_before_anythi
     # The deadline is read at 2 and falls at 2 + 5 + 2 = 9: one poll at each look at 3..9, none after.
     assert engine.calls.count("status") == 7
     assert "pause" not in engine.calls
+
+
+def test_prefetch_polls_back_off_past_the_workers_busy_wait() -> None:
+    # vLLM's workers spin on their cores for 1 s after each call: polls every 50 ms for a whole pull kept
+    # every core busy and starved the kernel thread the pull's NIXL set-up waited on (2-core machines).
+    engine = FakeEngine(polls=8)
+    slept: list[float] = []
+    flow.run(refit_steps(dataclasses.replace(PLAN, poll_s=0.05)), engine, sleep=slept.append)
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 1.5, 1.5]
+    assert flow.PREFETCH_POLL_MAX_S > 1.0  # longer than the workers' busy wait: they idle between polls
+    assert list(itertools.islice(flow.prefetch_polls(3.0), 3)) == [3.0, 3.0, 3.0]  # a longer poll_s is kept
 
 
 # -- the swap: the session is closed and the engine resumed -------------------------------------------------
