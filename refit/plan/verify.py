@@ -140,6 +140,8 @@ class _Layout:
     names: tuple[str, ...] = ()  # the engine tensors of direct reads
     bases: dict[str | None, int] = field(default_factory=dict)
     batch: BlockBatch | None = None
+    flat_key: tuple[int, ...] | None = None
+    flat_views: dict[str | None, torch.Tensor] = field(default_factory=dict)
 
     def add(self, buffer: str | None, rank: int, entry: _Entry, first: int, count: int, span: Span) -> None:
         self.buffers.append(buffer)
@@ -166,8 +168,13 @@ class _Layout:
         return self
 
     def flat(self, dests: Mapping[str, torch.Tensor]) -> dict[str | None, torch.Tensor]:
-        """The engine tensors this layout's runs lie in, as flat bytes."""
-        return {n: dests[n].detach().reshape(-1).view(torch.uint8) for n in self.names}
+        """The engine tensors this layout's runs lie in, as flat bytes (kept while they stay where they
+        were: three view ops per tensor, each launch, were as much host time as its digest)."""
+        key = tuple(dests[n].data_ptr() for n in self.names)
+        if key != self.flat_key:
+            self.flat_key = key
+            self.flat_views = {n: dests[n].detach().reshape(-1).view(torch.uint8) for n in self.names}
+        return self.flat_views
 
     def fits(self, buffers: Mapping[str | None, torch.Tensor]) -> bool:
         """Whether a batch made for `bases` serves `buffers` (its alignment decides which runs it batches)."""

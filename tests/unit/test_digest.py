@@ -239,6 +239,29 @@ def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, wi
     assert failed  # the byte is read by some engine rank, and that rank refuses it
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["per-run", "batched"])
+def test_direct_reads_are_checked_in_the_engine_tensors_of_each_refit(batched) -> None:
+    # The layout of a direct batch is kept with the plan; the engine tensors it reads may be new ones.
+    sources = _sources(1)
+    memory = {s.rank: _memory(s, 0) for s in sources}
+    plan = plan_refit(model=META, sources=sources, layout=EngineSpec.from_meta(META, tp_rank=0, tp_size=1).layout(),
+                      direct=lambda t: True, direct_min_bytes=1)  # fmt: skip
+    index = DigestIndex(sources)
+    for refit in range(3):
+        dests = {t.hf_name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in plan.targets}
+        for d in plan.direct:
+            dest = dests[d.target].view(-1).view(torch.uint8)
+            dest[d.offset : d.offset + d.nbytes] = memory[d.rank][d.remote_offset : d.remote_offset + d.nbytes]
+        verifier = Verifier(index, sources, version=1, batched=batched)
+        if refit == 2:  # a corrupted byte in the new tensors
+            dests[plan.direct[0].target].view(-1).view(torch.uint8)[plan.direct[0].offset + 5] ^= 0x10
+            with pytest.raises(DigestError):
+                verifier.direct(plan.direct, dests)
+        else:
+            verifier.direct(plan.direct, dests)
+            assert verifier.verified_bytes == sum(d.nbytes for d in plan.direct)
+
+
 def test_a_vocab_cut_leaves_its_last_partial_block_unverified_and_says_so() -> None:
     meta = ModelMeta(**{**{f: getattr(META, f) for f in META.__dataclass_fields__}, "vocab_size": 250})
     sources = _sources(1)

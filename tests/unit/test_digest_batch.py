@@ -124,3 +124,15 @@ def test_runs_in_several_buffers_are_batched_together() -> None:
     want = torch.cat([digest.block_digests(buffers[names[i]], spans[i].at, spans[i].geo, spans[i].count,
                                            spans[i].row_stride) for i in batch.order])  # fmt: skip
     assert torch.equal(torch.cat(batch.run(buffers)), want)
+
+
+def test_a_buffer_that_moved_is_read_where_it_is_now() -> None:
+    buffers = {"a": _buffer(64 << 10), "b": _buffer(64 << 10, seed=1)}
+    spans = [Span(_geo(outer=1, block_bytes=4096, blocks=8, word=8), 0, 8, 0)] * 2
+    batch = BlockBatch(spans, ["a", "b"], torch.device("cpu"), dict.fromkeys(buffers, 0))
+    first = torch.cat(batch.run(buffers))
+    moved = {"a": buffers["a"].clone(), "b": buffers["b"]}
+    moved["a"][100] ^= 1
+    again = torch.cat(batch.run(moved))
+    assert not torch.equal(first, again)
+    assert torch.equal(again, torch.cat([digest.block_digests(moved[n], 0, spans[0].geo, 8, 0) for n in "ab"]))
