@@ -7,9 +7,9 @@ whole, where the bytes landed (staging, or engine memory), and compares. Blocks 
 part are not verified and are counted in `unverified_bytes` (see docs/reliability.md, "Digests").
 
 A chunk's check is laid out once per plan (`_Layout`, kept on the index): which runs of blocks it
-digests, where, and which published values they must match. Its digests are then issued as a
-`BlockBatch`: a few ops per chunk, not a few per piece (on a GPU the per-piece ops were most of a
-TP-changing refit's check, on the chunk loop's critical path).
+digests, where, and which published values they must match. On a GPU its digests are then issued as
+a `BlockBatch`: a few ops per chunk, not a few per piece (the per-piece ops were most of a TP-changing
+refit's check there, on the chunk loop's critical path).
 """
 
 from __future__ import annotations
@@ -190,13 +190,14 @@ class _Layout:
 class Verifier:
     """Checks the pulled bytes of one version against its digests; accumulates what it verified.
 
-    `batched`: issue a chunk's digests as one `BlockBatch` (the default; False: run by run, as
-    `digest.block_digests` does, the reference the tests compare it with). The digests are equal; the
-    batch is faster on the CPU too (0.5-0.9x the time for a Llama-3-8B chunk on 2 cores).
+    `batched`: issue a chunk's (or direct batch's) digests as one `BlockBatch`; None (the default): where
+    the bytes are on a GPU, whose cost is issuing ops. On the CPU the per-run ops (`digest.block_digests`,
+    the reference the tests compare the batch with) do the arithmetic anyway, and the batch's gathers
+    of small cells were as often slower as faster (0.7-2x the per-run time on 2 cores). Digests are equal.
     """
 
     def __init__(
-        self, index: DigestIndex, sources: Sequence[SourceRecord], *, version: int, batched: bool = True
+        self, index: DigestIndex, sources: Sequence[SourceRecord], *, version: int, batched: bool | None = None
     ) -> None:
         self._index = index
         self._version = version
@@ -228,7 +229,8 @@ class Verifier:
         """Start the digests of the staged `pieces` in `buf` on the current stream, without waiting;
         `compare` checks them (the slot must not be refilled before they ran)."""
         t0 = time.perf_counter()
-        device, base = (buf.device, buf.data_ptr() % 8) if self.batched else (None, 0)
+        batched = buf.is_cuda if self.batched is None else self.batched
+        device, base = (buf.device, buf.data_ptr() % 8) if batched else (None, 0)
         layout = self._layout(("pieces", device, base), pieces, lambda: self._chunk_layout(pieces, device, base))
         pending = self._start(layout, {None: buf})
         self.seconds += time.perf_counter() - t0
@@ -249,7 +251,8 @@ class Verifier:
         `launch`); a streamed install checks each batch of direct reads as it lands this way."""
         t0 = time.perf_counter()
         device = next((dests[d.target].device for d in reads[:1] if d.target in dests), None)
-        kind = ("direct", device if self.batched else None)
+        batched = device is not None and (device.type == "cuda" if self.batched is None else self.batched)
+        kind = ("direct", device if batched else None)
         layout = self._layout(kind, reads, lambda: self._direct_layout(reads, dests, kind[1]))
         flat = layout.flat(dests)
         if not layout.fits(flat):  # an engine tensor moved to another alignment: batch anew

@@ -302,7 +302,7 @@ def test_batched_cuda_digests_match_the_trainers(tp, dp, engine_tp, window, dire
     memory = {s.rank: _memory(s, 0) for s in sources}
     spec = EngineSpec.from_meta(META, tp_rank=0, tp_size=engine_tp)
     plan = plan_refit(model=META, sources=sources, layout=spec.layout(), window=window)
-    verifier = Verifier(DigestIndex(sources), sources, version=1)  # batched (the default), on the GPU
+    verifier = Verifier(DigestIndex(sources), sources, version=1)  # batched: the default on a GPU
     for chunk in plan.chunks:
         slot = torch.zeros(max(chunk.staging_bytes, 1), dtype=torch.uint8)
         for r in chunk.reads:
