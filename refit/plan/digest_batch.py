@@ -30,7 +30,9 @@ import torch
 
 from refit import digest
 
-MIN_CELL = 64  # bytes: smaller cells would cost about as much as the per-run ops they replace
+MIN_CELL = 64  # bytes: runs of smaller cells (narrow column blocks, odd offsets) get regions of their own
+_SMALL_RUN_CELLS = 1 << 16  # a run of cells under MIN_CELL is batched up to this many of them (else: per run)
+_GAP = 1 << 20  # bytes between runs that one region reads across rather than start another
 _INDEX_CACHED = 1 << 18  # gather indices up to this many cells (2 MiB) are kept; larger ones are made each run
 
 
@@ -98,7 +100,7 @@ class BlockBatch:
         for i, s in enumerate(spans):
             g, ws = s.cell(), s.geo.word
             aligned = (bases[buffers[i]] + s.at) % ws == 0 and (s.geo.outer == 1 or s.row_stride % ws == 0)
-            if aligned and g >= MIN_CELL and g % ws == 0:
+            if aligned and g % ws == 0 and (g >= MIN_CELL or (s.end() - s.at) // g <= _SMALL_RUN_CELLS):
                 batched.setdefault((buffers[i], ws), []).append(i)
             else:
                 single.append(i)
@@ -106,30 +108,9 @@ class BlockBatch:
         self._cells = 0  # cell sums of every region and level
         # (cell, outer rows, row stride in cells, block bytes, word) -> blocks' first cells, and their spans
         by_shape: dict[tuple[int, int, int, int, int], tuple[list[int], list[int]]] = {}
-        for (buffer, ws), members in batched.items():
-            lo, hi = min(spans[i].at for i in members), max(spans[i].end() for i in members)
-            fine = min(spans[i].cell() for i in members)
-            region = _Region(buffer=buffer, word=ws, fine=fine, lo=lo, hi=hi, at=self._cells, levels=[])
-            self._cells += (hi - lo) // fine
-            places: dict[int, tuple[int, int]] = {}  # cell -> (first, stop) bytes of its spans
-            for i in members:
-                s, g = spans[i], spans[i].cell()
-                first, stop = places.get(g, (hi, lo))
-                places[g] = (min(first, s.at), max(stop, s.end()))
-            level_at = {fine: (lo, region.at)}  # cell -> (its first byte, its first cell in the sums)
-            for g, (first, stop) in sorted(places.items()):
-                if g != fine:  # coarser cells: sums of the fine ones (a few percent of the bytes, not all again)
-                    region.levels.append((g // fine, (first - lo) // fine, (stop - lo) // fine, self._cells))
-                    level_at[g] = (first, self._cells)
-                    self._cells += (stop - first) // g
-            self._regions.append(region)
-            for i in members:
-                s, g = spans[i], spans[i].cell()
-                first, at = level_at[g]
-                rows_g = s.row_stride // g if s.geo.outer > 1 else 0
-                firsts, idx = by_shape.setdefault((g, s.geo.outer, rows_g, s.geo.block_bytes, ws), ([], []))
-                firsts.extend(at + (s.at + c * s.geo.block_bytes - first) // g for c in range(s.count))
-                idx.append(i)
+        for (buffer, ws), runs in batched.items():
+            for members in _regions(spans, runs):
+                self._region(spans, buffer, ws, members, by_shape)
         self._shapes: list[_Shape] = []
         order: list[int] = []
         for (g, _, rows_g, _, _), (firsts, idx) in by_shape.items():
@@ -143,6 +124,35 @@ class BlockBatch:
         # is where it was, and building views cost more host time than the sums they feed (direct reads:
         # a region per engine tensor). Two staging slots alternate; a few entries suffice.
         self._views: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def _region(
+        self, spans: Sequence[Span], buffer: Hashable, ws: int, members: list[int],
+        by_shape: dict[tuple[int, int, int, int, int], tuple[list[int], list[int]]],
+    ) -> None:  # fmt: skip
+        """A region over the spans `members` of `buffer` (words of `ws` bytes); their blocks go to `by_shape`."""
+        lo, hi = min(spans[i].at for i in members), max(spans[i].end() for i in members)
+        fine = min(spans[i].cell() for i in members)
+        region = _Region(buffer=buffer, word=ws, fine=fine, lo=lo, hi=hi, at=self._cells, levels=[])
+        self._cells += (hi - lo) // fine
+        places: dict[int, tuple[int, int]] = {}  # cell -> (first, stop) bytes of its spans
+        for i in members:
+            s, g = spans[i], spans[i].cell()
+            first, stop = places.get(g, (hi, lo))
+            places[g] = (min(first, s.at), max(stop, s.end()))
+        level_at = {fine: (lo, region.at)}  # cell -> (its first byte, its first cell in the sums)
+        for g, (first, stop) in sorted(places.items()):
+            if g != fine:  # coarser cells: sums of the fine ones (a few percent of the bytes, not all again)
+                region.levels.append((g // fine, (first - lo) // fine, (stop - lo) // fine, self._cells))
+                level_at[g] = (first, self._cells)
+                self._cells += (stop - first) // g
+        self._regions.append(region)
+        for i in members:
+            s, g = spans[i], spans[i].cell()
+            first, at = level_at[g]
+            rows_g = s.row_stride // g if s.geo.outer > 1 else 0
+            firsts, idx = by_shape.setdefault((g, s.geo.outer, rows_g, s.geo.block_bytes, ws), ([], []))
+            firsts.extend(at + (s.at + c * s.geo.block_bytes - first) // g for c in range(s.count))
+            idx.append(i)
 
     @property
     def per_run(self) -> int:
@@ -179,6 +189,25 @@ class BlockBatch:
                 for r in self._regions
             ]
         return views
+
+
+def _regions(spans: Sequence[Span], runs: list[int]) -> list[list[int]]:
+    """`runs` (spans of one buffer and word size) cut into regions: by cell class (cells under MIN_CELL
+    share a region only with their own size, so that a narrow column block's small cells do not cut a
+    whole chunk that small) and, within a class, by offset, a new region across a gap over `_GAP` bytes.
+    A region reads across the other classes' runs between its own (once more, in its cells): fewer ops."""
+    out: list[list[int]] = []
+    current: dict[int, tuple[list[int], int]] = {}  # class -> (its open region, where that region ends)
+    for i in sorted(runs, key=lambda i: spans[i].at):
+        s = spans[i]
+        k = min(s.cell(), MIN_CELL)
+        region, hi = current.get(k, (None, 0))
+        if region is None or s.at > hi + _GAP:
+            region, hi = [], s.end()
+            out.append(region)
+        region.append(i)
+        current[k] = (region, max(hi, s.end()))
+    return out
 
 
 def _shape(geo: digest.Geometry, g: int, rows_g: int, firsts: list[int], device: torch.device) -> _Shape:

@@ -41,19 +41,20 @@ def _buffer(nbytes: int, shift: int = 0, seed: int = 0) -> torch.Tensor:
 
 
 def test_row_blocks_of_every_line_width_and_offset() -> None:
-    buf = _buffer(1 << 20)
+    buf = _buffer(4 << 20)
     spans = [
         Span(_geo(outer=1, block_bytes=64 << 10, blocks=4, word=8), 0, 4, 0),  # lines of 16 KiB
         Span(_geo(outer=1, block_bytes=6 << 10, blocks=8, word=8), 256 << 10, 5, 0),  # lines of 256 words
         Span(_geo(outer=1, block_bytes=6 << 10, blocks=8, word=8), (320 << 10) + 512, 3, 0),  # cells of 512 B
-        Span(_geo(outer=1, block_bytes=8 << 10, blocks=2, word=8), (400 << 10) + 64, 2, 0),  # the smallest cell
-        Span(_geo(outer=1, block_bytes=24, blocks=4, word=8), 500 << 10, 4, 0),  # 3-word lines: per run
+        Span(_geo(outer=1, block_bytes=8 << 10, blocks=2, word=8), (400 << 10) + 64, 2, 0),  # cells of MIN_CELL
+        Span(_geo(outer=1, block_bytes=24, blocks=4, word=8), 500 << 10, 4, 0),  # 3-word lines: one-word cells
         Span(_geo(outer=1, block_bytes=8, blocks=16, word=8), 600 << 10, 16, 0),  # one-word blocks
-        Span(_geo(outer=1, block_bytes=4096, blocks=3, word=8), (700 << 10) + 8, 1, 0),  # odd offset: per run
+        Span(_geo(outer=1, block_bytes=4096, blocks=3, word=8), (700 << 10) + 8, 1, 0),  # an odd offset
         Span(_geo(outer=1, block_bytes=64 << 10, blocks=4, word=8), 64 << 10, 2, 0),  # overlapping runs
+        Span(_geo(outer=1, block_bytes=64 << 10, blocks=16, word=8), (2 << 20) + 8, 16, 0),  # too many small cells
     ]
     batch = _check(buf, spans)
-    assert set(batch.order[-3:]) == {4, 5, 6} and batch.per_run == 3  # the runs no cell of MIN_CELL bytes tiles
+    assert batch.order[-1] == 8 and batch.per_run == 1  # the one run left to the per-run path
 
 
 @pytest.mark.parametrize("word", [8, 4, 2, 1])
@@ -136,3 +137,16 @@ def test_a_buffer_that_moved_is_read_where_it_is_now() -> None:
     again = torch.cat(batch.run(moved))
     assert not torch.equal(first, again)
     assert torch.equal(again, torch.cat([digest.block_digests(moved[n], 0, spans[0].geo, 8, 0) for n in "ab"]))
+
+
+def test_narrow_cells_and_far_runs_get_regions_of_their_own() -> None:
+    buf = _buffer(4 << 20)
+    wide = _geo(outer=1, block_bytes=16 << 10, blocks=4, word=8)
+    narrow = _geo(outer=64, block_bytes=16, blocks=4, word=8)  # 16-byte column blocks: 16-byte cells
+    spans = [Span(wide, 0, 4, 0), Span(narrow, 64 << 10, 4, 64), Span(wide, 128 << 10, 4, 0),
+             Span(wide, 3 << 20, 4, 0)]  # fmt: skip
+    batch = _check(buf, spans)
+    assert batch.per_run == 0
+    # The narrow run alone in 16-byte cells; the wide ones around it share one; the far one its own.
+    regions = sorted((r.fine, r.hi - r.lo) for r in batch._regions)
+    assert regions == [(16, 4096), (16 << 10, 64 << 10), (16 << 10, 192 << 10)]
