@@ -1,22 +1,25 @@
-"""The block digests of many runs of blocks in one buffer (a staging slot), in a few batched ops.
+"""The block digests of many runs of blocks (a staging slot's, or direct reads' in engine tensors), in a
+few batched ops.
 
 `refit.digest.block_digests` issues a handful of ops per run of blocks; a staged chunk of a TP-changing
 refit holds hundreds of runs (per-query-group QKV rows, gate/up halves, column slices), and issuing
 them one by one on the chunk loop's thread cost more than the digests' HBM traffic. `BlockBatch` is
-made once per chunk layout and computes every run's digests with O(word sizes + block shapes) ops:
+made once per chunk layout and computes every run's digests with O(regions + block shapes) ops:
 
-1. **Cells.** The buffer's bytes from the first run to the end of the last are summed in cells of
-   `G` bytes (int64 sums of the cell's words, wrapping modulo 2**64), one reduction that reads each
-   byte once. `G` is a power of two dividing every line (`LINE_WORDS` words of a block row, or the
-   whole block row), every run's start and outer-row stride, so each line is whole cells; coarser
-   cells (for runs whose lines and offsets allow them) are sums of the finest ones.
+1. **Cells.** Each region of a buffer (its runs of one word size, from the first run's start to the
+   last one's end) is summed in cells of `G` bytes (int64 sums of the cell's words, wrapping modulo
+   2**64), one reduction that reads each byte once, into one tensor of cell sums. `G` is a power of
+   two dividing every line (`LINE_WORDS` words of a block row, or the whole block row), every run's
+   start and outer-row stride, so each line is whole cells; coarser cells (for runs whose lines and
+   offsets allow them) are sums of the finest ones. Runs whose cells are under `MIN_CELL` bytes
+   (narrow column blocks, odd offsets) get regions of their own, so that the others keep wide cells.
 2. **Blocks.** Blocks of one shape (outer rows, row stride, cells per row and per line) are gathered
    as a (blocks, cells) matrix of cell sums; weighting cell (r, k) by `2 m + 1`, m = r * lines +
    k // cells-per-line its line's index, and summing each row gives the digests.
 
 Sums of sums, with the same odd weights, equal `digest`'s value modulo 2**64 whatever the grouping:
-the digests are bit-identical to the per-run ones (and so to the trainer's). A run that allows no cell
-of at least `MIN_CELL` bytes (one-word blocks, odd line widths, odd offsets) keeps the per-run path.
+the digests are bit-identical to the per-run ones (and so to the trainer's). Runs the word view cannot
+read (misaligned) or of very many small cells keep the per-run path.
 """
 
 from __future__ import annotations
