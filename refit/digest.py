@@ -37,7 +37,7 @@ ALGORITHM = "refit-linesum64-v1"
 BLOCK_BYTES = 4 << 20  # the largest block the publisher chooses
 MAX_SPLIT = 8  # blocks stay aligned for engine TP up to this many times the trainer's TP
 LINE_WORDS = 2048  # words per line (16 KiB of int64 words; long lines keep the sums on the vectorised path)
-_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,7 +137,7 @@ def block_digests(buf: torch.Tensor, start: int, geo: Geometry, count: int, row_
     else:
         seg = buf[start : start + span]
     q = geo.block_bytes // ws
-    words = seg.view(_WORDS[ws]).as_strided((rows, count, q), (row_stride // ws, q, 1))
+    words = seg.view(WORDS[ws]).as_strided((rows, count, q), (row_stride // ws, q, 1))
     if ws < 8:
         words = words.to(torch.int64)
     lane = math.gcd(q, LINE_WORDS)

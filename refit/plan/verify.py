@@ -5,6 +5,11 @@ trainer byte and where its blocks' values sit in that rank's `DigestSet`; `Verif
 from the version's digest values) recomputes the digest of every block a piece or direct read holds
 whole, where the bytes landed (staging, or engine memory), and compares. Blocks a read covers only in
 part are not verified and are counted in `unverified_bytes` (see docs/reliability.md, "Digests").
+
+A chunk's check is laid out once per plan (`_Layout`, kept on the index): which runs of blocks it
+digests, where, and which published values they must match. On a GPU its digests are then issued as
+a `BlockBatch`: a few ops per chunk, not a few per piece (the per-piece ops were most of a TP-changing
+refit's check there, on the chunk loop's critical path).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,12 +25,14 @@ import torch
 
 from refit import digest
 from refit.errors import DigestError, LayoutError
+from refit.plan.digest_batch import BlockBatch, Span
 from refit.plan.records import DirectRead, Piece
 from refit.types import SourceRecord, TensorDesc
 
 logger = logging.getLogger(__name__)
 
 _MAX_RUNS = 64  # a packed piece of more runs than this along a rows-axis shard is not verified
+_MAX_LAYOUTS = 1024  # layouts kept per index (a plan's chunks and direct batches; more only in odd callers)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,6 +61,11 @@ class DigestIndex:
             for region, found in entries.items():
                 found.sort(key=lambda e: e.desc.byte_offset)
                 self._by_place[(s.rank, region)] = ([e.desc.byte_offset for e in found], found)
+        # Each rank's values at an offset of one flat array, so a layout's expected values are one gather.
+        self.offsets: dict[int, int] = {}
+        for rank in sorted(self.counts):
+            self.offsets[rank] = sum(self.counts[r] for r in self.offsets)
+        self.layouts: dict[Hashable, tuple[Sequence[object], _Layout]] = {}
 
     def find(self, rank: int, region: int, offset: int) -> _Entry | None:
         """The shard of `rank` holding the byte at `offset` of `region`, if it has digests."""
@@ -82,10 +94,12 @@ class Pending:
 
     got: list[torch.Tensor] = field(default_factory=list)
     checks: list[_Check] = field(default_factory=list)
+    want: list[np.ndarray] = field(default_factory=list)  # flat indices of the expected values (`DigestIndex.offsets`)
 
     def extend(self, other: Pending) -> None:
         self.got.extend(other.got)
         self.checks.extend(other.checks)
+        self.want.extend(other.want)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,10 +123,82 @@ class Totals:
         verifier.seconds = 0.0
 
 
-class Verifier:
-    """Checks the pulled bytes of one version against its digests; accumulates what it verified."""
+@dataclass(kw_only=True, slots=True)
+class _Layout:
+    """One chunk's (or direct batch's) check: the runs of blocks to digest, by buffer, and what they match.
 
-    def __init__(self, index: DigestIndex, sources: Sequence[SourceRecord], *, version: int) -> None:
+    `buffers[i]` (None: the staging slot; else an engine tensor's name) holds `spans[i]`, whose digests
+    are `checks[i]`'s blocks; `want` is every check's expected values' flat indices, in order.
+    """
+
+    buffers: list[str | None] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    checks: list[_Check] = field(default_factory=list)
+    verified: int = 0
+    unverified: int = 0
+    want: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    names: tuple[str, ...] = ()  # the engine tensors of direct reads
+    bases: dict[str | None, int] = field(default_factory=dict)
+    batch: BlockBatch | None = None
+    flat_key: tuple[int, ...] | None = None
+    flat_views: dict[str | None, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, buffer: str | None, rank: int, entry: _Entry, first: int, count: int, span: Span) -> None:
+        self.buffers.append(buffer)
+        self.spans.append(span)
+        self.checks.append(_Check(rank=rank, entry=entry, block=first, count=count))
+
+    def finish(
+        self, offsets: Mapping[int, int], device: torch.device | None, bases: Mapping[str | None, int]
+    ) -> _Layout:
+        """Batch the runs on `device` (when given; each buffer at an address that is `bases[buffer]` mod 8)
+        and index the expected values, in the order the digests come out."""
+        self.names = tuple(sorted({b for b in self.buffers if b is not None}))
+        self.bases = dict(bases)
+        if device is not None and self.spans:
+            self.batch = BlockBatch(self.spans, self.buffers, device, self.bases)
+            self.checks = [self.checks[i] for i in self.batch.order]
+            self.spans = [self.spans[i] for i in self.batch.order]
+            self.buffers = [self.buffers[i] for i in self.batch.order]
+        counts = np.fromiter((c.count for c in self.checks), dtype=np.int64, count=len(self.checks))
+        starts = np.fromiter((offsets[c.rank] + c.entry.first + c.block for c in self.checks), dtype=np.int64,
+                             count=len(self.checks))  # fmt: skip
+        ends = np.cumsum(counts)
+        self.want = np.repeat(starts - ends + counts, counts) + np.arange(int(ends[-1]) if len(ends) else 0)
+        return self
+
+    def flat(self, dests: Mapping[str, torch.Tensor]) -> dict[str | None, torch.Tensor]:
+        """The engine tensors this layout's runs lie in, as flat bytes (kept while they stay where they
+        were: three view ops per tensor, each launch, were as much host time as its digest)."""
+        key = tuple(dests[n].data_ptr() for n in self.names)
+        if key != self.flat_key:
+            self.flat_key = key
+            self.flat_views = {n: dests[n].detach().reshape(-1).view(torch.uint8) for n in self.names}
+        return self.flat_views
+
+    def fits(self, buffers: Mapping[str | None, torch.Tensor]) -> bool:
+        """Whether a batch made for `bases` serves `buffers` (its alignment decides which runs it batches)."""
+        return self.batch is None or all(buffers[n].data_ptr() % 8 == self.bases[n] for n in buffers)
+
+    def run(self, buffers: Mapping[str | None, torch.Tensor]) -> list[torch.Tensor]:
+        if self.batch is not None:
+            return self.batch.run(buffers)
+        return [digest.block_digests(buffers[b], s.at, s.geo, s.count, s.row_stride)
+                for b, s in zip(self.buffers, self.spans, strict=True)]  # fmt: skip
+
+
+class Verifier:
+    """Checks the pulled bytes of one version against its digests; accumulates what it verified.
+
+    `batched`: issue a chunk's (or direct batch's) digests as one `BlockBatch`; None (the default): where
+    the bytes are on a GPU, whose cost is issuing ops. On the CPU the per-run ops (`digest.block_digests`,
+    the reference the tests compare the batch with) do the arithmetic anyway, and the batch's gathers
+    of small cells were as often slower as faster (0.7-2x the per-run time on 2 cores). Digests are equal.
+    """
+
+    def __init__(
+        self, index: DigestIndex, sources: Sequence[SourceRecord], *, version: int, batched: bool | None = None
+    ) -> None:
         self._index = index
         self._version = version
         self._values: dict[int, np.ndarray] = {}
@@ -124,6 +210,11 @@ class Verifier:
             if len(values) != want:
                 raise LayoutError(f"trainer rank {s.rank} sent {len(values)} digests of v{version} for {want} blocks")
             self._values[s.rank] = values
+        self._flat = np.zeros(sum(index.counts.values()), dtype=np.int64)
+        for rank, values in self._values.items():
+            self._flat[index.offsets[rank] : index.offsets[rank] + len(values)] = values
+        self._ranks = tuple(sorted(self._values))
+        self.batched = batched
         self.verified_bytes = 0
         self.unverified_bytes = 0
         self.seconds = 0.0
@@ -138,20 +229,17 @@ class Verifier:
         """Start the digests of the staged `pieces` in `buf` on the current stream, without waiting;
         `compare` checks them (the slot must not be refilled before they ran)."""
         t0 = time.perf_counter()
-        pending = Pending()
-        for p in pieces:
-            entry = self._index.find(p.rank, p.region, p.remote_offset)
-            if entry is None or p.rank not in self._values:
-                self.unverified_bytes += p.nbytes
-                continue
-            self._piece(p, entry, buf, pending.got, pending.checks)
+        batched = buf.is_cuda if self.batched is None else self.batched
+        device, base = (buf.device, buf.data_ptr() % 8) if batched else (None, 0)
+        layout = self._layout(("pieces", device, base), pieces, lambda: self._chunk_layout(pieces, device, base))
+        pending = self._start(layout, {None: buf})
         self.seconds += time.perf_counter() - t0
         return pending
 
     def compare(self, pending: Pending) -> None:
         """Wait for launched digests (one host sync for all of them) and compare; raises DigestError."""
         t0 = time.perf_counter()
-        self._compare(pending.got, pending.checks)
+        self._compare(pending)
         self.seconds += time.perf_counter() - t0
 
     def direct(self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor]) -> None:
@@ -162,47 +250,94 @@ class Verifier:
         """Start the digests of direct reads where they landed, in `dests`, on the current stream (as
         `launch`); a streamed install checks each batch of direct reads as it lands this way."""
         t0 = time.perf_counter()
-        pending = Pending()
-        for d in reads:
-            entry = self._index.find(d.rank, d.region, d.remote_offset)
-            if entry is None or d.rank not in self._values:
-                self.unverified_bytes += d.nbytes
-                continue
-            buf = dests[d.target].detach().reshape(-1).view(torch.uint8)
-            a = d.remote_offset - entry.desc.byte_offset
-            self._run(d.rank, entry, buf, d.offset, a, d.nbytes, [(a, d.nbytes)], pending.got, pending.checks)
+        device = next((dests[d.target].device for d in reads[:1] if d.target in dests), None)
+        batched = device is not None and (device.type == "cuda" if self.batched is None else self.batched)
+        kind = ("direct", device if batched else None)
+        layout = self._layout(kind, reads, lambda: self._direct_layout(reads, dests, kind[1]))
+        flat = layout.flat(dests)
+        if not layout.fits(flat):  # an engine tensor moved to another alignment: batch anew
+            layout = self._layout(kind, reads, lambda: self._direct_layout(reads, dests, kind[1]), renew=True)
+            flat = layout.flat(dests)
+        pending = self._start(layout, flat)
         self.seconds += time.perf_counter() - t0
         return pending
 
+    # -- layouts --------------------------------------------------------------------------------------
+
+    def _layout(
+        self, kind: tuple[object, ...], items: Sequence[object], make: Callable[[], _Layout], renew: bool = False
+    ) -> _Layout:
+        """The cached layout of `items` (a plan's chunk pieces or direct batch: the same objects every
+        refit of the plan), made by `make` on first use (or `renew`); valid while the same ranks have digests."""
+        key = (*kind, id(items[0]) if items else 0, len(items), self._ranks)
+        cached = self._index.layouts.get(key)
+        if not renew and cached is not None and all(a is b for a, b in zip(cached[0], items, strict=True)):
+            return cached[1]
+        layout = make()
+        if len(self._index.layouts) >= _MAX_LAYOUTS:
+            self._index.layouts.pop(next(iter(self._index.layouts)))
+        self._index.layouts[key] = (tuple(items), layout)
+        return layout
+
+    def _start(self, layout: _Layout, buffers: Mapping[str | None, torch.Tensor]) -> Pending:
+        self.verified_bytes += layout.verified
+        self.unverified_bytes += layout.unverified
+        if not layout.checks:
+            return Pending()
+        return Pending(got=layout.run(buffers), checks=list(layout.checks), want=[layout.want])
+
+    def _chunk_layout(self, pieces: Sequence[Piece], device: torch.device | None, base: int) -> _Layout:
+        layout = _Layout()
+        for p in pieces:
+            entry = self._index.find(p.rank, p.region, p.remote_offset)
+            if entry is None or p.rank not in self._values:
+                layout.unverified += p.nbytes
+                continue
+            self._piece(p, entry, layout)
+        return layout.finish(self._index.offsets, device, {None: base})
+
+    def _direct_layout(
+        self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor], device: torch.device | None
+    ) -> _Layout:
+        layout = _Layout()
+        for d in reads:
+            entry = self._index.find(d.rank, d.region, d.remote_offset)
+            if entry is None or d.rank not in self._values:
+                layout.unverified += d.nbytes
+                continue
+            a = d.remote_offset - entry.desc.byte_offset
+            self._run(layout, d.target, d.rank, entry, d.offset, a, d.nbytes, [(a, d.nbytes)])
+        bases = {n: dests[n].data_ptr() % 8 for n in layout.buffers if n is not None}
+        return layout.finish(self._index.offsets, device, bases)
+
     # -- one piece ------------------------------------------------------------------------------------
 
-    def _piece(self, p: Piece, entry: _Entry, buf: torch.Tensor, got: list, checks: list) -> None:
+    def _piece(self, p: Piece, entry: _Entry, layout: _Layout) -> None:
         a = p.remote_offset - entry.desc.byte_offset
         needed = [(a + i * p.remote_stride, p.block_bytes) for i in range(p.count)]
         geo = entry.geo
         if geo.columns and geo.outer > 1 and not (p.count == 1 and a == 0 and p.nbytes == entry.desc.nbytes):
             # A column slice of every outer row: strided in the trainer, packed or enclosed in staging.
             if p.count != geo.outer or p.remote_stride != geo.row_bytes:
-                self.unverified_bytes += p.nbytes
+                layout.unverified += p.nbytes
                 return
             stride = p.local_stride or p.block_bytes
-            self._columns(p.rank, entry, buf, p.local_offset, a, p.block_bytes, stride, got, checks)
+            self._columns(layout, p.rank, entry, p.local_offset, a, p.block_bytes, stride)
             return
         if p.local_stride or p.count == 1:  # one contiguous run in staging (an enclosing block, or a range)
             span = (p.count - 1) * p.local_stride + p.block_bytes if p.local_stride else p.block_bytes
-            self._run(p.rank, entry, buf, p.local_offset, a, span, needed, got, checks)
+            self._run(layout, None, p.rank, entry, p.local_offset, a, span, needed)
         elif p.count <= _MAX_RUNS:
             for i, (start, size) in enumerate(needed):
-                self._run(p.rank, entry, buf, p.local_offset + i * p.block_bytes, start, size, [(start, size)],
-                          got, checks)  # fmt: skip
+                self._run(layout, None, p.rank, entry, p.local_offset + i * p.block_bytes, start, size, [(start, size)])
         else:
-            self.unverified_bytes += p.nbytes
+            layout.unverified += p.nbytes
 
     def _run(
-        self, rank: int, entry: _Entry, buf: torch.Tensor, at: int, a: int, size: int,
-        needed: list[tuple[int, int]], got: list, checks: list,
+        self, layout: _Layout, buffer: str | None, rank: int, entry: _Entry, at: int, a: int, size: int,
+        needed: list[tuple[int, int]],
     ) -> None:  # fmt: skip
-        """Bytes `[a, a + size)` of the shard, contiguous at `buf[at]`: verify the blocks they hold whole."""
+        """Bytes `[a, a + size)` of the shard, contiguous at `at` of `buffer`: verify the blocks they hold whole."""
         geo = entry.geo
         total = sum(n for _, n in needed)
         if geo.columns and geo.outer > 1:  # only the whole shard holds whole column blocks
@@ -212,42 +347,36 @@ class Verifier:
             first, stop = -(-a // geo.block_bytes), (a + size) // geo.block_bytes
             lo, hi = first * geo.block_bytes, stop * geo.block_bytes
             covered = sum(max(0, min(s + n, hi) - max(s, lo)) for s, n in needed) if stop > first else 0
-        self.unverified_bytes += total - covered
+        layout.unverified += total - covered
         if stop <= first:
             return
-        self.verified_bytes += (stop - first) * geo.block_bytes * geo.outer
-        got.append(digest.block_digests(buf, at + lo - a, geo, stop - first, geo.row_bytes))
-        checks.append(_Check(rank=rank, entry=entry, block=first, count=stop - first))
+        layout.verified += (stop - first) * geo.block_bytes * geo.outer
+        span = Span(geo, at + lo - a, stop - first, geo.row_bytes)
+        layout.add(buffer, rank, entry, first, stop - first, span)
 
-    def _columns(
-        self, rank: int, entry: _Entry, buf: torch.Tensor, at: int, a: int, width: int, stride: int,
-        got: list, checks: list,
-    ) -> None:  # fmt: skip
+    def _columns(self, layout: _Layout, rank: int, entry: _Entry, at: int, a: int, width: int, stride: int) -> None:
         """Columns `[a, a + width)` (bytes of row 0) of every outer row, rows `stride` apart at `buf[at]`."""
         geo = entry.geo
         first, stop = -(-a // geo.block_bytes), (a + width) // geo.block_bytes
         lo, hi = first * geo.block_bytes, stop * geo.block_bytes
         covered = max(0, min(a + width, hi) - max(a, lo)) if stop > first else 0
-        self.unverified_bytes += (width - covered) * geo.outer
+        layout.unverified += (width - covered) * geo.outer
         if stop <= first:
             return
-        self.verified_bytes += covered * geo.outer
-        got.append(digest.block_digests(buf, at + lo - a, geo, stop - first, stride))
-        checks.append(_Check(rank=rank, entry=entry, block=first, count=stop - first))
+        layout.verified += covered * geo.outer
+        layout.add(None, rank, entry, first, stop - first, Span(geo, at + lo - a, stop - first, stride))
 
     # -- comparison -----------------------------------------------------------------------------------
 
-    def _compare(self, got: list[torch.Tensor], checks: list[_Check]) -> None:
-        if not got:
+    def _compare(self, pending: Pending) -> None:
+        if not pending.got:
             return
-        computed = torch.cat(got).cpu().numpy()  # one device sync for the whole batch
-        expected = np.concatenate(
-            [self._values[c.rank][c.entry.first + c.block : c.entry.first + c.block + c.count] for c in checks]
-        )
+        computed = torch.cat(pending.got).cpu().numpy()  # one device sync for the whole batch
+        expected = self._flat[np.concatenate(pending.want)]
         if np.array_equal(computed, expected):
             return
         at = int(np.flatnonzero(computed != expected)[0])
-        for c in checks:
+        for c in pending.checks:
             if at < c.count:
                 block = c.block + at
                 raise DigestError(

@@ -170,12 +170,15 @@ def _with_digests(src: SourceRecord, mem: torch.Tensor) -> SourceRecord:
     return SourceRecord(**{**fields, "digests": digest.pack([digest.shard_digests(mem, t) for t in src.tensors])})
 
 
-def _refit(sources, memory, *, engine_tp: int, rank: int, window: int | None, direct: bool) -> Verifier:
-    """Plan engine rank `rank`, carry out its reads by copying from `memory`, verify every chunk and direct read."""
+def _refit(
+    sources, memory, *, engine_tp: int, rank: int, window: int | None, direct: bool, batched: bool = False
+) -> Verifier:
+    """Plan engine rank `rank`, carry out its reads by copying from `memory`, verify every chunk and direct
+    read (each chunk's digests `batched`, or run by run: `digest.block_digests`, the reference)."""
     spec = EngineSpec.from_meta(META, tp_rank=rank, tp_size=engine_tp)
     plan = plan_refit(model=META, sources=sources, layout=spec.layout(), window=window,
                       direct=(lambda t: True) if direct else None, direct_min_bytes=1)  # fmt: skip
-    verifier = Verifier(DigestIndex(sources), sources, version=1)
+    verifier = Verifier(DigestIndex(sources), sources, version=1, batched=batched)
     dests = {t.hf_name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in plan.targets}
     for d in plan.direct:
         dest = dests[d.target].view(-1).view(torch.uint8)
@@ -208,13 +211,18 @@ def test_every_byte_a_receiver_pulls_is_verified(tp, dp, engine_tp, window, dire
     sources = _sources(tp, dp=dp)
     memory = {s.rank: _memory(s, 0) for s in sources}
     for rank in range(engine_tp):
-        v = _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct)
-        assert v.unverified_bytes == 0 and v.verified_bytes > 0
+        counts = set()
+        for batched in (False, True):
+            v = _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct, batched=batched)
+            assert v.unverified_bytes == 0 and v.verified_bytes > 0
+            counts.add(v.verified_bytes)
+        assert len(counts) == 1
 
 
 @pytest.mark.parametrize(("tp", "dp", "engine_tp", "window", "direct"), LAYOUTS)
 @pytest.mark.parametrize("tensor", ["linear_proj.weight", "linear_qkv.weight", "linear_fc1.weight", "output_layer"])
-def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, window, direct, tensor) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["per-run", "batched"])
+def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, window, direct, tensor, batched) -> None:
     sources = _sources(tp, dp=dp)
     memory = {s.rank: _memory(s, 0) for s in sources}
     for s in sources:  # every replica: whichever one the planner picks
@@ -223,12 +231,35 @@ def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, wi
     failed = []
     for rank in range(engine_tp):
         try:
-            _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct)
+            _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct, batched=batched)
         except DigestError as exc:
             assert tensor in exc.tensor and exc.rank >= 0 and exc.version == 1
             assert f"{exc.tensor} from trainer rank {exc.rank}" in str(exc)
             failed.append(rank)
     assert failed  # the byte is read by some engine rank, and that rank refuses it
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-run", "batched"])
+def test_direct_reads_are_checked_in_the_engine_tensors_of_each_refit(batched) -> None:
+    # The layout of a direct batch is kept with the plan; the engine tensors it reads may be new ones.
+    sources = _sources(1)
+    memory = {s.rank: _memory(s, 0) for s in sources}
+    plan = plan_refit(model=META, sources=sources, layout=EngineSpec.from_meta(META, tp_rank=0, tp_size=1).layout(),
+                      direct=lambda t: True, direct_min_bytes=1)  # fmt: skip
+    index = DigestIndex(sources)
+    for refit in range(3):
+        dests = {t.hf_name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in plan.targets}
+        for d in plan.direct:
+            dest = dests[d.target].view(-1).view(torch.uint8)
+            dest[d.offset : d.offset + d.nbytes] = memory[d.rank][d.remote_offset : d.remote_offset + d.nbytes]
+        verifier = Verifier(index, sources, version=1, batched=batched)
+        if refit == 2:  # a corrupted byte in the new tensors
+            dests[plan.direct[0].target].view(-1).view(torch.uint8)[plan.direct[0].offset + 5] ^= 0x10
+            with pytest.raises(DigestError):
+                verifier.direct(plan.direct, dests)
+        else:
+            verifier.direct(plan.direct, dests)
+            assert verifier.verified_bytes == sum(d.nbytes for d in plan.direct)
 
 
 def test_a_vocab_cut_leaves_its_last_partial_block_unverified_and_says_so() -> None:
@@ -262,3 +293,21 @@ def test_cuda_and_cpu_digests_are_identical() -> None:
         desc = _desc(shape, role, dtype, 2)
         data = _bytes(desc, seed=3)
         assert torch.equal(digest.shard_digests(data.cuda(), desc).cpu(), digest.shard_digests(data, desc))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("tp", "dp", "engine_tp", "window", "direct"), LAYOUTS)
+def test_batched_cuda_digests_match_the_trainers(tp, dp, engine_tp, window, direct) -> None:
+    sources = _sources(tp, dp=dp)
+    memory = {s.rank: _memory(s, 0) for s in sources}
+    spec = EngineSpec.from_meta(META, tp_rank=0, tp_size=engine_tp)
+    plan = plan_refit(model=META, sources=sources, layout=spec.layout(), window=window)
+    verifier = Verifier(DigestIndex(sources), sources, version=1)  # batched: the default on a GPU
+    for chunk in plan.chunks:
+        slot = torch.zeros(max(chunk.staging_bytes, 1), dtype=torch.uint8)
+        for r in chunk.reads:
+            for i in range(r.count):
+                src = memory[r.rank][r.remote_offset + i * r.remote_stride :][: r.block_bytes]
+                slot[r.local_offset + i * r.block_bytes :][: r.block_bytes] = src
+        verifier.pieces(chunk.pieces, slot.cuda())
+    assert verifier.unverified_bytes == 0 and verifier.verified_bytes > 0
