@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -127,7 +126,6 @@ class CatalogClient:
         )  # fmt: skip
         self._stub = pb_grpc.CatalogStub(self._channel)
         self._closed = False
-        self._later: ThreadPoolExecutor | None = None  # version_state_later's calls
         self._reached = False  # set by the first answer from the catalog: from then on, retry outages
 
     # -- lifetime ----------------------------------------------------------------------------------
@@ -135,8 +133,6 @@ class CatalogClient:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._later is not None:
-                self._later.shutdown(wait=False)
             self._channel.close()
 
     def __enter__(self) -> CatalogClient:
@@ -301,19 +297,19 @@ class CatalogClient:
             raise CatalogError(f"catalog client for {self.address} is closed")
         request = pb.GetStateRequest(name=name, version=version)
         deadline = time.monotonic() + self.timeout_s
-        # A blocking call on a thread kept for the client, not a gRPC future: creating a future starts
-        # gRPC's channel spin thread, which then competes for the GIL with the install it should hide
-        # behind (~12 % of a CPU receiver's samples).
-        if self._later is None:
-            self._later = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-catalog-later")
-        future = self._later.submit(self._send, "GetState", request, deadline)
+        future = self._stub.GetState.future(
+            request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=self._reached
+        )
 
         def answer() -> VersionState:
-            # _send is bounded by `deadline`; the margin covers the thread's hand-over.
             try:
-                reply = future.result(timeout=max(deadline - time.monotonic(), 0.0) + 1.0)
-            except TimeoutError:
-                raise CatalogUnavailableError(f"GetState to {self.address}: no answer in time") from None
+                reply = future.result()
+            except grpc.RpcError as exc:
+                error = self._translate("GetState", exc)
+                if not isinstance(error, CatalogUnavailableError) or not self._reached:
+                    raise error from None
+                reply = self._send("GetState", request, deadline)  # the catalog went away: retry, same deadline
+            self._reached = True
             return wire.state_from_proto(reply.state)
 
         return answer
