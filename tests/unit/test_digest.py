@@ -20,6 +20,7 @@ from refit.dtypes import torch_dtype
 from refit.engines.base import EngineSpec
 from refit.errors import DigestError, LayoutError
 from refit.plan.planner import plan_refit
+from refit.plan.records import Chunk
 from refit.plan.verify import DigestIndex, Verifier
 from refit.types import ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
 
@@ -185,12 +186,7 @@ def _refit(
         dest[d.offset : d.offset + d.nbytes] = memory[d.rank][d.remote_offset : d.remote_offset + d.nbytes]
     verifier.direct(plan.direct, dests)
     for chunk in plan.chunks:
-        slot = torch.zeros(max(chunk.staging_bytes, 1), dtype=torch.uint8)
-        for r in chunk.reads:
-            for i in range(r.count):
-                src = memory[r.rank][r.remote_offset + i * r.remote_stride :][: r.block_bytes]
-                slot[r.local_offset + i * r.block_bytes :][: r.block_bytes] = src
-        verifier.pieces(chunk.pieces, slot)
+        verifier.pieces(chunk.pieces, _staged(chunk, memory))
     assert verifier.verified_bytes + verifier.unverified_bytes >= plan.total_bytes
     return verifier
 
@@ -304,10 +300,15 @@ def test_batched_cuda_digests_match_the_trainers(tp, dp, engine_tp, window, dire
     plan = plan_refit(model=META, sources=sources, layout=spec.layout(), window=window)
     verifier = Verifier(DigestIndex(sources), sources, version=1)  # batched: the default on a GPU
     for chunk in plan.chunks:
-        slot = torch.zeros(max(chunk.staging_bytes, 1), dtype=torch.uint8)
-        for r in chunk.reads:
-            for i in range(r.count):
-                src = memory[r.rank][r.remote_offset + i * r.remote_stride :][: r.block_bytes]
-                slot[r.local_offset + i * r.block_bytes :][: r.block_bytes] = src
-        verifier.pieces(chunk.pieces, slot.cuda())
+        verifier.pieces(chunk.pieces, _staged(chunk, memory).cuda())
     assert verifier.unverified_bytes == 0 and verifier.verified_bytes > 0
+
+
+def _staged(chunk: Chunk, memory: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A staging slot holding `chunk` as its reads land it, from each trainer rank's `memory`."""
+    slot = torch.zeros(max(chunk.staging_bytes, 1), dtype=torch.uint8)
+    for r in chunk.reads:
+        for i in range(r.count):
+            src = memory[r.rank][r.remote_offset + i * r.remote_stride :][: r.block_bytes]
+            slot[r.local_offset + i * r.block_bytes :][: r.block_bytes] = src
+    return slot
