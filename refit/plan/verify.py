@@ -289,11 +289,8 @@ class Verifier:
     def _chunk_layout(self, pieces: Sequence[Piece], device: torch.device | None, base: int) -> _Layout:
         layout = _Layout()
         for p in pieces:
-            entry = self._index.find(p.rank, p.region, p.remote_offset)
-            if entry is None or p.rank not in self._values:
-                layout.unverified += p.nbytes
-                continue
-            self._piece(p, entry, layout)
+            if (entry := self._entry(p, layout)) is not None:
+                self._piece(p, entry, layout)
         return layout.finish(self._index.offsets, device, {None: base})
 
     def _direct_layout(
@@ -301,14 +298,20 @@ class Verifier:
     ) -> _Layout:
         layout = _Layout()
         for d in reads:
-            entry = self._index.find(d.rank, d.region, d.remote_offset)
-            if entry is None or d.rank not in self._values:
-                layout.unverified += d.nbytes
+            if (entry := self._entry(d, layout)) is None:
                 continue
             a = d.remote_offset - entry.desc.byte_offset
             self._run(layout, d.target, d.rank, entry, d.offset, a, d.nbytes, [(a, d.nbytes)])
         bases = {n: dests[n].data_ptr() % 8 for n in layout.buffers if n is not None}
         return layout.finish(self._index.offsets, device, bases)
+
+    def _entry(self, read: Piece | DirectRead, layout: _Layout) -> _Entry | None:
+        """The digested shard `read` starts in; None (its bytes counted unverified) when it has no digests."""
+        entry = self._index.find(read.rank, read.region, read.remote_offset)
+        if entry is None or read.rank not in self._values:
+            layout.unverified += read.nbytes
+            return None
+        return entry
 
     # -- one piece ------------------------------------------------------------------------------------
 

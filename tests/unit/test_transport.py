@@ -49,13 +49,21 @@ def test_strided_ops_expand_and_merge_where_their_blocks_touch() -> None:
     assert merge_reads([dense]) == [(0, 10_000, 256)]
 
 
-def test_ranges_of_two_adjacent_regions_stay_apart() -> None:
-    # Two registrations back to back in memory (Megatron DDP's fp32 and bf16 param buffers can be):
-    # one descriptor across both would be rejected by NIXL, so the touching ranges are not merged.
+@pytest.mark.parametrize(
+    "side",
+    [
+        # Two trainer registrations back to back in memory (Megatron DDP's fp32 and bf16 param buffers can be).
+        "region",
+        # Two engine tensors back to back in memory (two caching-allocator blocks), each its own registration.
+        "local_region",
+    ],
+)
+def test_ranges_of_two_adjacent_registrations_stay_apart(side: str) -> None:
+    # One descriptor across both registrations would be rejected by NIXL, so touching ranges are not merged.
     ops = [
-        ReadOp(local_addr=0, remote_addr=5000, nbytes=100, region=0),
-        ReadOp(local_addr=100, remote_addr=5100, nbytes=100, region=1),
-        ReadOp(local_addr=200, remote_addr=5200, nbytes=50, region=1),
+        ReadOp(local_addr=0, remote_addr=5000, nbytes=100, **{side: 0}),
+        ReadOp(local_addr=100, remote_addr=5100, nbytes=100, **{side: 100}),
+        ReadOp(local_addr=200, remote_addr=5200, nbytes=50, **{side: 100}),
     ]
     assert merge_reads(ops) == [(0, 5000, 100), (100, 5100, 150)]
 
@@ -70,17 +78,6 @@ def test_jobs_keep_reads_of_adjacent_regions_in_separate_descriptors() -> None:
     )
     (job,) = jobs_for(plan, [adjacent], 0x9000, "cpu", 0)
     assert merge_reads(job.ops) == [(0x9000, 0x3000_0000 + 192, 64), (0x9000 + 64, 0x3000_0000 + 256, 64)]
-
-
-def test_ranges_of_two_adjacent_local_registrations_stay_apart() -> None:
-    # Two engine tensors back to back in memory (two caching-allocator blocks), each its own
-    # registration: one descriptor writing both would be rejected by NIXL as well.
-    ops = [
-        ReadOp(local_addr=0, remote_addr=5000, nbytes=100, local_region=0),
-        ReadOp(local_addr=100, remote_addr=5100, nbytes=100, local_region=100),
-        ReadOp(local_addr=200, remote_addr=5200, nbytes=50, local_region=100),
-    ]
-    assert merge_reads(ops) == [(0, 5000, 100), (100, 5100, 150)]
 
 
 def test_direct_reads_merge_within_an_engine_storage_only() -> None:
