@@ -55,7 +55,8 @@ def _serve(conn: Any, factory: str, kwargs: dict[str, Any], env: dict[str, str])
     os.environ.update(env)
     # Spawned workers start without the parent's logging set-up; REFIT_LOG_LEVEL applies to them too.
     logging.basicConfig(
-        level=os.environ.get("REFIT_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s[%(process)d]: %(message)s"
+        level=os.environ.get("REFIT_LOG_LEVEL", "WARNING"),
+        format="%(relativeCreated).1f %(levelname)s %(name)s[%(process)d %(threadName)s]: %(message)s",
     )
     module, _, attr = factory.partition(":")
     try:

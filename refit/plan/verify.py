@@ -66,6 +66,8 @@ class DigestIndex:
         for rank in sorted(self.counts):
             self.offsets[rank] = sum(self.counts[r] for r in self.offsets)
         self.layouts: dict[Hashable, tuple[Sequence[object], _Layout]] = {}
+        # CUDA graph memory pools that this index's digest batches share, by stream (`BlockBatch`).
+        self.graph_pools: dict[int, object] = {}
 
     def find(self, rank: int, region: int, offset: int) -> _Entry | None:
         """The shard of `rank` holding the byte at `offset` of `region`, if it has digests."""
@@ -149,14 +151,19 @@ class _Layout:
         self.checks.append(_Check(rank=rank, entry=entry, block=first, count=count))
 
     def finish(
-        self, offsets: Mapping[int, int], device: torch.device | None, bases: Mapping[str | None, int]
+        self,
+        offsets: Mapping[int, int],
+        device: torch.device | None,
+        bases: Mapping[str | None, int],
+        graph_pools: dict[int, object] | None = None,
     ) -> _Layout:
-        """Batch the runs on `device` (when given; each buffer at an address that is `bases[buffer]` mod 8)
-        and index the expected values, in the order the digests come out."""
+        """Batch the runs on `device` (when given; each buffer at an address that is `bases[buffer]` mod 8;
+        captured as CUDA graphs in `graph_pools` where given) and index the expected values, in the order
+        the digests come out."""
         self.names = tuple(sorted({b for b in self.buffers if b is not None}))
         self.bases = dict(bases)
         if device is not None and self.spans:
-            self.batch = BlockBatch(self.spans, self.buffers, device, self.bases)
+            self.batch = BlockBatch(self.spans, self.buffers, device, self.bases, graph_pools)
             self.checks = [self.checks[i] for i in self.batch.order]
             self.spans = [self.spans[i] for i in self.batch.order]
             self.buffers = [self.buffers[i] for i in self.batch.order]
@@ -291,7 +298,7 @@ class Verifier:
         for p in pieces:
             if (entry := self._entry(p, layout)) is not None:
                 self._piece(p, entry, layout)
-        return layout.finish(self._index.offsets, device, {None: base})
+        return layout.finish(self._index.offsets, device, {None: base}, self._index.graph_pools)
 
     def _direct_layout(
         self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor], device: torch.device | None
@@ -303,7 +310,7 @@ class Verifier:
             a = d.remote_offset - entry.desc.byte_offset
             self._run(layout, d.target, d.rank, entry, d.offset, a, d.nbytes, [(a, d.nbytes)])
         bases = {n: dests[n].data_ptr() % 8 for n in layout.buffers if n is not None}
-        return layout.finish(self._index.offsets, device, bases)
+        return layout.finish(self._index.offsets, device, bases, self._index.graph_pools)
 
     def _entry(self, read: Piece | DirectRead, layout: _Layout) -> _Entry | None:
         """The digested shard `read` starts in; None (its bytes counted unverified) when it has no digests."""

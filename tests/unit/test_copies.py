@@ -72,8 +72,8 @@ def test_a_moved_engine_tensor_invalidates_the_kept_copies() -> None:
     assert not copier.valid(slot, {k: v for k, v in dests.items() if k != name})
 
 
-def _read(nbytes: int) -> DirectRead:
-    return DirectRead(target="t", rank=0, region=0, remote_offset=0, offset=0, nbytes=nbytes)
+def _read(nbytes: int, rank: int = 0, at: int = 0) -> DirectRead:
+    return DirectRead(target="t", rank=rank, region=0, remote_offset=at, offset=0, nbytes=nbytes)
 
 
 def test_direct_reads_are_cut_into_batches_of_about_a_chunk_in_order() -> None:
@@ -82,3 +82,16 @@ def test_direct_reads_are_cut_into_batches_of_about_a_chunk_in_order() -> None:
     assert [r for b in batches for r in b] == reads  # every read once, in order
     assert [[r.nbytes for r in b] for b in batches] == [[300, 300], [500, 100], [100], [900], [10]]
     assert _batches(reads, 0) == [reads]  # no chunks: one batch
+
+
+def test_every_batch_of_direct_reads_takes_from_every_rank_in_proportion() -> None:
+    # Rank 0 serves a quarter of the bytes, rank 1 three quarters: each batch of ~400 takes ~100 and ~300.
+    reads = [_read(50, 0, 50 * i) for i in range(8)] + [_read(100, 1, 100 * i) for i in range(12)]
+    batches = _batches(reads, 400)
+    assert sorted((r for b in batches for r in b), key=reads.index) == reads  # every read once
+    assert len(batches) == 4
+    for b in batches:
+        assert [r.nbytes for r in b] == [50, 50, 100, 100, 100]
+    for rank in (0, 1):  # each rank's reads keep their order
+        mine = [r for b in batches for r in b if r.rank == rank]
+        assert mine == [r for r in reads if r.rank == rank]

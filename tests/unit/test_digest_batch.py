@@ -150,3 +150,33 @@ def test_narrow_cells_and_far_runs_get_regions_of_their_own() -> None:
     # The narrow run alone in 16-byte cells; the wide ones around it share one; the far one its own.
     regions = sorted((r.fine, r.hi - r.lo) for r in batch._regions)
     assert regions == [(16, 4096), (16 << 10, 64 << 10), (16 << 10, 192 << 10)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_side_stream_the_batch_is_captured_once_and_replays_what_the_buffers_hold_now() -> None:
+    # Two batches sharing one pool per stream, as a receiver's chunks and direct batches do: captured on
+    # first run, replayed after, in either order (reads land in any order), results read after both ran.
+    device = torch.device("cuda", torch.cuda.current_device())
+    slots = [_buffer(4 << 20, seed=s).to(device) for s in (0, 1)]
+    spans = [[Span(_geo(outer=1, block_bytes=64 << 10, blocks=16, word=8), 0, 16, 0),
+              Span(_geo(outer=64, block_bytes=1024, blocks=4, word=2), 1 << 20, 4, 4096)],
+             [Span(_geo(outer=1, block_bytes=8 << 10, blocks=8, word=4), 512, 8, 0),
+              Span(_geo(outer=1, block_bytes=64 << 10, blocks=16, word=8), (2 << 20) + 8, 16, 0)]]  # fmt: skip
+    pools: dict[int, object] = {}
+    batches = [BlockBatch(s, [None] * len(s), device, {None: 0}, pools) for s in spans]
+    assert batches[1].per_run == 1  # a run left to `digest.block_digests`, captured with the rest
+    stream = torch.cuda.Stream(device)
+    for round_ in range(4):
+        for slot in slots:
+            slot[round_ * 4096 : round_ * 4096 + 64] ^= 0x5A  # new contents every round
+        stream.wait_stream(torch.cuda.current_stream(device))
+        got = {}
+        with torch.cuda.stream(stream):
+            for i in ((0, 1), (1, 0))[round_ % 2]:
+                got[i] = batches[i].run({None: slots[i]})
+        stream.synchronize()
+        for i, b in enumerate(batches):
+            assert torch.equal(torch.cat(got[i]), _per_run(slots[i], spans[i], b.order))
+    assert len(pools) == 1 and all(len(b._graphs) == 1 and None not in b._graphs.values() for b in batches)
+    # On the default stream nothing is captured: the ops run as they are issued.
+    assert torch.equal(torch.cat(batches[0].run({None: slots[0]})), _per_run(slots[0], spans[0], batches[0].order))
