@@ -66,8 +66,7 @@ class DigestIndex:
         for rank in sorted(self.counts):
             self.offsets[rank] = sum(self.counts[r] for r in self.offsets)
         self.layouts: dict[Hashable, tuple[Sequence[object], _Layout]] = {}
-        # CUDA graph memory pools that this index's digest batches share, by stream (`BlockBatch`).
-        self.graph_pools: dict[int, object] = {}
+        self.graph_pools: dict[int, object] = {}  # CUDA graph pools its digest batches share, by stream
 
     def find(self, rank: int, region: int, offset: int) -> _Entry | None:
         """The shard of `rank` holding the byte at `offset` of `region`, if it has digests."""
@@ -150,13 +149,8 @@ class _Layout:
         self.spans.append(span)
         self.checks.append(_Check(rank=rank, entry=entry, block=first, count=count))
 
-    def finish(
-        self,
-        offsets: Mapping[int, int],
-        device: torch.device | None,
-        bases: Mapping[str | None, int],
-        graph_pools: dict[int, object] | None = None,
-    ) -> _Layout:
+    def finish(self, offsets: Mapping[int, int], device: torch.device | None, bases: Mapping[str | None, int],
+               graph_pools: dict[int, object] | None = None) -> _Layout:  # fmt: skip
         """Batch the runs on `device` (when given; each buffer at an address that is `bases[buffer]` mod 8;
         captured as CUDA graphs in `graph_pools` where given) and index the expected values, in the order
         the digests come out."""
