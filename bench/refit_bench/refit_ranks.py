@@ -98,11 +98,13 @@ class ReceiverRank:
     def __init__(
         self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
         max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True, threads: int = 0,
+        direct_min_bytes: int | None = None,
     ) -> None:  # fmt: skip
         if threads > 0:
             torch.set_num_threads(threads)  # beside the receiver's own pull threads, on a machine shared with trainers
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
         self.max_staging_bytes, self.direct, self.verify = max_staging_bytes, direct, verify
+        self.direct_min_bytes = direct_min_bytes
         self.ep_size = ep_size
         self.device = measure.torch_device(device, gpu)
         if device == "cuda":
@@ -131,6 +133,7 @@ class ReceiverRank:
         self.rcv = Receiver(catalog=self.catalog, engine=BufferEngine(spec, shapes, self.device), name=NAME,
                             replica=self.replica, timeout_s=600, link_cost=link,
                             max_staging_bytes=self.max_staging_bytes, direct=self.direct,
+                            direct_min_bytes=self.direct_min_bytes,
                             verify_digests=self.verify)  # fmt: skip
         self.engine_bytes = sum(t.numel() * t.element_size() for t in self.rcv.engine.tensors.values())
 

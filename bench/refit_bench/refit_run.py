@@ -61,6 +61,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-direct", action="store_true", help="Receiver(direct=False): stage every tensor")
     p.add_argument(
+        "--direct-min-bytes", type=int, default=None, metavar="N",
+        help="Receiver(direct_min_bytes=N): shorter runs are staged (default: 64 KiB on CPU, 16 MiB on CUDA)",
+    )  # fmt: skip
+    p.add_argument(
         "--split", action="store_true",
         help="time fetch() (which may run while the engine generates) apart from install() (the pause); "
         "default: one update_weights() call, all of it a pause",
@@ -110,7 +114,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "split", "no_verify",
+            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "direct_min_bytes", "split", "no_verify",
             "digest_ab", "receiver_threads")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
@@ -129,6 +133,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             Worker("refit_bench.refit_ranks:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
                    gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct,
+                   direct_min_bytes=args.direct_min_bytes,
                    verify=not args.no_verify, threads=args.receiver_threads)
             for i in range(receivers)
         ]  # fmt: skip
