@@ -46,7 +46,7 @@ class StagingPool:
         self.quarantined = 0
         self.peak_bytes = 0
         self._executor: ThreadPoolExecutor | None = None
-        self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
         self._copiers: dict[int, ChunkCopier] = {}  # chunk index -> its copies, for `_copiers_plan`
         self._copiers_plan: Plan | None = None
 
@@ -153,11 +153,20 @@ class StagingPool:
         return copier
 
     def copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
+        """The kept stream that copies (and checks) staged chunks on `t`'s GPU; None on the CPU."""
+        return self._kept_stream("copies", t)
+
+    def check_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
+        """The kept stream that checks direct reads on `t`'s GPU, so chunk copies never wait behind them."""
+        return self._kept_stream("checks", t)
+
+    def _kept_stream(self, kind: str, t: torch.Tensor) -> torch.cuda.Stream | None:
         if not t.is_cuda:
             return None
-        if self._stream is None or self._stream.device != t.device:
-            self._stream = torch.cuda.Stream(device=t.device)
-        return self._stream
+        stream = self._streams.get(kind)
+        if stream is None or stream.device != t.device:
+            stream = self._streams[kind] = torch.cuda.Stream(device=t.device)
+        return stream
 
     def slots_of(self, plan: Plan) -> list[torch.Tensor]:
         held = [s for s in self._slots if s is not None]

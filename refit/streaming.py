@@ -58,8 +58,8 @@ def stream(
     its slot instead of copying its pieces into `dests` (an engine that installs whole layers).
     Each read gets `read_deadline(deadline)`, its attempt's deadline. `verifier` digests each
     chunk in its slot on the copy stream, ahead of its copies, and each batch of direct reads as
-    it lands (while this thread waits for a pull, so the check runs beside the reads of later
-    batches); every digest is compared once at the end, before the refit can succeed (a mismatch
+    it lands, on a stream of its own, while this thread waits for a pull (so the check runs beside
+    the reads of later batches); every digest is compared once at the end, before the refit can succeed (a mismatch
     raises DigestError; the engine is torn until a refit completes, as after a failed read). A
     chunk that `install_chunk` loads is checked before it.
     "verify" seconds (the wall time the checks add) go to `timings`.
@@ -113,6 +113,7 @@ def stream(
     # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
     # reads of the next chunk and of direct reads), serializing pull and install.
     copies = pool.copy_stream(slots[0])
+    checks = pool.check_stream(slots[0])  # direct batches' digests: a chunk's copies never wait behind them
     wire = install = validate = verify = 0.0
     descriptors = 0
     launched = Pending()
@@ -122,7 +123,7 @@ def stream(
         nonlocal checking
         assert verifier is not None
         t = time.perf_counter()
-        with _on(copies):  # on a GPU, ahead of the copies (compared once at the end, as the chunks')
+        with _on(checks):  # compared once at the end, as the chunks'
             launched.extend(verifier.launch_direct(direct_reads[k], dests))
         checking += time.perf_counter() - t
 
@@ -195,6 +196,7 @@ def stream(
             with _on(copies):
                 zero_padding(plan.targets, dests)
         _wait(copies)
+        _wait(checks)
         t5 = time.perf_counter()
         if verifier is not None and launched.got:
             verifier.compare(launched)  # every digest, one host sync; a mismatch fails the refit here
@@ -211,6 +213,7 @@ def stream(
                          pool.label, 1e3 * (t4 - start), 1e3 * (t5 - start), 1e3 * (t6 - start))  # fmt: skip
     finally:
         _wait(copies)  # the copies out of a slot end before a later refit may refill it
+        _wait(checks)  # and the checks of engine memory before later reads overwrite it
         for f in (pending, direct):
             if f is not None:
                 f.exception()  # a pull still in flight after a failure ends by its own deadline

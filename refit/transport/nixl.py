@@ -262,11 +262,13 @@ class NixlAgent:
         A transport serves the transfers of one peer in the order they were posted, so a read posted
         by another thread meanwhile waits behind at most `depth` batches instead of behind all of them.
         `landed(k)`, when given, is called (in this thread) once every byte of batch k has landed, so
-        a caller can check a batch while later ones are still being pulled.
+        a caller can check a batch while later ones are still being pulled: as soon as this thread sees
+        it, after each batch it posts.
         """
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         posted: list[list[tuple[Any, ReadJob, int]]] = []
+        reported = 0  # batches [0, reported) have landed and been reported
         total = 0
         deadline = time.monotonic() + timeout_s
         finished = False
@@ -292,9 +294,16 @@ class NixlAgent:
                     at = 1e3 * (time.perf_counter() - start)
                     what = ", ".join(f"{j.agent_name} {b >> 20} MiB" for _, j, b in batch)
                     logger.debug("%s: batch %d posted at %.2f ms: %s", self.name, k, at, what)
-                if k + 1 >= depth:
-                    self._land(posted, k + 1 - depth, deadline, landed, start if trace else None)
-            for k in range(max(len(posted) - depth + 1, 0), len(posted)):
+                # Report what has landed already (a transport that copies while posting, as UCX's cma
+                # does between processes on one host, has finished the batch just posted), then wait
+                # until at most `depth` batches are in flight.
+                while reported <= k and self._done(posted[reported]):
+                    self._land(posted, reported, deadline, landed, start if trace else None)
+                    reported += 1
+                while reported <= k + 1 - depth:
+                    self._land(posted, reported, deadline, landed, start if trace else None)
+                    reported += 1
+            for k in range(reported, len(posted)):
                 self._land(posted, k, deadline, landed, start if trace else None)
             finished = True
         finally:
@@ -323,6 +332,15 @@ class NixlAgent:
             logger.debug("%s: batch %d landed at %.2f ms", self.name, k, 1e3 * (time.perf_counter() - start))
         if landed is not None:
             landed(k)
+
+    def _done(self, batch: Sequence[tuple[Any, ReadJob, int]]) -> bool:
+        """Whether every transfer of `batch` is DONE, without waiting (a failed one is not: `_land` raises)."""
+        with self._lock:
+            try:
+                return all(self._agent.check_xfer_state(handle) == "DONE" for handle, _, _ in batch)
+            except Exception:  # NIXL raises on a lost remote; `_land` raises it in its own words
+                logger.debug("a NIXL transfer failed", exc_info=True)
+                return False
 
     def in_flight(self) -> int:
         """How many transfers of failed reads are still in progress; the ones that ended are released.
