@@ -33,7 +33,9 @@ class ChunkCopier:
         sources = {p.tensor for p in chunk.pieces}
         self._names = tuple(t.hf_name for t in plan.targets if t.source in sources)
         self._key = self._fingerprint(slot, dests)
-        self._outs, self._ins = scatter_pairs(chunk.pieces, plan.targets, slot, dests)
+        pairs = [_widened(o, i) for o, i in zip(*scatter_pairs(chunk.pieces, plan.targets, slot, dests), strict=True)]
+        self._outs = [o for o, _ in pairs]
+        self._ins = [i for _, i in pairs]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._captured = not slot.is_cuda  # nothing to capture on the CPU
 
@@ -59,6 +61,19 @@ class ChunkCopier:
                 return
         with torch.no_grad():
             torch._foreach_copy_(self._outs, self._ins, non_blocking=True)
+
+
+def _widened(out: torch.Tensor, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy's destination and source as 8-byte words where both views allow it (innermost dimension
+    contiguous, of whole aligned words): an elementwise copy then moves 8 bytes per element instead of
+    2 (bf16), fewer index computations for the same bytes. The row-parallel halves a TP-changing refit
+    stages are such strided copies, most of a chunk's install."""
+    if out.dtype != inp.dtype or out.element_size() >= 8 or out.shape != inp.shape:
+        return out, inp
+    try:
+        return out.view(torch.int64), inp.view(torch.int64)
+    except RuntimeError:  # a view the word size does not divide: copied as it is
+        return out, inp
 
 
 def _capture(

@@ -53,6 +53,7 @@ def test_kept_copies_write_each_refits_bytes(device: str, trainer_tp: int, engin
             if t.dim is not None:
                 got, want = got.narrow(t.dim, 0, published), want.narrow(t.dim, 0, published)
             assert torch.equal(got, want), (version, t.hf_name)
+    assert any(o.dtype == torch.int64 for c in copiers.values() for o in c._outs)  # float32 pairs moved as words
     if device == "cuda":
         assert any(c._graph is not None for c in copiers.values())  # replayed, not launched one by one
 
