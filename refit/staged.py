@@ -10,7 +10,7 @@ import torch
 
 from refit.plan.records import Plan
 from refit.plan.verify import Verifier
-from refit.types import SourceRecord
+from refit.types import SourceRecord, UpdateResult
 
 
 @dataclass(kw_only=True)
@@ -34,6 +34,24 @@ class StagedVersion:
     plan: Plan | None = field(default=None, repr=False)
     sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
     verifier: Verifier | None = field(default=None, repr=False)  # None: digests not checked
+
+    def result(self, timings: dict[str, float], descriptors: int) -> UpdateResult:
+        """What installing this version did, with the install's `timings` and all `descriptors` posted."""
+        plan = self.plan
+        return UpdateResult(
+            version=self.version,
+            bytes=self.bytes,
+            seconds=sum(timings.values()),
+            num_tensors=len(plan.targets) if plan is not None else len(self.tensors),
+            num_sources=self.num_sources,
+            num_descriptors=descriptors,
+            staging_bytes=self.staging_bytes,
+            direct_bytes=plan.direct_bytes if plan is not None else 0,
+            chunks=max(len(plan.chunks), 1) if plan is not None else 1,
+            wire_seconds=timings["wire"],
+            install_seconds=timings["install"],
+            timings=timings,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
