@@ -7,15 +7,13 @@ copies captured as a CUDA graph and replayed (one launch per chunk).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import torch
 
+from refit.graphs import capture
 from refit.plan.assemble import scatter_pairs
 from refit.plan.records import Plan
-
-logger = logging.getLogger(__name__)
 
 
 class ChunkCopier:
@@ -80,16 +78,5 @@ def _capture(
     outs: list[torch.Tensor], ins: list[torch.Tensor], stream: torch.cuda.Stream
 ) -> torch.cuda.CUDAGraph | None:
     """The copies as a CUDA graph captured on `stream`, or None where capture fails (copies then run eagerly)."""
-    graph = torch.cuda.CUDAGraph()
-    try:
-        # thread_local: NIXL's and UCX's threads keep driving transfers on their own streams meanwhile.
-        with torch.no_grad(), torch.cuda.stream(stream):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                torch._foreach_copy_(outs, ins, non_blocking=True)
-            finally:
-                graph.capture_end()
-    except RuntimeError:
-        logger.debug("capturing a chunk's copies failed; they run one by one", exc_info=True)
-        return None
-    return graph
+    with torch.cuda.stream(stream):
+        return capture(lambda: torch._foreach_copy_(outs, ins, non_blocking=True))

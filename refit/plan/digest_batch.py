@@ -28,7 +28,6 @@ time of a TP-changing refit's chunk loop (two H200s, TP2 -> TP1: the check cost 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +36,7 @@ import numpy as np
 import torch
 
 from refit import digest
-
-logger = logging.getLogger(__name__)
+from refit.graphs import capture
 
 MIN_CELL = 64  # bytes: runs of smaller cells (narrow column blocks, odd offsets) get regions of their own
 _SMALL_RUN_CELLS = 1 << 16  # a run of cells under MIN_CELL is batched up to this many of them (else: per run)
@@ -249,20 +247,13 @@ def _capture(
     H200s: with the outputs in the shared pool, a refit's check failed on its second replay.
     """
     outs = tuple(torch.empty_like(t) for t in like)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        # thread_local: NIXL's and UCX's threads keep driving transfers on their own streams meanwhile.
-        with torch.no_grad():
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                for out, got in zip(outs, issue(), strict=True):
-                    out.copy_(got)
-            finally:
-                graph.capture_end()
-    except RuntimeError:
-        logger.debug("capturing a digest batch failed; it runs op by op", exc_info=True)
-        return None
-    return graph, outs
+
+    def work() -> None:
+        for out, got in zip(outs, issue(), strict=True):
+            out.copy_(got)
+
+    graph = capture(work, pool=pool)
+    return None if graph is None else (graph, outs)
 
 
 def _regions(spans: Sequence[Span], runs: list[int]) -> list[list[int]]:
