@@ -46,6 +46,10 @@ class Sample:
     def best_gbps(self) -> float:
         return self.nbytes / min(self.seconds) / 1e9
 
+    def line(self, width: int = 60) -> str:
+        """One line for a person: what, median milliseconds and GB/s."""
+        return f"{self.what:<{width}} {self.median_s * 1e3:8.2f} ms  {self.gbps:8.1f} GB/s"
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "what": self.what,

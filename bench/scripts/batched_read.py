@@ -16,13 +16,12 @@ import base64
 import json
 import sys
 import threading
-import time
 
 import torch
 
 from refit.dtypes import device_of
 from refit.transport.nixl import NixlAgent, ReadJob, ReadOp
-from refit_bench import measure
+from refit_bench import measure, report
 from refit_bench.procs import Worker
 from refit_bench.transport import parse_size
 
@@ -64,7 +63,7 @@ def main() -> int:
 
         def record(sample: measure.Sample) -> None:
             rows.append(sample.as_dict())
-            print(f"{sample.what:<60} {sample.median_s * 1e3:8.2f} ms  {sample.gbps:8.1f} GB/s", flush=True)
+            print(sample.line(), flush=True)
 
         record(measure.copy_ceiling(n, local, iters=args.iters, source=torch.device("cuda:0")))
         whole = _batches(dst, info, n, 1, 1)
@@ -116,8 +115,7 @@ def main() -> int:
         source.close()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"date": time.strftime("%Y-%m-%d"), "gpus": [torch.cuda.get_device_name(i) for i in
-                       range(torch.cuda.device_count())]}, "bytes": n, "rows": rows}, f, indent=1)  # fmt: skip
+            json.dump({"machine": report.machine("cuda"), "bytes": n, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -13,13 +13,12 @@ import argparse
 import base64
 import json
 import sys
-import time
 
 import torch
 
 from refit.dtypes import device_of
 from refit.transport.nixl import NixlAgent, ReadJob, ReadOp
-from refit_bench import measure
+from refit_bench import measure, report
 from refit_bench.procs import Worker
 from refit_bench.transport import parse_size
 
@@ -61,7 +60,7 @@ def main() -> int:
 
         def record(sample: measure.Sample) -> None:
             rows.append(sample.as_dict())
-            print(f"{sample.what:<48} {sample.median_s * 1e3:8.2f} ms  {sample.gbps:8.1f} GB/s", flush=True)
+            print(sample.line(), flush=True)
 
         record(measure.timed("NIXL READ GPU0 -> GPU1 (one half)", n, lambda: agent.read([jobs[0]]), iters=args.iters))
         record(measure.timed("NIXL READ GPU1 -> GPU1 (other half)", n, lambda: agent.read([jobs[1]]), iters=args.iters))
@@ -88,8 +87,7 @@ def main() -> int:
         near.close()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"date": time.strftime("%Y-%m-%d"), "gpus": [torch.cuda.get_device_name(i) for i in
-                       range(torch.cuda.device_count())]}, "bytes_per_half": n, "rows": rows}, f, indent=1)  # fmt: skip
+            json.dump({"machine": report.machine("cuda"), "bytes_per_half": n, "rows": rows}, f, indent=1)
     return 0
 
 
