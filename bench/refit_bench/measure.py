@@ -112,6 +112,20 @@ def copy_ceiling(nbytes: int, device: torch.device, *, iters: int, source: torch
     return timed(what, nbytes, copy, iters=iters)
 
 
+def link_bound_s(
+    bytes_by_rank: dict[int, int], *, gpus: int, receiver_gpu: int, peer_gbps: float, local_gbps: float
+) -> float:
+    """The least time the links allow a receiver on GPU `receiver_gpu` to pull `bytes_by_rank` from
+    trainer ranks placed round-robin on `gpus` GPUs (rank r on GPU r % gpus, as the bench places them):
+    each GPU's bytes at its link's same-run copy rate (`local_gbps` for the receiver's own GPU,
+    `peer_gbps` for another), all links at once (measured: reading 8 GiB across NVLink and 8 GiB from
+    its own GPU at once takes as long as the NVLink half alone, bench/scripts/two_sources.py)."""
+    per_gpu: dict[int, int] = {}
+    for rank, nbytes in bytes_by_rank.items():
+        per_gpu[rank % gpus] = per_gpu.get(rank % gpus, 0) + nbytes
+    return max((n / ((local_gbps if g == receiver_gpu else peer_gbps) * 1e9) for g, n in per_gpu.items()), default=0.0)
+
+
 # -- the source side: runs in a worker process ---------------------------------------------------------
 
 

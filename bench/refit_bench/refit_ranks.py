@@ -160,6 +160,7 @@ class ReceiverRank:
             "timings": result.timings, "fetch_s": t1 - t0, "stall_s": t2 - t1, "total_s": t2 - t0,
             "registrations": self.rcv.stats.registrations, "peak_staging_bytes": self.rcv.stats.peak_staging_bytes,
             "direct_bytes": result.direct_bytes, "chunks": result.chunks, "engine_bytes": self.engine_bytes,
+            "bytes_by_rank": {str(r): n for r, n in plan.bytes_by_rank.items()},
             "fixed_s": sum(result.timings.get(k, 0.0) for k in ("plan", "prepare", "validate")),
             "verify_s": result.timings.get("verify", 0.0),  # wall time the checks added
             "verify_cpu_s": self.rcv.stats.verify_seconds - checked.verify_seconds,  # their own time

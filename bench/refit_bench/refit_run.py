@@ -157,7 +157,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             for w in trainers + rcvs:
                 w.close()
     per_receiver = rows[-1]["bytes_per_receiver"]
-    refs = _references(args, per_receiver, shard_bytes, receivers, bar)
+    by_rank = {int(r): n for r, n in (rows[-1].get("bytes_by_rank") or {}).items()}
+    refs = _references(args, per_receiver, shard_bytes, receivers, bar, by_rank)
     bar.close()
     steady = rows[1:] or rows
     checked = [r for r in steady if r["verify"]] or steady  # the refits that ran the digest check
@@ -198,6 +199,8 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
         "trainer_registrations": sum(p["registrations"] for p in pub),
         "receiver_registrations": sum(g["registrations"] for g in got),
         "bytes_per_receiver": max(g["bytes"] for g in got),
+        # one receiver: what it read from each trainer rank (the link bound's input)
+        "bytes_by_rank": got[0].get("bytes_by_rank") if len(got) == 1 else None,
         "wire_bytes_per_receiver": max(g["wire_bytes"] for g in got),
         "staging_bytes": max(g["staging_bytes"] for g in got),
         # Engine-side memory beyond the engine's own weights: the staging buffers held (peak so far).
@@ -260,8 +263,12 @@ def _one_replica_bytes(sources: list[Any]) -> list[int]:
     return out
 
 
-def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], receivers: int, bar: Any) -> list:
-    """The ceiling, a raw NIXL READ of the same bytes, and the classic baseline, in this run."""
+def _references(
+    args: argparse.Namespace, nbytes: int, shard_bytes: list[int], receivers: int, bar: Any, by_rank: dict[int, int]
+) -> list:
+    """The ceiling, a raw NIXL READ of the same bytes, and the classic baseline, in this run; with two GPUs
+    or more and one receiver, also the link bound of the bytes it read from each trainer rank
+    (`measure.link_bound_s`: trainer ranks on several GPUs pull over several links at once)."""
     from refit.transport.nixl import NixlAgent
 
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
@@ -273,6 +280,11 @@ def _references(args: argparse.Namespace, nbytes: int, shard_bytes: list[int], r
     if peer is not None:
         refs.append(measure.copy_ceiling(nbytes, local, iters=args.iters).as_dict())
         torch.cuda.set_device(local)
+        if by_rank:
+            seconds = measure.link_bound_s(by_rank, gpus=gpus, receiver_gpu=args.receiver_gpu,
+                                           peer_gbps=refs[0]["gbps"], local_gbps=refs[1]["gbps"])  # fmt: skip
+            what = "link bound (the copy rates above, all links at once)"
+            refs.append(measure.Sample(what=what, nbytes=nbytes, seconds=(seconds,)).as_dict())
     world = 2 if gpus >= 2 and not args.no_baseline else 0
     store = rendezvous() if world else None
     source = Worker("refit_bench.measure:Source", device=args.device, device_index=peer_index, world=world,

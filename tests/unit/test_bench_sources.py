@@ -128,3 +128,17 @@ def test_a_tensor_that_does_not_split_over_the_trainer_tp_is_named() -> None:
     # MLA with 4 heads: linear_kv_up_proj has 4 * (8 + 8) = 64 rows, which 3 ranks cannot share.
     with pytest.raises(ConfigError, match=r"layers\.0\.self_attention\.linear_kv_up_proj\.weight: dim 0 \(64 rows"):
         synthesize_sources(load_config("tiny-mla-moe"), TrainerLayout(tp=3))
+
+
+def test_the_link_bound_is_the_slowest_link_of_the_ranks_gpus() -> None:
+    from refit_bench.measure import link_bound_s
+
+    # Trainer TP2 on GPUs 0 and 1, the receiver on GPU 1: half across NVLink (400 GB/s), half local (2 TB/s).
+    half = 8_000_000_000
+    assert link_bound_s({0: half, 1: half}, gpus=2, receiver_gpu=1, peer_gbps=400, local_gbps=2000) == half / 400e9
+    # Four ranks on two GPUs: the two ranks of the far GPU share its link.
+    by_rank = {0: 1e9, 1: 1e9, 2: 1e9, 3: 1e9}
+    assert link_bound_s(by_rank, gpus=2, receiver_gpu=1, peer_gbps=400, local_gbps=2000) == 2e9 / 400e9
+    # Everything local: the device's own copy rate.
+    assert link_bound_s({0: 4e9}, gpus=2, receiver_gpu=0, peer_gbps=400, local_gbps=2000) == 4e9 / 2000e9
+    assert link_bound_s({}, gpus=2, receiver_gpu=0, peer_gbps=400, local_gbps=2000) == 0.0
