@@ -148,23 +148,24 @@ def block_digests(buf: torch.Tensor, start: int, geo: Geometry, count: int, row_
         weights = torch.arange(rows, dtype=torch.int64) * 2 + 1
         return torch.mv(words.reshape(rows, count * q).t(), weights).view(count, q).sum(-1)
     sums = words.reshape(rows, count, lines, lane).sum(-1)  # int64 adds wrap modulo 2**64
-    if buf.is_cuda and torch.cuda.is_current_stream_capturing():
-        # In a CUDA graph capture (`refit.plan.digest_batch`) ops are recorded, not run: weights made and
-        # cached here would hold nothing until the graph replays. The graph makes its own each replay.
-        return (sums * _make_line_weights(rows, lines, buf.device)).sum((0, 2))
     return (sums * _line_weights(rows, lines, buf.device)).sum((0, 2))
 
 
+def _line_weights(rows: int, lines: int, device: torch.device) -> torch.Tensor:
+    """The odd weights 2m + 1 of the lines, shaped (rows, 1, lines); made once per shape and device
+    (a receiver checks the same block shapes every refit), except inside a CUDA graph capture
+    (`refit.plan.digest_batch`), where ops are recorded, not run: weights made and cached there would
+    hold nothing until the graph replays, so the graph makes its own on each replay."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _make_line_weights(rows, lines, device)
+    return _cached_line_weights(rows, lines, device)
+
+
 def _make_line_weights(rows: int, lines: int, device: torch.device) -> torch.Tensor:
-    """The odd weights 2m + 1 of the lines, shaped (rows, 1, lines)."""
     return torch.arange(rows * lines, dtype=torch.int64, device=device).view(rows, 1, lines) * 2 + 1
 
 
-@functools.lru_cache(maxsize=256)
-def _line_weights(rows: int, lines: int, device: torch.device) -> torch.Tensor:
-    """`_make_line_weights`, made once per shape and device (a receiver checks the same block shapes
-    every refit)."""
-    return _make_line_weights(rows, lines, device)
+_cached_line_weights = functools.lru_cache(maxsize=256)(_make_line_weights)
 
 
 def shard_digests(region: torch.Tensor, desc: TensorDesc) -> torch.Tensor | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 import threading
 
@@ -114,8 +113,7 @@ def main() -> int:
         agent.close()
         source.close()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": report.machine("cuda"), "bytes": n, "rows": rows}, f, indent=1)
+        report.write_json(args.json, {"machine": report.machine("cuda"), "bytes": n, "rows": rows})
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 
 import torch
@@ -86,8 +85,7 @@ def main() -> int:
         far.close()
         near.close()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": report.machine("cuda"), "bytes_per_half": n, "rows": rows}, f, indent=1)
+        report.write_json(args.json, {"machine": report.machine("cuda"), "bytes_per_half": n, "rows": rows})
     return 0
 
 

@@ -198,9 +198,10 @@ class BlockBatch:
                 if key not in self._graphs:
                     if len(self._graphs) >= _GRAPHS:
                         self._graphs.pop(next(iter(self._graphs)))
-                    pool = self._pools.setdefault(sid, torch.cuda.graph_pool_handle())
+                    if sid not in self._pools:
+                        self._pools[sid] = torch.cuda.graph_pool_handle()
                     out = self._issue(buffers)  # this run's digests (and a warm-up before the capture)
-                    self._graphs[key] = _capture(lambda: self._issue(buffers), out, pool)
+                    self._graphs[key] = _capture(lambda: self._issue(buffers), out, self._pools[sid])
                     return out
         return self._issue(buffers)
 
