@@ -22,8 +22,9 @@ from refit.config import MIN_WAIT_S
 from refit.copies import ChunkCopier
 from refit.dtypes import device_of
 from refit.errors import TransportError
-from refit.plan.records import Chunk, Plan
-from refit.transport.jobs import ReadJob, jobs_for
+from refit.plan.records import Plan
+from refit.reads import PreparedReads, chunk_jobs, chunk_size
+from refit.transport.jobs import ReadJob
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
 
@@ -49,6 +50,7 @@ class StagingPool:
         self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
         self._copiers: dict[int, ChunkCopier] = {}  # chunk index -> its copies, for `_copiers_plan`
         self._copiers_plan: Plan | None = None
+        self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
 
     @property
     def staging_bytes(self) -> int:
@@ -143,6 +145,16 @@ class StagingPool:
         self.connect(sources, jobs)
         return len(first), self.read(jobs, deadline) if jobs else 0, slots
 
+    def reads(self, plan: Plan, sources: Sequence[SourceRecord], dests: Mapping[str, torch.Tensor]) -> PreparedReads:
+        """`plan`'s READ jobs from `sources` into staging and `dests`, kept while they still fit; the
+        engine storages its direct reads write into are registered when they are first built."""
+        reads = self._reads
+        if reads is None or not reads.fits(plan, sources, dests):
+            reads = PreparedReads(plan, sources, dests)
+            self.register_engine(reads.storages)
+            self._reads = reads
+        return reads
+
     def copier(self, plan: Plan, k: int, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> ChunkCopier:
         """Chunk k's copies out of `slot` into `dests`, built once per plan and kept while valid."""
         if plan is not self._copiers_plan:
@@ -219,13 +231,4 @@ class StagingPool:
         self._slots = []
         self._engine.clear()
         self._copiers, self._copiers_plan = {}, None
-
-
-def chunk_jobs(chunk: Chunk, sources: Sequence[SourceRecord], slot: torch.Tensor) -> list[ReadJob]:
-    """The READ jobs that fill `slot` with `chunk`."""
-    return jobs_for(chunk, sources, slot.data_ptr(), *device_of(slot))
-
-
-def chunk_size(plan: Plan) -> int:
-    """The bytes of a plan's largest chunk: the size of each staging slot."""
-    return max((c.staging_bytes for c in plan.chunks), default=0)
+        self._reads = None

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import queue
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Literal
@@ -20,13 +19,11 @@ from typing import Literal
 import torch
 
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
-from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.assemble import zero_padding
-from refit.plan.records import DirectRead, Plan
+from refit.plan.records import Plan
 from refit.plan.verify import Pending, Verifier
-from refit.staging import StagingPool, chunk_jobs, chunk_size
-from refit.transport.jobs import ReadJob, direct_job_batches
+from refit.staging import StagingPool
 from refit.types import SourceRecord
 
 logger = logging.getLogger(__name__)
@@ -78,23 +75,13 @@ def stream(
     direct: Future[int] | None = None
     # Batch k of direct reads landed (k), or a pull ended (None): what this thread waits on.
     landed: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    direct_reads: list[list[DirectRead]] = []
-    batches: list[list[ReadJob]] = []
-    if plan.direct:
-        pool.register_engine(dests[d.target] for d in plan.direct)
-        where = {
-            d.target: (t.data_ptr(), *device_of(t), t.untyped_storage().data_ptr())
-            for d in plan.direct
-            for t in (dests[d.target],)
-        }
-        # In batches, two in flight: a chunk's read, posted meanwhile, then waits behind two batches
-        # rather than behind every direct read (a peer's transfers run in order).
-        direct_reads = _batches(plan.direct, batch_bytes(plan))
-        batches = direct_job_batches(direct_reads, sources, where)
+    reads = pool.reads(plan, sources, dests)  # built on the first refit of a plan, then kept
+    direct_reads, batches = reads.direct_reads, reads.batches
+    if batches:
         pool.connect(sources, [j for b in batches for j in b])
 
     def pull(k: int) -> tuple[Future[int], int]:
-        chunk = chunk_jobs(chunks[k], sources, slots[k % len(slots)])
+        chunk = reads.chunk(k, slots[k % len(slots)])
         pool.connect(sources, chunk)
         future = executor.submit(pool.read, chunk, read_deadline(deadline))
         future.add_done_callback(lambda _: landed.put(None))
@@ -223,55 +210,6 @@ def stream(
     if verifier is not None:
         timings["verify"] = timings.get("verify", 0.0) + verify  # wall time; the direct check overlaps
     return descriptors
-
-
-# Direct reads go in about this many batches (each at least a chunk). Fewer, larger batches post
-# fewer transfers and leave fewer gaps between them; more, smaller ones let chunk reads pass sooner
-# and shorten the last batch's digest check on the tail. Two H200s, llama-3-8b TP1 -> TP1 (13.5 GiB
-# direct, 4 chunks of 480 MiB): batches of one chunk 51-53 ms, of four chunks (~8 batches) 49-50 ms,
-# one batch 57 ms.
-DIRECT_BATCHES = 8
-
-
-def batch_bytes(plan: Plan) -> int:
-    """The size of a batch of direct reads: a DIRECT_BATCHES-th of the direct bytes, at least a chunk; a
-    chunk when there are more chunks than that.
-
-    A chunk's pull waits behind the direct batches in flight (a link serves a peer's transfers in
-    order), and with many chunks their installs, not the link, bound the refit: the chunk pipeline must
-    not stall behind large batches. Two H200s, llama-3-8b TP2 -> TP1 (9 GiB direct, 13 chunks of
-    ~480 MiB): chunk-sized batches 30.7 ms without the digest check, 34.7 with it; 8 batches 34.4 / 38.1.
-    """
-    if len(plan.chunks) > DIRECT_BATCHES:
-        return chunk_size(plan)
-    return max(chunk_size(plan), -(-plan.direct_bytes // DIRECT_BATCHES))
-
-
-def _batches(reads: Sequence[DirectRead], nbytes: int) -> list[list[DirectRead]]:
-    """`reads` cut into batches of about `nbytes` (one batch when `nbytes` is 0: no chunks to yield to).
-
-    Each batch takes from every trainer rank in proportion to what that rank serves, each rank's
-    reads in their order, so every rank's link carries every batch (by rank, one link would carry
-    the first batches and another the last: a trainer rank on the engine's own GPU is served ~5x
-    faster than one across NVLink, and sat idle while the other's batches ran).
-    """
-    if nbytes <= 0:
-        return [list(reads)]
-    queues: dict[int, deque[DirectRead]] = defaultdict(deque)
-    for r in reads:
-        queues[r.rank].append(r)
-    total = sum(r.nbytes for r in reads) or 1
-    quota = {rank: max(1, nbytes * sum(r.nbytes for r in q) // total) for rank, q in queues.items()}
-    out: list[list[DirectRead]] = []
-    while any(queues.values()):
-        batch: list[DirectRead] = []
-        for rank, left in queues.items():
-            taken = 0
-            while left and (taken == 0 or taken + left[0].nbytes <= quota[rank]):
-                taken += left[0].nbytes
-                batch.append(left.popleft())
-        out.append(batch)
-    return out
 
 
 def _next(landed: queue.SimpleQueue[int | None]) -> int | Literal[False] | None:

@@ -25,7 +25,7 @@ from refit.dtypes import torch_dtype
 from refit.engines.base import EngineSpec
 from refit.plan.planner import plan_refit
 from refit.plan.verify import DigestIndex, Verifier
-from refit.streaming import _batches
+from refit.reads import batched as cut_batches
 from refit.types import DigestSet
 from refit_bench.trainer_sources import TrainerLayout, synthesize_sources
 
@@ -72,7 +72,7 @@ def main() -> None:
     what = f"{len(chunk.pieces)} pieces, {chunk.staging_bytes / 2**20:.1f} MiB staged"
     _compare(args.repeats, index, blocked, f"chunk ({what})", lambda v: v.launch(chunk.pieces, slot))
     if plan.direct:
-        reads = max(_batches(plan.direct, max(c.staging_bytes for c in plan.chunks)), key=len)
+        reads = max(cut_batches(plan.direct, max(c.staging_bytes for c in plan.chunks)), key=len)
         shapes = {t.hf_name: (t.shape, torch_dtype(t.dtype)) for t in plan.targets}
         dests = {d.target: torch.randint(0, 100, shapes[d.target][0]).to(shapes[d.target][1]) for d in reads}
         what = f"{len(reads)} reads, {sum(d.nbytes for d in reads) / 2**20:.1f} MiB"

@@ -86,6 +86,9 @@ PROGRESS_DELAY_ENV = "REFIT_NIXL_PROGRESS_DELAY_US"
 DEFAULT_PROGRESS_DELAY_US = 1000
 
 # READ polling: spin briefly, then back off to this; most reads finish well under a millisecond per MB.
+_MEM = {"cpu": "DRAM", "cuda": "VRAM"}
+# The most jobs whose NIXL descriptors an agent keeps (a streamed refit of Llama-3-8B has ~70).
+_DESCRIBED_JOBS = 4096
 _POLL_STEP_S = 0.00005
 _POLL_MAX_S = 0.002
 # Reads of GPU memory back off less: a GPU link moves 0.4-2 MB per microsecond, and the time between a
@@ -169,6 +172,7 @@ class NixlAgent:
         self._registrations: dict[tuple[int, int, str, int], Any] = {}
         self._remotes: dict[str, bytes] = {}
         self._abandoned: list[Any] = []  # handles of failed reads still in progress (see `in_flight`)
+        self._descs: dict[int, tuple[ReadJob, tuple[Any, Any, int, int] | None]] = {}  # see `_described`
         self._closed = False
         self.num_registrations = 0  # lifetime count, so callers can prove reuse
 
@@ -279,16 +283,13 @@ class NixlAgent:
                 batch: list[tuple[Any, ReadJob, int]] = []
                 posted.append(batch)
                 for job in jobs:
-                    ranges = merge_reads(job.ops)
-                    if not ranges:
-                        continue
-                    arr = np.asarray(ranges, dtype=np.uint64)
-                    n = len(arr)
-                    local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
-                    remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
                     with self._lock:
-                        handle = self._start_read(job.agent_name, local, remote, job.local_device, job.remote_device)
-                    batch.append((handle, job, int(arr[:, 2].sum())))
+                        described = self._described(job)
+                        if described is None:
+                            continue
+                        local, remote, n, nbytes = described
+                        handle = self._start_read(job.agent_name, local, remote)
+                    batch.append((handle, job, nbytes))
                     total += n
                 if trace:
                     at = 1e3 * (time.perf_counter() - start)
@@ -357,14 +358,31 @@ class NixlAgent:
             self._abandoned = still
             return len(still)
 
-    def _start_read(
-        self, agent_name: str, local: np.ndarray, remote: np.ndarray, local_dev: str, remote_dev: str
-    ) -> Any:
-        mem = {"cpu": "DRAM", "cuda": "VRAM"}
-        local_descs = self._agent.get_xfer_descs(local, mem[local_dev])
-        remote_descs = self._agent.get_xfer_descs(remote, mem[remote_dev])
-        if local_descs is None or remote_descs is None:
-            raise TransportError("NIXL rejected the transfer descriptors")
+    def _described(self, job: ReadJob) -> tuple[Any, Any, int, int] | None:
+        """NIXL's (local, remote) descriptor lists of `job`, its descriptor count and bytes (None: no
+        bytes). Kept per job object: a receiver keeps a plan's jobs across refits, which then skip
+        merging and describing their ranges (hundreds of them at Llama-3-8B's 291 tensors)."""
+        hit = self._descs.get(id(job))
+        if hit is not None and hit[0] is job:
+            return hit[1]
+        ranges = merge_reads(job.ops)
+        described = None
+        if ranges:
+            arr = np.asarray(ranges, dtype=np.uint64)
+            n = len(arr)
+            local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
+            remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
+            local_descs = self._agent.get_xfer_descs(local, _MEM[job.local_device])
+            remote_descs = self._agent.get_xfer_descs(remote, _MEM[job.remote_device])
+            if local_descs is None or remote_descs is None:
+                raise TransportError("NIXL rejected the transfer descriptors")
+            described = (local_descs, remote_descs, n, int(arr[:, 2].sum()))
+        if len(self._descs) >= _DESCRIBED_JOBS:
+            self._descs.clear()  # jobs of plans no longer used; the current ones are described again
+        self._descs[id(job)] = (job, described)  # the job is held, so its id is not reused meanwhile
+        return described
+
+    def _start_read(self, agent_name: str, local_descs: Any, remote_descs: Any) -> Any:
         try:
             handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, agent_name)
             state = self._agent.transfer(handle)
@@ -437,6 +455,7 @@ class NixlAgent:
                 except Exception:
                     logger.debug("deregister_memory failed", exc_info=True)
             self._registrations.clear()
+            self._descs.clear()  # NIXL objects of the agent: dropped before it
             # The last reference to NIXL's agent: its destructor stops the progress thread now.
             self._agent = _ClosedAgent(self.name)
 

@@ -57,6 +57,26 @@ def test_batches_land_every_read_and_nothing_else(agents, depth: int, per_batch:
     assert reader.in_flight() == 0
 
 
+
+def test_kept_jobs_read_the_bytes_there_now(agents) -> None:
+    # A receiver keeps a plan's jobs across refits and the agent keeps their NIXL descriptors: each
+    # read of the same job objects must bring the source's bytes of that moment, not the first ones.
+    reader, source, src, dst = agents
+    ops = [ReadOp(local_addr=dst.data_ptr() + i * BLOCK, remote_addr=src.data_ptr() + i * BLOCK, nbytes=BLOCK)
+           for i in range(0, BLOCKS, 3)]  # fmt: skip
+    batches = [[ReadJob(agent_name=source.name, ops=ops[i : i + 10])] for i in range(0, len(ops), 10)]
+    original = src.clone()
+    try:
+        for step in range(3):
+            src.copy_(original.roll(step * 7))  # new bytes at the same addresses: the next version
+            dst.zero_()
+            assert reader.read_batches(batches, timeout_s=60) == len(ops)
+            for op in ops:
+                at = op.local_addr - dst.data_ptr()
+                assert torch.equal(dst[at : at + BLOCK], src[at : at + BLOCK]), (step, at)
+    finally:
+        src.copy_(original)
+
 def test_depth_must_be_positive(agents) -> None:
     reader, *_ = agents
     with pytest.raises(ValueError, match="depth"):

@@ -15,7 +15,7 @@ from refit.dtypes import torch_dtype
 from refit.plan.planner import plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
-from refit.streaming import _batches
+from refit.reads import batched
 from tests.unit.test_assemble import expected, global_tensors, meta, stage, trainer
 
 VOCAB, PADDED = 61, 64
@@ -79,16 +79,16 @@ def _read(nbytes: int, rank: int = 0, at: int = 0) -> DirectRead:
 
 def test_direct_reads_are_cut_into_batches_of_about_a_chunk_in_order() -> None:
     reads = [_read(n) for n in (300, 300, 500, 100, 100, 900, 10)]
-    batches = _batches(reads, 600)
+    batches = batched(reads, 600)
     assert [r for b in batches for r in b] == reads  # every read once, in order
     assert [[r.nbytes for r in b] for b in batches] == [[300, 300], [500, 100], [100], [900], [10]]
-    assert _batches(reads, 0) == [reads]  # no chunks: one batch
+    assert batched(reads, 0) == [reads]  # no chunks: one batch
 
 
 def test_every_batch_of_direct_reads_takes_from_every_rank_in_proportion() -> None:
     # Rank 0 serves a quarter of the bytes, rank 1 three quarters: each batch of ~400 takes ~100 and ~300.
     reads = [_read(50, 0, 50 * i) for i in range(8)] + [_read(100, 1, 100 * i) for i in range(12)]
-    batches = _batches(reads, 400)
+    batches = batched(reads, 400)
     assert sorted((r for b in batches for r in b), key=reads.index) == reads  # every read once
     assert len(batches) == 4
     for b in batches:
