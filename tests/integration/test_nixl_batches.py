@@ -57,7 +57,6 @@ def test_batches_land_every_read_and_nothing_else(agents, depth: int, per_batch:
     assert reader.in_flight() == 0
 
 
-
 def test_kept_jobs_read_the_bytes_there_now(agents) -> None:
     # A receiver keeps a plan's jobs across refits and the agent keeps their NIXL descriptors: each
     # read of the same job objects must bring the source's bytes of that moment, not the first ones.
@@ -76,6 +75,7 @@ def test_kept_jobs_read_the_bytes_there_now(agents) -> None:
                 assert torch.equal(dst[at : at + BLOCK], src[at : at + BLOCK]), (step, at)
     finally:
         src.copy_(original)
+
 
 def test_depth_must_be_positive(agents) -> None:
     reader, *_ = agents
