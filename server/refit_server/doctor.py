@@ -46,7 +46,7 @@ def _guarded(name: str, check: Callable[[], Check]) -> Check:
 
 def check_nixl() -> Check:
     from refit.compat import nixl as compat
-    from refit.transport.nixl import load_nixl_api
+    from refit.transport.ucx import load_nixl_api
 
     version = compat.installed_version()
     api = load_nixl_api()

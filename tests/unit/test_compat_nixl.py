@@ -9,7 +9,7 @@ from importlib import metadata
 import pytest
 
 from refit.compat import nixl as compat
-from refit.transport.nixl import load_nixl_api
+from refit.transport.ucx import load_nixl_api
 
 VERSIONS = f"installed nixl {compat.installed_version()}, tested {', '.join(compat.TESTED_VERSIONS)}"
 

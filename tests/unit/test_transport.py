@@ -11,7 +11,7 @@ from refit.plan.planner import Plan, Read, plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
 from refit.transport.jobs import ReadJob, ReadOp, direct_job_batches, direct_jobs, jobs_for, merge_reads
-from refit.transport.nixl import progress_delay_us
+from refit.transport.ucx import progress_delay_us
 from refit.types import ParallelCoords, Region, SourceRecord
 from tests.support import catalog_samples as samples
 
@@ -202,7 +202,7 @@ def test_ucx_cuda_defaults_apply_only_with_a_gpu() -> None:
     of torch) UCX would warn on stdout about an unused variable."""
     import torch
 
-    from refit.transport.nixl import UCX_CUDA_DEFAULTS, UCX_DEFAULTS, apply_ucx_defaults
+    from refit.transport.ucx import UCX_CUDA_DEFAULTS, UCX_DEFAULTS, apply_ucx_defaults
 
     env: dict[str, str] = {}
     applied = apply_ucx_defaults(env)
