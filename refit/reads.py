@@ -1,5 +1,5 @@
 """A streamed plan's reads, built once and kept: its direct reads cut into batches and their READ
-jobs, and each chunk's jobs into each staging slot.
+jobs, each chunk's jobs into each staging slot, and the engine rows no read writes (padding).
 
 Building them walks every tensor of the plan in Python (a few ms at Llama-3-8B's 291 tensors on a CPU
 core) before the first byte can be posted, so a receiver keeps them while the plan, the trainers'
@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from refit.dtypes import device_of
+from refit.plan.assemble import padding
 from refit.plan.records import Chunk, DirectRead, Plan
 from refit.transport.jobs import ReadJob, direct_job_batches, jobs_for
 from refit.types import Region, SourceRecord
@@ -43,6 +44,7 @@ class PreparedReads:
         self._targets = tuple(dict.fromkeys(d.target for d in plan.direct))
         self._where = _where(self._targets, dests)
         self._sources = tuple(sources)
+        self.padding = padding(plan.targets)  # the engine rows no trainer publishes, zeroed each refit
         self.direct_reads: list[list[DirectRead]] = []
         self.batches: list[list[ReadJob]] = []
         self.storages: list[torch.Tensor] = []  # the engine tensors direct reads write into

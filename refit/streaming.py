@@ -20,7 +20,7 @@ import torch
 
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.errors import TransportError
-from refit.plan.assemble import zero_padding
+from refit.plan.assemble import zero_rows
 from refit.plan.records import Plan
 from refit.plan.verify import Pending, Verifier
 from refit.staging import StagingPool
@@ -181,7 +181,7 @@ def stream(
         finish = start_check()
         if install_chunk is None:
             with _on(copies):
-                zero_padding(plan.targets, dests)
+                zero_rows(reads.padding, dests)
         _wait(copies)
         _wait(checks)
         t5 = time.perf_counter()

@@ -1,6 +1,7 @@
 """How much of the link a refit's batched NIXL READs keep, measured apart from the refit.
 
-A source process on GPU 0 holds `--bytes`; this process, on GPU 1, reads all of it: as one READ, as
+A source process on GPU 0 holds `--bytes`; this process, on GPU 1 (on GPU 0 too with `--same-gpu`,
+or on a machine of one GPU: two processes sharing it), reads all of it: as one READ, as
 `--batches` batches posted two in flight (`NixlAgent.read_batches`, as the streamed install posts its
 direct reads), the same with each batch cut into `--pieces` descriptors, and the batches again while
 this GPU copies 1 GiB buffers on another stream (an install's copies and digests beside the reads).
@@ -43,11 +44,12 @@ def main() -> int:
     p.add_argument("--pieces", type=int, default=18)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json")
+    p.add_argument("--same-gpu", action="store_true", help="read from a process on this process's GPU")
     args = p.parse_args()
-    if torch.cuda.device_count() < 2:
-        raise SystemExit("needs two GPUs")
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a GPU")
     n = args.bytes
-    local = torch.device("cuda:1")
+    local = torch.device("cuda:0" if args.same_gpu or torch.cuda.device_count() < 2 else "cuda:1")
     torch.cuda.set_device(local)
     source = Worker("refit_bench.measure:Source", device="cuda", device_index=0)
     agent = NixlAgent(prefix="probe-reader")

@@ -8,12 +8,17 @@ per call of: `resolve` with the matching `known_layout` (tensors omitted: the ca
 `resolve` without it (the full records), and today's three calls (latest, get_sources, get_version).
 `Ping` (an empty round trip) gives the scale: on a loaded machine every figure moves with it.
 
+`--gaps-ms 0,10,100` times instead the cached-plan `resolve` (TP1, memory store) after each idle gap:
+a receiver resolves once per refit, after seconds of generation, never back to back. gRPC's threads
+on both sides have gone to sleep by then; waking them is part of every refit's fixed cost.
+
 The READY re-check after every pull: `version_state` (GetState, the state alone) against
 `get_version` (the whole VersionInfo) and `ping`, `--calls` each, interleaved in blocks so that a
 change in the machine's load shifts all three alike; mean and median per call. `--state-only` skips
 the resolve figures. A measurement to report, not a test. Usage:
 
     .venv/bin/python bench/scripts/catalog_resolve.py [--calls 200] [--redis redis://127.0.0.1:6379/15] [--state-only]
+    .venv/bin/python bench/scripts/catalog_resolve.py --gaps-ms 0,10,100,500 [--calls 30]
 """
 
 from __future__ import annotations
@@ -138,13 +143,39 @@ def measure(store: str, tp: int, calls: int, *, same_process: bool, state_only: 
         }
 
 
+def after_gaps(gaps_ms: list[float], calls: int, *, same_process: bool) -> dict[str, object]:
+    """Median and min (us) of the cached-plan `resolve`, each call after an idle gap of each length."""
+    meta, sources = synthesize_sources(LLAMA_3_8B, TrainerLayout(tp=1))
+    row: dict[str, object] = {"catalog": "same process" if same_process else "own process", "calls": calls,
+                              "load_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+    with catalog("memory", same_process=same_process) as address, CatalogClient(address) as client:
+        for s in sources:
+            client.publish(name="gaps", version=1, world_size=1, model=meta, source=s)
+        known = client.resolve(name="gaps").layout_digest
+        for gap in gaps_ms:
+            times = []
+            for _ in range(calls):
+                time.sleep(gap / 1e3)
+                t0 = time.perf_counter()
+                client.resolve(name="gaps", version=1, known_layout=known, ranks=(0,))
+                times.append(time.perf_counter() - t0)
+            row[f"gap_{gap:g}ms_median_us"] = round(statistics.median(times) * 1e6, 1)
+            row[f"gap_{gap:g}ms_min_us"] = round(min(times) * 1e6, 1)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="'' to skip the Redis store")
     parser.add_argument("--same-process", action="store_true", help="embed the catalog in this process")
     parser.add_argument("--state-only", action="store_true", help="only ping, version_state and get_version")
+    parser.add_argument("--gaps-ms", default="", help="comma-separated idle gaps before each resolve, e.g. 0,10,100")
     args = parser.parse_args()
+    if args.gaps_ms:
+        gaps = [float(g) for g in args.gaps_ms.split(",")]
+        print(json.dumps(after_gaps(gaps, args.calls, same_process=args.same_process)), flush=True)
+        return
     stores = ["memory"] + ([f"{args.redis}?prefix=bench-resolve-{uuid.uuid4().hex[:8]}"] if args.redis else [])
     rows = []
     for store in stores:

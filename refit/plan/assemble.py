@@ -155,12 +155,26 @@ def _grouped(first: torch.Tensor, step: int, count: int) -> torch.Tensor:
     return first.as_strided((count, *first.shape), (step, *first.stride()), first.storage_offset())
 
 
+def padding(targets: Sequence[Target]) -> tuple[tuple[str, int, int, int], ...]:
+    """(target, dim, first row, rows) of each target's rows that no trainer publishes (an engine's own
+    vocabulary padding): a scan of every target, so a receiver keeps it with its plan's reads."""
+    out = []
+    for t in targets:
+        if t.dim is None:
+            continue
+        published = sum(b - a for a, b in t.rows)
+        if published < t.shape[t.dim]:
+            out.append((t.hf_name, t.dim, published, t.shape[t.dim] - published))
+    return tuple(out)
+
+
 def zero_padding(targets: Sequence[Target], dests: Mapping[str, torch.Tensor]) -> None:
     """Zero the rows of each target that no trainer publishes (an engine's own vocabulary padding)."""
+    zero_rows(padding(targets), dests)
+
+
+def zero_rows(rows: Sequence[tuple[str, int, int, int]], dests: Mapping[str, torch.Tensor]) -> None:
+    """Zero `padding`'s rows in `dests`."""
     with torch.no_grad():
-        for t in targets:
-            if t.dim is None:
-                continue
-            published = sum(b - a for a, b in t.rows)
-            if published < t.shape[t.dim]:
-                dests[t.hf_name].narrow(t.dim, published, t.shape[t.dim] - published).zero_()
+        for name, dim, start, length in rows:
+            dests[name].narrow(dim, start, length).zero_()

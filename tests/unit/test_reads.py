@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from refit.dtypes import torch_dtype
+from refit.plan.assemble import padding
 from refit.plan.planner import plan_refit
 from refit.plan.targets import EngineLayout
 from refit.reads import PreparedReads, batch_bytes, batched, chunk_jobs
@@ -44,6 +45,7 @@ def test_kept_jobs_are_the_jobs_built_afresh() -> None:
         assert reads.chunk(k, slots[k % 2]) is jobs  # kept
         assert reads.chunk(k, slots[(k + 1) % 2]) == chunk_jobs(plan.chunks[k], sources, slots[(k + 1) % 2])
     assert {id(t) for t in reads.storages} == {id(dests[d.target]) for d in plan.direct}
+    assert reads.padding == padding(plan.targets)
 
 
 def test_kept_jobs_fit_only_the_same_plan_regions_and_engine_tensors() -> None:
