@@ -295,7 +295,10 @@ class CatalogClient:
             raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
         if self._closed:
             raise CatalogError(f"catalog client for {self.address} is closed")
-        request = pb.GetStateRequest(name=name, version=version)
+        try:
+            request = pb.GetStateRequest(name=name, version=version)
+        except (TypeError, ValueError) as exc:  # out of the field's range: refused before anything is sent
+            raise ConfigError(f"GetState: {exc}") from exc
         deadline = time.monotonic() + self.timeout_s
         future = self._stub.GetState.future(
             request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=self._reached

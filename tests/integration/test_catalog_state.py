@@ -74,6 +74,18 @@ def test_unknown_name_or_version(catalog_client: CatalogClient) -> None:
         catalog_client.version_state(name="m:", version=1)
 
 
+def test_state_sent_now_answered_later_agrees_and_raises_alike(catalog_client: CatalogClient) -> None:
+    # The receiver's READY re-check: sent once the last byte has landed, answered after the install.
+    publish(catalog_client, 1, range(WORLD))
+    answers = [catalog_client.version_state_later(name="m", version=1) for _ in range(3)]  # queued on one thread
+    catalog_client.retire(name="m", version=1)  # after they were sent: they may see either state
+    assert all(answer() in (VersionState.READY, VersionState.RETIRED) for answer in answers)
+    assert catalog_client.version_state_later(name="m", version=1)() is VersionState.RETIRED
+    later = catalog_client.version_state_later(name="m", version=2)
+    with pytest.raises(VersionNotFoundError, match="'m' has no version 2"):
+        later()
+
+
 # case -> (arguments, what the error says)
 BAD_ARGS: dict[str, tuple[dict[str, object], str]] = {
     "empty name": ({"name": "", "version": 1}, "model name must be a non-empty str"),
@@ -95,8 +107,12 @@ def test_bad_arguments_fail_before_any_rpc(closed_port: int, case: str) -> None:
         arguments, message = BAD_ARGS[case]
         with pytest.raises(ConfigError, match=message):
             client.version_state(**arguments)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=message):
+            client.version_state_later(**arguments)  # type: ignore[arg-type]
         with pytest.raises(CatalogUnavailableError, match="GetState"):
             client.version_state(name="m", version=1)
+        with pytest.raises(CatalogUnavailableError, match="GetState"):
+            client.version_state_later(name="m", version=1)()
 
 
 def test_server_refuses_bad_requests_itself(catalog_server: CatalogServer) -> None:
@@ -119,6 +135,8 @@ def test_closed_client_refuses(catalog_server: CatalogServer) -> None:
     client.close()
     with pytest.raises(CatalogError, match="is closed"):
         client.version_state(name="m", version=1)
+    with pytest.raises(CatalogError, match="is closed"):
+        client.version_state_later(name="m", version=1)
 
 
 @pytest.mark.redis
