@@ -120,12 +120,17 @@ class StagingPool:
         return self.read_batches([jobs], deadline)
 
     def read_batches(
-        self, batches: list[list[ReadJob]], deadline: float, landed: Callable[[int], None] | None = None
+        self,
+        batches: list[list[ReadJob]],
+        deadline: float,
+        landed: Callable[[int], None] | None = None,
+        *,
+        depth: int = 2,
     ) -> int:
-        """`read` of `batches` in order, two in flight at a time; `landed(k)` once batch k is in."""
+        """`read` of `batches` in order, `depth` in flight at a time; `landed(k)` once batch k is in."""
         try:
             timeout_s = max(deadline - time.monotonic(), MIN_WAIT_S)
-            return self.agent.read_batches(batches, timeout_s=timeout_s, landed=landed)
+            return self.agent.read_batches(batches, depth=depth, timeout_s=timeout_s, landed=landed)
         except BaseException:
             self.quarantine()
             raise

@@ -16,6 +16,7 @@ from refit.plan.planner import plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
 from refit.reads import batched
+from refit.streaming import DIRECT_AT_ONCE_CHUNKS, direct_depth
 from tests.unit.test_assemble import expected, global_tensors, meta, stage, trainer
 
 VOCAB, PADDED = 61, 64
@@ -96,3 +97,13 @@ def test_every_batch_of_direct_reads_takes_from_every_rank_in_proportion() -> No
     for rank in (0, 1):  # each rank's reads keep their order
         mine = [r for b in batches for r in b if r.rank == rank]
         assert mine == [r for r in reads if r.rank == rank]
+
+
+def test_direct_batches_all_in_flight_only_with_few_chunks() -> None:
+    # With few chunks every batch is posted at once (a peer serves in order: the chunks follow the
+    # batches); with many, two at a time so that chunk pulls keep pace with their installs.
+    assert direct_depth(0, 9) == 9
+    assert direct_depth(DIRECT_AT_ONCE_CHUNKS, 9) == 9
+    assert direct_depth(DIRECT_AT_ONCE_CHUNKS + 1, 9) == 2
+    assert direct_depth(13, 20) == 2
+    assert direct_depth(0, 0) == 1
