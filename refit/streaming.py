@@ -3,7 +3,9 @@ into the engine's tensors, the direct reads beside them, digests checked as byte
 
 Chunk k is installed from slot k % 2 while chunk k + 1 is pulled into the other slot; the direct reads
 (runs contiguous in both the trainer's memory and an engine tensor) go on their own worker in batches
-of about a chunk, all in flight at once when the plan has few chunks, else two (`direct_depth`). The memory this runs on (slots, registrations, quarantine) is `refit.staging`'s.
+of about a chunk, all in flight at once when the plan has few chunks, else two (`direct_depth`). The
+memory this runs on (slots, registrations, quarantine) is `refit.staging`'s; the reads, kept per
+plan, are `refit.reads`'.
 """
 
 from __future__ import annotations
