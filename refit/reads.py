@@ -55,8 +55,8 @@ class PreparedReads:
                 for d in plan.direct
                 for t in (dests[d.target],)
             }
-            # In batches, two in flight: a chunk's read, posted meanwhile, then waits behind two batches
-            # rather than behind every direct read (a peer's transfers run in order).
+            # In batches: a chunk's read posted meanwhile waits behind the batches in flight (a peer's
+            # transfers run in order), not behind every direct read (`refit.streaming.direct_depth`).
             self.direct_reads = batched(plan.direct, batch_bytes(plan))
             self.batches = direct_job_batches(self.direct_reads, sources, where)
         self._chunks: dict[tuple[int, int], list[ReadJob]] = {}
