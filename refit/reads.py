@@ -1,4 +1,4 @@
-"""A streamed plan's reads, built once and kept: its direct reads cut into batches and their READ
+"""A plan's reads, built once and kept: its direct reads cut into batches and their READ
 jobs, each chunk's jobs into each staging slot, and the engine rows no read writes (padding).
 
 Building them walks every tensor of the plan in Python (a few ms at Llama-3-8B's 291 tensors on a CPU
@@ -36,25 +36,25 @@ def addressing(sources: Sequence[SourceRecord]) -> Addressing:
 
 
 class PreparedReads:
-    """The READ jobs of one streamed `plan` from `sources` into the engine tensors `dests`."""
+    """The READ jobs of one `plan` from `sources` into its staging slots and the engine tensors `dests`
+    (direct reads); a receiver's prefetch and streamed install both take their jobs from here."""
 
     def __init__(self, plan: Plan, sources: Sequence[SourceRecord], dests: Mapping[str, torch.Tensor]) -> None:
         self.plan = plan
         self.addressing = addressing(sources)
         self._targets = tuple(dict.fromkeys(d.target for d in plan.direct))
-        self._where = _where(self._targets, dests)
         self._sources = tuple(sources)
         self.padding = padding(plan.targets)  # the engine rows no trainer publishes, zeroed each refit
+        self.storages = [dests[n] for n in self._targets]  # the engine tensors direct reads write into
+        # Each target's (address, device, device id, address of its storage: its registration).
+        where = {
+            n: (t.data_ptr(), *device_of(t), t.untyped_storage().data_ptr())
+            for n, t in zip(self._targets, self.storages, strict=True)
+        }
+        self._where = tuple(w[0] for w in where.values())  # what `fits` compares
         self.direct_reads: list[list[DirectRead]] = []
         self.batches: list[list[ReadJob]] = []
-        self.storages: list[torch.Tensor] = []  # the engine tensors direct reads write into
         if plan.direct:
-            self.storages = [dests[n] for n in self._targets]
-            where = {
-                d.target: (t.data_ptr(), *device_of(t), t.untyped_storage().data_ptr())
-                for d in plan.direct
-                for t in (dests[d.target],)
-            }
             # In batches: a chunk's read posted meanwhile waits behind the batches in flight (a peer's
             # transfers run in order), not behind every direct read (`refit.streaming.direct_depth`).
             self.direct_reads = batched(plan.direct, batch_bytes(plan))

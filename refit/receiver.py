@@ -294,7 +294,7 @@ class Receiver:
         t_read = time.perf_counter()
         pulled, descriptors, slots = self._pool_for().prefetch(
             plan, sources, self._read_deadline(deadline), self.engine.device,
-            chunks=(2 if prefetch else 0) if streamed else 1,
+            chunks=(2 if prefetch else 0) if streamed else 1, dests=self._dests,
         )  # fmt: skip
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}

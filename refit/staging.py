@@ -23,7 +23,7 @@ from refit.copies import ChunkCopier
 from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.records import Plan
-from refit.reads import PreparedReads, chunk_jobs, chunk_size
+from refit.reads import PreparedReads, chunk_size
 from refit.transport.jobs import ReadJob
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
@@ -136,17 +136,26 @@ class StagingPool:
             raise
 
     def prefetch(
-        self, plan: Plan, sources: Sequence[SourceRecord], deadline: float, device: torch.device, *, chunks: int
+        self,
+        plan: Plan,
+        sources: Sequence[SourceRecord],
+        deadline: float,
+        device: torch.device,
+        *,
+        chunks: int,
+        dests: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[int, int, list[torch.Tensor]]:
         """Allocate the plan's slots (two when chunks stream) and pull its first `chunks` chunks, at
-        most as many as there are slots unless the plan is a single chunk.
+        most as many as there are slots unless the plan is a single chunk. Their jobs are the kept
+        reads of the plan (`reads`; `dests`: the engine tensors its direct reads write into).
 
         Returns (chunks pulled, descriptors posted, slots).
         """
         count = 2 if plan.streamed else 1
         slots = self.slots(count, chunk_size(plan), device)
-        first = plan.chunks[: min(chunks, count)]
-        jobs = [j for k, c in enumerate(first) for j in chunk_jobs(c, sources, slots[k % len(slots)])]
+        reads = self.reads(plan, sources, dests or {})
+        first = range(min(chunks, count, len(plan.chunks)))
+        jobs = [j for k in first for j in reads.chunk(k, slots[k % len(slots)])]
         self.connect(sources, jobs)
         return len(first), self.read(jobs, deadline) if jobs else 0, slots
 
