@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -49,8 +49,8 @@ from refit.staged import ReceiverStats, StagedVersion
 from refit.staging import StagingPool
 from refit.streaming import stream
 from refit.transport.nixl import NixlAgent
-from refit.types import UpdateResult
-from refit.versions import CatalogVersions
+from refit.types import SourceRecord, UpdateResult
+from refit.versions import CatalogVersions, Fences
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +289,12 @@ class Receiver:
         streamed = (self._dests is not None and (plan.streamed or bool(plan.direct))) or (
             self._layered and plan.streamed
         )
-        # 2. Staging slots (two when chunks stream) and this fetch's reads: everything, or the first
+        # 2. Staging slots (`Plan.slot_count`) and this fetch's reads: everything, or the first
         #    chunks that fit the window.
         t_read = time.perf_counter()
         pulled, descriptors, slots = self._pool_for().prefetch(
             plan, sources, self._read_deadline(deadline), self.engine.device,
-            chunks=(2 if prefetch else 0) if streamed else 1, dests=self._dests,
+            chunks=(plan.slot_count if prefetch else 0) if streamed else 1, dests=self._dests,
         )  # fmt: skip
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
@@ -303,7 +303,7 @@ class Receiver:
         if not streamed:
             # 3. Whole: validate (still READY, so a digest mismatch is corruption, not a race), verify
             #    every staged block, then the engine's tensors as views of staging where possible.
-            self._versions.check_ready(info.version, torn=False)
+            self._versions.check_ready(info.version, torn=False, fences=self._fences(plan, sources, deadline))
             if verifier is not None and plan.chunks:
                 try:
                     verifier.pieces(plan.chunks[0].pieces, slots[0])
@@ -328,6 +328,12 @@ class Receiver:
                      "validate": t_done - t_wire, **timings},
             verifier=verifier if streamed else None,
         )  # fmt: skip
+
+    def _fences(self, plan: Plan, sources: Sequence[SourceRecord], deadline: float) -> Fences:
+        """The sources `plan` reads, and how to read their version words (`CatalogVersions.start_check`)."""
+        assert self._pool is not None
+        read = [s for s in sources if s.rank in plan.bytes_by_rank]
+        return read, functools.partial(self._pool.read_words, deadline=self._read_deadline(deadline))
 
     def _read_deadline(self, deadline: float) -> float:
         """One pull attempt's deadline: `source_timeout_s` from now, within the call's deadline."""
@@ -356,7 +362,10 @@ class Receiver:
                 descriptors += stream(
                     self._pool, plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
                     deadline=deadline, read_deadline=self._read_deadline,
-                    start_check=lambda: self._versions.start_check(staged.version, torn=True), timings=timings,
+                    start_check=lambda: self._versions.start_check(
+                        staged.version, torn=True, fences=self._fences(plan, staged.sources, deadline)
+                    ),
+                    timings=timings,
                     install_chunk=install_chunk, verifier=staged.verifier,
                 )  # fmt: skip
             except DigestError as exc:

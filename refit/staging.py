@@ -2,8 +2,8 @@
 failed reads, the engine storages that direct reads write into (the streamed install that runs on
 them is `refit.streaming`).
 
-Staging is one buffer per slot (one slot when a refit fits the window; two when chunks stream, one
-pulled while the other is installed), registered once and reused by every later refit. A read that
+Staging is one buffer per slot (one slot when a refit fits the window; `Plan.slots` when chunks
+stream, the next ones pulled while one is installed), registered once and reused by every later refit. A read that
 fails or times out may leave transfers running into its buffers, so those are set aside
 (quarantined) and freed only once no transfer is still running; the next refit gets fresh ones.
 Engine storages are registered the first time a direct read targets them and stay registered.
@@ -24,7 +24,7 @@ from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.records import Plan
 from refit.reads import PreparedReads, chunk_size
-from refit.transport.jobs import ReadJob
+from refit.transport.jobs import ReadJob, ReadOp
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord
 
@@ -47,10 +47,13 @@ class StagingPool:
         self.quarantined = 0
         self.peak_bytes = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._workers = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
         self._copiers: dict[int, ChunkCopier] = {}  # chunk index -> its copies, for `_copiers_plan`
         self._copiers_plan: Plan | None = None
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
+        self._words: torch.Tensor | None = None  # where the trainers' version words are read into
+        self._word_jobs: dict[tuple[str, int, int], ReadJob] = {}
 
     @property
     def staging_bytes(self) -> int:
@@ -64,10 +67,16 @@ class StagingPool:
     def label(self) -> str:
         return self._label
 
-    def executor(self) -> ThreadPoolExecutor:
-        """Two pull workers, made on first use: one for the chunks, one for the direct reads."""
+    def executor(self, slots: int) -> ThreadPoolExecutor:
+        """Pull workers, made on first use: one per staging slot (each may have a pull in flight) and
+        one for the direct reads."""
+        workers = slots + 1
+        if self._executor is not None and self._workers < workers:
+            self._executor.shutdown(wait=True)  # between refits: nothing is in flight on it
+            self._executor = None
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"refit-pull-{self._label}")
+            self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"refit-pull-{self._label}")
+            self._workers = workers
         return self._executor
 
     def slots(self, count: int, nbytes: int, device: torch.device) -> list[torch.Tensor]:
@@ -145,19 +154,48 @@ class StagingPool:
         chunks: int,
         dests: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[int, int, list[torch.Tensor]]:
-        """Allocate the plan's slots (two when chunks stream) and pull its first `chunks` chunks, at
+        """Allocate the plan's slots (`Plan.slot_count`) and pull its first `chunks` chunks, at
         most as many as there are slots unless the plan is a single chunk. Their jobs are the kept
         reads of the plan (`reads`; `dests`: the engine tensors its direct reads write into).
 
         Returns (chunks pulled, descriptors posted, slots).
         """
-        count = 2 if plan.streamed else 1
+        count = plan.slot_count
         slots = self.slots(count, chunk_size(plan), device)
         reads = self.reads(plan, sources, dests or {})
         first = range(min(chunks, count, len(plan.chunks)))
         jobs = [j for k in first for j in reads.chunk(k, slots[k % len(slots)])]
         self.connect(sources, jobs)
         return len(first), self.read(jobs, deadline) if jobs else 0, slots
+
+    def read_words(self, sources: Sequence[SourceRecord], deadline: float) -> list[int]:
+        """Each source's version word (`SourceRecord.fence_addr`, `refit.trainer.fence`), read now over
+        NIXL into a kept registered host buffer: one 8-byte READ per source."""
+        if self._words is None or self._words.numel() < len(sources):
+            if self._words is not None:
+                self.agent.deregister(self._words.data_ptr(), self._words.numel() * 8)
+            self._words = torch.empty(max(len(sources), 8), dtype=torch.int64)
+            self.agent.register(self._words.data_ptr(), self._words.numel() * 8)
+            self._word_jobs = {}
+        base = self._words.data_ptr()
+        jobs = []
+        for i, s in enumerate(sources):
+            key = (s.agent_name, s.fence_addr, base + 8 * i)
+            job = self._word_jobs.get(key)
+            if job is None:
+                job = self._word_jobs[key] = ReadJob(
+                    agent_name=s.agent_name, ops=(ReadOp(local_addr=key[2], remote_addr=s.fence_addr, nbytes=8),)
+                )
+            jobs.append(job)
+        self.connect(sources, jobs)
+        try:
+            self.agent.read(jobs, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
+        except BaseException:
+            # A READ that failed may still land: its buffer is never reused nor freed.
+            _PARKED.append(self._words)
+            self._words, self._word_jobs = None, {}
+            raise
+        return self._words[: len(sources)].tolist()
 
     def reads(self, plan: Plan, sources: Sequence[SourceRecord], dests: Mapping[str, torch.Tensor]) -> PreparedReads:
         """`plan`'s READ jobs from `sources` into staging and `dests`, kept while they still fit; the
@@ -196,7 +234,7 @@ class StagingPool:
 
     def slots_of(self, plan: Plan) -> list[torch.Tensor]:
         held = [s for s in self._slots if s is not None]
-        if len(held) != (2 if plan.streamed else 1) or any(s.numel() < chunk_size(plan) for s in held):
+        if len(held) != plan.slot_count or any(s.numel() < chunk_size(plan) for s in held):
             raise TransportError("the staging of this refit was replaced by a later fetch; fetch again")
         return held
 
@@ -246,3 +284,4 @@ class StagingPool:
         self._engine.clear()
         self._copiers, self._copiers_plan = {}, None
         self._reads = None
+        self._words, self._word_jobs = None, {}

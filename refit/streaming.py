@@ -1,7 +1,7 @@
-"""The streamed install: a plan's chunks pulled through a receiver's two staging slots and copied
-into the engine's tensors, the direct reads beside them, digests checked as bytes land.
+"""The streamed install: a plan's chunks pulled through a receiver's staging slots and copied into
+the engine's tensors, the direct reads beside them, digests checked as bytes land.
 
-Chunk k is installed from slot k % 2 while chunk k + 1 is pulled into the other slot; the direct reads
+Chunk k is installed from its slot while the next chunks are pulled into the others; the direct reads
 (runs contiguous in both the trainer's memory and an engine tensor) go on their own worker in batches
 of about a chunk, all in flight at once when the plan has few chunks, else two (`direct_depth`). The
 memory this runs on (slots, registrations, quarantine) is `refit.staging`'s; the reads, kept per
@@ -30,7 +30,7 @@ from refit.types import SourceRecord
 
 logger = logging.getLogger(__name__)
 
-DIRECT_AT_ONCE_CHUNKS = 4  # see `direct_depth`
+DIRECT_AT_ONCE_WINDOWS = 2  # see `direct_depth`
 
 
 def stream(
@@ -49,10 +49,11 @@ def stream(
 ) -> int:
     """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
-    Chunks [0, `pulled`) are already in their slots. Chunk k is installed from slot k % 2 while
-    chunk k + 1 is pulled into the other slot (whose chunk k - 1 is installed already); direct
-    reads run beside that pipeline, on their own worker (chunk 0 is posted first, so its copies
-    run while they land), and the last chunk's copies run while they finish. `start_check` sends
+    Chunks [0, `pulled`) are already in their slots. With S slots, chunk k is installed from slot
+    k % S while chunks up to k + S - 1 are pulled into the others (each slot's previous chunk is
+    installed already); direct reads run beside that pipeline, on their own worker (every slot's
+    first chunk is posted before them, so the first installs run while they land), and the last
+    chunk's copies run while they finish. `start_check` sends
     the READY re-check once the last byte has landed and returns the wait for its answer, which
     runs after the last copies. Adds "wire", "validate" (the check beyond the install) and
     "install" seconds to `timings`. `install_chunk(k, slot)`, when given, installs chunk k from
@@ -67,8 +68,8 @@ def stream(
     """
     slots = pool.slots_of(plan)
     chunks = plan.chunks
-    # One worker pulls the chunks, the other the direct reads, so both stay in flight at once.
-    executor = pool.executor()
+    # One worker per chunk pull in flight, one for the direct reads, so all stay in flight at once.
+    executor = pool.executor(len(slots))
     # 1. Direct reads write engine memory: no transfer of an earlier failed read may still be running.
     while pool.agent.in_flight():
         if time.monotonic() > deadline:
@@ -83,22 +84,27 @@ def stream(
     direct_reads, batches = reads.direct_reads, reads.batches
     if batches:
         pool.connect(sources, [j for b in batches for j in b])
+    pulls: dict[int, Future[int]] = {}  # chunk -> its pull, posted and not yet waited for
+    posted = pulled  # chunks [0, posted) are in their slots or being pulled into them
 
-    def pull(k: int) -> tuple[Future[int], int]:
-        chunk = reads.chunk(k, slots[k % len(slots)])
-        pool.connect(sources, chunk)
-        future = executor.submit(pool.read, chunk, read_deadline(deadline))
-        future.add_done_callback(lambda _: landed.put(None))
-        return future, k + 1
+    def post_upto(last: int) -> None:
+        """Post the pulls of chunks up to `last` (each slot's previous chunk is installed already)."""
+        nonlocal posted
+        while posted < len(chunks) and posted <= last:
+            chunk = reads.chunk(posted, slots[posted % len(slots)])
+            pool.connect(sources, chunk)
+            future = executor.submit(pool.read, chunk, read_deadline(deadline))
+            future.add_done_callback(lambda _: landed.put(None))
+            pulls[posted] = future
+            posted += 1
 
-    # 2. The chunk pipeline: chunks [0, ready) are in their slots; the pull in flight ends at upto.
-    #    A prefetched version already holds chunks 0 and 1, whose slots must be installed first.
-    #    Chunk 0 is posted before the direct reads, so its install runs while they land.
-    ready = pulled
-    pending, upto = pull(0) if ready == 0 and chunks else (None, ready)
+    # 2. The chunk pipeline. A prefetched version already holds its first chunks, whose slots must be
+    #    installed first; every free slot is filled before the direct reads are posted, so the first
+    #    installs run while they land.
+    post_upto(len(slots) - 1)
     if batches:
         on_landed = landed.put if verifier is not None else None
-        depth = direct_depth(len(chunks), len(batches))
+        depth = direct_depth(len(chunks), len(batches), len(slots))
         direct = executor.submit(pool.read_batches, batches, read_deadline(deadline), on_landed, depth=depth)
         direct.add_done_callback(lambda _: landed.put(None))
     # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
@@ -136,13 +142,10 @@ def stream(
         for k in range(len(chunks) + (0 if chunks else 1)):
             t0 = time.perf_counter()
             c0 = checking
-            while k < len(chunks) and k >= ready:
-                if pending is None:
-                    pending, upto = pull(ready)
-                descriptors += wait_for(pending)
-                pending, ready = None, upto
-            if pending is None and k + 1 < len(chunks) and k + 1 >= ready:
-                pending, upto = pull(k + 1)
+            post_upto(k + len(slots) - 1)  # into the slot of chunk k - 1, installed by now
+            if k in pulls:
+                descriptors += wait_for(pulls[k])
+                del pulls[k]
             tv = time.perf_counter()
             wire += tv - t0 - (checking - c0)
             verify += checking - c0
@@ -206,7 +209,7 @@ def stream(
     finally:
         _wait(copies)  # the copies out of a slot end before a later refit may refill it
         _wait(checks)  # and the checks of engine memory before later reads overwrite it
-        for f in (pending, direct):
+        for f in (*pulls.values(), direct):
             if f is not None:
                 f.exception()  # a pull still in flight after a failure ends by its own deadline
     timings["wire"] = timings.get("wire", 0.0) + wire
@@ -217,9 +220,9 @@ def stream(
     return descriptors
 
 
-def direct_depth(chunks: int, batches: int) -> int:
-    """How many batches of direct reads are in flight at once: all of them when the plan has at most
-    four chunks, else two.
+def direct_depth(chunks: int, batches: int, slots: int) -> int:
+    """How many batches of direct reads are in flight at once: all of them when the staged chunks fill
+    at most two windows (`DIRECT_AT_ONCE_WINDOWS` x `slots` chunks), else two.
 
     A peer serves the transfers posted to it in order, so a chunk pulled after the batches were posted
     waits behind all of them; with few chunks that costs only the tail (the chunks then follow the
@@ -228,7 +231,7 @@ def direct_depth(chunks: int, batches: int) -> int:
     9 batches ran 41.6 ms on two H200s against 42.4-43.5 ms two at a time (one READ: 41.1 ms), and
     7.8 against 8.4 ms on one H200 (`bench/scripts/batched_read.py`).
     """
-    return max(batches, 1) if chunks <= DIRECT_AT_ONCE_CHUNKS else 2
+    return max(batches, 1) if chunks <= DIRECT_AT_ONCE_WINDOWS * slots else 2
 
 
 def _next(landed: queue.SimpleQueue[int | None]) -> int | Literal[False] | None:

@@ -309,9 +309,14 @@ class SourceRecord:
     regions: tuple[Region, ...]
     tensors: tuple[TensorDesc, ...]
     digests: DigestSet = field(default_factory=DigestSet)
+    # The rank's version word (`refit.trainer.fence`): the address, in its registered host memory, of
+    # an int64 that holds this record's version while its bytes are unchanged; 0: none.
+    fence_addr: int = 0
 
     def __post_init__(self) -> None:
         _non_negative("rank", self.rank)
+        if not 0 <= self.fence_addr < 1 << 64:
+            raise ConfigError(f"rank {self.rank}: fence_addr must be a 64-bit address, got {self.fence_addr}")
         if not self.agent_name:
             raise ConfigError("agent_name must be non-empty")
         by_index = {r.index: r for r in self.regions}

@@ -1,21 +1,24 @@
 """A receiver's view of one model's versions in the catalog: which version to pull and from whom,
-and the READY re-check after a pull (the seqlock that keeps bytes a trainer overwrote mid-pull out of
-an engine).
+and the re-check after a pull (the seqlock that keeps bytes a trainer overwrote mid-pull out of an
+engine): the trainers' version words read over NIXL where every source has one, else the catalog.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.errors import DigestError, RefitError, VersionNotFoundError, VersionRetiredError
-from refit.types import VersionState
+from refit.types import SourceRecord, VersionState
 
 logger = logging.getLogger(__name__)
+
+# The sources a pull read, and a call that reads their version words (`refit.staging.StagingPool.read_words`).
+Fences = tuple[Sequence[SourceRecord], Callable[[Sequence[SourceRecord]], list[int]]]
 
 
 class CatalogVersions:
@@ -55,23 +58,39 @@ class CatalogVersions:
             remaining = max(deadline - time.monotonic(), MIN_WAIT_S)
             self._client.wait_ready(name=self._name, version=version, timeout_s=remaining)
 
-    def check_ready(self, version: int, *, torn: bool) -> None:
+    def check_ready(self, version: int, *, torn: bool, fences: Fences | None = None) -> None:
         """The seqlock check: a version retired while we read may have been overwritten mid-pull."""
-        self.start_check(version, torn=torn)()
+        self.start_check(version, torn=torn, fences=fences)()
 
-    def start_check(self, version: int, *, torn: bool) -> Callable[[], None]:
-        """Send the READY re-check now; the returned call waits for its answer and raises if retired.
+    def start_check(self, version: int, *, torn: bool, fences: Fences | None = None) -> Callable[[], None]:
+        """Start the re-check after a pull; the returned call waits for its answer and raises if the
+        version was retired (or its bytes changed) meanwhile.
 
-        `torn`: the engine's memory already holds bytes of this version (the error says so).
+        With `fences` (the sources read, and how to read their version words) and a word on every
+        one of them (`SourceRecord.fence_addr`), the words are read over NIXL now: one 8-byte READ per
+        source instead of a catalog round trip. Otherwise the catalog is asked. `torn`: the engine's
+        memory already holds bytes of this version (the error says so).
         """
         if self._on_after_wire is not None:
             self._on_after_wire(version)
+        mixed = "the engine's weights are mixed until a refit completes" if torn else "nothing installed"
+        if fences is not None and fences[0] and all(s.fence_addr for s in fences[0]):
+            sources, read_words = fences
+            changed = [s.rank for s, word in zip(sources, read_words(sources), strict=True) if word != version]
+
+            def words() -> None:
+                if changed:
+                    raise VersionRetiredError(
+                        f"version {version} of {self._name!r} was retired during the pull (its bytes on "
+                        f"trainer rank(s) {changed} changed or are changing); {mixed}"
+                    )
+
+            return words
         answer = self._client.version_state_later(name=self._name, version=version)
 
         def finish() -> None:
             state = answer()
             if state is not VersionState.READY:
-                mixed = "the engine's weights are mixed until a refit completes" if torn else "nothing installed"
                 raise VersionRetiredError(
                     f"version {version} of {self._name!r} became {state.value} during the pull; {mixed}"
                 )

@@ -200,6 +200,7 @@ def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
         regions=[region_to_proto(r) for r in s.regions],
         tensors=[tensor_to_proto(t) for t in s.tensors],
         digests=_build(pb.DigestSet, algorithm=s.digests.algorithm, values=bytes(s.digests.values)),
+        fence_addr=s.fence_addr,
     )
 
 
@@ -230,6 +231,7 @@ def source_from_proto(
         regions=regions,
         tensors=tensors,
         digests=DigestSet(algorithm=msg.digests.algorithm, values=bytes(msg.digests.values)),
+        fence_addr=msg.fence_addr,
     )
 
 

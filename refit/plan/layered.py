@@ -20,6 +20,10 @@ from refit.plan.targets import Target
 Located = tuple[Choice, Geometry]
 LayerKey = tuple[int, str]  # (the engine's order of the layer, its name)
 
+# Staging slots of a layered plan: two, so a layer must fit half the window (a third would refuse
+# windows that stream today; an engine's layer install, not the link, paces these chunks).
+SLOTS = 2
+
 
 def layer_chunks(
     located: Sequence[Located],

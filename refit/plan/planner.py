@@ -214,8 +214,11 @@ def plan_refit(
     staged = [located[i] for i in keep]
     staged_enclosed = {renumber[i] for i in enclosed if i in renumber}
     parts = window_.layout(staged, staged_enclosed, bridges, window if layer_of is None else None)
+    slots = window_.SLOTS
     if layer_of is not None and window is not None and parts[0].staging_bytes > window:
-        parts = layered.layer_chunks(staged, staged_enclosed, bridges, targets, layer_of, max(window // 2, 1), window)
+        slots = layered.SLOTS
+        limit = max(window // slots, 1)
+        parts = layered.layer_chunks(staged, staged_enclosed, bridges, targets, layer_of, limit, window)
     by_rank: dict[int, int] = defaultdict(int)
     for c in parts:
         for p in c.pieces:
@@ -226,11 +229,12 @@ def plan_refit(
         targets=tuple(targets),
         pieces=tuple(p for c in parts for p in c.pieces),
         reads=tuple(r for c in parts for r in c.reads),
-        staging_bytes=window_.peak_staging(parts),
+        staging_bytes=window_.peak_staging(parts, slots),
         bytes_by_rank=dict(by_rank),
         cost=cost,
         chunks=parts,
         direct=tuple(direct_list),
+        slots=slots,
     )
 
 

@@ -108,8 +108,9 @@ class Plan:
 
     `chunks` stream through staging one after another (one chunk when the staged pieces fit the
     window); `pieces` and `reads` are all of theirs, each at its own chunk's offsets. `direct`
-    tensors bypass staging. `staging_bytes` is the staging held at once: the one chunk, or the two
-    largest chunks when the pull of one overlaps the install of the previous.
+    tensors bypass staging. `staging_bytes` is the staging held at once: the one chunk, or the
+    `slots` largest chunks when chunks stream through that many staging slots (pulls run ahead of
+    installs).
     """
 
     targets: tuple[Target, ...]
@@ -120,11 +121,17 @@ class Plan:
     cost: LinkCost = DEFAULT_COST  # the link the plan was priced for
     chunks: tuple[Chunk, ...] = ()
     direct: tuple[DirectRead, ...] = ()
+    slots: int = 2  # staging slots chunks stream through, when there are several chunks
 
     @property
     def streamed(self) -> bool:
         """Whether the staged pieces are split into several chunks (and so installed chunk by chunk)."""
         return len(self.chunks) > 1
+
+    @property
+    def slot_count(self) -> int:
+        """Staging buffers this plan's pull holds: `slots` when chunks stream, else one."""
+        return self.slots if self.streamed else 1
 
     @property
     def total_bytes(self) -> int:

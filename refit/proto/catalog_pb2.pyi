@@ -160,7 +160,7 @@ class Region(_message.Message):
     def __init__(self, index: _Optional[int] = ..., addr: _Optional[int] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., device_id: _Optional[int] = ...) -> None: ...
 
 class SourceRecord(_message.Message):
-    __slots__ = ("rank", "coords", "agent_name", "agent_metadata", "regions", "tensors", "digests")
+    __slots__ = ("rank", "coords", "agent_name", "agent_metadata", "regions", "tensors", "digests", "fence_addr")
     RANK_FIELD_NUMBER: _ClassVar[int]
     COORDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class SourceRecord(_message.Message):
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_ADDR_FIELD_NUMBER: _ClassVar[int]
     rank: int
     coords: ParallelCoords
     agent_name: str
@@ -175,7 +176,8 @@ class SourceRecord(_message.Message):
     regions: _containers.RepeatedCompositeFieldContainer[Region]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorDesc]
     digests: DigestSet
-    def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ..., digests: _Optional[_Union[DigestSet, _Mapping]] = ...) -> None: ...
+    fence_addr: int
+    def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ..., digests: _Optional[_Union[DigestSet, _Mapping]] = ..., fence_addr: _Optional[int] = ...) -> None: ...
 
 class DigestSet(_message.Message):
     __slots__ = ("algorithm", "values")

@@ -180,6 +180,10 @@ class SnapshotRing:
         """The versions the slots hold, oldest first."""
         return sorted(v for v in self._versions if v is not None)
 
+    def slot_of(self, version: int) -> int:
+        """The slot holding `version`."""
+        return self._versions.index(version)
+
     def next_slot(self) -> int:
         """The slot the next version will take: an empty one, else the one holding the oldest version."""
         held = {v: i for i, v in enumerate(self._versions) if v is not None}

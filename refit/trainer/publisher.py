@@ -5,9 +5,11 @@ the default mode): descriptors of its shards, its NIXL agent metadata and its re
 
 Version safety. By default (`snapshots=0`) receivers read the live parameters. Version `v` stays
 readable until this rank calls `invalidate()` (automatically before every optimizer step when the
-optimizer is passed in) or publishes a newer version; either retires `v` in the catalog *before*
-any weight changes. Receivers stage what they pull and check the version is still READY before
-installing, so a pull that raced with an optimizer step is discarded, never installed torn. With
+optimizer is passed in) or publishes a newer version; either retires `v` *before* any weight
+changes: first in the rank's version word (`refit.trainer.fence`, which receivers read over NIXL
+after their pull), then in the catalog. Receivers check, after their last byte landed, that the
+version was not retired, so a pull that raced with an optimizer step is discarded, never installed
+torn. With
 `snapshots=k` each version is copied into one of `k` registered slots, used round-robin (a new
 version takes the slot of the oldest), so the last `k` versions stay readable while training goes
 on; a slot's old version is retired before the slot is overwritten, and the copy has landed (on
@@ -54,6 +56,7 @@ from refit.megatron.model import (
 )
 from refit.trainer import blocks as column_blocks
 from refit.trainer import memory
+from refit.trainer.fence import VersionWords
 from refit.trainer.lease import Lease
 from refit.transport.nixl import NixlAgent
 from refit.types import DigestSet, Region, SourceRecord, TensorDesc, VersionInfo
@@ -158,6 +161,7 @@ class Publisher:
         self._ring: memory.SnapshotRing | None = None
         self._mirror: memory.BlockedMirror | None = None
         self._mirrored: dict[int, int] = {}  # parameter index -> its index in the mirror
+        self._words: VersionWords | None = None  # one per place published from: the live params or each slot
         self._hooks: list[Any] = []
         self._lease: Lease | None = None
         self.last_digest_seconds = 0.0  # seconds the last stream_weights spent computing digests
@@ -201,13 +205,10 @@ class Publisher:
             )
         for block in self._blocks():
             self._agent.register(block.addr, block.nbytes, device=block.device, device_id=block.device_id)
-        logger.info(
-            "rank %d: %d tensors, %d bytes, %d registered region(s)",
-            self.rank,
-            len(self._params),
-            sum(p.param.numel() * p.param.element_size() for p in self._params),
-            len(self._blocks()),
-        )
+        self._words = VersionWords(self._agent, max(self._snapshots, 1))
+        nbytes = sum(p.param.numel() * p.param.element_size() for p in self._params)
+        logger.info("rank %d: %d tensors, %d bytes, %d registered region(s)", self.rank, len(self._params), nbytes,
+                    len(self._blocks()))  # fmt: skip
 
     def _blocks(self) -> list[memory.Block]:
         if self._ring is not None:
@@ -296,8 +297,11 @@ class Publisher:
     def _snapshot_layout(
         self, ring: memory.SnapshotRing, version: int
     ) -> tuple[list[Region], list[TensorDesc], DigestSet]:
-        # The slot's old version is retired before the copy, so a reader of it discards what it pulled.
+        # The slot's old version is retired before the copy (its word first), so a reader of it
+        # discards what it pulled.
+        self._words.retire(ring.next_slot())
         slot = ring.write(version, self._retire_snapshot)
+        self._words.publish(slot, version)  # the copy has landed
         places = list(zip(ring.block_index, ring.offsets, strict=True))
         return self._describe(ring.slot_blocks(slot), places.__getitem__)
 
@@ -324,6 +328,7 @@ class Publisher:
             if self._mirror is not None:  # the old version is retired: its blocked copy may change now
                 self._mirror.refresh()
             regions, descs, digests = self._live_layout()
+            self._words.publish(0, version)  # the optimizer's writes and the mirror have landed
         source = SourceRecord(
             rank=self.rank,
             coords=self.coords,
@@ -332,27 +337,22 @@ class Publisher:
             regions=tuple(regions),
             tensors=tuple(descs),
             digests=digests,
+            fence_addr=self._words.addr(self._ring.slot_of(version) if self._ring is not None else 0),
         )
         info = self._client.publish(
             name=self.name, version=version, world_size=self.world_size, model=self.model_meta, source=source
         )
         self._last = version
         self._current = None if self._snapshots else version
-        logger.info(
-            "rank %d published %s v%d (%d tensors) in %.3fs; state %s",
-            self.rank,
-            self.name,
-            version,
-            len(descs),
-            time.perf_counter() - start,
-            info.state.value,
-        )
+        logger.info("rank %d published %s v%d (%d tensors) in %.3fs; state %s", self.rank, self.name, version,
+                    len(descs), time.perf_counter() - start, info.state.value)  # fmt: skip
         return info
 
     def invalidate(self) -> list[int]:
         """Retire the live version before the weights change (no-op in snapshot mode)."""
         if self._snapshots or self._current is None:
             return []
+        self._words.retire(0)  # before the catalog hears of it: receivers read the word, not the catalog
         retired = self._client.retire(name=self.name, version=self._current, and_older=True)
         self._current = None
         return retired
@@ -387,6 +387,8 @@ class Publisher:
                     self._client.release(name=self.name, rank=self.rank, agent_name=self._agent.name)
                 except RefitError:  # closing must not fail because the catalog went away first
                     logger.warning("rank %d: could not release its claim", self.rank, exc_info=True)
+            if self._words is not None:
+                self._words.close()
             self._agent.close()
             self._agent = None
         self._client.close()

@@ -109,6 +109,34 @@ def test_a_pull_that_races_an_optimizer_step_is_never_installed(trainer, catalog
         assert race.versions == [1, 2, 3]  # the hook saw every pull, with its version
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_the_re_check_reads_the_trainers_version_words(trainer, catalog, direct: bool) -> None:
+    """The re-check after a pull reads each trainer rank's version word over NIXL: a rank whose word
+    changed fails the refit although the catalog still says READY (a retirement on its way)."""
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=7)
+    t.publish(1)
+    race = Race()
+    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, on_after_wire=race,
+                  direct=direct) as rcv:  # fmt: skip
+        before = snapshot(engine_model)
+        race.step = lambda: t.cluster.run(f"{OPS}:retire_word", name=t.name, ranks=[1])
+        with pytest.raises(VersionRetiredError, match=r"during the pull \(its bytes on trainer rank\(s\) \[1\]"):
+            rcv.update_weights(version=1)
+        if not direct:
+            assert_unchanged(engine_model, before)  # staged whole: nothing was installed
+        else:
+            assert rcv.torn  # direct reads wrote the engine: it must not serve until a refit completes
+        with CatalogClient(catalog) as client:
+            assert client.version_state(name=t.name, version=1).value == "READY"  # the word alone failed it
+        t.cluster.run(f"{OPS}:invalidate", name=t.name)
+        v2 = t.step(seed=2)
+        t.publish(2)
+        assert rcv.update_weights().version == 2  # the words of v2 hold v2 again
+        assert_same_weights(engine_model, v2)
+        assert not rcv.torn
+
+
 def test_version_that_never_becomes_ready_names_the_missing_ranks(trainer, catalog, trainer_cluster) -> None:
     t = trainer(hm.LLAMA_GQA, tp=2, pp=2)
     world = trainer_cluster.world_size

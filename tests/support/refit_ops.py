@@ -50,6 +50,14 @@ def invalidate(state: dict, rank: int, world_size: int, *, name: str) -> list[in
     return _publishers(state)[name].invalidate()
 
 
+def retire_word(state: dict, rank: int, world_size: int, *, name: str, ranks: list[int]) -> bool:
+    """Set this rank's live version word to RETIRED without telling the catalog (on `ranks` only):
+    what a receiver sees of a step whose retirement has not reached the catalog yet."""
+    if rank in ranks:
+        _publishers(state)[name]._words.retire(0)  # reached into on purpose: no public way skips the catalog
+    return rank in ranks
+
+
 def close_publisher(state: dict, rank: int, world_size: int, *, name: str) -> bool:
     pub = _publishers(state).pop(name, None)
     if pub is not None:

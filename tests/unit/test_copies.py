@@ -16,7 +16,7 @@ from refit.plan.planner import plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
 from refit.reads import batched
-from refit.streaming import DIRECT_AT_ONCE_CHUNKS, direct_depth
+from refit.streaming import DIRECT_AT_ONCE_WINDOWS, direct_depth
 from tests.unit.test_assemble import expected, global_tensors, meta, stage, trainer
 
 VOCAB, PADDED = 61, 64
@@ -102,8 +102,9 @@ def test_every_batch_of_direct_reads_takes_from_every_rank_in_proportion() -> No
 def test_direct_batches_all_in_flight_only_with_few_chunks() -> None:
     # With few chunks every batch is posted at once (a peer serves in order: the chunks follow the
     # batches); with many, two at a time so that chunk pulls keep pace with their installs.
-    assert direct_depth(0, 9) == 9
-    assert direct_depth(DIRECT_AT_ONCE_CHUNKS, 9) == 9
-    assert direct_depth(DIRECT_AT_ONCE_CHUNKS + 1, 9) == 2
-    assert direct_depth(13, 20) == 2
-    assert direct_depth(0, 0) == 1
+    for slots in (2, 3):
+        assert direct_depth(0, 9, slots) == 9
+        assert direct_depth(DIRECT_AT_ONCE_WINDOWS * slots, 9, slots) == 9  # the staged bytes fill two windows
+        assert direct_depth(DIRECT_AT_ONCE_WINDOWS * slots + 1, 9, slots) == 2
+        assert direct_depth(13, 20, slots) == 2
+        assert direct_depth(0, 0, slots) == 1

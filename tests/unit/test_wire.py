@@ -4,6 +4,7 @@ what scripts/gen_proto.sh produces when the installed version is the one that ge
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -51,6 +52,15 @@ def test_source_round_trip(tp_size: int) -> None:
     assert back == s
     assert isinstance(back.tensors, tuple) and isinstance(back.tensors[0].local_shape, tuple)
     assert wire.source_from_bytes(wire.source_to_bytes(s)) == s
+
+
+def test_the_version_word_address_survives_and_the_head_keeps_it() -> None:
+    s = dataclasses.replace(samples.source(0), fence_addr=2**64 - 8)
+    assert wire.source_from_proto(wire.source_to_proto(s)).fence_addr == 2**64 - 8
+    _, head, _ = wire.source_encodings(s)  # what a Resolve with a known layout sends
+    assert wire.source_from_bytes(head).fence_addr == 2**64 - 8
+    with pytest.raises(ConfigError, match="fence_addr"):
+        dataclasses.replace(s, fence_addr=-1)
 
 
 def test_replicated_partition_dim_minus_one_survives() -> None:
