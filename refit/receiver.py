@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import torch
 
+from refit import ahead
 from refit.catalog.client import CatalogClient
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.engines.base import Engine, destinations_of, installs_layers
@@ -164,6 +165,7 @@ class Receiver:
         self._checked = Totals()
         self._source_timeout_s = source_timeout_s
         self._agents: dict[str, int] = {}  # agent name -> trainer rank, of the version being pulled
+        self._ahead = ahead.Ahead(self._client, name)  # pulls begun from the trainers' version words
         self.failed_over: tuple[str, ...] = ()  # agents the last fetch or update failed over from
 
     # -- introspection ----------------------------------------------------------------------------
@@ -208,6 +210,8 @@ class Receiver:
             verified_bytes=self._checked.verified_bytes,
             unverified_bytes=self._checked.unverified_bytes,
             verify_seconds=self._checked.seconds,
+            ahead=self._ahead.begun,
+            ahead_missed=self._ahead.missed,
         )
 
     def _fail_over(self, exc: TransportError, dead: DeadSources, deadline: float) -> bool:
@@ -256,6 +260,9 @@ class Receiver:
                     raise
             except DigestError as exc:
                 self._versions.retry_digest(exc, version, deadline)
+            except ahead.AheadMissed as exc:  # pulled again through the catalog, pinned or not
+                self._ahead.missed += 1
+                logger.info("%s: %s; pulling again through the catalog", self.name, exc)
 
     def _timeout(self, timeout_s: float | None) -> float:
         if timeout_s is None:
@@ -279,6 +286,7 @@ class Receiver:
         info, sources = resolved.info, resolved.sources
         self._agents = {s.agent_name: s.rank for s in sources}
         plan = self._plans.plan_for(resolved, excluded)
+        self._ahead.resolved = None if excluded else resolved
         whole_only = self._dests is None and not self._layered
         if whole_only and self._max_staging is not None and plan.staging_bytes > self._max_staging:
             raise ConfigError(
@@ -362,9 +370,7 @@ class Receiver:
                 descriptors += stream(
                     self._pool, plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
                     deadline=deadline, read_deadline=self._read_deadline,
-                    start_check=lambda: self._versions.start_check(
-                        staged.version, torn=True, fences=self._fences(plan, staged.sources, deadline)
-                    ),
+                    start_check=lambda: self._start_check(staged, deadline),
                     timings=timings,
                     install_chunk=install_chunk, verifier=staged.verifier,
                 )  # fmt: skip
@@ -379,12 +385,44 @@ class Receiver:
             timings["install"] = time.perf_counter() - t0
             self._torn = False
         result = staged.result(timings, descriptors)
+        self._ahead.installed = result.version
         logger.info(
             "%s: installed v%d, %d bytes from %d source(s) in %.3fs (wire %.3fs, %.2f GB/s, %d chunk(s))",
             self.name, result.version, result.bytes, result.num_sources, result.seconds, result.wire_seconds,
             result.gbps, result.chunks,
         )  # fmt: skip
         return result
+
+    def _start_check(self, staged: StagedVersion, deadline: float) -> Callable[[], None]:
+        """The re-check once a streamed pull's last byte has landed: the catalog's answer first, for a
+        version pulled ahead of it."""
+        assert staged.plan is not None
+        if staged.confirm is not None:
+            staged.confirm()
+        fences = self._fences(staged.plan, staged.sources, deadline)
+        return self._versions.start_check(staged.version, torn=True, fences=fences)
+
+    def _fetch_ahead(self, version: int | None, deadline: float) -> StagedVersion | None:
+        """A streamed version begun from the trainers' version words (`refit.ahead`), or None: ask the catalog."""
+        t0 = time.perf_counter()
+        pool, prev = self._pool, self._ahead.resolved
+        if pool is None or prev is None or self._dests is None:
+            return None
+        self._agents = {s.agent_name: s.rank for s in prev.sources}  # a word that cannot be read fails over
+        begun = self._ahead.begin(version, plans=self._plans, pool=pool, verify=self._verify,
+                                  deadline=self._read_deadline(deadline))  # fmt: skip
+        if begun is None:
+            return None
+        t_plan = time.perf_counter()
+        pool.prefetch(begun.plan, begun.sources, deadline, self.engine.device, chunks=0, dests=self._dests)  # slots
+        self._generation += 1
+        return StagedVersion(
+            version=begun.version, tensors={}, bytes=begun.plan.total_bytes, num_descriptors=0,
+            num_sources=len(ahead.read_sources(begun.plan, prev)), staging_bytes=begun.plan.staging_bytes,
+            generation=self._generation, streamed=True, plan=begun.plan, sources=begun.sources,
+            verifier=begun.verifier, confirm=begun.confirm,
+            timings={"plan": t_plan - t0, "prepare": time.perf_counter() - t_plan, "wire": 0.0, "validate": 0.0},
+        )  # fmt: skip
 
     def _install_chunk(self, plan: Plan, k: int, slot: torch.Tensor) -> None:
         """Install the whole layers of chunk k from its staging slot (engines with `install_layers()`)."""
@@ -399,10 +437,16 @@ class Receiver:
         to a replica (module docstring); SourceDeadError when there is none.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
+        first = True
 
         def attempt(dead: DeadSources) -> UpdateResult:
-            # No prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
-            staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
+            nonlocal first
+            # Ahead of the catalog's answer where the trainers' version words allow it, on the first
+            # attempt only; no prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
+            staged = self._fetch_ahead(version, deadline) if first else None
+            first = False
+            if staged is None:
+                staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
             return self.install(staged, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
 
         return self._retrying(version, deadline, attempt)
@@ -410,6 +454,7 @@ class Receiver:
     # -- life cycle ------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        self._ahead.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None

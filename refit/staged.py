@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ class StagedVersion:
     plan: Plan | None = field(default=None, repr=False)
     sources: tuple[SourceRecord, ...] = field(default=(), repr=False)
     verifier: Verifier | None = field(default=None, repr=False)  # None: digests not checked
+    # A version pulled ahead of the catalog's answer (`refit.ahead`): checks that answer once the last
+    # byte has landed, before the re-check; None: the version came from the catalog.
+    confirm: Callable[[], None] | None = field(default=None, repr=False)
 
     def result(self, timings: dict[str, float], descriptors: int) -> UpdateResult:
         """What installing this version did, with the install's `timings` and all `descriptors` posted."""
@@ -69,6 +73,9 @@ class ReceiverStats:
         unverified_bytes: bytes pulled so far that no digest check covered (blocks read in part, or
             trainers that publish no digests; 0 when every byte was verified).
         verify_seconds: seconds spent checking digests so far.
+        ahead: refits pulled ahead of the catalog's answer, from the trainers' version words
+            (`refit.ahead`), so far.
+        ahead_missed: of those, the ones the catalog's answer did not confirm (pulled again through it).
     """
 
     registrations: int
@@ -79,3 +86,5 @@ class ReceiverStats:
     verified_bytes: int = 0
     unverified_bytes: int = 0
     verify_seconds: float = 0.0
+    ahead: int = 0
+    ahead_missed: int = 0

@@ -298,6 +298,9 @@ class DigestSet:
             raise ConfigError(f"digest values of {len(self.values)} bytes (algorithm {self.algorithm!r}) are malformed")
 
 
+WORD_RETIRED = -1  # a version word's value while its bytes change or hold no published version
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SourceRecord:
     """One trainer rank's part of one version: who it is, how to reach it, and what it holds."""
@@ -310,7 +313,8 @@ class SourceRecord:
     tensors: tuple[TensorDesc, ...]
     digests: DigestSet = field(default_factory=DigestSet)
     # The rank's version word (`refit.trainer.fence`): the address, in its registered host memory, of
-    # an int64 that holds this record's version while its bytes are unchanged; 0: none.
+    # an int64 that holds this record's version while its bytes are unchanged (WORD_RETIRED while
+    # they change); 0: none.
     fence_addr: int = 0
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -35,6 +35,8 @@ from refit.errors import CatalogError, CatalogUnavailableError, ConfigError
 from refit.proto import catalog_pb2 as pb
 from refit.proto import catalog_pb2_grpc as pb_grpc
 from refit.types import Claim, ModelMeta, SourceRecord, VersionInfo, VersionState
+
+_R = TypeVar("_R")
 
 logger = logging.getLogger(__name__)
 
@@ -286,34 +288,51 @@ class CatalogClient:
     def version_state_later(self, *, name: str, version: int) -> Callable[[], VersionState]:
         """`version_state`, sent now and answered later: returns a call that waits for the answer.
 
-        The round trip runs in gRPC's own threads while the caller goes on (the receiver installs
-        its last chunk meanwhile); the returned call raises what `version_state` would.
+        The round trip runs in gRPC's own threads while the caller goes on; the returned call raises
+        what `version_state` would.
         """
         if not isinstance(name, str) or not name:
             raise ConfigError(f"version_state: model name must be a non-empty str, got {name!r}")
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise ConfigError(f"version_state: version must be an int >= 0, got {version!r}")
+        return self._later("GetState", pb.GetStateRequest, lambda r: wire.state_from_proto(r.state),
+                           name=name, version=version)  # fmt: skip
+
+    def resolve_later(
+        self, *, name: str, version: int | None = None, known_layout: str = "", ranks: Sequence[int] = ()
+    ) -> Callable[[], Resolved]:
+        """`resolve`, sent now and answered later (a receiver pulling a version it found in the trainers'
+        version words asks meanwhile); the returned call raises what `resolve` would."""
+        fields: dict[str, Any] = {"name": name, "known_layout": known_layout, "ranks": _rank_list("resolve", ranks)}
+        if version is not None:
+            fields["version"] = version
+        return self._later("Resolve", pb.ResolveRequest, lambda r: wire.resolved_from_proto(r, self.limits), **fields)
+
+    def _later(self, method: str, request_type: type[Message], convert: Callable[[Any], _R], **fields: Any
+               ) -> Callable[[], _R]:  # fmt: skip
+        """`method` sent now; returns a call that waits for its answer (retried, within this client's
+        timeout, if the catalog went away meanwhile) and converts it."""
         if self._closed:
             raise CatalogError(f"catalog client for {self.address} is closed")
         try:
-            request = pb.GetStateRequest(name=name, version=version)
+            request = request_type(**fields)
         except (TypeError, ValueError) as exc:  # out of the field's range: refused before anything is sent
-            raise ConfigError(f"GetState: {exc}") from exc
+            raise ConfigError(f"{method}: {exc}") from exc
         deadline = time.monotonic() + self.timeout_s
-        future = self._stub.GetState.future(
+        future = getattr(self._stub, method).future(
             request, timeout=self.timeout_s, metadata=self._metadata, wait_for_ready=self._reached
         )
 
-        def answer() -> VersionState:
+        def answer() -> _R:
             try:
                 reply = future.result()
             except grpc.RpcError as exc:
-                error = self._translate("GetState", exc)
+                error = self._translate(method, exc)
                 if not isinstance(error, CatalogUnavailableError) or not self._reached:
                     raise error from None
-                reply = self._send("GetState", request, deadline)  # the catalog went away: retry, same deadline
+                reply = self._send(method, request, deadline)  # the catalog went away: retry, same deadline
             self._reached = True
-            return wire.state_from_proto(reply.state)
+            return convert(reply)
 
         return answer
 

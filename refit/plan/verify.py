@@ -201,8 +201,16 @@ class Verifier:
         self, index: DigestIndex, sources: Sequence[SourceRecord], *, version: int, batched: bool | None = None
     ) -> None:
         self._index = index
-        self._version = version
-        self._values: dict[int, np.ndarray] = {}
+        self._bind(sources, version)
+        self._ranks = tuple(sorted(self._values))
+        self.batched = batched
+        self.verified_bytes = 0
+        self.unverified_bytes = 0
+        self.seconds = 0.0
+
+    def _bind(self, sources: Sequence[SourceRecord], version: int) -> None:
+        index = self._index
+        values_of: dict[int, np.ndarray] = {}
         for s in sources:
             values = digest.unpack(s.digests)
             want = index.counts.get(s.rank, 0)
@@ -210,17 +218,22 @@ class Verifier:
                 continue  # a trainer that publishes no digests: its bytes count as unverified
             if len(values) != want:
                 raise LayoutError(f"trainer rank {s.rank} sent {len(values)} digests of v{version} for {want} blocks")
-            self._values[s.rank] = values
+            values_of[s.rank] = values
         self._flat = np.zeros(sum(index.counts.values()), dtype=np.int64)
-        for rank, values in self._values.items():
+        for rank, values in values_of.items():
             self._flat[index.offsets[rank] : index.offsets[rank] + len(values)] = values
-        self._ranks = tuple(sorted(self._values))
-        self.batched = batched
-        self.verified_bytes = 0
-        self.unverified_bytes = 0
-        self.seconds = 0.0
+        self._values, self._version = values_of, version
 
     # -- public ---------------------------------------------------------------------------------------
+
+    def expect(self, sources: Sequence[SourceRecord], version: int) -> None:
+        """Compare with `sources`' digests of `version` from now on: a pull begun before the catalog
+        sent them (its launches digest what lands; only `compare` needs the values). The same ranks
+        must publish digests, for the same blocks (LayoutError otherwise)."""
+        ranks = self._ranks
+        self._bind(sources, version)
+        if tuple(sorted(self._values)) != ranks:
+            raise LayoutError(f"v{version}: trainer ranks {sorted(self._values)} publish digests, not {list(ranks)}")
 
     def pieces(self, pieces: Sequence[Piece], buf: torch.Tensor) -> None:
         """Verify the staged `pieces` in `buf` (a flat uint8 staging slot); raises DigestError."""

@@ -21,10 +21,10 @@ import logging
 import torch
 
 from refit.transport.nixl import NixlAgent
+from refit.types import WORD_RETIRED as RETIRED
 
 logger = logging.getLogger(__name__)
 
-RETIRED = -1  # no version: the place's bytes are changing, or hold nothing published
 WORD_BYTES = 8
 
 

@@ -37,9 +37,12 @@ ALLOWED: dict[str, set[str]] = {
     "refit.streaming": VALUES | {"refit.plan", "refit.transport", "refit.staging"},
     "refit.plan_cache": VALUES | {"refit.plan", "refit.catalog", "refit.engines.base"},
     "refit.versions": VALUES | {"refit.catalog"},
+    "refit.ahead": VALUES
+    | {"refit.plan", "refit.catalog", "refit.transport", "refit.reads", "refit.staging"}
+    | {"refit.plan_cache"},
     "refit.receiver": VALUES
     | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base", "refit.staging"}
-    | {"refit.streaming"}
+    | {"refit.streaming", "refit.ahead"}
     | {"refit.plan_cache", "refit.versions", "refit.staged"},
     "refit.trainer": VALUES | {"refit.compat", "refit.megatron", "refit.transport", "refit.catalog", "refit.trainer"},
     "refit.engines": VALUES | {"refit.plan", "refit.compat", "refit.megatron", "refit.engines"},
