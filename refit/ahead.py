@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
@@ -36,6 +38,7 @@ from refit.plan.records import Plan
 from refit.plan.verify import Verifier
 from refit.plan_cache import PlanCache
 from refit.reads import addressing
+from refit.staged import StagedVersion
 from refit.staging import StagingPool
 from refit.types import WORD_RETIRED, SourceRecord, VersionState
 
@@ -144,6 +147,34 @@ class Ahead:
             self.resolved = got
 
         return Begun(version=found, plan=plan, sources=prev.sources, verifier=verifier, confirm=done)
+
+    def fetch(
+        self,
+        version: int | None,
+        *,
+        plans: PlanCache,
+        pool: StagingPool,
+        dests: Mapping[str, torch.Tensor],
+        device: torch.device,
+        verify: bool,
+        deadline: float,
+        read_deadline: float,
+        generation: int,
+    ) -> StagedVersion | None:
+        """`begin`, then the staging slots of its plan: the version the receiver's install pulls, or None."""
+        t0 = time.perf_counter()
+        begun = self.begin(version, plans=plans, pool=pool, verify=verify, deadline=read_deadline)
+        if begun is None:
+            return None
+        t_plan = time.perf_counter()
+        plan = begun.plan
+        pool.prefetch(plan, begun.sources, deadline, device, chunks=0, dests=dests)  # its slots; nothing is pulled
+        return StagedVersion(
+            version=begun.version, tensors={}, bytes=plan.total_bytes, num_descriptors=0,
+            num_sources=len(plan.bytes_by_rank), staging_bytes=plan.staging_bytes, generation=generation,
+            streamed=True, plan=plan, sources=begun.sources, verifier=begun.verifier, confirm=begun.confirm,
+            timings={"plan": t_plan - t0, "prepare": time.perf_counter() - t_plan, "wire": 0.0, "validate": 0.0},
+        )  # fmt: skip
 
     def close(self) -> None:
         if self._checker is not None:

@@ -404,25 +404,17 @@ class Receiver:
 
     def _fetch_ahead(self, version: int | None, deadline: float) -> StagedVersion | None:
         """A streamed version begun from the trainers' version words (`refit.ahead`), or None: ask the catalog."""
-        t0 = time.perf_counter()
-        pool, prev = self._pool, self._ahead.resolved
-        if pool is None or prev is None or self._dests is None:
+        if self._pool is None or self._dests is None or self._ahead.resolved is None:
             return None
-        self._agents = {s.agent_name: s.rank for s in prev.sources}  # a word that cannot be read fails over
-        begun = self._ahead.begin(version, plans=self._plans, pool=pool, verify=self._verify,
-                                  deadline=self._read_deadline(deadline))  # fmt: skip
-        if begun is None:
-            return None
-        t_plan = time.perf_counter()
-        pool.prefetch(begun.plan, begun.sources, deadline, self.engine.device, chunks=0, dests=self._dests)  # slots
-        self._generation += 1
-        return StagedVersion(
-            version=begun.version, tensors={}, bytes=begun.plan.total_bytes, num_descriptors=0,
-            num_sources=len(ahead.read_sources(begun.plan, prev)), staging_bytes=begun.plan.staging_bytes,
-            generation=self._generation, streamed=True, plan=begun.plan, sources=begun.sources,
-            verifier=begun.verifier, confirm=begun.confirm,
-            timings={"plan": t_plan - t0, "prepare": time.perf_counter() - t_plan, "wire": 0.0, "validate": 0.0},
+        self._agents = {s.agent_name: s.rank for s in self._ahead.resolved.sources}  # a failed word fails over
+        staged = self._ahead.fetch(
+            version, plans=self._plans, pool=self._pool, dests=self._dests, device=self.engine.device,
+            verify=self._verify, deadline=deadline, read_deadline=self._read_deadline(deadline),
+            generation=self._generation + 1,
         )  # fmt: skip
+        if staged is not None:
+            self._generation += 1
+        return staged
 
     def _install_chunk(self, plan: Plan, k: int, slot: torch.Tensor) -> None:
         """Install the whole layers of chunk k from its staging slot (engines with `install_layers()`)."""

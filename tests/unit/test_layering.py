@@ -39,7 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     "refit.versions": VALUES | {"refit.catalog"},
     "refit.ahead": VALUES
     | {"refit.plan", "refit.catalog", "refit.transport", "refit.reads", "refit.staging"}
-    | {"refit.plan_cache"},
+    | {"refit.plan_cache", "refit.staged"},
     "refit.receiver": VALUES
     | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base", "refit.staging"}
     | {"refit.streaming", "refit.ahead"}
