@@ -3,8 +3,8 @@ failed reads, the engine storages that direct reads write into (the streamed ins
 them is `refit.streaming`).
 
 Staging is one buffer per slot (one slot when a refit fits the window; `Plan.slots` when chunks
-stream, the next ones pulled while one is installed), registered once and reused by every later refit. A read that
-fails or times out may leave transfers running into its buffers, so those are set aside
+stream, the next ones pulled while one is installed), registered once and reused by every later
+refit. A read that fails or times out may leave transfers running into its buffers, so those are set aside
 (quarantined) and freed only once no transfer is still running; the next refit gets fresh ones.
 Engine storages are registered the first time a direct read targets them and stay registered.
 """

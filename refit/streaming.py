@@ -53,9 +53,9 @@ def stream(
     k % S while chunks up to k + S - 1 are pulled into the others (each slot's previous chunk is
     installed already); direct reads run beside that pipeline, on their own worker (every slot's
     first chunk is posted before them, so the first installs run while they land), and the last
-    chunk's copies run while they finish. `start_check` sends
-    the READY re-check once the last byte has landed and returns the wait for its answer, which
-    runs after the last copies. Adds "wire", "validate" (the check beyond the install) and
+    chunk's copies run while they finish. `start_check` starts the re-check once the last byte has
+    landed (the trainers' version words, or the catalog's READY state) and returns the wait for its
+    answer, which runs after the last copies. Adds "wire", "validate" (the check beyond the install) and
     "install" seconds to `timings`. `install_chunk(k, slot)`, when given, installs chunk k from
     its slot instead of copying its pieces into `dests` (an engine that installs whole layers).
     Each read gets `read_deadline(deadline)`, its attempt's deadline. `verifier` digests each
