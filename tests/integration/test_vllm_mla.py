@@ -78,7 +78,7 @@ def _refit_twice(case: hm.ModelCase, trainer_cluster: Any, catalog: str, tmp: Pa
         other.publish(1)
     started = time.monotonic()
     try:
-        with vo.running_engine(ckpt[2], tp) as llm:
+        with vo.running_engine(ckpt[2], tp, attention_config=vo.CPU_MLA) as llm:
             up = time.monotonic()
             fresh_v2 = _state(llm)
             assert all(any(n.endswith(d) for n in rank) for rank in fresh_v2[0] for d in DERIVED), fresh_v2[0]
