@@ -138,7 +138,10 @@ class Ahead:
         self.begun += 1
 
         def done() -> None:
-            got = checked.result(timeout=max(deadline - time.monotonic(), MIN_WAIT_S))
+            try:
+                got = checked.result(timeout=max(deadline - time.monotonic(), MIN_WAIT_S))
+            except TimeoutError as exc:
+                raise AheadMissed(f"v{found}: the catalog did not answer within the pull's deadline") from exc
             if verifier is not None:
                 try:
                     verifier.expect(got.sources, found)
