@@ -40,7 +40,7 @@ from refit.plan_cache import PlanCache
 from refit.reads import addressing
 from refit.staged import StagedVersion
 from refit.staging import StagingPool
-from refit.types import WORD_RETIRED, SourceRecord, VersionState
+from refit.types import WORD_RETIRED, SourceRecord, VersionState, have_words
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +50,10 @@ class AheadMissed(RefitError):
     through the catalog (never raised to a caller of `update_weights`)."""
 
 
-def read_sources(plan: Plan, resolved: Resolved) -> list[SourceRecord]:
-    """The sources of `resolved` that `plan` reads."""
-    return [s for s in resolved.sources if s.rank in plan.bytes_by_rank]
-
-
 def version_in_words(pool: StagingPool, sources: Sequence[SourceRecord], deadline: float) -> int | None:
     """The version every one of `sources`' words holds, or None: a source without a word, words that
     disagree or are retired. A word that cannot be read raises TransportError naming its agent."""
-    if not sources or not all(s.fence_addr for s in sources):
+    if not have_words(sources):
         return None
     words = set(pool.read_words(sources, deadline))
     return words.pop() if len(words) == 1 and WORD_RETIRED not in words else None
@@ -82,7 +77,7 @@ def confirm(
     elif ranks & set(got.info.dead_ranks):
         why = f"trainer rank(s) {sorted(ranks & set(got.info.dead_ranks))} are dead"
     else:
-        was, now = read_sources(plan, prev), read_sources(plan, got)
+        was, now = plan.sources_read(prev.sources), plan.sources_read(got.sources)
         if addressing(now) != addressing(was) or [s.fence_addr for s in now] != [s.fence_addr for s in was]:
             why = "its sources are not where the pull read them"
     if why:
@@ -122,7 +117,7 @@ class Ahead:
         prev, plan = self.resolved, plans.plan
         if prev is None or plan is None or not plans.fits(prev, {}) or not (plan.streamed or plan.direct):
             return None  # (installed whole, nothing is written before the catalog's answer anyway)
-        found = version_in_words(pool, read_sources(plan, prev), deadline)
+        found = version_in_words(pool, plan.sources_read(prev.sources), deadline)
         if found is None or not (found == version or (version is None and found > self.installed)):
             return None
         known, ranks = plans.known()

@@ -324,7 +324,7 @@ class Receiver:
             version=info.version,
             tensors=tensors,
             bytes=plan.total_bytes,
-            num_sources=len({s.rank for s in sources if s.rank in plan.bytes_by_rank}),
+            num_sources=len({s.rank for s in plan.sources_read(sources)}),
             num_descriptors=descriptors,
             staging_bytes=plan.staging_bytes,
             generation=self._generation,
@@ -340,8 +340,9 @@ class Receiver:
     def _fences(self, plan: Plan, sources: Sequence[SourceRecord], deadline: float) -> Fences:
         """The sources `plan` reads, and how to read their version words (`CatalogVersions.start_check`)."""
         assert self._pool is not None
-        read = [s for s in sources if s.rank in plan.bytes_by_rank]
-        return read, functools.partial(self._pool.read_words, deadline=self._read_deadline(deadline))
+        return plan.sources_read(sources), functools.partial(
+            self._pool.read_words, deadline=self._read_deadline(deadline)
+        )
 
     def _read_deadline(self, deadline: float) -> float:
         """One pull attempt's deadline: `source_timeout_s` from now, within the call's deadline."""

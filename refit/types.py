@@ -7,6 +7,7 @@ gRPC or NIXL, so the catalog server, the planner and the hooks can all depend on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -299,6 +300,11 @@ class DigestSet:
 
 
 WORD_RETIRED = -1  # a version word's value while its bytes change or hold no published version
+
+
+def have_words(sources: Sequence[SourceRecord]) -> bool:
+    """Whether every one of `sources` (at least one) publishes its version word (`fence_addr`)."""
+    return bool(sources) and all(s.fence_addr for s in sources)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,7 +13,7 @@ from refit.catalog.client import CatalogClient
 from refit.catalog.values import Resolved
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.errors import DigestError, RefitError, VersionNotFoundError, VersionRetiredError
-from refit.types import SourceRecord, VersionState
+from refit.types import SourceRecord, VersionState, have_words
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class CatalogVersions:
         if self._on_after_wire is not None:
             self._on_after_wire(version)
         mixed = "the engine's weights are mixed until a refit completes" if torn else "nothing installed"
-        if fences is not None and fences[0] and all(s.fence_addr for s in fences[0]):
+        if fences is not None and have_words(fences[0]):
             sources, read_words = fences
             changed = [s.rank for s, word in zip(sources, read_words(sources), strict=True) if word != version]
 

@@ -5,11 +5,12 @@ the plan that holds both with its modelled cost. Plain values; `refit.plan.plann
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.targets import Target
+from refit.types import SourceRecord
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,6 +133,10 @@ class Plan:
     def slot_count(self) -> int:
         """Staging buffers this plan's pull holds: `slots` when chunks stream, else one."""
         return self.slots if self.streamed else 1
+
+    def sources_read(self, sources: Sequence[SourceRecord]) -> list[SourceRecord]:
+        """The records among `sources` of the trainer ranks this plan reads from."""
+        return [s for s in sources if s.rank in self.bytes_by_rank]
 
     @property
     def total_bytes(self) -> int:

@@ -1,6 +1,6 @@
 """`refit.ahead.confirm`: what the catalog's answer must say for a pull begun ahead of it to stand.
 
-Pure values (no NIXL, no catalog): the answer is a `Resolved` built here, the plan a stand-in that
+Pure values (no NIXL, no catalog): the answer is a `Resolved` built here, the plan an empty one that
 reads trainer ranks 0 and 1. The end-to-end path (real trainers, NIXL, catalog) is
 tests/integration/test_refit_ahead.py.
 """
@@ -8,17 +8,17 @@ tests/integration/test_refit_ahead.py.
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 
-from refit.ahead import AheadMissed, confirm, read_sources
+from refit.ahead import AheadMissed, confirm
 from refit.catalog.values import Resolved
 from refit.errors import CatalogUnavailableError
+from refit.plan.records import Plan
 from refit.types import VersionInfo, VersionState
 from tests.support import catalog_samples as samples
 
-PLAN: object = SimpleNamespace(bytes_by_rank={0: 10, 1: 10})  # what `confirm` reads of a plan
+PLAN = Plan(targets=(), pieces=(), reads=(), staging_bytes=0, bytes_by_rank={0: 10, 1: 10})  # reads ranks 0, 1
 
 
 def answer(version: int = 5, *, state: VersionState = VersionState.READY, **changes: object) -> Resolved:
@@ -38,13 +38,13 @@ def answer(version: int = 5, *, state: VersionState = VersionState.READY, **chan
 
 
 def check(got: Resolved, *, version: int = 5, fits: bool = True) -> Resolved:
-    return confirm(lambda: got, prev=answer(4), plan=PLAN, version=version, fits=lambda r: fits)  # type: ignore[arg-type]
+    return confirm(lambda: got, prev=answer(4), plan=PLAN, version=version, fits=lambda r: fits)
 
 
 def test_an_answer_that_matches_the_pull_stands() -> None:
     got = answer()
     assert check(got) is got
-    assert [s.rank for s in read_sources(PLAN, got)] == [0, 1]  # type: ignore[arg-type]
+    assert [s.rank for s in PLAN.sources_read(got.sources)] == [0, 1]
 
 
 @pytest.mark.parametrize(
@@ -78,4 +78,4 @@ def test_a_plan_that_no_longer_fits_and_a_failed_answer_are_misses() -> None:
         raise CatalogUnavailableError("gone")
 
     with pytest.raises(AheadMissed, match="answer failed: gone"):
-        confirm(failed, prev=answer(4), plan=PLAN, version=5, fits=lambda r: True)  # type: ignore[arg-type]
+        confirm(failed, prev=answer(4), plan=PLAN, version=5, fits=lambda r: True)
