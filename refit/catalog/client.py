@@ -298,16 +298,6 @@ class CatalogClient:
         return self._later("GetState", pb.GetStateRequest, lambda r: wire.state_from_proto(r.state),
                            name=name, version=version)  # fmt: skip
 
-    def resolve_later(
-        self, *, name: str, version: int | None = None, known_layout: str = "", ranks: Sequence[int] = ()
-    ) -> Callable[[], Resolved]:
-        """`resolve`, sent now and answered later (a receiver pulling a version it found in the trainers'
-        version words asks meanwhile); the returned call raises what `resolve` would."""
-        fields: dict[str, Any] = {"name": name, "known_layout": known_layout, "ranks": _rank_list("resolve", ranks)}
-        if version is not None:
-            fields["version"] = version
-        return self._later("Resolve", pb.ResolveRequest, lambda r: wire.resolved_from_proto(r, self.limits), **fields)
-
     def _later(self, method: str, request_type: type[Message], convert: Callable[[Any], _R], **fields: Any
                ) -> Callable[[], _R]:  # fmt: skip
         """`method` sent now; returns a call that waits for its answer (retried, within this client's

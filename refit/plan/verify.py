@@ -201,14 +201,16 @@ class Verifier:
         self, index: DigestIndex, sources: Sequence[SourceRecord], *, version: int, batched: bool | None = None
     ) -> None:
         self._index = index
-        self._bind(sources, version)
+        self._values, self._flat = self._bind(sources, version)
+        self._version = version
         self._ranks = tuple(sorted(self._values))
         self.batched = batched
         self.verified_bytes = 0
         self.unverified_bytes = 0
         self.seconds = 0.0
 
-    def _bind(self, sources: Sequence[SourceRecord], version: int) -> None:
+    def _bind(self, sources: Sequence[SourceRecord], version: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Each rank's published digests of `version`, and all of them at their places in one array."""
         index = self._index
         values_of: dict[int, np.ndarray] = {}
         for s in sources:
@@ -219,21 +221,22 @@ class Verifier:
             if len(values) != want:
                 raise LayoutError(f"trainer rank {s.rank} sent {len(values)} digests of v{version} for {want} blocks")
             values_of[s.rank] = values
-        self._flat = np.zeros(sum(index.counts.values()), dtype=np.int64)
+        flat = np.zeros(sum(index.counts.values()), dtype=np.int64)
         for rank, values in values_of.items():
-            self._flat[index.offsets[rank] : index.offsets[rank] + len(values)] = values
-        self._values, self._version = values_of, version
+            flat[index.offsets[rank] : index.offsets[rank] + len(values)] = values
+        return values_of, flat
 
     # -- public ---------------------------------------------------------------------------------------
 
     def expect(self, sources: Sequence[SourceRecord], version: int) -> None:
         """Compare with `sources`' digests of `version` from now on: a pull begun before the catalog
         sent them (its launches digest what lands; only `compare` needs the values). The same ranks
-        must publish digests, for the same blocks (LayoutError otherwise)."""
-        ranks = self._ranks
-        self._bind(sources, version)
-        if tuple(sorted(self._values)) != ranks:
-            raise LayoutError(f"v{version}: trainer ranks {sorted(self._values)} publish digests, not {list(ranks)}")
+        must publish digests, for the same blocks (LayoutError otherwise, nothing changed). Safe beside
+        launches on another thread: what they read of the values (which ranks have them) stays the same."""
+        values, flat = self._bind(sources, version)
+        if tuple(sorted(values)) != self._ranks:
+            raise LayoutError(f"v{version}: trainer ranks {sorted(values)} publish digests, not {list(self._ranks)}")
+        self._flat, self._values, self._version = flat, values, version
 
     def pieces(self, pieces: Sequence[Piece], buf: torch.Tensor) -> None:
         """Verify the staged `pieces` in `buf` (a flat uint8 staging slot); raises DigestError."""

@@ -60,6 +60,8 @@ def test_refit_reports_phases_bytes_and_references(tmp_path: Path) -> None:
         assert 0.45 * shape.num_params * 2 < r["bytes_per_receiver"] < 0.6 * shape.num_params * 2
         assert r["wire_bytes_per_receiver"] >= r["bytes_per_receiver"]
         assert r["wire_s"] > 0 and r["stall_s"] > 0 and r["publish_s"] > 0
+        # End to end as the receivers time it: within what the driver saw, and at least the stall.
+        assert r["stall_s"] <= r["refit_s"] <= r["driver_s"]
         # Digests: computed on every trainer rank, every pulled byte verified on the receivers.
         assert r["digest_s"] > 0 and r["verify_s"] > 0
         assert r["verified_bytes"] > 0 and r["unverified_bytes"] < r["bytes_per_receiver"] // 10

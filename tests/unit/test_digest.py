@@ -282,6 +282,29 @@ def test_a_record_with_the_wrong_number_of_digests_is_refused() -> None:
         Verifier(DigestIndex([src]), [short], version=1)
 
 
+def test_expect_rebinds_the_digests_and_a_refused_answer_changes_nothing() -> None:
+    # A pull begun ahead of the catalog digests what lands; the answer's digests are bound later
+    # (on another thread), and an answer with other ranks' digests is refused without binding them.
+    old, new = _sources(2, seed=0), _sources(2, seed=1)
+    memory = {s.rank: _memory(s, 1) for s in new}  # the bytes of the new version
+    spec = EngineSpec.from_meta(META, tp_rank=0, tp_size=1)
+    plan = plan_refit(model=META, sources=old, layout=spec.layout(), direct=lambda t: True, direct_min_bytes=1)
+    dests = {t.hf_name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in plan.targets}
+    for d in plan.direct:
+        dest = dests[d.target].view(-1).view(torch.uint8)
+        dest[d.offset : d.offset + d.nbytes] = memory[d.rank][d.remote_offset : d.remote_offset + d.nbytes]
+    verifier = Verifier(DigestIndex(old), old, version=1)
+    pending = verifier.launch_direct(plan.direct, dests)
+    unsigned = [SourceRecord(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "digests": type(s.digests)()})
+                if s.rank == 1 else s for s in new]  # fmt: skip
+    with pytest.raises(LayoutError, match=r"trainer ranks \[0\] publish digests, not \[0, 1\]"):
+        verifier.expect(unsigned, 2)
+    with pytest.raises(DigestError, match="v1: "):  # still the old version's digests
+        verifier.compare(pending)
+    verifier.expect(new, 2)
+    verifier.compare(verifier.launch_direct(plan.direct, dests))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_and_cpu_digests_are_identical() -> None:
     for shape, role, dtype in [((4096, 1024), Role.COLUMN, "bfloat16"), ((512, 2048), Role.ROW, "float32"),
