@@ -25,7 +25,7 @@ from refit.errors import TransportError
 from refit.plan.records import Plan
 from refit.reads import PreparedReads, chunk_size
 from refit.transport.jobs import ReadJob, ReadOp
-from refit.transport.nixl import NixlAgent
+from refit.transport.nixl import NixlAgent, Posted
 from refit.types import SourceRecord
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,22 @@ class StagingPool:
         try:
             timeout_s = max(deadline - time.monotonic(), MIN_WAIT_S)
             return self.agent.read_batches(batches, depth=depth, timeout_s=timeout_s, landed=landed)
+        except BaseException:
+            self.quarantine()
+            raise
+
+    def post(self, batches: list[list[ReadJob]]) -> Posted:
+        """Post every batch of reads now, all in flight at once (`NixlAgent.post`); `land` waits for them."""
+        try:
+            return self.agent.post(batches)
+        except BaseException:
+            self.quarantine()
+            raise
+
+    def land(self, posted: Posted, deadline: float, landed: Callable[[int], None] | None = None) -> int:
+        """Wait for `posted` reads, `landed(k)` once batch k is in, as `read_batches`."""
+        try:
+            return self.agent.land(posted, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S), landed=landed)
         except BaseException:
             self.quarantine()
             raise

@@ -26,7 +26,7 @@ from refit.transport.ucx import load_nixl_api, progress_delay_us
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NixlAgent", "ReadJob", "ReadOp", "merge_reads"]
+__all__ = ["NixlAgent", "Posted", "ReadJob", "ReadOp", "merge_reads"]
 
 _MEM = {"cpu": "DRAM", "cuda": "VRAM"}
 # The most jobs whose NIXL descriptors an agent keeps (a streamed refit of Llama-3-8B has ~70).
@@ -50,6 +50,19 @@ class _ClosedAgent:
         if attr.startswith("__"):  # protocol probes (copy, pickle, hasattr) get the usual answer
             raise AttributeError(attr)
         raise TransportError(f"NIXL agent {self._name} is closed")
+
+
+class Posted:
+    """READs posted in batches (`NixlAgent.post`, or within `read_batches`): each batch's transfers with
+    their jobs and bytes, the descriptors posted, and when posting began (for traces)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[Any, ReadJob, int]]] = []
+        self.descriptors = 0
+        self._start = time.perf_counter()
+
+    def ms(self) -> float:
+        return 1e3 * (time.perf_counter() - self._start)
 
 
 class NixlAgent:
@@ -169,66 +182,92 @@ class NixlAgent:
         """
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
-        posted: list[list[tuple[Any, ReadJob, int]]] = []
+        posted = Posted()
         reported = 0  # batches [0, reported) have landed and been reported
-        total = 0
         deadline = time.monotonic() + timeout_s
         finished = False
-        trace = logger.isEnabledFor(logging.DEBUG)
-        start = time.perf_counter()
         try:
             for k, jobs in enumerate(batches):
-                batch: list[tuple[Any, ReadJob, int]] = []
-                posted.append(batch)
-                for job in jobs:
-                    with self._lock:
-                        described = self._described(job)
-                        if described is None:
-                            continue
-                        local, remote, n, nbytes = described
-                        handle = self._start_read(job.agent_name, local, remote)
-                    batch.append((handle, job, nbytes))
-                    total += n
-                if trace:
-                    at = 1e3 * (time.perf_counter() - start)
-                    what = ", ".join(f"{j.agent_name} {b >> 20} MiB" for _, j, b in batch)
-                    logger.debug("%s: batch %d posted at %.2f ms: %s", self.name, k, at, what)
+                self._post_batch(posted, jobs)
                 # Report what has landed already (a transport that copies while posting, as UCX's cma
                 # does between processes on one host, has finished the batch just posted), then wait
                 # until at most `depth` batches are in flight.
-                while reported <= k and self._done(posted[reported]):
-                    self._land(posted, reported, deadline, landed, start if trace else None)
+                while reported <= k and self._done(posted.batches[reported]):
+                    self._land(posted, reported, deadline, landed)
                     reported += 1
                 while reported <= k + 1 - depth:
-                    self._land(posted, reported, deadline, landed, start if trace else None)
+                    self._land(posted, reported, deadline, landed)
                     reported += 1
-            for k in range(reported, len(posted)):
-                self._land(posted, k, deadline, landed, start if trace else None)
+            for k in range(reported, len(posted.batches)):
+                self._land(posted, k, deadline, landed)
             finished = True
         finally:
-            with self._lock:
-                for batch in posted:
-                    for handle, _, _ in batch:
-                        if finished or self._settled(handle):
-                            self._release(handle)
-                        else:
-                            self._abandoned.append(handle)
-        return total
+            self._settle(posted, finished)
+        return posted.descriptors
 
-    def _land(
+    def post(self, batches: Sequence[Sequence[ReadJob]]) -> Posted:
+        """Post every batch's READs now, all in flight at once; `land` waits for them (on any thread).
+        On failure the READs posted so far are settled as a failed `read`'s and the error raised."""
+        posted = Posted()
+        try:
+            for jobs in batches:
+                self._post_batch(posted, jobs)
+        except BaseException:
+            self._settle(posted, finished=False)
+            raise
+        return posted
+
+    def land(
         self,
-        posted: Sequence[Sequence[tuple[Any, ReadJob, int]]],
-        k: int,
-        deadline: float,
-        landed: Callable[[int], None] | None,
-        start: float | None,
-    ) -> None:
+        posted: Posted,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUTS.update_s,
+        landed: Callable[[int], None] | None = None,
+    ) -> int:
+        """Wait for `posted`'s batches in order, `landed(k)` after each, as `read_batches`; returns the
+        descriptors posted. Its transfers are released (or, failed, set aside as `read`'s) here."""
+        deadline = time.monotonic() + timeout_s
+        finished = False
+        try:
+            for k in range(len(posted.batches)):
+                self._land(posted, k, deadline, landed)
+            finished = True
+        finally:
+            self._settle(posted, finished)
+        return posted.descriptors
+
+    def _post_batch(self, posted: Posted, jobs: Sequence[ReadJob]) -> None:
+        batch: list[tuple[Any, ReadJob, int]] = []
+        posted.batches.append(batch)
+        for job in jobs:
+            with self._lock:
+                described = self._described(job)
+                if described is None:
+                    continue
+                local, remote, n, nbytes = described
+                handle = self._start_read(job.agent_name, local, remote)
+            batch.append((handle, job, nbytes))
+            posted.descriptors += n
+        if logger.isEnabledFor(logging.DEBUG):
+            what = ", ".join(f"{j.agent_name} {b >> 20} MiB" for _, j, b in batch)
+            logger.debug("%s: batch %d posted at %.2f ms: %s", self.name, len(posted.batches) - 1, posted.ms(), what)
+
+    def _settle(self, posted: Posted, finished: bool) -> None:
+        """Release `posted`'s transfers; after a failure, those still running are set aside (`in_flight`)."""
+        with self._lock:
+            for batch in posted.batches:
+                for handle, _, _ in batch:
+                    if finished or self._settled(handle):
+                        self._release(handle)
+                    else:
+                        self._abandoned.append(handle)
+
+    def _land(self, posted: Posted, k: int, deadline: float, landed: Callable[[int], None] | None) -> None:
         """Wait for every transfer of batch k, then report it (and, tracing, when it landed)."""
-        for handle, job, nbytes in posted[k]:
+        for handle, job, nbytes in posted.batches[k]:
             cap = _POLL_MAX_S if job.local_device == job.remote_device == "cpu" else _POLL_MAX_GPU_S
             self._wait(handle, job.agent_name, deadline, nbytes, cap)
-        if start is not None:
-            logger.debug("%s: batch %d landed at %.2f ms", self.name, k, 1e3 * (time.perf_counter() - start))
+        logger.debug("%s: batch %d landed at %.2f ms", self.name, k, posted.ms())
         if landed is not None:
             landed(k)
 

@@ -9,6 +9,8 @@ import pytest
 
 from refit import Receiver
 from refit.engines import HFEngine
+from refit.reads import batch_bytes, batched
+from refit.streaming import DIRECT_AT_ONCE_WINDOWS, direct_depth
 from tests.integration.test_refit import LAYOUTS
 from tests.support import hf_models as hm
 from tests.support.refit_harness import OPS, assert_same_logits, assert_same_weights
@@ -45,3 +47,33 @@ def test_a_tiny_window_streams_bit_exact(trainer, catalog, case, layout, direct)
         assert 0 < rcv.stats.peak_staging_bytes <= WINDOW
         assert r2.staging_bytes <= WINDOW
         assert storage == {n: p.data_ptr() for n, p in engine_model.named_parameters()}
+
+
+def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_posted_at_once(trainer, catalog) -> None:
+    # Staged chunks filling at most two windows: every batch of direct reads is posted before the first
+    # install (`refit.streaming.direct_depth`), and the chunks beyond the slots follow them.
+    t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
+    t.publish(1)
+    kwargs = dict(catalog=catalog, name=t.name, direct=True, direct_min_bytes=0)
+    with Receiver(engine=HFEngine(hm.build_hf_model(hm.LLAMA_GQA, seed=98)), **kwargs) as probe:
+        probe.update_weights()
+        staged = probe.plan.staging_bytes  # everything staged in one window
+    for k in (5, 4, 6):
+        engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=99)
+        with Receiver(engine=HFEngine(engine_model), max_staging_bytes=3 * -(-staged // k), **kwargs) as rcv:
+            r1 = rcv.update_weights()
+            plan = rcv.plan
+            if not plan.slot_count < len(plan.chunks) <= DIRECT_AT_ONCE_WINDOWS * plan.slot_count:
+                continue
+            batches = batched(plan.direct, batch_bytes(plan))
+            assert direct_depth(len(plan.chunks), len(batches), plan.slot_count) == len(batches) > 1
+            assert r1.version == 1 and r1.direct_bytes > 0
+            assert_same_weights(engine_model, t.hf)
+            v2 = t.step(seed=2)
+            t.cluster.run(f"{OPS}:invalidate", name=t.name)
+            t.publish(2)
+            assert rcv.update_weights().version == 2 and not rcv.torn
+            assert_same_weights(engine_model, v2)
+            assert_same_logits(engine_model, v2)
+            return
+    pytest.fail(f"no window gave between {plan.slot_count + 1} and {2 * plan.slot_count} chunks")
