@@ -26,6 +26,7 @@ from refit.plan.assemble import zero_rows
 from refit.plan.records import Plan
 from refit.plan.verify import Pending, Verifier
 from refit.staging import StagingPool
+from refit.transport.jobs import ReadJob
 from refit.types import SourceRecord
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,10 @@ def stream(
     if batches:
         on_landed = landed.put if verifier is not None else None
         depth = direct_depth(len(chunks), len(batches), len(slots))
-        if depth >= len(batches):
-            # All at once: posted by this thread before the first install, landed on the worker. Posted
-            # by the worker, they took turns for the GIL with the installs and checks of this thread
-            # (one H200: the last of 9 went out ~2.6 ms in; posting a GPU batch costs ~0.3 ms).
+        if depth >= len(batches) and _posted_async(batches):
+            # All at once between GPUs: posted by this thread before the first install, landed on the
+            # worker. Posted by the worker, they took turns for the GIL with the installs and checks of
+            # this thread (one H200: the last of 9 went out ~2.6 ms in; a GPU batch's post takes ~0.3 ms).
             try:
                 reads_posted = pool.post(batches)
             except BaseException:
@@ -245,6 +246,13 @@ def direct_depth(chunks: int, batches: int, slots: int) -> int:
     7.8 against 8.4 ms on one H200 (`bench/scripts/batched_read.py`).
     """
     return max(batches, 1) if chunks <= DIRECT_AT_ONCE_WINDOWS * slots else 2
+
+
+def _posted_async(batches: Sequence[Sequence[ReadJob]]) -> bool:
+    """Whether posting these reads only starts them: GPU to GPU (cuda_ipc copies on streams). Between
+    CPU processes UCX's cma copies while posting, so a post is the read itself and stays on the worker,
+    beside this thread's installs and checks (posted here, a CPU refit ran 1.2-1.7x slower)."""
+    return all(j.local_device == j.remote_device == "cuda" for b in batches for j in b)
 
 
 def _next(landed: queue.SimpleQueue[int | None]) -> int | Literal[False] | None:
