@@ -49,9 +49,9 @@ def test_a_tiny_window_streams_bit_exact(trainer, catalog, case, layout, direct)
         assert storage == {n: p.data_ptr() for n, p in engine_model.named_parameters()}
 
 
-def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_posted_at_once(trainer, catalog) -> None:
-    # Staged chunks filling at most two windows: every batch of direct reads is posted before the first
-    # install (`refit.streaming.direct_depth`), and the chunks beyond the slots follow them.
+def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_all_in_flight(trainer, catalog) -> None:
+    # Staged chunks filling at most two windows: every batch of direct reads is in flight at once
+    # (`refit.streaming.direct_depth`), and the chunks beyond the slots are pulled behind them.
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     t.publish(1)
     kwargs = dict(catalog=catalog, name=t.name, direct=True, direct_min_bytes=0)
