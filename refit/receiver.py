@@ -18,14 +18,16 @@ Failover: a rank the catalog lists as dead, or whose read fails or times out (`s
 not read from again in this call; the version is planned again from DP/EDP replicas and pulled within
 the same deadline, or `SourceDeadError` names the rank. A read that fails may leave transfers running
 into staging, so those buffers are set aside (`Receiver.stats`).
+
+The `Receiver` owns the hook's API, its retries and failover; each attempt at a fetch or an install is
+`refit.puller`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -34,24 +36,15 @@ from refit import ahead
 from refit.catalog.client import CatalogClient
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.engines.base import Engine, destinations_of, installs_layers
-from refit.errors import (
-    ConfigError,
-    DigestError,
-    TransportError,
-    VersionRetiredError,
-)
-from refit.plan.assemble import assemble, assemble_chunk
+from refit.errors import ConfigError, DigestError, TransportError, VersionRetiredError
 from refit.plan.cost import DEFAULT_COST, LinkCost
 from refit.plan.liveness import DeadSources
 from refit.plan.planner import MAX_OVERREAD, Plan, stripe
-from refit.plan.verify import Totals
 from refit.plan_cache import PlanCache
+from refit.puller import Puller
 from refit.staged import ReceiverStats, StagedVersion
-from refit.staging import StagingPool
-from refit.streaming import stream
-from refit.transport.nixl import NixlAgent
-from refit.types import SourceRecord, UpdateResult
-from refit.versions import CatalogVersions, Fences
+from refit.types import UpdateResult
+from refit.versions import CatalogVersions
 
 logger = logging.getLogger(__name__)
 
@@ -147,25 +140,21 @@ class Receiver:
             catalog, timeout_s=catalog_timeout_s, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
         )
         self._versions = CatalogVersions(self._client, name, on_after_wire=on_after_wire)
-        self._dests = destinations_of(engine)
-        self._layered = self._dests is None and installs_layers(engine)
-        self._max_staging = max_staging_bytes
-        bounded = self._dests is not None or self._layered
+        dests = destinations_of(engine)
+        layered = dests is None and installs_layers(engine)
+        bounded = dests is not None or layered
         self._window = max_staging_bytes if max_staging_bytes is not None or not bounded else DEFAULT_WINDOW
-        self._direct = direct and self._dests is not None
-        self._pool: StagingPool | None = None
-        self._plans = PlanCache(
+        direct = direct and dests is not None
+        plans = PlanCache(
             name=name, engine=engine, spec=self._spec, stripe=self._stripe, link_cost=link_cost,
-            max_overread=max_overread, window=self._window, dests=self._dests, direct=self._direct,
-            direct_min_bytes=direct_min_bytes, layered=self._layered,
+            max_overread=max_overread, window=self._window, dests=dests, direct=direct,
+            direct_min_bytes=direct_min_bytes, layered=layered,
         )  # fmt: skip
-        self._generation = 0
-        self._torn = False
-        self._verify = bool(verify_digests)
-        self._checked = Totals()
-        self._source_timeout_s = source_timeout_s
-        self._agents: dict[str, int] = {}  # agent name -> trainer rank, of the version being pulled
-        self._ahead = ahead.Ahead(self._client, name)  # pulls begun from the trainers' version words
+        self._pull = Puller(
+            engine=engine, name=name, spec=self._spec, client=self._client, versions=self._versions, plans=plans,
+            dests=dests, layered=layered, max_staging_bytes=max_staging_bytes, source_timeout_s=source_timeout_s,
+            verify=bool(verify_digests),
+        )  # fmt: skip
         self.failed_over: tuple[str, ...] = ()  # agents the last fetch or update failed over from
 
     # -- introspection ----------------------------------------------------------------------------
@@ -173,25 +162,25 @@ class Receiver:
     @property
     def plan(self) -> Plan | None:
         """The plan of the last fetch that got as far as planning (None before)."""
-        return self._plans.plan
+        return self._pull.plans.plan
 
     @property
     def torn(self) -> bool:
         """Whether the engine's weights are a mix of versions: a streamed refit wrote part of them and
         then failed. The engine must not serve until a refit completes (which clears this)."""
-        return self._torn
+        return self._pull.torn
 
     @property
     def verify_digests(self) -> bool:
         """Whether fetches check pulled bytes against their digests (`verify_digests=`); settable, and
         read at each fetch (refit-bench turns it off and on between refits to price the check)."""
-        return self._verify
+        return self._pull.verify
 
     @verify_digests.setter
     def verify_digests(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise ConfigError(f"verify_digests must be a bool, got {on!r}")
-        self._verify = on
+        self._pull.verify = on
 
     @property
     def window(self) -> int | None:
@@ -200,33 +189,16 @@ class Receiver:
 
     @property
     def stats(self) -> ReceiverStats:
-        pool = self._pool
-        return ReceiverStats(
-            registrations=pool.registrations if pool else 0,
-            staging_bytes=pool.staging_bytes if pool else 0,
-            peak_staging_bytes=pool.peak_bytes if pool else 0,
-            quarantined=pool.quarantined if pool else 0,
-            quarantined_bytes=pool.quarantined_bytes if pool else 0,
-            verified_bytes=self._checked.verified_bytes,
-            unverified_bytes=self._checked.unverified_bytes,
-            verify_seconds=self._checked.seconds,
-            ahead=self._ahead.begun,
-            ahead_missed=self._ahead.missed,
-        )
+        return self._pull.stats()
 
     def _fail_over(self, exc: TransportError, dead: DeadSources, deadline: float) -> bool:
         """Whether a failed pull is worth another attempt without the source that failed it."""
-        rank = dead.give_up(exc, self._agents) if time.monotonic() <= deadline else None
+        rank = dead.give_up(exc, self._pull.agents) if time.monotonic() <= deadline else None
         if rank is None:
             return False
         self.failed_over = dead.agents
         logger.warning("%s: trainer rank %d (agent %s) failed (%s); failing over", self.name, rank, exc.agent_name, exc)
         return True
-
-    def _pool_for(self) -> StagingPool:
-        if self._pool is None:
-            self._pool = StagingPool(NixlAgent(prefix=f"refit-engine-{self.name}-tp{self._spec.tp_rank}"), self.name)
-        return self._pool
 
     # -- the hook ------------------------------------------------------------------------------------
 
@@ -240,7 +212,8 @@ class Receiver:
         TransportError.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
-        return self._retrying(version, deadline, lambda dead: self._fetch_once(version, deadline, dead=dead))
+        return self._retrying(version, deadline, lambda dead: self._pull.fetch(version, deadline, prefetch=True,
+                                                                               dead=dead))  # fmt: skip
 
     def _retrying(self, version: int | None, deadline: float, attempt: Callable[[DeadSources], _T]) -> _T:
         """`attempt` again after a retired version (unpinned: the newest is what we want anyway) or a
@@ -261,7 +234,7 @@ class Receiver:
             except DigestError as exc:
                 self._versions.retry_digest(exc, version, deadline)
             except ahead.AheadMissed as exc:  # pulled again through the catalog, pinned or not
-                self._ahead.missed += 1
+                self._pull.ahead.missed += 1
                 logger.info("%s: %s; pulling again through the catalog", self.name, exc)
 
     def _timeout(self, timeout_s: float | None) -> float:
@@ -271,85 +244,6 @@ class Receiver:
             raise ConfigError(f"timeout_s must be > 0 (or None for the receiver's default), got {timeout_s!r}")
         return timeout_s
 
-    def _fetch_once(
-        self, version: int | None, deadline: float, *, prefetch: bool = True, dead: DeadSources | None = None
-    ) -> StagedVersion:
-        t0 = time.perf_counter()
-        # 1. Resolve the version and plan this rank's reads from its live sources (cached while the
-        #    sources stay the same); a plan the engine cannot take is refused before anything is allocated.
-        resolved = self._versions.resolve(version, deadline, *self._plans.known())
-        excluded = (dead or DeadSources()).excluded(resolved.sources, resolved.info.dead_ranks)
-        if resolved.tensors_omitted and not self._plans.fits(resolved, excluded):
-            # Other sources are dead now: a new plan needs every rank's records with their tensors.
-            resolved = self._client.resolve(name=self.name, version=resolved.info.version)
-            excluded = (dead or DeadSources()).excluded(resolved.sources, resolved.info.dead_ranks)
-        info, sources = resolved.info, resolved.sources
-        self._agents = {s.agent_name: s.rank for s in sources}
-        plan = self._plans.plan_for(resolved, excluded)
-        self._ahead.resolved = None if excluded else resolved
-        whole_only = self._dests is None and not self._layered
-        if whole_only and self._max_staging is not None and plan.staging_bytes > self._max_staging:
-            raise ConfigError(
-                f"version {info.version} needs {plan.staging_bytes} bytes of staging on this rank, over "
-                f"max_staging_bytes={self._max_staging}; this engine installs whole sets (no destinations())"
-            )
-        t_plan = time.perf_counter()
-        streamed = (self._dests is not None and (plan.streamed or bool(plan.direct))) or (
-            self._layered and plan.streamed
-        )
-        # 2. Staging slots (`Plan.slot_count`) and this fetch's reads: everything, or the first
-        #    chunks that fit the window.
-        t_read = time.perf_counter()
-        pulled, descriptors, slots = self._pool_for().prefetch(
-            plan, sources, self._read_deadline(deadline), self.engine.device,
-            chunks=(plan.slot_count if prefetch else 0) if streamed else 1, dests=self._dests,
-        )  # fmt: skip
-        t_wire = time.perf_counter()
-        tensors: dict[str, torch.Tensor] = {}
-        verifier = self._plans.verifier(resolved) if self._verify else None
-        timings: dict[str, float] = {}
-        if not streamed:
-            # 3. Whole: validate (still READY, so a digest mismatch is corruption, not a race), verify
-            #    every staged block, then the engine's tensors as views of staging where possible.
-            self._versions.check_ready(info.version, torn=False, fences=self._fences(plan, sources, deadline))
-            if verifier is not None and plan.chunks:
-                try:
-                    verifier.pieces(plan.chunks[0].pieces, slots[0])
-                finally:
-                    self._checked.absorb(verifier, timings)
-            tensors = assemble(plan, slots[0])
-        self._generation += 1
-        t_done = time.perf_counter() - timings.get("verify", 0.0)
-        return StagedVersion(
-            version=info.version,
-            tensors=tensors,
-            bytes=plan.total_bytes,
-            num_sources=len({s.rank for s in plan.sources_read(sources)}),
-            num_descriptors=descriptors,
-            staging_bytes=plan.staging_bytes,
-            generation=self._generation,
-            streamed=streamed,
-            pulled=pulled if streamed else 0,
-            plan=plan,
-            sources=tuple(sources),
-            timings={"plan": t_plan - t0, "prepare": t_read - t_plan, "wire": t_wire - t_read,
-                     "validate": t_done - t_wire, **timings},
-            verifier=verifier if streamed else None,
-        )  # fmt: skip
-
-    def _fences(self, plan: Plan, sources: Sequence[SourceRecord], deadline: float) -> Fences:
-        """The sources `plan` reads, and how to read their version words (`CatalogVersions.start_check`)."""
-        assert self._pool is not None
-        return plan.sources_read(sources), functools.partial(
-            self._pool.read_words, deadline=self._read_deadline(deadline)
-        )
-
-    def _read_deadline(self, deadline: float) -> float:
-        """One pull attempt's deadline: `source_timeout_s` from now, within the call's deadline."""
-        if self._source_timeout_s is None:
-            return deadline
-        return min(deadline, time.monotonic() + self._source_timeout_s)
-
     def install(self, staged: StagedVersion, *, timeout_s: float | None = None) -> UpdateResult:
         """Install a staged version into the engine.
 
@@ -357,69 +251,9 @@ class Receiver:
         pulled now (`timeout_s` bounds that, default: the receiver's), straight into the engine and
         through the staging window; on failure `torn` is set and the error says the weights are mixed.
         """
-        if staged.generation != self._generation:
+        if staged.generation != self._pull.generation:
             raise ConfigError("this staged version was overwritten by a later fetch; fetch again")
-        timings = dict(staged.timings)
-        descriptors = staged.num_descriptors
-        if staged.streamed:
-            plan = staged.plan
-            assert plan is not None and (self._dests is not None or self._layered) and self._pool is not None
-            deadline = time.monotonic() + self._timeout(timeout_s)
-            install_chunk = functools.partial(self._install_chunk, plan) if self._layered else None
-            self._torn = True  # from here on, engine memory may hold bytes of this version
-            try:
-                descriptors += stream(
-                    self._pool, plan=plan, sources=staged.sources, pulled=staged.pulled, dests=self._dests or {},
-                    deadline=deadline, read_deadline=self._read_deadline,
-                    start_check=lambda: self._start_check(staged, deadline),
-                    timings=timings,
-                    install_chunk=install_chunk, verifier=staged.verifier,
-                )  # fmt: skip
-            except DigestError as exc:
-                raise self._versions.mismatch(exc, staged.version) from exc
-            finally:
-                self._checked.absorb(staged.verifier, timings)
-            self._torn = False
-        else:
-            t0 = time.perf_counter()
-            self.engine.install(staged.tensors)
-            timings["install"] = time.perf_counter() - t0
-            self._torn = False
-        result = staged.result(timings, descriptors)
-        self._ahead.installed = result.version
-        logger.info(
-            "%s: installed v%d, %d bytes from %d source(s) in %.3fs (wire %.3fs, %.2f GB/s, %d chunk(s))",
-            self.name, result.version, result.bytes, result.num_sources, result.seconds, result.wire_seconds,
-            result.gbps, result.chunks,
-        )  # fmt: skip
-        return result
-
-    def _start_check(self, staged: StagedVersion, deadline: float) -> Callable[[], None]:
-        """The re-check once a streamed pull's last byte has landed: the catalog's answer first, for a
-        version pulled ahead of it."""
-        assert staged.plan is not None
-        if staged.confirm is not None:
-            staged.confirm()
-        fences = self._fences(staged.plan, staged.sources, deadline)
-        return self._versions.start_check(staged.version, torn=True, fences=fences)
-
-    def _fetch_ahead(self, version: int | None, deadline: float) -> StagedVersion | None:
-        """A streamed version begun from the trainers' version words (`refit.ahead`), or None: ask the catalog."""
-        if self._pool is None or self._dests is None or self._ahead.resolved is None:
-            return None
-        self._agents = {s.agent_name: s.rank for s in self._ahead.resolved.sources}  # a failed word fails over
-        staged = self._ahead.fetch(
-            version, plans=self._plans, pool=self._pool, dests=self._dests, device=self.engine.device,
-            verify=self._verify, deadline=deadline, read_deadline=self._read_deadline(deadline),
-            generation=self._generation + 1,
-        )  # fmt: skip
-        if staged is not None:
-            self._generation += 1
-        return staged
-
-    def _install_chunk(self, plan: Plan, k: int, slot: torch.Tensor) -> None:
-        """Install the whole layers of chunk k from its staging slot (engines with `install_layers()`)."""
-        self.engine.install_layers(assemble_chunk(plan, plan.chunks[k], slot))  # type: ignore[attr-defined]
+        return self._pull.install(staged, time.monotonic() + self._timeout(timeout_s))
 
     def update_weights(self, version: int | None = None, *, timeout_s: float | None = None) -> UpdateResult:
         """Fetch `version` (default: newest READY) and install it.
@@ -436,10 +270,10 @@ class Receiver:
             nonlocal first
             # Ahead of the catalog's answer where the trainers' version words allow it, on the first
             # attempt only; no prefetch: the whole pull is pipelined in install, direct reads beside the chunks.
-            staged = self._fetch_ahead(version, deadline) if first else None
+            staged = self._pull.fetch_ahead(version, deadline) if first else None
             first = False
             if staged is None:
-                staged = self._fetch_once(version, deadline, prefetch=False, dead=dead)
+                staged = self._pull.fetch(version, deadline, prefetch=False, dead=dead)
             return self.install(staged, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S))
 
         return self._retrying(version, deadline, attempt)
@@ -447,10 +281,7 @@ class Receiver:
     # -- life cycle ------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._ahead.close()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        self._pull.close()
         self._client.close()
 
     def __enter__(self) -> Receiver:

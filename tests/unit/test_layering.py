@@ -40,9 +40,12 @@ ALLOWED: dict[str, set[str]] = {
     "refit.ahead": VALUES
     | {"refit.plan", "refit.catalog", "refit.transport", "refit.reads", "refit.staging"}
     | {"refit.plan_cache", "refit.staged"},
-    "refit.receiver": VALUES
+    "refit.puller": VALUES
     | {"refit.plan", "refit.transport", "refit.catalog", "refit.engines.base", "refit.staging"}
     | {"refit.streaming", "refit.ahead"}
+    | {"refit.plan_cache", "refit.versions", "refit.staged"},
+    "refit.receiver": VALUES
+    | {"refit.plan", "refit.catalog", "refit.engines.base", "refit.ahead", "refit.puller"}
     | {"refit.plan_cache", "refit.versions", "refit.staged"},
     "refit.trainer": VALUES | {"refit.compat", "refit.megatron", "refit.transport", "refit.catalog", "refit.trainer"},
     "refit.engines": VALUES | {"refit.plan", "refit.compat", "refit.megatron", "refit.engines"},
