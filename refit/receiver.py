@@ -212,8 +212,11 @@ class Receiver:
         TransportError.
         """
         deadline = time.monotonic() + self._timeout(timeout_s)
-        return self._retrying(version, deadline, lambda dead: self._pull.fetch(version, deadline, prefetch=True,
-                                                                               dead=dead))  # fmt: skip
+
+        def attempt(dead: DeadSources) -> StagedVersion:
+            return self._pull.fetch(version, deadline, prefetch=True, dead=dead)
+
+        return self._retrying(version, deadline, attempt)
 
     def _retrying(self, version: int | None, deadline: float, attempt: Callable[[DeadSources], _T]) -> _T:
         """`attempt` again after a retired version (unpinned: the newest is what we want anyway) or a
