@@ -11,9 +11,10 @@ Engine storages are registered the first time a direct read targets them and sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -137,25 +138,25 @@ class StagingPool:
         depth: int = 2,
     ) -> int:
         """`read` of `batches` in order, `depth` in flight at a time; `landed(k)` once batch k is in."""
-        try:
+        with self._set_aside_on_failure():
             timeout_s = max(deadline - time.monotonic(), MIN_WAIT_S)
             return self.agent.read_batches(batches, depth=depth, timeout_s=timeout_s, landed=landed)
-        except BaseException:
-            self.quarantine()
-            raise
 
     def post(self, batches: list[list[ReadJob]]) -> Posted:
         """Post every batch of reads now, all in flight at once (`NixlAgent.post`); `land` waits for them."""
-        try:
+        with self._set_aside_on_failure():
             return self.agent.post(batches)
-        except BaseException:
-            self.quarantine()
-            raise
 
     def land(self, posted: Posted, deadline: float, landed: Callable[[int], None] | None = None) -> int:
         """Wait for `posted` reads, `landed(k)` once batch k is in, as `read_batches`."""
-        try:
+        with self._set_aside_on_failure():
             return self.agent.land(posted, timeout_s=max(deadline - time.monotonic(), MIN_WAIT_S), landed=landed)
+
+    @contextlib.contextmanager
+    def _set_aside_on_failure(self) -> Iterator[None]:
+        """After a failed read staging is set aside: a transfer that did not stop may still write it."""
+        try:
+            yield
         except BaseException:
             self.quarantine()
             raise

@@ -267,7 +267,8 @@ class NixlAgent:
         for handle, job, nbytes in posted.batches[k]:
             cap = _POLL_MAX_S if job.local_device == job.remote_device == "cpu" else _POLL_MAX_GPU_S
             self._wait(handle, job.agent_name, deadline, nbytes, cap)
-        logger.debug("%s: batch %d landed at %.2f ms", self.name, k, posted.ms())
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: batch %d landed at %.2f ms", self.name, k, posted.ms())
         if landed is not None:
             landed(k)
 
