@@ -16,7 +16,7 @@ import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -28,6 +28,9 @@ from refit.plan.verify import Pending, Verifier
 from refit.staging import StagingPool
 from refit.transport.jobs import ReadJob
 from refit.types import SourceRecord
+
+if TYPE_CHECKING:
+    from refit.transport.nixl import Posted
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +56,9 @@ def stream(
     Chunks [0, `pulled`) are already in their slots. With S slots, chunk k is installed from slot
     k % S while chunks up to k + S - 1 are pulled into the others (each slot's previous chunk is
     installed already); direct reads run beside that pipeline, landed on their own worker (every
-    slot's first chunk is posted before them, so the first installs run while they land; posted by
-    this thread when all go at once, else by the worker, `direct_depth` at a time), and the last
+    slot's first chunk is posted before them, so the first installs run while they land; when all go
+    at once between GPUs, this thread posts those chunks and batches and the workers only land them,
+    else the workers post, `direct_depth` batches at a time), and the last
     chunk's copies run while they finish. `start_check` starts the re-check once the last byte has
     landed (the trainers' version words, or the catalog's READY state) and returns the wait for its
     answer, which runs after the last copies. Adds "wire", "validate" (the check beyond the install) and
@@ -88,38 +92,55 @@ def stream(
         pool.connect(sources, [j for b in batches for j in b])
     pulls: dict[int, Future[int]] = {}  # chunk -> its pull, posted and not yet waited for
     posted = pulled  # chunks [0, posted) are in their slots or being pulled into them
+    depth = direct_depth(len(chunks), len(batches), len(slots))
+    # All at once between GPUs, the first reads are posted by this thread before its first install (the
+    # staged chunks of the free slots, then every direct batch) and only landed on the workers. Posted
+    # by the workers, the posts took turns for the GIL and the agent's lock with each other and with
+    # this thread (one H200, llama-8gb: the direct batches posted here but the first chunk by a worker,
+    # the 9 batches went out over 2.3 ms; everything posted here, over 1.2 ms, and the refit ran 6.15-6.40
+    # ms against 6.64-6.74). Between CPU processes UCX copies while posting: the workers post there.
+    here = bool(batches) and depth >= len(batches) and _posted_async(batches)
 
-    def post_upto(last: int) -> None:
-        """Post the pulls of chunks up to `last` (each slot's previous chunk is installed already)."""
+    def submit(k: int, future: Future[int]) -> None:
+        future.add_done_callback(lambda _: landed.put(None))
+        pulls[k] = future
+
+    def post_upto(last: int, held: list[tuple[int, Posted]] | None = None) -> None:
+        """Post the pulls of chunks up to `last` (each slot's previous chunk is installed already): on
+        a worker, or here into `held` (landed once submitted)."""
         nonlocal posted
         while posted < len(chunks) and posted <= last:
             chunk = reads.chunk(posted, slots[posted % len(slots)])
             pool.connect(sources, chunk)
-            future = executor.submit(pool.read, chunk, read_deadline(deadline))
-            future.add_done_callback(lambda _: landed.put(None))
-            pulls[posted] = future
+            if held is not None and _posted_async([chunk]):
+                held.append((posted, pool.post([chunk])))
+            else:
+                submit(posted, executor.submit(pool.read, chunk, read_deadline(deadline)))
             posted += 1
 
     # 2. The chunk pipeline. A prefetched version already holds its first chunks, whose slots must be
     #    installed first; every free slot is filled before the direct reads are posted, so the first
     #    installs run while they land.
-    post_upto(len(slots) - 1)
-    if batches:
-        on_landed = landed.put if verifier is not None else None
-        depth = direct_depth(len(chunks), len(batches), len(slots))
-        if depth >= len(batches) and _posted_async(batches):
-            # All at once between GPUs: posted by this thread before the first install, landed on the
-            # worker. Posted by the worker, they took turns for the GIL with the installs and checks of
-            # this thread (one H200: the last of 9 went out ~2.6 ms in; a GPU batch's post takes ~0.3 ms).
+    on_landed = landed.put if verifier is not None else None
+    if here:
+        held: list[tuple[int, Posted]] = []
+        try:
             try:
+                post_upto(len(slots) - 1, held)
                 reads_posted = pool.post(batches)
-            except BaseException:
-                for f in pulls.values():
-                    f.exception()  # the chunk pulls posted already end (by their deadline) before this raises
-                raise
-            direct = executor.submit(pool.land, reads_posted, read_deadline(deadline), on_landed)
-        else:
+            finally:
+                for k, p in held:
+                    submit(k, executor.submit(pool.land, p, read_deadline(deadline)))
+        except BaseException:
+            for f in pulls.values():
+                f.exception()  # the chunk pulls posted already end (by their deadline) before this raises
+            raise
+        direct = executor.submit(pool.land, reads_posted, read_deadline(deadline), on_landed)
+    else:
+        post_upto(len(slots) - 1)
+        if batches:
             direct = executor.submit(pool.read_batches, batches, read_deadline(deadline), on_landed, depth=depth)
+    if direct is not None:
         direct.add_done_callback(lambda _: landed.put(None))
     # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
     # synchronize would also wait for the transfers this process drives on the device (cuda_ipc

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from refit import Receiver
+from refit import Receiver, streaming
 from refit.engines import HFEngine
 from refit.reads import batch_bytes, batched
+from refit.staging import StagingPool
 from refit.streaming import DIRECT_AT_ONCE_WINDOWS, direct_depth
 from tests.integration.test_refit import LAYOUTS
 from tests.support import hf_models as hm
@@ -49,9 +50,19 @@ def test_a_tiny_window_streams_bit_exact(trainer, catalog, case, layout, direct)
         assert storage == {n: p.data_ptr() for n, p in engine_model.named_parameters()}
 
 
-def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_all_in_flight(trainer, catalog) -> None:
+@pytest.mark.parametrize("poster", ["workers", "installing thread"])
+def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_all_in_flight(
+    trainer, catalog, monkeypatch, poster
+) -> None:
     # Staged chunks filling at most two windows: every batch of direct reads is in flight at once
-    # (`refit.streaming.direct_depth`), and the chunks beyond the slots are pulled behind them.
+    # (`refit.streaming.direct_depth`), and the chunks beyond the slots are pulled behind them. Between
+    # GPUs the installing thread posts the first chunks and every batch, and the workers only land them;
+    # here (CPU, where UCX copies while posting) that branch is taken on request.
+    posts: list[int] = []  # the batches of each post made by the installing thread
+    if poster == "installing thread":
+        monkeypatch.setattr(streaming, "_posted_async", lambda batches: True)
+        post = StagingPool.post
+        monkeypatch.setattr(StagingPool, "post", lambda pool, b: posts.append(len(b)) or post(pool, b))
     t = trainer(hm.LLAMA_GQA, tp=2, pp=1)
     t.publish(1)
     kwargs = dict(catalog=catalog, name=t.name, direct=True, direct_min_bytes=0)
@@ -61,6 +72,7 @@ def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_all_in_fligh
     for k in (5, 4, 6):
         engine_model = hm.build_hf_model(hm.LLAMA_GQA, seed=99)
         with Receiver(engine=HFEngine(engine_model), max_staging_bytes=3 * -(-staged // k), **kwargs) as rcv:
+            posts.clear()
             r1 = rcv.update_weights()
             plan = rcv.plan
             if not plan.slot_count < len(plan.chunks) <= DIRECT_AT_ONCE_WINDOWS * plan.slot_count:
@@ -75,5 +87,10 @@ def test_a_few_chunks_beyond_the_slots_stream_beside_direct_batches_all_in_fligh
             assert rcv.update_weights().version == 2 and not rcv.torn
             assert_same_weights(engine_model, v2)
             assert_same_logits(engine_model, v2)
+            # Each refit posts every direct batch at once, and the chunks of its free slots one by one.
+            if poster == "installing thread":
+                assert posts.count(len(batches)) == 2 and set(posts) <= {1, len(batches)}
+            else:
+                assert posts == []
             return
     pytest.fail(f"no window gave between {plan.slot_count + 1} and {2 * plan.slot_count} chunks")
