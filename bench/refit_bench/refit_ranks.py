@@ -97,15 +97,15 @@ class ReceiverRank:
 
     def __init__(
         self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
-        max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True, threads: int = 0,
-        direct_min_bytes: int | None = None,
+        scheme: str = "hf", max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True,
+        threads: int = 0, direct_min_bytes: int | None = None,
     ) -> None:  # fmt: skip
         if threads > 0:
             torch.set_num_threads(threads)  # beside the receiver's own pull threads, on a machine shared with trainers
         self.catalog, self.tp_rank, self.tp_size, self.replica = catalog, tp_rank, tp_size, replica
         self.max_staging_bytes, self.direct, self.verify = max_staging_bytes, direct, verify
         self.direct_min_bytes = direct_min_bytes
-        self.ep_size = ep_size
+        self.ep_size, self.scheme = ep_size, scheme
         self.device = measure.torch_device(device, gpu)
         if device == "cuda":
             torch.cuda.set_device(self.device)
@@ -123,7 +123,8 @@ class ReceiverRank:
             sources = client.get_sources(name=NAME, version=1)
         # Engine EP spreads whole experts over the engine's TP ranks (vLLM's expert parallelism).
         experts = dict(ep_rank=self.tp_rank, ep_size=self.ep_size, expert_tp_size=1) if self.ep_size > 1 else {}
-        spec = EngineSpec.from_meta(info.model, tp_rank=self.tp_rank, tp_size=self.tp_size, **experts)
+        spec = EngineSpec.from_meta(info.model, tp_rank=self.tp_rank, tp_size=self.tp_size, scheme=self.scheme,
+                                    **experts)  # fmt: skip
         # Its tensors are the planner's targets of the model at the layout the Receiver plans with,
         # as a vLLM engine learns its own; the Receiver then checks every plan against them.
         targets = plan_refit(model=info.model, sources=sources, layout=spec.layout()).targets

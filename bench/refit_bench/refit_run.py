@@ -61,6 +61,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-staging-bytes", type=int, default=None, metavar="N",
         help="Receiver(max_staging_bytes=N): the staging window per engine rank (default 1 GiB)",
     )  # fmt: skip
+    p.add_argument(
+        "--engine-scheme", choices=("hf", "megatron"), default="hf",
+        help="the engine's tensors: hf (transformers and vLLM names; QKV, gate/up and vocabulary reshaped on "
+        "the way in) or megatron (Megatron's in-framework inference: the trainer's own fused layouts at the "
+        "engine's TP)",
+    )  # fmt: skip
     p.add_argument("--no-direct", action="store_true", help="Receiver(direct=False): stage every tensor")
     p.add_argument(
         "--direct-min-bytes", type=int, default=None, metavar="N",
@@ -116,8 +122,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     world = args.tp * args.pp * args.dp
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
-            "receiver_gpu", "row_blocks", "max_staging_bytes", "no_direct", "direct_min_bytes", "split", "no_verify",
-            "digest_ab", "receiver_threads")  # fmt: skip
+            "receiver_gpu", "engine_scheme", "row_blocks", "max_staging_bytes", "no_direct", "direct_min_bytes",
+            "split", "no_verify", "digest_ab", "receiver_threads")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -134,7 +140,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
         rcvs = [
             Worker("refit_bench.refit_ranks:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
-                   gpu=args.receiver_gpu, max_staging_bytes=args.max_staging_bytes, direct=not args.no_direct,
+                   gpu=args.receiver_gpu, scheme=args.engine_scheme, max_staging_bytes=args.max_staging_bytes,
+                   direct=not args.no_direct,
                    direct_min_bytes=args.direct_min_bytes,
                    verify=not args.no_verify, threads=args.receiver_threads)
             for i in range(receivers)
@@ -338,8 +345,9 @@ def _print(result: dict[str, Any]) -> None:
     moe = f" EP{c['ep']} ETP{c['etp'] or c['tp']}" if c.get("ep", 1) > 1 or c.get("etp") else ""
     engine_ep = f" EP{c['engine_ep']}" if c.get("engine_ep", 1) > 1 else ""
     registration = f"trainer registration {result['trainer_registration_s']:.3f}s"
+    scheme = " (Megatron layout)" if c.get("engine_scheme") == "megatron" else ""
     print(f"model {c['shape']} bf16; trainer TP{c['tp']} PP{c['pp']} DP{c['dp']}{moe} -> engine TP{c['engine_tp']}"
-          f"{engine_ep} x {c['replicas']} replica(s); {registration}")  # fmt: skip
+          f"{engine_ep}{scheme} x {c['replicas']} replica(s); {registration}")  # fmt: skip
     head = ["v", "bytes/rcv", "wire bytes", "reads", "publish s", "fixed s", "wire s", "install(stall) s", "total s",
             "driver s", "GB/s", "staging peak", "direct", "chunks", "new regs"]  # fmt: skip
     rows, prev = [], None

@@ -88,6 +88,21 @@ def test_moe_refit_with_engine_ep_moves_each_receiver_only_its_experts() -> None
     assert out["config"]["engine_ep"] == 2 and out["summary"]["gbps"] > 0
 
 
+def test_an_engine_in_megatron_layout_reads_every_tensor_straight_from_the_trainer() -> None:
+    # Megatron's in-framework inference at the trainer's TP: every tensor is one contiguous run of the
+    # trainer's memory in the engine's own layout, so every byte is read straight into the engine and
+    # nothing is staged; the HF layout's QKV is un-interleaved on the way in, one read per query group.
+    args = ("--shape", "llama-tiny", "--tp", "1", "--engine-tp", "1", "--versions", "2", "--iters", "1",
+            "--no-baseline", "--direct-min-bytes", "0")  # fmt: skip
+    megatron, hf = bench("refit", *args, "--engine-scheme", "megatron"), bench("refit", *args)
+    assert megatron["config"]["engine_scheme"] == "megatron" and hf["config"]["engine_scheme"] == "hf"
+    for r in megatron["versions"]:
+        assert r["direct_bytes"] == r["bytes_per_receiver"] == SHAPES["llama-tiny"].num_params * 2
+        assert r["staging_bytes"] == 0 and r["unverified_bytes"] == 0
+    for m, h in zip(megatron["versions"], hf["versions"], strict=True):
+        assert m["descriptors"] < h["descriptors"]
+
+
 @pytest.mark.vllm
 def test_vllm_mode_reports_stall_apart_from_wire() -> None:
     pytest.importorskip("vllm")
