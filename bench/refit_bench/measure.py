@@ -3,7 +3,8 @@
 - `copy_ceiling`: the physical limit of moving bytes in one process (a single-threaded memcpy on
   CPU, a device-to-device copy on GPU).
 - `Source` (a worker) + `nixl_read`: raw bulk NIXL READ between two processes, through refit's own
-  transport defaults, as one descriptor or split into many.
+  transport defaults, as one descriptor or split into many; `read_from_source` sets both up for the
+  GPU probes of bench/scripts.
 - `broadcast`: `torch.distributed` broadcast (gloo on CPU, NCCL where two GPUs exist), what a user
   would otherwise pick.
 - `ipc_copy`: a CUDA IPC handle + copy, what colocated refits use.
@@ -12,9 +13,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +167,30 @@ class Source:
         if cmd == "ipc":
             return {"handle": _share_cuda(self.buf)}
         raise ValueError(f"unknown command {cmd!r}")
+
+
+@contextlib.contextmanager
+def read_from_source(
+    nbytes: int, local: torch.device, *, prefix: str
+) -> Iterator[tuple[NixlAgent, dict[str, Any], torch.Tensor]]:
+    """A `Source` worker on GPU 0 holding `nbytes` (seed 3), and this process's NIXL agent connected
+    to it with a registered destination of `nbytes` on `local`: (agent, the source's `alloc` answer,
+    destination). Both are closed on exit."""
+    from refit_bench.procs import Worker
+
+    source = Worker("refit_bench.measure:Source", device="cuda", device_index=0)
+    agent = NixlAgent(prefix=prefix)
+    try:
+        source.wait_started()
+        info = source.call(cmd="alloc", nbytes=nbytes, seed=3)
+        agent.connect(info["agent"], base64.b64decode(info["metadata"]))
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=local)
+        dev, dev_id = device_of(dst)
+        agent.register(dst.data_ptr(), nbytes, device=dev, device_id=dev_id)
+        yield agent, info, dst
+    finally:
+        agent.close()
+        source.close()
 
 
 def _share_cuda(t: torch.Tensor) -> list[Any]:

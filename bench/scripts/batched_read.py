@@ -13,16 +13,14 @@ Medians of `--iters`, beside the same-run CUDA copy GPU 0 -> GPU 1.
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 import threading
 
 import torch
 
 from refit.dtypes import device_of
-from refit.transport.nixl import NixlAgent, ReadJob, ReadOp
+from refit.transport.nixl import ReadJob, ReadOp
 from refit_bench import measure, report
-from refit_bench.procs import Worker
 from refit_bench.transport import parse_size
 
 
@@ -51,16 +49,8 @@ def main() -> int:
     n = args.bytes
     local = torch.device("cuda:0" if args.same_gpu or torch.cuda.device_count() < 2 else "cuda:1")
     torch.cuda.set_device(local)
-    source = Worker("refit_bench.measure:Source", device="cuda", device_index=0)
-    agent = NixlAgent(prefix="probe-reader")
     rows = []
-    try:
-        source.wait_started()
-        info = source.call(cmd="alloc", nbytes=n, seed=3)
-        agent.connect(info["agent"], base64.b64decode(info["metadata"]))
-        dst = torch.empty(n, dtype=torch.uint8, device=local)
-        dev, dev_id = device_of(dst)
-        agent.register(dst.data_ptr(), n, device=dev, device_id=dev_id)
+    with measure.read_from_source(n, local, prefix="probe-reader") as (agent, info, dst):
 
         def record(sample: measure.Sample) -> None:
             rows.append(sample.as_dict())
@@ -87,7 +77,7 @@ def main() -> int:
         record(measure.timed(what, n, lambda: agent.read_batches(cut), iters=args.iters))
         if not torch.equal(dst[:4096], measure.filled(4096, local, seed=3)):
             raise RuntimeError("a READ delivered wrong bytes")
-        small = 3 << 29  # QKV of Llama-3-8B at TP1 is ~1.6 GB in runs of 1 and 4 MiB (per query group)
+        small = min(3 << 29, n)  # QKV of Llama-3-8B at TP1 is ~1.6 GB in runs of 1 and 4 MiB (per query group)
         for size in (small, 4 << 20, 1 << 20):
             jobs = _batches(dst, info, small, 1, small // size)
             record(measure.timed(f"{small >> 20} MiB as {small // size} descriptors", small,
@@ -111,9 +101,6 @@ def main() -> int:
         finally:
             stop.set()
             worker.join()
-    finally:
-        agent.close()
-        source.close()
     if args.json:
         report.write_json(args.json, {"machine": report.machine("cuda"), "bytes": n, "rows": rows})
     return 0

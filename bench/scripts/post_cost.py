@@ -10,7 +10,6 @@ reads `--bytes` as one transfer of D descriptors for each D of `--descs`, and ti
 from __future__ import annotations
 
 import argparse
-import base64
 import statistics
 import sys
 import time
@@ -19,9 +18,7 @@ import numpy as np
 import torch
 
 from refit.dtypes import device_of
-from refit.transport.nixl import NixlAgent
-from refit_bench import report
-from refit_bench.procs import Worker
+from refit_bench import measure, report
 from refit_bench.transport import parse_size
 
 
@@ -36,17 +33,10 @@ def main() -> int:
     n = args.bytes
     local = torch.device("cuda:1" if args.other_gpu else "cuda:0")
     torch.cuda.set_device(local)
-    source = Worker("refit_bench.measure:Source", device="cuda", device_index=0)
-    agent = NixlAgent(prefix="probe-post")
     rows = []
-    try:
-        source.wait_started()
-        info = source.call(cmd="alloc", nbytes=n, seed=3)
-        agent.connect(info["agent"], base64.b64decode(info["metadata"]))
-        dst = torch.empty(n, dtype=torch.uint8, device=local)
-        _, dev_id = device_of(dst)
-        agent.register(dst.data_ptr(), n, device="cuda", device_id=dev_id)
-        raw = agent._agent
+    with measure.read_from_source(n, local, prefix="probe-post") as (agent, info, dst):
+        dev_id = device_of(dst)[1]
+        raw = agent._agent  # NIXL's own agent: each of its calls is timed apart
         for d in [int(x) for x in args.descs.split(",")]:
             step = n // d
             offs = np.arange(d, dtype=np.uint64) * np.uint64(step)
@@ -63,7 +53,8 @@ def main() -> int:
                 raw.transfer(h)
                 t2 = time.perf_counter()
                 while raw.check_xfer_state(h) != "DONE":
-                    pass
+                    if time.perf_counter() - t2 > 60:
+                        raise TimeoutError(f"a READ of {n} bytes did not land in 60 s")
                 t3 = time.perf_counter()
                 raw.release_xfer_handle(h)
                 init.append(t1 - t0)
@@ -80,9 +71,6 @@ def main() -> int:
             }
             rows.append(row)
             print(row, flush=True)
-    finally:
-        agent.close()
-        source.close()
     if args.json:
         report.write_json(args.json, {"machine": report.machine("cuda"), "bytes": n, "rows": rows})
     return 0
