@@ -78,7 +78,15 @@ def _state(model: Any) -> dict[str, Any]:
 
 
 def refit_and_compare(
-    state: dict, rank: int, world_size: int, *, catalog: str, name: str, version: int | None = None
+    state: dict,
+    rank: int,
+    world_size: int,
+    *,
+    catalog: str,
+    name: str,
+    version: int | None = None,
+    max_staging_bytes: int | None = None,
+    direct_min_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Refit the engine through refit; report bytes, kept storage and every state entry that differs."""
     import torch
@@ -90,8 +98,10 @@ def refit_and_compare(
     engine, truth = _model(state, "engine"), _model(state, "truth")
     ptrs = {n: t.data_ptr() for n, t in _state(engine).items()}
     replica = ps.get_data_parallel_rank()
-    with Receiver(catalog=catalog, engine=MegatronEngine(engine), name=name, replica=replica) as rcv:
+    with Receiver(catalog=catalog, engine=MegatronEngine(engine), name=name, replica=replica,
+                  max_staging_bytes=max_staging_bytes, direct_min_bytes=direct_min_bytes) as rcv:  # fmt: skip
         result = rcv.update_weights(version)
+        peak = rcv.stats.peak_staging_bytes
     got, want = _state(engine), _state(truth)
     differ = sorted(set(got) ^ set(want)) + [n for n in got if n in want and not torch.equal(got[n], want[n])]
     return {
@@ -103,6 +113,9 @@ def refit_and_compare(
         "param_bytes": sum(p.numel() * p.element_size() for p in engine.parameters()),
         "state_bytes": sum(t.numel() * t.element_size() for t in got.values()),
         "biases": sum(n.endswith(".router.expert_bias") for n in got),
+        "chunks": result.chunks,
+        "direct_bytes": result.direct_bytes,
+        "peak_staging_bytes": peak,
     }
 
 
