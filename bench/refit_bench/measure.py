@@ -84,6 +84,21 @@ def timed(what: str, nbytes: int, fn: Callable[[], None], *, iters: int, warmup:
     return Sample(what=what, nbytes=nbytes, seconds=tuple(runs))
 
 
+def gpu_ms(fn: Callable[[], object], iters: int) -> float:
+    """Median GPU time of `fn` in ms by CUDA events on the current stream, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def filled(nbytes: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     """A byte buffer with a cheap, non-constant pattern (so a missed transfer shows)."""
     period = 251 * 4096  # a prime period of bytes, tiled: wrong offsets show, and no int64 temporary of nbytes

@@ -16,26 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
 
+from refit_bench.measure import gpu_ms
+
 HIDDEN, GROUPS, HEADS, HEAD_DIM = 4096, 8, 32, 128  # Llama-3-8B
-
-
-def gpu_ms(fn: Callable[[], object], iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graphed(outs: list[torch.Tensor], ins: list[torch.Tensor]) -> Callable[[], None]:

@@ -83,37 +83,6 @@ def test_mla_refit_into_hf_is_bit_exact_for_two_versions(trainer, catalog, case,
         assert storage == _storage(engine_model)
 
 
-WINDOW = 64 << 10  # bytes: far below the test models, so every refit streams through many chunks
-
-
-@pytest.mark.parametrize(("case", "layout"), [LAYOUTS[0], LAYOUTS[3]])
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "staged"])
-def test_mla_streams_through_a_tiny_window_bit_exact(trainer, catalog, case, layout, direct) -> None:
-    # The latent projections, the [latent | rope] kv down projection, the router's bias buffer and the
-    # experts, in chunks of a 64 KiB window, some read straight into the engine.
-    t = trainer(case, **layout)
-    engine_model = hm.build_hf_model(case, seed=99)
-    storage = _storage(engine_model)
-    with Receiver(catalog=catalog, engine=HFEngine(engine_model), name=t.name, max_staging_bytes=WINDOW,
-                  direct=direct, direct_min_bytes=0) as rcv:  # fmt: skip
-        t.publish(1)
-        r1 = rcv.update_weights()
-        assert r1.version == 1 and not rcv.torn
-        # Streamed: many chunks, unless every byte could be read straight into the engine.
-        assert r1.chunks > 1 or (direct and r1.direct_bytes == r1.bytes)
-        assert (r1.direct_bytes > 0) == direct
-        assert_same_state(engine_model, t.hf)
-        assert_same_logits(engine_model, t.hf)
-        v2 = t.step(seed=2)
-        t.cluster.run(f"{OPS}:invalidate", name=t.name)
-        t.publish(2)
-        assert rcv.update_weights().version == 2
-        assert_same_state(engine_model, v2)
-        assert_same_logits(engine_model, v2)
-        assert 0 < rcv.stats.peak_staging_bytes <= WINDOW
-        assert storage == _storage(engine_model)
-
-
 @pytest.fixture(scope="module")
 def engine_cluster() -> Iterator[TrainerCluster]:
     with TrainerCluster(world_size=2, timeout_s=300.0) as cluster:
