@@ -148,7 +148,7 @@ def stream(
     # reads of the next chunk and of direct reads), serializing pull and install.
     copies = pool.copy_stream(slots[0])
     checks = pool.check_stream(slots[0])  # direct batches' digests: a chunk's copies never wait behind them
-    wire = install = validate = verify = 0.0
+    install = validate = verify = 0.0
     descriptors = 0
     launched = Pending()
     checking = 0.0  # seconds this thread spent checking direct batches while it waited for pulls

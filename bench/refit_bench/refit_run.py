@@ -141,9 +141,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             Worker("refit_bench.refit_ranks:ReceiverRank", catalog=server.address, tp_rank=i % args.engine_tp,
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
                    gpu=args.receiver_gpu, scheme=args.engine_scheme, max_staging_bytes=args.max_staging_bytes,
-                   direct=not args.no_direct,
-                   direct_min_bytes=args.direct_min_bytes,
-                   verify=not args.no_verify, threads=args.receiver_threads)
+                   direct=not args.no_direct, direct_min_bytes=args.direct_min_bytes, verify=not args.no_verify,
+                   threads=args.receiver_threads)
             for i in range(receivers)
         ]  # fmt: skip
         try:

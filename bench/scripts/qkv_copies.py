@@ -20,20 +20,24 @@ from collections.abc import Callable
 
 import torch
 
+from refit.graphs import capture
 from refit_bench.measure import gpu_ms
 
 HIDDEN, GROUPS, HEADS, HEAD_DIM = 4096, 8, 32, 128  # Llama-3-8B
 
 
 def graphed(outs: list[torch.Tensor], ins: list[torch.Tensor]) -> Callable[[], None]:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch._foreach_copy_(outs, ins, non_blocking=True)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """The copies captured as a CUDA graph on a side stream (as `refit.copies` does), after a warm-up."""
+
+    def copy() -> None:
         torch._foreach_copy_(outs, ins, non_blocking=True)
+
+    copy()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        graph = capture(copy)
+    if graph is None:
+        raise RuntimeError("the copies could not be captured as a CUDA graph")
     return graph.replay
 
 

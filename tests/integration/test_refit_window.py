@@ -7,7 +7,6 @@ the staging held measured.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from refit import Receiver, streaming
 from refit.engines import HFEngine
@@ -18,7 +17,7 @@ from tests.integration.test_refit import LAYOUTS
 from tests.integration.test_refit_mla import LAYOUTS as MLA_LAYOUTS
 from tests.integration.test_refit_moe import LAYOUTS as MOE_LAYOUTS
 from tests.support import hf_models as hm
-from tests.support.refit_harness import OPS, assert_same_logits, assert_same_weights
+from tests.support.refit_harness import OPS, assert_same_logits, assert_same_state, assert_same_weights
 
 WINDOW = 64 << 10  # bytes: the test models are a few MB, so dozens of chunks
 
@@ -26,14 +25,6 @@ WINDOW = 64 << 10  # bytes: the test models are a few MB, so dozens of chunks
 # Beside the dense matrix: experts (fused 3-D in the engine) from trainer EP ranks, with shared experts
 # and PP; DeepSeek-V3's latent projections and router bias buffer, with and without a query latent.
 EXPERT_LAYOUTS = [*MOE_LAYOUTS[:2], MLA_LAYOUTS[0], MLA_LAYOUTS[3]]
-
-
-def assert_same_state(engine_model: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Parameters and persistent buffers (the MLA router's `e_score_correction_bias`) bit-identical."""
-    got, want = engine_model.state_dict(), source.state_dict()
-    assert set(got) == set(want)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{name} differs"
 
 
 @pytest.mark.parametrize(("case", "layout"), LAYOUTS + EXPERT_LAYOUTS)

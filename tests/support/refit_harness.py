@@ -33,6 +33,15 @@ def assert_same_weights(engine_model: torch.nn.Module, source: torch.nn.Module) 
         assert torch.equal(got[name], tensor), f"{name} differs"
 
 
+def assert_same_state(engine_model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Parameters and persistent buffers (an MLA router's `e_score_correction_bias`) bit-identical."""
+    got, want = engine_model.state_dict(), source.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), f"{name} differs"
+
+
 def assert_same_logits(engine_model: torch.nn.Module, source: torch.nn.Module) -> None:
     with torch.no_grad():
         assert torch.equal(engine_model(TOKENS).logits, source(TOKENS).logits)
