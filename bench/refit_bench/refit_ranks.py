@@ -5,6 +5,7 @@ the classic gather + broadcast baseline. Each runs in its own process (`refit_be
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any
@@ -98,7 +99,7 @@ class ReceiverRank:
     def __init__(
         self, *, catalog: str, tp_rank: int, tp_size: int, ep_size: int, replica: int, device: str, gpu: int = 0,
         scheme: str = "hf", max_staging_bytes: int | None = None, direct: bool = True, verify: bool = True,
-        threads: int = 0, direct_min_bytes: int | None = None,
+        threads: int = 0, direct_min_bytes: int | None = None, gpu_timeline: bool = False,
     ) -> None:  # fmt: skip
         if threads > 0:
             torch.set_num_threads(threads)  # beside the receiver's own pull threads, on a machine shared with trainers
@@ -110,6 +111,8 @@ class ReceiverRank:
         if device == "cuda":
             torch.cuda.set_device(self.device)
         self.rcv: Any = None
+        self.gpu_timeline = gpu_timeline
+        self.timeline: Any = None  # `gpu_timeline.Timeline`, from the second refit on
 
     def _setup(self) -> None:
         from refit import Receiver
@@ -139,21 +142,29 @@ class ReceiverRank:
         self.engine_bytes = sum(t.numel() * t.element_size() for t in self.rcv.engine.tensors.values())
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg["cmd"] == "timeline":
+            return {"refits": self.timeline.finish(msg.get("trace")) if self.timeline is not None else {}}
         if msg["cmd"] != "update":
             raise ValueError(msg["cmd"])
+        if self.gpu_timeline and self.rcv is not None and self.timeline is None:  # the first refit sets up
+            from refit_bench.gpu_timeline import Timeline
+
+            self.timeline = Timeline()
         if self.rcv is None:
             self._setup()
         self.rcv.verify_digests = bool(msg.get("verify", self.verify))
         checked = self.rcv.stats
-        t0 = time.perf_counter()
-        if msg.get("split"):
-            staged = self.rcv.fetch(msg["version"])
-            t1 = time.perf_counter()
-            result = self.rcv.install(staged)  # the engine would pause only for this
-        else:
-            t1 = t0  # update_weights(): the engine pauses for all of it
-            result = self.rcv.update_weights(msg["version"])
-        t2 = time.perf_counter()
+        traced = self.timeline.mark(msg["version"]) if self.timeline is not None else contextlib.nullcontext()
+        with traced:
+            t0 = time.perf_counter()
+            if msg.get("split"):
+                staged = self.rcv.fetch(msg["version"])
+                t1 = time.perf_counter()
+                result = self.rcv.install(staged)  # the engine would pause only for this
+            else:
+                t1 = t0  # update_weights(): the engine pauses for all of it
+                result = self.rcv.update_weights(msg["version"])
+            t2 = time.perf_counter()
         plan = self.rcv.plan
         return {
             "version": result.version, "bytes": result.bytes, "wire_bytes": plan.wire_bytes,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from refit.dtypes import device_of
-from refit_bench import measure, report
+from refit_bench import gpu_timeline, measure, report
 from refit_bench.procs import Worker, gather, join_group, rendezvous
 from refit_bench.refit_ranks import NAME
 from refit_bench.synthetic import SHAPES
@@ -86,6 +86,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument(
+        "--gpu-timeline", action="store_true",
+        help="CUDA: trace every refit after the first in each receiver with CUPTI and report the delay to its "
+        "first GPU operation, the GPU's busy time and gaps, and the host's tail after it (refit_bench.gpu_timeline; "
+        "the profiler slows the host side, so end-to-end figures of such a run are not the untraced ones; with "
+        "--json PATH the trace of receiver i is kept as PATH.trace<i>.json.gz)",
+    )  # fmt: skip
+    p.add_argument(
         "--receiver-threads", type=int, default=0, metavar="N",
         help="torch.set_num_threads(N) in each receiver process (default 0: torch's own choice); trainer "
         "processes always use 1",
@@ -123,7 +130,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
             "receiver_gpu", "engine_scheme", "row_blocks", "max_staging_bytes", "no_direct", "direct_min_bytes",
-            "split", "no_verify", "digest_ab", "receiver_threads")  # fmt: skip
+            "split", "no_verify", "digest_ab", "receiver_threads", "gpu_timeline")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -142,7 +149,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
                    tp_size=args.engine_tp, ep_size=args.engine_ep, replica=i // args.engine_tp, device=args.device,
                    gpu=args.receiver_gpu, scheme=args.engine_scheme, max_staging_bytes=args.max_staging_bytes,
                    direct=not args.no_direct, direct_min_bytes=args.direct_min_bytes, verify=not args.no_verify,
-                   threads=args.receiver_threads)
+                   threads=args.receiver_threads, gpu_timeline=args.gpu_timeline)
             for i in range(receivers)
         ]  # fmt: skip
         try:
@@ -156,6 +163,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
                 wall = time.perf_counter() - t0
                 rows.append({**_row(version, pub, got, wall), "verify": verify})
                 bar.update()
+            if args.gpu_timeline:
+                gpu_timeline.attach(rcvs, rows, args.json if args.json != "-" else None)
             from refit.catalog.client import CatalogClient
 
             with CatalogClient(server.address) as client:
@@ -189,6 +198,9 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             summary["digest_ab"] = {"on_s": statistics.median(on), "off_s": statistics.median(off),
                                     "on_runs": on, "off_runs": off,
                                     "share": 1 - statistics.median(off) / statistics.median(on)}  # fmt: skip
+    if args.gpu_timeline:
+        summary["gpu_timeline"] = [gpu_timeline.medians([r["gpu"][i] for r in steady if r.get("gpu")])
+                                   for i in range(receivers)]  # fmt: skip
     summary["gbps"] = per_receiver / summary["seconds"] / 1e9
     summary["wire_gbps"] = per_receiver / summary["wire_seconds"] / 1e9
     for ref in refs:
@@ -244,6 +256,8 @@ def _check_layout(args: argparse.Namespace, shape: Any) -> None:
         raise SystemExit(f"world {world} (TP*PP*DP) is not a multiple of ETP*EP*PP = {etp * args.ep * args.pp}")
     if shape.num_experts and shape.num_experts % args.ep:
         raise SystemExit(f"{shape.num_experts} experts do not split over EP {args.ep}")
+    if args.gpu_timeline and args.device != "cuda":
+        raise SystemExit("--gpu-timeline traces GPU operations: it needs --device cuda")
     if args.receiver_threads < 0:
         raise SystemExit(f"--receiver-threads must be >= 0, got {args.receiver_threads}")
     if args.row_blocks < 1:
@@ -378,3 +392,5 @@ def _print(result: dict[str, Any]) -> None:
         print(f"digest check on/off in this run: {1e3 * ab['on_s']:.1f} ms with it, {1e3 * ab['off_s']:.1f} ms "
               f"without (medians of {len(ab['on_runs'])} and {len(ab['off_runs'])} refits): {ab['share']:.1%} of "
               "the refit")  # fmt: skip
+    if s.get("gpu_timeline"):
+        print(gpu_timeline.describe(s["gpu_timeline"]))
