@@ -1,6 +1,7 @@
-"""Where a refit's time goes on the GPU: each `update_weights()` of an engine process, traced with
-CUPTI (`torch.profiler`), as the delay to its first GPU operation, the GPU's busy time and idle gaps
-once it has begun, and the host's tail after the last operation ends.
+"""Where a refit's time goes on the GPU: each refit of an engine process (its `update_weights()`, or
+`fetch()` and `install()` with `--split`), traced with CUPTI (`torch.profiler`), as the delay to its
+first GPU operation, the GPU's busy time and idle gaps once it has begun, and the host's tail after
+the last operation ends.
 
 `refit-bench refit --gpu-timeline` (CUDA only) traces every refit after the first in each receiver
 process. The profiler costs the host side some time, so the end-to-end figures of such a run are
@@ -22,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 GPU_CATEGORIES = ("gpu_memcpy", "gpu_memset", "kernel")
-MARK = "refit-v"  # the annotation around each traced update_weights(), followed by its version
+MARK = "refit-v"  # the annotation around each traced refit, followed by its version
 FIELDS = ("first_gpu_ms", "gpu_busy_ms", "gpu_gaps_ms", "gpu_end_ms", "tail_ms", "end_to_end_ms")
 
 
