@@ -146,7 +146,8 @@ class ReceiverRank:
             return {"refits": self.timeline.finish(msg.get("trace")) if self.timeline is not None else {}}
         if msg["cmd"] != "update":
             raise ValueError(msg["cmd"])
-        if self.gpu_timeline and self.rcv is not None and self.timeline is None:  # the first refit sets up
+        # Traced from the second refit on: the first includes the set-up.
+        if self.gpu_timeline and self.rcv is not None and self.timeline is None:
             from refit_bench.gpu_timeline import Timeline
 
             self.timeline = Timeline()

@@ -1,8 +1,8 @@
 """What a refit moves, as the transport sees it: reads, per-remote jobs, and the merging of ranges.
 
-Pure values and functions (no NIXL, no torch), so the translation from a plan to transfers is
-tested on its own. The plan is taken by shape (`PlannedRead`), not imported: planning sits below
-the transport's callers, not below the transport.
+Pure values and functions (no NIXL, no torch; NIXL's descriptor rows as numpy arrays), so the
+translation from a plan to transfers is tested on its own. The plan is taken by shape
+(`PlannedRead`), not imported: planning sits below the transport's callers, not below the transport.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 from refit.errors import LayoutError
 from refit.types import Region, SourceRecord
@@ -72,6 +74,19 @@ def merge_reads(ops: Sequence[ReadOp]) -> list[tuple[int, int, int]]:
                 continue
         merged.append([local, remote, n, regions])
     return [(a, b, c) for a, b, c, _ in merged]
+
+
+def descriptor_rows(job: ReadJob) -> tuple[np.ndarray, np.ndarray] | None:
+    """`job`'s merged ranges as NIXL descriptor rows, (address, bytes, device id) each: the local
+    side's and the remote side's (None: no bytes)."""
+    ranges = merge_reads(job.ops)
+    if not ranges:
+        return None
+    arr = np.asarray(ranges, dtype=np.uint64)
+    n = len(arr)
+    local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
+    remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
+    return local, remote
 
 
 class PlannedRead(Protocol):

@@ -16,12 +16,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 from refit.compat import nixl as compat
 from refit.config import DEFAULT_TIMEOUTS
 from refit.errors import TransferTimeoutError, TransportError
-from refit.transport.jobs import ReadJob, ReadOp, merge_reads
+from refit.transport.jobs import ReadJob, ReadOp, descriptor_rows, merge_reads
 from refit.transport.ucx import load_nixl_api, progress_delay_us
 
 logger = logging.getLogger(__name__)
@@ -303,18 +301,15 @@ class NixlAgent:
         hit = self._descs.get(id(job))
         if hit is not None and hit[0] is job:
             return hit[1]
-        ranges = merge_reads(job.ops)
+        rows = descriptor_rows(job)
         described = None
-        if ranges:
-            arr = np.asarray(ranges, dtype=np.uint64)
-            n = len(arr)
-            local = np.stack([arr[:, 0], arr[:, 2], np.full(n, job.local_device_id, np.uint64)], axis=1)
-            remote = np.stack([arr[:, 1], arr[:, 2], np.full(n, job.remote_device_id, np.uint64)], axis=1)
+        if rows is not None:
+            local, remote = rows
             local_descs = self._agent.get_xfer_descs(local, _MEM[job.local_device])
             remote_descs = self._agent.get_xfer_descs(remote, _MEM[job.remote_device])
             if local_descs is None or remote_descs is None:
                 raise TransportError("NIXL rejected the transfer descriptors")
-            described = (local_descs, remote_descs, n, int(arr[:, 2].sum()))
+            described = (local_descs, remote_descs, len(local), int(local[:, 1].sum()))
         if len(self._descs) >= _DESCRIBED_JOBS:
             self._descs.clear()  # jobs of plans no longer used; the current ones are described again
         self._descs[id(job)] = (job, described)  # the job is held, so its id is not reused meanwhile

@@ -10,7 +10,15 @@ from refit.errors import ConfigError, LayoutError
 from refit.plan.planner import Plan, Read, plan_refit
 from refit.plan.records import DirectRead
 from refit.plan.targets import EngineLayout
-from refit.transport.jobs import ReadJob, ReadOp, direct_job_batches, direct_jobs, jobs_for, merge_reads
+from refit.transport.jobs import (
+    ReadJob,
+    ReadOp,
+    descriptor_rows,
+    direct_job_batches,
+    direct_jobs,
+    jobs_for,
+    merge_reads,
+)
 from refit.transport.ucx import progress_delay_us
 from refit.types import ParallelCoords, Region, SourceRecord
 from tests.support import catalog_samples as samples
@@ -115,6 +123,20 @@ def test_zero_byte_ops_are_dropped() -> None:
     ]
     assert merge_reads(ops) == [(8, 300, 8)]
     assert merge_reads([]) == []
+
+
+def test_descriptor_rows_are_the_merged_ranges_with_each_sides_device() -> None:
+    ops = [ReadOp(local_addr=1000, remote_addr=5000, nbytes=100), ReadOp(local_addr=1100, remote_addr=5100, nbytes=50),
+           ReadOp(local_addr=4000, remote_addr=9000, nbytes=8)]  # fmt: skip
+    job = ReadJob(agent_name="t", ops=ops, local_device="cuda", local_device_id=1, remote_device="cuda",
+                  remote_device_id=3)  # fmt: skip
+    rows = descriptor_rows(job)
+    assert rows is not None
+    local, remote = rows
+    assert local.dtype == remote.dtype == "uint64"
+    assert local.tolist() == [[1000, 150, 1], [4000, 8, 1]]
+    assert remote.tolist() == [[5000, 150, 3], [9000, 8, 3]]
+    assert descriptor_rows(ReadJob(agent_name="t", ops=[ReadOp(local_addr=0, remote_addr=0, nbytes=0)])) is None
 
 
 # -- jobs_for -----------------------------------------------------------------------------------------
