@@ -143,7 +143,8 @@ class ReceiverRank:
 
     def __call__(self, msg: dict[str, Any]) -> dict[str, Any]:
         if msg["cmd"] == "timeline":
-            return {"refits": self.timeline.finish(msg.get("trace")) if self.timeline is not None else {}}
+            done = self.timeline.finish(msg.get("trace"), msg.get("plot")) if self.timeline is not None else {}
+            return {"refits": done}
         if msg["cmd"] != "update":
             raise ValueError(msg["cmd"])
         # Traced from the second refit on: the first includes the set-up.

@@ -90,7 +90,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="CUDA: trace every refit after the first in each receiver with CUPTI and report the delay to its "
         "first GPU operation, the GPU's busy time and gaps, and the host's tail after it (refit_bench.gpu_timeline; "
         "the profiler slows the host side, so end-to-end figures of such a run are not the untraced ones; with "
-        "--json PATH the trace of receiver i is kept as PATH.trace<i>.json.gz)",
+        "--json PATH the trace of receiver i is kept as PATH.trace<i>.json.gz, with --plot X.png its last "
+        "refits are drawn as X.timeline<i>.png)",
     )  # fmt: skip
     p.add_argument(
         "--receiver-threads", type=int, default=0, metavar="N",
@@ -164,7 +165,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({**_row(version, pub, got, wall), "verify": verify})
                 bar.update()
             if args.gpu_timeline:
-                gpu_timeline.attach(rcvs, rows, args.json if args.json != "-" else None)
+                gpu_timeline.attach(rcvs, rows, args.json if args.json != "-" else None, args.plot)
             from refit.catalog.client import CatalogClient
 
             with CatalogClient(server.address) as client:

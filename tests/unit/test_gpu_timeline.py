@@ -8,10 +8,14 @@ refit during which the profiler fetched activity buffers flagged and left out of
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import pytest
+import torch
 
 from refit_bench.cli import main
-from refit_bench.gpu_timeline import describe, medians, summarize
+from refit_bench.gpu_timeline import Timeline, describe, medians, plot, summarize
 
 
 def _mark(version: int, ts: float, dur: float) -> dict:
@@ -69,6 +73,28 @@ def test_medians_leave_out_refits_the_profiler_stalled() -> None:
 def test_a_refit_without_gpu_work_has_only_its_end_to_end() -> None:
     got = summarize([_mark(5, 0.0, 900.0), _op(1000.0, 5.0)])
     assert got == {5: {"end_to_end_ms": 0.9, "gpu_ops": 0, "profiler_stall": False}}
+
+
+def test_the_last_refits_are_drawn(tmp_path) -> None:
+    out = tmp_path / "timeline.png"
+    plot(TRACE, str(out), last=2)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+@pytest.mark.filterwarnings("ignore")  # (torch warns that CUDA activity cannot be traced here)
+def test_a_real_trace_marks_each_refit_and_keeps_the_trace_and_the_picture(tmp_path) -> None:
+    # On CPU the profiler records no GPU operation: each refit has only its time, and the glue
+    # (marks, export, summary, kept trace, picture) runs as on a GPU.
+    timeline = Timeline()
+    for version in (2, 3):
+        with timeline.mark(version):
+            torch.ones(1 << 16).sum()
+    got = timeline.finish(str(tmp_path / "t.json.gz"), str(tmp_path / "t.png"))
+    assert set(got) == {2, 3}
+    assert all(r["gpu_ops"] == 0 and r["end_to_end_ms"] > 0 for r in got.values())
+    with gzip.open(tmp_path / "t.json.gz", "rt") as f:
+        assert summarize(json.load(f)["traceEvents"]) == got
+    assert (tmp_path / "t.png").stat().st_size > 0
 
 
 def test_the_timeline_needs_a_gpu(capsys) -> None:
