@@ -7,9 +7,9 @@ the last operation ends.
 process. The profiler costs the host side some time (CUPTI intercepts every CUDA call, such as each of
 UCX's copy and event posts), so the end-to-end figures of such a run are slower than an untraced run's,
 and where the GPU waits for the host's posts its gaps are longer; the operations themselves are timed
-as they ran. A refit during which the profiler stopped
-to fetch activity buffers (its "Activity Buffer Request" events, which stall the process for 2-3 ms)
-is marked `profiler_stall` and left out of the medians.
+as they ran. A refit during which the profiler stopped to fetch activity buffers (its "Activity Buffer
+Request" events, which stall the process for 2-3 ms) is marked `profiler_stall` and left out of the
+medians.
 """
 
 from __future__ import annotations
