@@ -25,17 +25,15 @@ def write_state(model: torch.nn.Module, path: Path) -> Path:
 
 
 def assert_same_weights(engine_model: torch.nn.Module, source: torch.nn.Module) -> None:
-    want = dict(source.named_parameters())
-    got = dict(engine_model.named_parameters())
-    assert set(got) == set(want)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name], tensor), f"{name} differs"
+    _assert_same(dict(engine_model.named_parameters()), dict(source.named_parameters()))
 
 
 def assert_same_state(engine_model: torch.nn.Module, source: torch.nn.Module) -> None:
     """Parameters and persistent buffers (an MLA router's `e_score_correction_bias`) bit-identical."""
-    got, want = engine_model.state_dict(), source.state_dict()
+    _assert_same(engine_model.state_dict(), source.state_dict())
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype, name
