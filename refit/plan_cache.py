@@ -8,7 +8,7 @@ or when a source died (its tensors then come from a replica).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ from refit.plan.liveness import source_dead
 from refit.plan.planner import Plan, plan_refit
 from refit.plan.targets import Target
 from refit.plan.verify import DigestIndex, Verifier
+from refit.types import SourceRecord
 
 Dead = Mapping[int, tuple[str, str]]  # rank -> (agent, why) of the sources not to read from
 
@@ -41,6 +42,7 @@ class PlanCache:
         direct: bool,
         direct_min_bytes: int,
         layered: bool,
+        direct_min_local: int | None = None,
     ) -> None:
         self._name = name
         self._engine = engine
@@ -52,21 +54,29 @@ class PlanCache:
         self._dests = dests
         self._direct = direct
         self._direct_min = direct_min_bytes
+        # Sources this process copies from itself (`refit.transport.cuda_ipc`) pay no descriptor cost:
+        # with `direct_min_local` set, a plan of only such sources reads a piece that is one run of
+        # one engine tensor directly from that size (`plan_refit`'s `direct_min_whole`).
+        self._direct_min_local = direct_min_local
+        self.local: Callable[[Sequence[SourceRecord]], bool] | None = None
         self._layered = layered
         self.key: tuple[object, ...] | None = None
         self.plan: Plan | None = None
         self.index: DigestIndex | None = None
 
-    @staticmethod
-    def key_of(resolved: Resolved, dead: Dead) -> tuple[object, ...]:
+    def key_of(self, resolved: Resolved, dead: Dead) -> tuple[object, ...]:
         # The catalog's layout digest covers what a plan depends on; without one (an older catalog)
-        # the key is the records themselves.
+        # the key is the records themselves. Where the sources are decides which runs are direct.
         return (
             resolved.layout_digest,
             resolved.info.model,
             () if resolved.layout_digest else resolved.sources,
             frozenset(dead),
+            self._local_plan(resolved.sources),
         )
+
+    def _local_plan(self, sources: Sequence[SourceRecord]) -> bool:
+        return self._direct_min_local is not None and self.local is not None and self.local(sources)
 
     def fits(self, resolved: Resolved, dead: Dead) -> bool:
         """Whether the cached plan serves `resolved` with these sources dead."""
@@ -87,12 +97,14 @@ class PlanCache:
             raise VersionNotFoundError(f"{self._name!r} v{info.version}: the catalog omitted tensors for a stale plan")
         check_compatible(self._spec, info.model)
         live = [s for s in sources if s.rank not in dead]
+        whole_min = self._direct_min_local if self._local_plan(sources) else None
         try:
             plan = plan_refit(model=info.model, sources=live, layout=self._layout, stripe=self._stripe,
                               cost=self._link_cost, max_overread=self._max_overread,
                               window=self._window if self._dests is not None or self._layered else None,
                               direct=self._accepts_direct if self._direct else None,
                               direct_min_bytes=max(self._direct_min, 1),
+                              direct_min_whole=None if whole_min is None else max(whole_min, 1),
                               layer_of=self._layer_of if self._layered else None)  # fmt: skip
             planned = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in plan.targets}
             check_tensors(self._engine.expected(), planned)

@@ -29,6 +29,7 @@ from refit.plan_cache import PlanCache
 from refit.staged import ReceiverStats, StagedVersion
 from refit.staging import StagingPool
 from refit.streaming import stream
+from refit.transport.cuda_ipc import LocalPeers
 from refit.transport.nixl import NixlAgent
 from refit.types import SourceRecord, UpdateResult
 from refit.versions import CatalogVersions, Fences
@@ -54,6 +55,7 @@ class Puller:
         max_staging_bytes: int | None,
         source_timeout_s: float | None,
         verify: bool,
+        cuda_ipc: bool = True,
     ) -> None:
         self.engine = engine
         self.name = name
@@ -66,6 +68,15 @@ class Puller:
         self._max_staging = max_staging_bytes
         self._source_timeout_s = source_timeout_s
         self.verify = verify
+        self._cuda_ipc = cuda_ipc
+        device = torch.device(engine.device)
+        # Trainer ranks on this host are copied from here over CUDA IPC; plans of only such ranks read
+        # every run they can straight into the engine (`PlanCache`).
+        self._local: LocalPeers | None = None
+        if device.type == "cuda":
+            self._local = LocalPeers(torch.cuda.current_device() if device.index is None else device.index)
+            self._local.enabled = cuda_ipc
+            plans.local = self._local.covers
         self.pool: StagingPool | None = None
         self.generation = 0
         self.torn = False
@@ -86,11 +97,25 @@ class Puller:
             verify_seconds=self.checked.seconds,
             ahead=self.ahead.begun,
             ahead_missed=self.ahead.missed,
+            ipc_copies=self._local.copies if self._local else 0,
+            shared_words=pool.word_reader.reads if pool else 0,
         )
+
+    @property
+    def cuda_ipc(self) -> bool:
+        return self._cuda_ipc
+
+    @cuda_ipc.setter
+    def cuda_ipc(self, on: bool) -> None:
+        self._cuda_ipc = on
+        if self._local is not None:
+            self._local.enabled = on
 
     def _pool_for(self) -> StagingPool:
         if self.pool is None:
-            self.pool = StagingPool(NixlAgent(prefix=f"refit-engine-{self.name}-tp{self._spec.tp_rank}"), self.name)
+            agent = NixlAgent(prefix=f"refit-engine-{self.name}-tp{self._spec.tp_rank}")
+            agent.local = self._local
+            self.pool = StagingPool(agent, self.name)
         return self.pool
 
     # -- fetch ---------------------------------------------------------------------------------------

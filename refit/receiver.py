@@ -57,7 +57,12 @@ DEFAULT_WINDOW = 1 << 30  # staging bytes per engine rank, for engines that take
 # (copy ~10 GB/s, so ~4 KB breaks even) and ~12 us for cuda_ipc on H100/H200 (copy ~1 TB/s: ~12 MB).
 # At 1 MiB on two H200s a refit of Llama-3-8B (its QKV runs read directly) ran ~10 % slower; on one
 # H200 llama-8gb's QKV read per query group (483 descriptors, not 99) took 7.8 ms against 6.0-6.3 staged.
-DIRECT_MIN_BYTES = {"cpu": 64 << 10, "cuda": 16 << 20}
+# Trainer ranks on the engine's host that this process copies from itself over CUDA IPC cost no
+# descriptor: a plan of only such ranks reads every piece that is one run of one engine tensor
+# directly, whatever its size ("cuda_ipc"). A piece cut into many runs (QKV into HF q, k and v per
+# query group) is still staged below the "cuda" size: llama-8gb's QKV read per group over CUDA IPC
+# (483 copies instead of 99) took one H200's refit from 6.2 to 6.8 ms.
+DIRECT_MIN_BYTES = {"cpu": 64 << 10, "cuda": 16 << 20, "cuda_ipc": 0}
 
 
 class Receiver:
@@ -82,7 +87,8 @@ class Receiver:
         direct: read tensors that are one contiguous run of a trainer rank's bytes straight into
             the engine's memory (engines with `destinations()`), skipping staging and its copy.
         direct_min_bytes: smaller runs are staged even where they could be read directly (default:
-            `DIRECT_MIN_BYTES` for the engine's device type: 64 KiB on CPU, 16 MiB on CUDA).
+            `DIRECT_MIN_BYTES` for the engine's device type: 64 KiB on CPU, 16 MiB on CUDA, where all
+            the trainer ranks are copied from over CUDA IPC any piece that is one run of one tensor).
         link_cost: the link the planner prices reads with (`refit.plan.cost`: `IB_RAIL` by default,
             `NVLINK` or `GPU_LOCAL` within a host, `CPU_UCX` between CPU processes): it decides when
             a hole is read along and when a strided slice is read as its enclosing block.
@@ -96,6 +102,10 @@ class Receiver:
         verify_digests: check every pulled block against the digest its trainer rank published
             (`refit.digest`) before it is installed; a mismatch raises DigestError naming the tensor
             and the trainer rank (docs/reliability.md, "Digests"). False skips the check.
+        cuda_ipc: an engine on a GPU copies the bytes of trainer ranks on its own host itself, out of
+            the GPU memory they publish CUDA IPC handles of (`Publisher(cuda_ipc=True)`), instead of
+            reading them over NIXL (`refit.transport.cuda_ipc`); the version words are still read
+            over NIXL. A rank whose memory cannot be mapped is read over NIXL.
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class Receiver:
         tls_key: str | None = None,
         verify_digests: bool = True,
         source_timeout_s: float | None = None,
+        cuda_ipc: bool = True,
     ) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine must implement refit.engines.Engine, got {type(engine).__name__}")
@@ -128,6 +139,7 @@ class Receiver:
             raise ConfigError(f"source_timeout_s must be > 0 (or None), got {source_timeout_s!r}")
         if on_after_wire is not None and not callable(on_after_wire):
             raise ConfigError(f"on_after_wire must be callable, got {type(on_after_wire).__name__}")
+        direct_min_local = DIRECT_MIN_BYTES["cuda_ipc"] if direct_min_bytes is None else None
         if direct_min_bytes is None:
             direct_min_bytes = DIRECT_MIN_BYTES.get(torch.device(engine.device).type, DIRECT_MIN_BYTES["cuda"])
         if max_overread < 0 or direct_min_bytes < 0:
@@ -149,12 +161,12 @@ class Receiver:
         plans = PlanCache(
             name=name, engine=engine, spec=self._spec, stripe=self._stripe, link_cost=link_cost,
             max_overread=max_overread, window=self._window, dests=dests, direct=direct,
-            direct_min_bytes=direct_min_bytes, layered=layered,
+            direct_min_bytes=direct_min_bytes, layered=layered, direct_min_local=direct_min_local,
         )  # fmt: skip
         self._pull = Puller(
             engine=engine, name=name, spec=self._spec, client=self._client, versions=self._versions, plans=plans,
             dests=dests, layered=layered, max_staging_bytes=max_staging_bytes, source_timeout_s=source_timeout_s,
-            verify=bool(verify_digests),
+            verify=bool(verify_digests), cuda_ipc=bool(cuda_ipc),
         )  # fmt: skip
         self.failed_over: tuple[str, ...] = ()  # agents the last fetch or update failed over from
 
@@ -182,6 +194,18 @@ class Receiver:
         if not isinstance(on, bool):
             raise ConfigError(f"verify_digests must be a bool, got {on!r}")
         self._pull.verify = on
+
+    @property
+    def cuda_ipc(self) -> bool:
+        """Whether trainer ranks on this host are copied from over CUDA IPC (`cuda_ipc=`); settable,
+        read at each post (refit-bench alternates it between refits to compare with NIXL)."""
+        return self._pull.cuda_ipc
+
+    @cuda_ipc.setter
+    def cuda_ipc(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ConfigError(f"cuda_ipc must be a bool, got {on!r}")
+        self._pull.cuda_ipc = on
 
     @property
     def window(self) -> int | None:

@@ -76,6 +76,10 @@ class ReceiverStats:
         ahead: refits pulled ahead of the catalog's answer, from the trainers' version words
             (`refit.ahead`), so far.
         ahead_missed: of those, the ones the catalog's answer did not confirm (pulled again through it).
+        ipc_copies: copies this process enqueued itself, over CUDA IPC, from trainer ranks on its host
+            (`refit.transport.cuda_ipc`), so far; their bytes did not go through NIXL.
+        shared_words: trainers' version words read from their shared pages on this host
+            (`refit.transport.host`) instead of over NIXL, so far.
     """
 
     registrations: int
@@ -88,3 +92,5 @@ class ReceiverStats:
     verify_seconds: float = 0.0
     ahead: int = 0
     ahead_missed: int = 0
+    ipc_copies: int = 0
+    shared_words: int = 0

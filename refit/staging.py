@@ -25,6 +25,7 @@ from refit.dtypes import device_of
 from refit.errors import TransportError
 from refit.plan.records import Plan
 from refit.reads import PreparedReads, chunk_size
+from refit.transport.host import WordReader
 from refit.transport.jobs import ReadJob, ReadOp
 from refit.transport.nixl import NixlAgent, Posted
 from refit.types import SourceRecord
@@ -55,6 +56,7 @@ class StagingPool:
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
         self._words: torch.Tensor | None = None  # where the trainers' version words are read into
         self._word_jobs: dict[tuple[str, int, int], ReadJob] = {}
+        self.word_reader = WordReader()  # the words of trainer ranks on this host, from their shared pages
 
     @property
     def staging_bytes(self) -> int:
@@ -121,9 +123,13 @@ class StagingPool:
     # -- pulls ---------------------------------------------------------------------------------------
 
     def connect(self, sources: Sequence[SourceRecord], jobs: Sequence[ReadJob]) -> None:
-        metadata = {s.agent_name: s.agent_metadata for s in sources}
+        """Connect the agents `jobs` read from; those on this host are mapped over CUDA IPC too."""
+        by_name = {s.agent_name: s for s in sources}
+        local = self.agent.local
         for agent_name in dict.fromkeys(j.agent_name for j in jobs):
-            self.agent.connect(agent_name, metadata[agent_name])
+            self.agent.connect(agent_name, by_name[agent_name].agent_metadata)
+            if local is not None and local.enabled:
+                local.add(by_name[agent_name])
 
     def read(self, jobs: list[ReadJob], deadline: float) -> int:
         """Pull `jobs`; after a failure staging is set aside (a transfer that did not stop may still write)."""
@@ -186,8 +192,19 @@ class StagingPool:
         return len(first), self.read(jobs, deadline) if jobs else 0, slots
 
     def read_words(self, sources: Sequence[SourceRecord], deadline: float) -> list[int]:
-        """Each source's version word (`SourceRecord.fence_addr`, `refit.trainer.fence`), read now over
-        NIXL into a kept registered host buffer: one 8-byte READ per source."""
+        """Each source's version word (`SourceRecord.fence_addr`, `refit.trainer.fence`), read now: from
+        its shared page for a source on this host (`refit.transport.host`), else over NIXL into a kept
+        registered host buffer, one 8-byte READ per source."""
+        reader = self.word_reader
+        mapped = [reader.can_read(s.host, s.fence_shm) for s in sources]
+        remote = [s for s, m in zip(sources, mapped, strict=True) if not m]
+        over_nixl = iter(self._read_words_over_nixl(remote, deadline) if remote else ())
+        return [
+            reader.read(s.fence_shm, s.fence_addr) if m else next(over_nixl)
+            for s, m in zip(sources, mapped, strict=True)
+        ]
+
+    def _read_words_over_nixl(self, sources: Sequence[SourceRecord], deadline: float) -> list[int]:
         if self._words is None or self._words.numel() < len(sources):
             if self._words is not None:
                 self.agent.deregister(self._words.data_ptr(), self._words.numel() * 8)
@@ -302,3 +319,4 @@ class StagingPool:
         self._copiers, self._copiers_plan = {}, None
         self._reads = None
         self._words, self._word_jobs = None, {}
+        self.word_reader.close()

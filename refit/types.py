@@ -269,6 +269,9 @@ class TensorDesc:
         return self.numel * self.itemsize
 
 
+IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Region:
     """A block of memory a trainer rank registered with NIXL once, and reuses for every version."""
@@ -278,12 +281,24 @@ class Region:
     nbytes: int
     device: str = "cpu"  # "cpu" or "cuda"
     device_id: int = 0
+    # GPU memory only: the CUDA IPC handle of the allocation that holds the region, and the region's
+    # offset in it, so a process on the trainer's host can map it and copy out of it itself (b"": none).
+    ipc_handle: bytes = b""
+    ipc_offset: int = 0
 
     def __post_init__(self) -> None:
         _non_negative("region index", self.index)
         _positive("region nbytes", self.nbytes)
+        _non_negative("region ipc_offset", self.ipc_offset)
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"region device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.ipc_handle and (len(self.ipc_handle) != IPC_HANDLE_BYTES or self.device != "cuda"):
+            raise ConfigError(
+                f"region {self.index}: a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes of GPU memory, got "
+                f"{len(self.ipc_handle)} bytes on {self.device!r}"
+            )
+        if self.ipc_offset and not self.ipc_handle:
+            raise ConfigError(f"region {self.index}: ipc_offset without an ipc_handle")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -322,6 +337,11 @@ class SourceRecord:
     # an int64 that holds this record's version while its bytes are unchanged (WORD_RETIRED while
     # they change); 0: none.
     fence_addr: int = 0
+    # The trainer's host (`refit.transport.host.host_id`): a receiver on the same host may map the
+    # regions' CUDA IPC handles, and the page of /dev/shm named `fence_shm` that holds the version word
+    # (at `fence_addr`'s offset in its page), instead of reading them over NIXL. "": not given.
+    host: str = ""
+    fence_shm: str = ""
 
     def __post_init__(self) -> None:
         _non_negative("rank", self.rank)

@@ -56,7 +56,7 @@ def _serve(conn: Any, factory: str, kwargs: dict[str, Any], env: dict[str, str])
     # Spawned workers start without the parent's logging set-up; REFIT_LOG_LEVEL applies to them too.
     logging.basicConfig(
         level=os.environ.get("REFIT_LOG_LEVEL", "WARNING"),
-        format="%(relativeCreated).1f %(levelname)s %(name)s[%(process)d %(threadName)s]: %(message)s",
+        format="%(relativeCreated).3f %(levelname)s %(name)s[%(process)d %(threadName)s]: %(message)s",
     )
     module, _, attr = factory.partition(":")
     try:

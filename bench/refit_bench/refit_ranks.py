@@ -155,6 +155,7 @@ class ReceiverRank:
         if self.rcv is None:
             self._setup()
         self.rcv.verify_digests = bool(msg.get("verify", self.verify))
+        self.rcv.cuda_ipc = bool(msg.get("cuda_ipc", True))
         checked = self.rcv.stats
         traced = self.timeline.mark(msg["version"]) if self.timeline is not None else contextlib.nullcontext()
         with traced:
@@ -180,6 +181,7 @@ class ReceiverRank:
             "verify_cpu_s": self.rcv.stats.verify_seconds - checked.verify_seconds,  # their own time
             "verified_bytes": self.rcv.stats.verified_bytes - checked.verified_bytes,
             "unverified_bytes": self.rcv.stats.unverified_bytes - checked.unverified_bytes,
+            "ipc_copies": self.rcv.stats.ipc_copies - checked.ipc_copies,
         }  # fmt: skip
 
 

@@ -84,6 +84,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "what it adds as a share of the refit, both measured in this run (summary.digest_ab; the summary's "
         "end to end is then the median over both kinds)",
     )  # fmt: skip
+    p.add_argument(
+        "--cuda-ipc", choices=("on", "off"), default="on",
+        help="CUDA: trainer ranks on the receivers' host read by copies over CUDA IPC (on: Receiver(cuda_ipc=True)) "
+        "or over NIXL (off). Not alternated within a run: the two plan differently, so each switch would re-plan",
+    )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument(
         "--gpu-timeline", action="store_true",
@@ -131,7 +136,7 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
     receivers = args.engine_tp * args.replicas
     keys = ("shape", "tp", "pp", "dp", "ep", "etp", "engine_tp", "engine_ep", "replicas", "versions", "device",
             "receiver_gpu", "engine_scheme", "row_blocks", "max_staging_bytes", "no_direct", "direct_min_bytes",
-            "split", "no_verify", "digest_ab", "receiver_threads", "gpu_timeline")  # fmt: skip
+            "split", "no_verify", "digest_ab", "cuda_ipc", "receiver_threads", "gpu_timeline")  # fmt: skip
     _check_layout(args, shape)
     config = {k: getattr(args, k) for k in keys}
     progress = args.json != "-"
@@ -160,7 +165,8 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
                 pub = gather(trainers, cmd="publish", version=version)
                 t0 = time.perf_counter()
                 verify = not args.no_verify and (not args.digest_ab or version % 2 == 1)
-                got = gather(rcvs, cmd="update", version=version, split=args.split, verify=verify)
+                got = gather(rcvs, cmd="update", version=version, split=args.split, verify=verify,
+                             cuda_ipc=args.cuda_ipc == "on")  # fmt: skip
                 wall = time.perf_counter() - t0
                 rows.append({**_row(version, pub, got, wall), "verify": verify})
                 bar.update()
@@ -241,6 +247,7 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
         "verify_cpu_s": max(g["verify_cpu_s"] for g in got),
         "verified_bytes": max(g["verified_bytes"] for g in got),
         "unverified_bytes": max(g["unverified_bytes"] for g in got),
+        "ipc_copies": max(g["ipc_copies"] for g in got),
         "stall_s": max(g["stall_s"] for g in got),
         # End to end as the engine sees it: the call(s) timed in each receiver's process, the slowest.
         "refit_s": max(g["total_s"] for g in got),

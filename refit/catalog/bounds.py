@@ -206,6 +206,8 @@ def check_source(source: SourceRecord, limits: CatalogLimits, field: str = "sour
     check_coords(source.coords, limits, f"{field}.coords")
     agent_name(f"{field}.agent_name", source.agent_name, limits)
     blob(f"{field}.agent_metadata", source.agent_metadata, limits.max_agent_metadata_bytes)
+    text(f"{field}.host", source.host, limits.max_short_chars, required=False)
+    text(f"{field}.fence_shm", source.fence_shm, limits.max_short_chars, required=False)
     for i, t in enumerate(source.tensors):
         check_tensor(t, limits, f"{field}.tensors[{i}]")
     check_parts(source.regions, source.tensors, limits, field)

@@ -23,6 +23,7 @@ from refit.catalog.values import Resolved
 from refit.errors import ConfigError
 from refit.proto import catalog_pb2 as pb
 from refit.types import (
+    IPC_HANDLE_BYTES,
     Claim,
     DigestSet,
     ModelMeta,
@@ -179,15 +180,20 @@ def tensor_from_proto(
 
 
 def region_to_proto(r: Region) -> pb.Region:
-    return _build(pb.Region, index=r.index, addr=r.addr, nbytes=r.nbytes, device=r.device, device_id=r.device_id)
+    return _build(
+        pb.Region, index=r.index, addr=r.addr, nbytes=r.nbytes, device=r.device, device_id=r.device_id,
+        ipc_handle=bytes(r.ipc_handle), ipc_offset=r.ipc_offset,
+    )  # fmt: skip
 
 
 def region_from_proto(msg: pb.Region, limits: CatalogLimits | None = DEFAULT_LIMITS, field: str = "region") -> Region:
     if limits is not None:
         bounds.text(f"{field}.device", msg.device, limits.max_short_chars)
+        bounds.blob(f"{field}.ipc_handle", msg.ipc_handle, IPC_HANDLE_BYTES)
     return _value(
-        field, Region, index=msg.index, addr=msg.addr, nbytes=msg.nbytes, device=msg.device, device_id=msg.device_id
-    )
+        field, Region, index=msg.index, addr=msg.addr, nbytes=msg.nbytes, device=msg.device, device_id=msg.device_id,
+        ipc_handle=bytes(msg.ipc_handle), ipc_offset=msg.ipc_offset,
+    )  # fmt: skip
 
 
 def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
@@ -201,6 +207,8 @@ def source_to_proto(s: SourceRecord) -> pb.SourceRecord:
         tensors=[tensor_to_proto(t) for t in s.tensors],
         digests=_build(pb.DigestSet, algorithm=s.digests.algorithm, values=bytes(s.digests.values)),
         fence_addr=s.fence_addr,
+        host=s.host,
+        fence_shm=s.fence_shm,
     )
 
 
@@ -217,6 +225,8 @@ def source_from_proto(
         bounds.count(f"{field}.regions", len(msg.regions), limits.max_regions_per_record)
         bounds.count(f"{field}.tensors", len(msg.tensors), limits.max_tensors_per_record)
         bounds.text(f"{field}.digests.algorithm", msg.digests.algorithm, limits.max_short_chars, required=False)
+        bounds.text(f"{field}.host", msg.host, limits.max_short_chars, required=False)
+        bounds.text(f"{field}.fence_shm", msg.fence_shm, limits.max_short_chars, required=False)
     regions = tuple(region_from_proto(r, limits, f"{field}.regions[{i}]") for i, r in enumerate(msg.regions))
     tensors = tuple(tensor_from_proto(t, limits, f"{field}.tensors[{i}]") for i, t in enumerate(msg.tensors))
     if limits is not None:
@@ -232,6 +242,8 @@ def source_from_proto(
         tensors=tensors,
         digests=DigestSet(algorithm=msg.digests.algorithm, values=bytes(msg.digests.values)),
         fence_addr=msg.fence_addr,
+        host=msg.host,
+        fence_shm=msg.fence_shm,
     )
 
 

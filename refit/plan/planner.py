@@ -142,6 +142,7 @@ def plan_refit(
     direct: Callable[[Target], bool] | None = None,
     direct_min_bytes: int = 0,
     layer_of: Callable[[Target], tuple[int, str]] | None = None,
+    direct_min_whole: int | None = None,
 ) -> Plan:
     """Plan one engine rank's pull of every tensor it needs (or of the HF names in `only`).
 
@@ -153,7 +154,8 @@ def plan_refit(
 
     `direct` (given an engine target, whether the engine can take a read straight into its memory)
     lets every piece that lands as contiguous runs on both sides skip staging (runs of at least
-    `direct_min_bytes`; `refit.plan.window.direct_reads`). The rest
+    `direct_min_bytes`, or of `direct_min_whole` for a piece that is one run of one engine tensor,
+    where given; `refit.plan.window.direct_reads`). The rest
     is staged: in one chunk when it fits `window` bytes (or no window is given), else in chunks of
     at most half the window each (`refit.plan.window`). With `layer_of` (a target's engine layer as
     (order, name)) those chunks hold whole layers (`refit.plan.layered`), for engines that install
@@ -207,7 +209,9 @@ def plan_refit(
     if window is not None and window <= 0:
         raise ConfigError(f"window must be positive, got {window}")
     chosen, direct_list = (
-        window_.direct_reads(located, enclosed, targets, direct, direct_min_bytes) if direct else (set(), [])
+        window_.direct_reads(located, enclosed, targets, direct, direct_min_bytes, direct_min_whole)
+        if direct
+        else (set(), [])
     )
     keep = [i for i in range(len(located)) if i not in chosen]
     renumber = {i: k for k, i in enumerate(keep)}

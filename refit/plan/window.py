@@ -35,6 +35,7 @@ def direct_reads(
     targets: Sequence[Target],
     accept: Callable[[Target], bool],
     min_bytes: int = 0,
+    whole_min_bytes: int | None = None,
 ) -> tuple[set[int], list[DirectRead]]:
     """The pieces that land in the engine as contiguous runs on both sides, read there directly.
 
@@ -43,7 +44,10 @@ def direct_reads(
     of a tensor split on its first dimension (a TP shard of a column-parallel weight, the q, k or
     v rows of one query group, a vocabulary share). Each such part becomes one read straight into
     the engine's memory, where `accept` allows it (the destination is contiguous and registrable)
-    and it has at least `min_bytes`. Returns the pieces' indices in `located` and their reads.
+    and it has at least `min_bytes`; a piece that is one run of one engine tensor, at least
+    `whole_min_bytes` where given (a link that pays per descriptor stages small ones so their
+    neighbours merge; one that does not reads them directly, but still stages a piece that would be
+    cut into many small reads). Returns the pieces' indices in `located` and their reads.
     """
     by_source: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
@@ -51,7 +55,9 @@ def direct_reads(
     chosen: set[int] = set()
     reads: list[DirectRead] = []
     for i, (choice, geo) in enumerate(located):
-        parts = None if i in enclosed or geo.count != 1 else _direct_parts(choice, geo, by_source, accept, min_bytes)
+        parts = None
+        if i not in enclosed and geo.count == 1:
+            parts = _direct_parts(choice, geo, by_source, accept, min_bytes, whole_min_bytes)
         if parts is None:
             continue
         chosen.add(i)
@@ -65,6 +71,7 @@ def _direct_parts(
     by_source: dict[str, list[Target]],
     accept: Callable[[Target], bool],
     min_bytes: int,
+    whole_min_bytes: int | None = None,
 ) -> list[DirectRead] | None:
     """The direct reads of one contiguous piece, or None if any part of it must be staged."""
     need, holder = choice.need, choice.holder
@@ -97,6 +104,8 @@ def _direct_parts(
             at += b - a
     if not parts:
         return None
+    if len(parts) == 1 and whole_min_bytes is not None:
+        min_bytes = whole_min_bytes
     for part in parts:
         target = next(t for t in by_source[need.tensor] if t.hf_name == part.target)
         if part.nbytes < min_bytes or target.dtype != holder.desc.dtype or not accept(target):

@@ -146,21 +146,25 @@ class TensorDesc(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., dtype: _Optional[str] = ..., local_shape: _Optional[_Iterable[int]] = ..., global_shape: _Optional[_Iterable[int]] = ..., partition_dim: _Optional[int] = ..., partition_stride: _Optional[int] = ..., offset: _Optional[int] = ..., region: _Optional[int] = ..., byte_offset: _Optional[int] = ..., digest_block: _Optional[int] = ...) -> None: ...
 
 class Region(_message.Message):
-    __slots__ = ("index", "addr", "nbytes", "device", "device_id")
+    __slots__ = ("index", "addr", "nbytes", "device", "device_id", "ipc_handle", "ipc_offset")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDR_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_OFFSET_FIELD_NUMBER: _ClassVar[int]
     index: int
     addr: int
     nbytes: int
     device: str
     device_id: int
-    def __init__(self, index: _Optional[int] = ..., addr: _Optional[int] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., device_id: _Optional[int] = ...) -> None: ...
+    ipc_handle: bytes
+    ipc_offset: int
+    def __init__(self, index: _Optional[int] = ..., addr: _Optional[int] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., device_id: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_offset: _Optional[int] = ...) -> None: ...
 
 class SourceRecord(_message.Message):
-    __slots__ = ("rank", "coords", "agent_name", "agent_metadata", "regions", "tensors", "digests", "fence_addr")
+    __slots__ = ("rank", "coords", "agent_name", "agent_metadata", "regions", "tensors", "digests", "fence_addr", "host", "fence_shm")
     RANK_FIELD_NUMBER: _ClassVar[int]
     COORDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +173,8 @@ class SourceRecord(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
     FENCE_ADDR_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    FENCE_SHM_FIELD_NUMBER: _ClassVar[int]
     rank: int
     coords: ParallelCoords
     agent_name: str
@@ -177,7 +183,9 @@ class SourceRecord(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorDesc]
     digests: DigestSet
     fence_addr: int
-    def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ..., digests: _Optional[_Union[DigestSet, _Mapping]] = ..., fence_addr: _Optional[int] = ...) -> None: ...
+    host: str
+    fence_shm: str
+    def __init__(self, rank: _Optional[int] = ..., coords: _Optional[_Union[ParallelCoords, _Mapping]] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorDesc, _Mapping]]] = ..., digests: _Optional[_Union[DigestSet, _Mapping]] = ..., fence_addr: _Optional[int] = ..., host: _Optional[str] = ..., fence_shm: _Optional[str] = ...) -> None: ...
 
 class DigestSet(_message.Message):
     __slots__ = ("algorithm", "values")

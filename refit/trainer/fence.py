@@ -2,9 +2,11 @@
 were not changed meanwhile, without a round trip to the catalog.
 
 One little-endian int64 per place the rank publishes from (the live parameters, or each snapshot
-slot), in host memory registered with the rank's NIXL agent. A word holds the version whose bytes
-its place holds, and `RETIRED` from before the first byte of that place changes until the place
-holds a new version again. Its address travels in each SourceRecord (`fence_addr`).
+slot), in host memory registered with the rank's NIXL agent: a page of /dev/shm where it can make one
+(`refit.transport.host.SharedWords`: receivers on this host map it instead of reading over NIXL), else
+a plain tensor. A word holds the version whose bytes its place holds, and `RETIRED` from before the
+first byte of that place changes until the place holds a new version again. Its address travels in
+each SourceRecord (`fence_addr`, and the page's name in `fence_shm`).
 
 Why it is a fence: the rank writes the word before it retires the version in the catalog and before
 any byte changes (the optimizer step, or the copy into a reused snapshot slot, is issued after the
@@ -20,6 +22,7 @@ import logging
 
 import torch
 
+from refit.transport.host import PAGE_BYTES, SharedWords
 from refit.transport.nixl import NixlAgent
 from refit.types import WORD_RETIRED as RETIRED
 
@@ -33,9 +36,21 @@ class VersionWords:
 
     def __init__(self, agent: NixlAgent, count: int) -> None:
         self._agent = agent
-        self._words = torch.full((count,), RETIRED, dtype=torch.int64)
+        self._shared: SharedWords | None = None
+        if count * WORD_BYTES <= PAGE_BYTES:
+            try:
+                self._shared = SharedWords(count)
+            except OSError as exc:  # no /dev/shm: receivers on this host read the words over NIXL too
+                logger.info("version words in process memory (no shared page: %s)", exc)
+        self._words = self._shared.words if self._shared is not None else torch.empty(count, dtype=torch.int64)
+        self._words.fill_(RETIRED)
         self._agent.register(self.addr(0), count * WORD_BYTES)
         self._registered = True
+
+    @property
+    def shm_name(self) -> str:
+        """The shared page holding the words ("" : none), for the records' `fence_shm`."""
+        return self._shared.name if self._shared is not None else ""
 
     def addr(self, place: int) -> int:
         """The address of place `place`'s word: the record's `fence_addr`."""
@@ -61,3 +76,7 @@ class VersionWords:
                 self._agent.deregister(self.addr(0), self._words.numel() * WORD_BYTES)
             except Exception:  # the agent frees its registrations when it closes either way
                 logger.warning("deregistering the version words failed", exc_info=True)
+        if self._shared is not None:
+            self._words = self._words.clone()  # retired; the page goes
+            self._shared.close()
+            self._shared = None

@@ -58,6 +58,7 @@ from refit.trainer import blocks as column_blocks
 from refit.trainer import memory
 from refit.trainer.fence import VersionWords
 from refit.trainer.lease import Lease
+from refit.transport.cuda_ipc import Exports
 from refit.transport.nixl import NixlAgent
 from refit.types import DigestSet, Region, SourceRecord, TensorDesc, VersionInfo
 
@@ -97,6 +98,8 @@ class Publisher:
         tls_ca, tls_cert, tls_key: PEM files for a catalog served over TLS: the CA that signed its
             certificate, and this client's certificate and key where the catalog requires mutual TLS
             (as `CatalogClient`).
+        cuda_ipc: publish each GPU region's CUDA IPC handle, so receivers on this host copy from it
+            themselves instead of over NIXL (`refit.transport.cuda_ipc`).
 
     Raises:
         ConfigError: bad arguments or uninitialised torch.distributed / parallel_state.
@@ -124,6 +127,7 @@ class Publisher:
         tls_key: str | None = None,
         lease_s: float = DEFAULT_TIMEOUTS.lease_s,
         heartbeat_s: float | None = None,
+        cuda_ipc: bool = True,
     ) -> None:
         if snapshots < 0:
             raise ConfigError(f"snapshots must be >= 0, got {snapshots}")
@@ -164,6 +168,7 @@ class Publisher:
         self._words: VersionWords | None = None  # one per place published from: the live params or each slot
         self._hooks: list[Any] = []
         self._lease: Lease | None = None
+        self._exports = Exports(enabled=cuda_ipc)
         self.last_digest_seconds = 0.0  # seconds the last stream_weights spent computing digests
         try:
             self._agent = NixlAgent(prefix=f"refit-trainer-{name}-r{self.rank}")
@@ -227,6 +232,7 @@ class Publisher:
         if all(any(b.holds(p.param) for b in self._live_blocks) for p in self._params):
             return
         logger.warning("rank %d: parameters moved since registration; registering again", self.rank)
+        self._exports.forget()  # a new allocation may sit where an exported one was
         for b in self._live_blocks:
             self._agent.deregister(b.addr, b.nbytes, device=b.device, device_id=b.device_id)
         self._live_blocks = memory.storage_blocks([p.param for p in self._params])
@@ -248,7 +254,7 @@ class Publisher:
     def _describe(self, blocks: list[memory.Block], locate: Any) -> tuple[list[Region], list[TensorDesc], DigestSet]:
         """Regions, descriptors and their digests; `locate(i)` is (region, byte offset) of parameter i
         (blocked bytes if blocked). The digests are computed on the published bytes, on their device."""
-        regions = [b.region(i) for i, b in enumerate(blocks)]
+        regions = self._exports.regions([b.region(i) for i, b in enumerate(blocks)])
         descs: list[TensorDesc] = []
         for i, (p, layout) in enumerate(zip(self._params, self._layouts, strict=True)):
             region, byte_offset = locate(i)
@@ -338,6 +344,8 @@ class Publisher:
             tensors=tuple(descs),
             digests=digests,
             fence_addr=self._words.addr(self._ring.slot_of(version) if self._ring is not None else 0),
+            host=self._exports.host,
+            fence_shm=self._words.shm_name,
         )
         info = self._client.publish(
             name=self.name, version=version, world_size=self.world_size, model=self.model_meta, source=source

@@ -7,10 +7,11 @@ translation from a plan to transfers is tested on its own. The plan is taken by 
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,6 +47,20 @@ class ReadJob:
     local_device_id: int = 0
     remote_device: str = "cpu"
     remote_device_id: int = 0
+
+
+class Posted:
+    """READs posted in batches (`NixlAgent.post`, or within `read_batches`): each batch's transfers (NIXL
+    handles, or `IpcCopy`s for peers copied over CUDA IPC) with
+    their jobs and bytes, the descriptors posted, and when posting began (for traces)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[Any, ReadJob, int]]] = []
+        self.descriptors = 0
+        self._start = time.perf_counter()
+
+    def ms(self) -> float:
+        return 1e3 * (time.perf_counter() - self._start)
 
 
 def merge_reads(ops: Sequence[ReadOp]) -> list[tuple[int, int, int]]:

@@ -19,7 +19,8 @@ from typing import Any
 from refit.compat import nixl as compat
 from refit.config import DEFAULT_TIMEOUTS
 from refit.errors import TransferTimeoutError, TransportError
-from refit.transport.jobs import ReadJob, ReadOp, descriptor_rows, merge_reads
+from refit.transport.cuda_ipc import IpcCopy, LocalPeers
+from refit.transport.jobs import Posted, ReadJob, ReadOp, descriptor_rows, merge_reads
 from refit.transport.ucx import load_nixl_api, progress_delay_us
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ _POLL_MAX_S = 0.002
 # read landing and its poll seeing it delays what waits for it (the next batch, a chunk's install). At
 # the 2 ms cap, 8 GB read over NVLink in one transfer ran 1 ms longer than the same copy in CUDA.
 _POLL_MAX_GPU_S = 0.0002
+# Copies this process enqueued itself (`IpcCopy`): a poll is one event query, cheap enough to spin on.
+_POLL_MAX_LOCAL_S = 0.00002
 
 
 class _ClosedAgent:
@@ -48,19 +51,6 @@ class _ClosedAgent:
         if attr.startswith("__"):  # protocol probes (copy, pickle, hasattr) get the usual answer
             raise AttributeError(attr)
         raise TransportError(f"NIXL agent {self._name} is closed")
-
-
-class Posted:
-    """READs posted in batches (`NixlAgent.post`, or within `read_batches`): each batch's transfers with
-    their jobs and bytes, the descriptors posted, and when posting began (for traces)."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[Any, ReadJob, int]]] = []
-        self.descriptors = 0
-        self._start = time.perf_counter()
-
-    def ms(self) -> float:
-        return 1e3 * (time.perf_counter() - self._start)
 
 
 class NixlAgent:
@@ -84,6 +74,8 @@ class NixlAgent:
         self._descs: dict[int, tuple[ReadJob, tuple[Any, Any, int, int] | None]] = {}  # see `_described`
         self._closed = False
         self.num_registrations = 0  # lifetime count, so callers can prove reuse
+        # Peers on this host whose GPU jobs this process copies itself (`refit.transport.cuda_ipc`).
+        self.local: LocalPeers | None = None
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -238,6 +230,11 @@ class NixlAgent:
         batch: list[tuple[Any, ReadJob, int]] = []
         posted.batches.append(batch)
         for job in jobs:
+            if self.local is not None and self.local.owns(job):
+                copied = self.local.post(job)  # no NIXL state: no lock
+                batch.append((copied, job, copied.nbytes))
+                posted.descriptors += copied.descriptors
+                continue
             with self._lock:
                 described = self._described(job)
                 if described is None:
@@ -264,6 +261,7 @@ class NixlAgent:
         """Wait for every transfer of batch k, then report it (and, tracing, when it landed)."""
         for handle, job, nbytes in posted.batches[k]:
             cap = _POLL_MAX_S if job.local_device == job.remote_device == "cpu" else _POLL_MAX_GPU_S
+            cap = _POLL_MAX_LOCAL_S if isinstance(handle, IpcCopy) else cap
             self._wait(handle, job.agent_name, deadline, nbytes, cap)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: batch %d landed at %.2f ms", self.name, k, posted.ms())
@@ -272,12 +270,17 @@ class NixlAgent:
 
     def _done(self, batch: Sequence[tuple[Any, ReadJob, int]]) -> bool:
         """Whether every transfer of `batch` is DONE, without waiting (a failed one is not: `_land` raises)."""
+        try:
+            return all(self._state(handle) == "DONE" for handle, _, _ in batch)
+        except Exception:  # NIXL raises on a lost remote; `_land` raises it in its own words
+            logger.debug("a NIXL transfer failed", exc_info=True)
+            return False
+
+    def _state(self, handle: Any) -> str:
+        if isinstance(handle, IpcCopy):
+            return handle.state()
         with self._lock:
-            try:
-                return all(self._agent.check_xfer_state(handle) == "DONE" for handle, _, _ in batch)
-            except Exception:  # NIXL raises on a lost remote; `_land` raises it in its own words
-                logger.debug("a NIXL transfer failed", exc_info=True)
-                return False
+            return self._agent.check_xfer_state(handle)
 
     def in_flight(self) -> int:
         """How many transfers of failed reads are still in progress; the ones that ended are released.
@@ -329,11 +332,10 @@ class NixlAgent:
     def _wait(self, handle: Any, agent_name: str, deadline: float, nbytes: int, cap: float = _POLL_MAX_S) -> None:
         sleep = 0.0
         while True:
-            with self._lock:
-                try:
-                    state = self._agent.check_xfer_state(handle)
-                except Exception as exc:
-                    raise TransportError(f"READ from {agent_name} failed: {exc}", agent_name=agent_name) from exc
+            try:
+                state = self._state(handle)
+            except Exception as exc:
+                raise TransportError(f"READ from {agent_name} failed: {exc}", agent_name=agent_name) from exc
             if state == "DONE":
                 return
             if state == "ERR":
@@ -349,12 +351,14 @@ class NixlAgent:
     def _settled(self, handle: Any) -> bool:
         """Whether a transfer has ended (done, failed, or its remote gone): no more bytes will land."""
         try:
-            return self._agent.check_xfer_state(handle) != "PROC"
+            return self._state(handle) != "PROC"
         except Exception:  # NIXL reports a lost remote by raising: nothing more arrives from it
             logger.debug("a NIXL transfer ended with an error", exc_info=True)
             return True
 
     def _release(self, handle: Any) -> None:
+        if isinstance(handle, IpcCopy):
+            return
         try:
             self._agent.release_xfer_handle(handle)
         except Exception:  # a failed release is queued by NIXL itself; nothing to undo here
@@ -388,6 +392,8 @@ class NixlAgent:
                 except Exception:
                     logger.debug("deregister_memory failed", exc_info=True)
             self._registrations.clear()
+            if self.local is not None:
+                self.local.close()
             self._descs.clear()  # NIXL objects of the agent: dropped before it
             # The last reference to NIXL's agent: its destructor stops the progress thread now.
             self._agent = _ClosedAgent(self.name)

@@ -124,3 +124,28 @@ def test_a_non_positive_window_is_refused() -> None:
     sources, _ = trainer(global_tensors(PADDED), 1)
     with pytest.raises(ConfigError, match="window"):
         plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=EngineLayout(vocab_size=VOCAB), window=0)
+
+
+def test_whole_runs_have_their_own_threshold_and_split_pieces_keep_theirs() -> None:
+    # A link without a descriptor cost (copies over CUDA IPC): a piece that is one run of one engine
+    # tensor (a norm, gate and up each at TP1) goes direct whatever its size, while QKV, cut into one
+    # run per query group and part, stays staged below `direct_min_bytes`.
+    tensors = global_tensors(PADDED)
+    sources, buffers = trainer(tensors, 1)
+    layout = EngineLayout(vocab_size=VOCAB)
+    big = 1 << 40
+    staged_all = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=layout, direct=lambda t: True,
+                            direct_min_bytes=big)  # fmt: skip
+    assert not staged_all.direct
+    plan = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=layout, direct=lambda t: True,
+                      direct_min_bytes=big, direct_min_whole=1)  # fmt: skip
+    direct = {d.target for d in plan.direct}
+    runs: dict[str, int] = {}
+    for d in plan.direct:
+        runs[d.target] = runs.get(d.target, 0) + 1
+    assert all(n == 1 for n in runs.values())  # only whole runs
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight", "lm_head.weight"} <= direct  # fmt: skip
+    assert not direct & {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"}
+    assert plan.pieces  # QKV, cut into a run per query group and part, is staged
+    check(plan, tensors, buffers)

@@ -1,0 +1,135 @@
+"""The CUDA calls refit makes that torch does not expose: IPC handles and raw copies, through ctypes.
+
+- The runtime (`libcudart`): the one torch loaded, found in the process's memory map, so handles and
+  copies share torch's contexts and streams. `cudaIpcGetMemHandle`, `cudaIpcOpenMemHandle` (with
+  `cudaIpcMemLazyEnablePeerAccess`, so a handle of another GPU on the host maps too),
+  `cudaIpcCloseMemHandle`, `cudaMemcpyAsync` and `cudaMemcpy2DAsync` (strided reads) with
+  `cudaMemcpyDefault` (unified addressing).
+- The driver (`libcuda.so.1`): `cuMemGetAddressRange_v2`, the allocation that holds an address (torch's
+  caching allocator hands out pieces of larger allocations; a handle names the whole allocation).
+
+Memory from `cudaMallocAsync` or torch's expandable segments has no such handle: `export` returns
+None and the caller keeps to NIXL. Every failure is a `TransportError` naming the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+from refit.errors import TransportError
+from refit.types import IPC_HANDLE_BYTES
+
+logger = logging.getLogger(__name__)
+
+_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction from the pointers (unified addressing)
+_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+_RUNTIME_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
+
+
+class _Handle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_BYTES)]
+
+
+@functools.cache
+def _runtime() -> ctypes.CDLL:
+    import torch
+
+    torch.cuda.init()  # loads torch's runtime, so the map below names it
+    with open("/proc/self/maps") as maps:
+        paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
+    for candidate in [*dict.fromkeys(p for p in paths if "/" in p), *_RUNTIME_NAMES]:
+        try:
+            lib = ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        _declare(lib)
+        return lib
+    raise TransportError("CUDA IPC: no CUDA runtime library (libcudart) could be loaded")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    lib.cudaIpcGetMemHandle.argtypes = [ctypes.POINTER(_Handle), vp]
+    lib.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(vp), _Handle, ctypes.c_uint]
+    lib.cudaIpcCloseMemHandle.argtypes = [vp]
+    lib.cudaMemcpyAsync.argtypes = [vp, vp, sz, ctypes.c_int, vp]
+    lib.cudaMemcpy2DAsync.argtypes = [vp, sz, vp, sz, sz, sz, ctypes.c_int, vp]
+    lib.cudaSetDevice.argtypes = [ctypes.c_int]
+    lib.cudaGetErrorString.restype = ctypes.c_char_p
+    lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise TransportError(f"CUDA IPC: the CUDA driver (libcuda.so.1) could not be loaded: {exc}") from exc
+    u64 = ctypes.c_uint64
+    lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t), u64]
+    return lib
+
+
+def _check(code: int, call: str) -> None:
+    if code:
+        message = _runtime().cudaGetErrorString(code) or b"?"
+        raise TransportError(f"CUDA IPC: {call} failed: {message.decode(errors='replace')} ({code})")
+
+
+def allocation(addr: int) -> tuple[int, int]:
+    """The (base, bytes) of the allocation that holds device address `addr` (its context current)."""
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    code = _driver().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(addr))
+    if code:
+        raise TransportError(f"CUDA IPC: cuMemGetAddressRange of {addr:#x} failed (CUresult {code})")
+    return base.value, size.value
+
+
+def export(addr: int, device: int) -> tuple[bytes, int] | None:
+    """The IPC handle of the allocation holding `addr` on GPU `device`, and `addr`'s offset in it; None
+    where the memory has no such handle (stream-ordered or virtual-memory allocations)."""
+    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
+    try:
+        base, _ = allocation(addr)
+    except TransportError:
+        return None
+    handle = _Handle()
+    code = _runtime().cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base))
+    if code:
+        logger.debug("no CUDA IPC handle for the allocation at %#x (cudaError %d)", base, code)
+        return None
+    return bytes(handle), addr - base
+
+
+def open_handle(handle: bytes, device: int) -> tuple[int, int]:
+    """Map an exported allocation into this process on GPU `device`: its (base address, bytes)."""
+    if len(handle) != IPC_HANDLE_BYTES:
+        raise TransportError(f"CUDA IPC: a handle is {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
+    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
+    ptr = ctypes.c_void_p()
+    raw = _Handle.from_buffer_copy(handle)
+    _check(_runtime().cudaIpcOpenMemHandle(ctypes.byref(ptr), raw, _LAZY_PEER_ACCESS), "cudaIpcOpenMemHandle")
+    base = ptr.value or 0
+    return base, allocation(base)[1]
+
+
+def close_handle(base: int, device: int) -> None:
+    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
+    _check(_runtime().cudaIpcCloseMemHandle(ctypes.c_void_p(base)), "cudaIpcCloseMemHandle")
+
+
+def copy(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Enqueue a copy of `nbytes` from `src` to `dst` (any GPU of this host) on `stream`."""
+    _check(_runtime().cudaMemcpyAsync(dst, src, nbytes, _MEMCPY_DEFAULT, stream), "cudaMemcpyAsync")
+
+
+def copy_strided(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int, stream: int) -> None:
+    """Enqueue `rows` copies of `width` bytes, `src_pitch` apart at the source and `dst_pitch` at `dst`."""
+    code = _runtime().cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, _MEMCPY_DEFAULT, stream)
+    _check(code, "cudaMemcpy2DAsync")
+
+
+def set_device(device: int) -> None:
+    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")

@@ -1,0 +1,163 @@
+"""Reads of trainer ranks on the receiver's own host: version words from a shared page
+(`refit.transport.host`) and the CPU side of copies over CUDA IPC (`refit.transport.cuda_ipc`).
+
+The shared page is real (/dev/shm, two mappings of it). The copies themselves need a GPU
+(tests/gpu/test_cuda_ipc.py); here, what decides them: which ranks are copied here, how a job's ranges
+become copies out of the mapped regions, and the checks on published handles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from refit.catalog import wire
+from refit.errors import ConfigError
+from refit.transport import cuda_ipc
+from refit.transport.host import PAGE_BYTES, SharedWords, WordReader, host_id, valid_shm_name
+from refit.transport.jobs import ReadJob, ReadOp
+from refit.types import IPC_HANDLE_BYTES, WORD_RETIRED, Region
+from tests.support import catalog_samples as samples
+
+HANDLE = bytes(range(IPC_HANDLE_BYTES))
+
+
+def test_a_word_written_by_the_trainer_is_read_from_the_shared_page() -> None:
+    words = SharedWords(3)
+    reader = WordReader()
+    try:
+        assert valid_shm_name(words.name)
+        words.words.fill_(WORD_RETIRED)
+        addr = words.words.data_ptr() + 8 * 2
+        assert addr % PAGE_BYTES == 16  # the page is page-aligned: the offset is the address modulo the page
+        assert reader.can_read(host_id(), words.name)
+        assert reader.read(words.name, addr) == WORD_RETIRED
+        words.words[2] = 41
+        words.words[1] = 7
+        assert reader.read(words.name, addr) == 41  # each read is a load now, not a copy taken once
+        assert reader.read(words.name, addr - 8) == 7
+        assert reader.reads == 3
+    finally:
+        words.close()
+    assert not os.path.exists(f"/dev/shm/{words.name}")  # unlinked; the reader's mapping stays valid
+    assert reader.read(words.name, addr) == 41
+    reader.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "../../etc/passwd", "refit-words-xyz", "refit-words-" + "0" * 31, "refit-words-" + "0" * 32 + "/x"],
+)
+def test_names_a_trainer_would_not_make_are_never_opened(name: str) -> None:
+    reader = WordReader()
+    assert not reader.can_read(host_id(), name)
+
+
+def test_another_host_or_a_missing_page_falls_back_to_nixl(caplog: pytest.LogCaptureFixture) -> None:
+    reader = WordReader()
+    words = SharedWords(1)
+    try:
+        assert not reader.can_read("boot:another-host", words.name)
+    finally:
+        words.close()
+    assert not reader.can_read(host_id(), words.name)  # gone before this reader mapped it
+    assert "reading them over NIXL" in caplog.text
+    caplog.clear()
+    assert not reader.can_read(host_id(), words.name)  # refused once, not tried (nor logged) again
+    assert caplog.text == ""
+
+
+def test_too_many_words_for_one_page_are_refused() -> None:
+    with pytest.raises(ConfigError, match="page"):
+        SharedWords(PAGE_BYTES // 8 + 1)
+
+
+def test_a_region_carries_its_handle_only_on_a_gpu_and_only_whole() -> None:
+    Region(index=0, addr=4096, nbytes=8, device="cuda", ipc_handle=HANDLE, ipc_offset=512)
+    with pytest.raises(ConfigError, match="64 bytes"):
+        Region(index=0, addr=4096, nbytes=8, device="cuda", ipc_handle=HANDLE[:-1])
+    with pytest.raises(ConfigError, match="64 bytes"):
+        Region(index=0, addr=4096, nbytes=8, device="cpu", ipc_handle=HANDLE)
+    with pytest.raises(ConfigError, match="without an ipc_handle"):
+        Region(index=0, addr=4096, nbytes=8, device="cuda", ipc_offset=8)
+
+
+def test_handles_host_and_shared_page_survive_the_wire() -> None:
+    s = samples.source(0)
+    gpu = tuple(dataclasses.replace(r, device="cuda", ipc_handle=HANDLE, ipc_offset=4096 * r.index) for r in s.regions)
+    s = dataclasses.replace(s, regions=gpu, host=host_id(), fence_shm="refit-words-" + "a" * 32, fence_addr=8)
+    assert wire.source_from_proto(wire.source_to_proto(s)) == s
+
+
+def test_an_oversized_handle_or_host_from_the_wire_is_refused() -> None:
+    msg = wire.source_to_proto(samples.source(0))
+    msg.regions[0].device = "cuda"
+    msg.regions[0].ipc_handle = HANDLE + b"x"
+    with pytest.raises(ConfigError, match="ipc_handle"):
+        wire.source_from_proto(msg)
+    msg = wire.source_to_proto(samples.source(0))
+    msg.host = "h" * 65
+    with pytest.raises(ConfigError, match="host"):
+        wire.source_from_proto(msg)
+
+
+def _gpu_source(host: str, *, handle: bytes = HANDLE, device: str = "cuda"):
+    s = samples.source(0)
+    regions = tuple(
+        dataclasses.replace(r, device=device, ipc_handle=handle if device == "cuda" else b"") for r in s.regions
+    )
+    return dataclasses.replace(s, regions=regions, host=host)
+
+
+def test_only_gpu_ranks_of_this_host_with_every_handle_are_copied_here() -> None:
+    peers = cuda_ipc.LocalPeers(device=0)
+    here = _gpu_source(peers.host)
+    assert peers.covers([here])
+    assert not peers.covers([])
+    for other in (_gpu_source("boot:elsewhere"), _gpu_source(peers.host, handle=b""),
+                  _gpu_source(peers.host, device="cpu")):  # fmt: skip
+        assert not peers.covers([here, other])
+        assert not peers.add(other)  # decided before any CUDA call: none is made on this machine
+    peers.enabled = False
+    assert not peers.covers([here])
+    job = ReadJob(agent_name=here.agent_name, ops=(), local_device="cuda", remote_device="cuda")
+    assert not peers.owns(job)  # disabled, and never mapped
+
+
+def test_a_jobs_ranges_become_copies_out_of_the_mapped_regions() -> None:
+    regions = (
+        Region(index=0, addr=0x10000, nbytes=0x1000, device="cuda", ipc_handle=HANDLE, ipc_offset=0x200),
+        Region(index=1, addr=0x90000, nbytes=0x1000, device="cuda", ipc_handle=HANDLE, ipc_offset=0x2000),
+    )
+    peer = cuda_ipc._Peer(regions=regions, local={0: 0x7000_0200, 1: 0x7000_2000}, handles=(HANDLE,))
+    ops = (
+        ReadOp(local_addr=0x500, remote_addr=0x10100, nbytes=0x40, region=0),
+        ReadOp(local_addr=0x540, remote_addr=0x10140, nbytes=0x20, region=0),  # touches the one above: merged
+        ReadOp(local_addr=0x900, remote_addr=0x90010, nbytes=0x10, region=1),
+        # Strided: 4 rows of 0x8 bytes, 0x100 apart in the trainer, packed here: one 2-D copy.
+        ReadOp(
+            local_addr=0xA00, remote_addr=0x90400, nbytes=0x8, count=4, local_stride=0x8, remote_stride=0x100, region=1
+        ),
+    )
+    copies = cuda_ipc._copies(ReadJob(agent_name="a", ops=ops), peer)
+    assert copies == [
+        (0x500, 0x7000_0200 + 0x100, 0x60),
+        (0x900, 0x7000_2000 + 0x10, 0x10),
+        (0xA00, 0x8, 0x7000_2000 + 0x400, 0x100, 0x8, 4),
+    ]
+    assert sum(map(cuda_ipc._size, copies)) == 0x60 + 0x10 + 0x20
+
+
+def test_a_read_of_a_region_the_peer_did_not_map_is_refused() -> None:
+    peer = cuda_ipc._Peer(regions=(), local={}, handles=())
+    with pytest.raises(Exception, match="not mapped"):
+        cuda_ipc._copies(ReadJob(agent_name="a", ops=(ReadOp(local_addr=0, remote_addr=0, nbytes=8, region=3),)), peer)
+
+
+def test_a_cpu_region_is_published_without_a_handle() -> None:
+    exports = cuda_ipc.Exports()
+    r = Region(index=0, addr=4096, nbytes=64)
+    assert exports.regions([r]) == [r]
+    assert exports.host == host_id()
