@@ -176,14 +176,19 @@ class LocalPeers:
         streams = self._kept_streams()
         used: dict[int, torch.cuda.Stream] = {}
         load = self._load
-        for c in copies:  # largest first, each onto the stream with the fewest bytes enqueued
-            k = load.index(min(load))
-            load[k] += _size(c)
-            used[k] = streams[k]
-            if len(c) == 3:
-                cuda.copy(c[0], c[1], c[2], streams[k].cuda_stream)
-            else:
-                cuda.copy_strided(*c, streams[k].cuda_stream)
+        try:
+            for c in copies:  # largest first, each onto the stream with the fewest bytes enqueued
+                k = load.index(min(load))
+                load[k] += _size(c)
+                used[k] = streams[k]
+                if len(c) == 3:
+                    cuda.copy(c[0], c[1], c[2], streams[k].cuda_stream)
+                else:
+                    cuda.copy_strided(*c, streams[k].cuda_stream)
+        except BaseException:
+            for stream in used.values():  # no event will say when these end: none may still run after this
+                stream.synchronize()
+            raise
         least = min(load)
         self._load = [n - least for n in load]
         events = []
