@@ -283,7 +283,8 @@ class Region:
     device_id: int = 0
     # GPU memory only: the CUDA IPC handle of the allocation that holds the region, and the region's
     # offset in it, so a process on the trainer's host can map it and copy out of it itself (b"": none).
-    ipc_handle: bytes = b""
+    # A capability to map the trainer's memory: kept out of repr, hence out of logs and error messages.
+    ipc_handle: bytes = field(default=b"", repr=False)
     ipc_offset: int = 0
 
     def __post_init__(self) -> None:

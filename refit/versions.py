@@ -1,6 +1,7 @@
 """A receiver's view of one model's versions in the catalog: which version to pull and from whom,
 and the re-check after a pull (the seqlock that keeps bytes a trainer overwrote mid-pull out of an
-engine): the trainers' version words read over NIXL where every source has one, else the catalog.
+engine): the trainers' version words, read over NIXL (or from their shared page, for a trainer on the
+receiver's host) where every source has one, else the catalog.
 """
 
 from __future__ import annotations

@@ -6,14 +6,13 @@ the default mode): descriptors of its shards, its NIXL agent metadata and its re
 Version safety. By default (`snapshots=0`) receivers read the live parameters. Version `v` stays
 readable until this rank calls `invalidate()` (automatically before every optimizer step when the
 optimizer is passed in) or publishes a newer version; either retires `v` *before* any weight
-changes: first in the rank's version word (`refit.trainer.fence`, which receivers read over NIXL
-after their pull), then in the catalog. Receivers check, after their last byte landed, that the
-version was not retired, so a pull that raced with an optimizer step is discarded, never installed
-torn. With
-`snapshots=k` each version is copied into one of `k` registered slots, used round-robin (a new
-version takes the slot of the oldest), so the last `k` versions stay readable while training goes
-on; a slot's old version is retired before the slot is overwritten, and the copy has landed (on
-GPU too) before the new version is published.
+changes: first in the rank's version word (`refit.trainer.fence`, which receivers read over NIXL, or
+from its shared page on the same host, after their pull), then in the catalog. Receivers check,
+after their last byte landed, that the version was not retired, so a pull that raced with an
+optimizer step is discarded, never installed torn. With `snapshots=k` each version is copied into
+one of `k` registered slots, used round-robin (a new version takes the slot of the oldest), so the
+last `k` versions stay readable while training goes on; a slot's old version is retired before the
+slot is overwritten, and the copy has landed (on GPU too) before the new version is published.
 
 Megatron DDP with the distributed optimizer and `overlap_param_gather`: a step updates only the
 rank's own shard of each bf16 param buffer and leaves the all-gather of the rest to the next

@@ -19,7 +19,7 @@ from typing import Any
 
 from refit.catalog.client import CatalogClient, format_ranks
 from refit.errors import RefitError
-from refit.types import ModelMeta, ParallelCoords, SourceRecord, TensorDesc, VersionInfo
+from refit.types import ModelMeta, ParallelCoords, Region, SourceRecord, TensorDesc, VersionInfo
 from refit_server.auth import read_token_file
 from refit_server.replies import DEFAULT_MAX_BYTES
 from refit_server.server import CatalogServer
@@ -106,13 +106,26 @@ def tensor_json(t: TensorDesc) -> dict[str, Any]:
     return {**asdict(t), "role": t.role.value, "nbytes": t.nbytes}
 
 
+def _region_cell(r: Region) -> str:
+    return f"{r.index}:{r.device}:{r.device_id} {_size(r.nbytes)}" + (" ipc" if r.ipc_handle else "")
+
+
+def region_json(r: Region) -> dict[str, Any]:
+    # The CUDA IPC handle is a capability to map the trainer's memory: say whether there is one, never print it.
+    out = asdict(r)
+    out["cuda_ipc"] = bool(out.pop("ipc_handle"))
+    return out
+
+
 def source_json(s: SourceRecord, *, tensors: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rank": s.rank,
         "coords": asdict(s.coords),
         "agent_name": s.agent_name,
         "agent_metadata_bytes": len(s.agent_metadata),
-        "regions": [asdict(r) for r in s.regions],
+        "regions": [region_json(r) for r in s.regions],
+        "host": s.host,
+        "fence_shm": s.fence_shm,
         "num_tensors": len(s.tensors),
         "nbytes": _source_bytes(s),
     }
@@ -155,7 +168,7 @@ def render_show(info: VersionInfo, sources: Sequence[SourceRecord], *, tensors: 
             s.rank,
             _coords(s.coords),
             s.agent_name,
-            ", ".join(f"{r.index}:{r.device}:{r.device_id} {_size(r.nbytes)}" for r in s.regions),
+            ", ".join(_region_cell(r) for r in s.regions),
             len(s.tensors),
             _size(_source_bytes(s)),
         )

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,9 @@ def served(store_url: str) -> Iterator[str]:
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
 
 
+SECRET_HANDLE = bytes(range(0xA0, 0xE0))  # 64 bytes, as a cudaIpcMemHandle_t
+
+
 def _publish(address: str) -> None:
     with CatalogClient(address) as client:
         for r in range(2):  # "llama" v1: READY over 2 ranks
@@ -66,7 +70,11 @@ def _publish(address: str) -> None:
                 name="llama", version=1, world_size=2, model=samples.MODEL, source=samples.source(r, tp_size=2)
             )
         client.publish(name="llama", version=2, world_size=2, model=samples.MODEL, source=samples.source(0, tp_size=2))
-        client.publish(name="qwen", version=5, world_size=1, model=samples.MODEL, source=samples.source(0))
+        # A rank on a CUDA host publishes its GPU region's IPC handle: a capability `show` must never print.
+        local = samples.source(0)
+        ipc = replace(local.regions[0], ipc_handle=SECRET_HANDLE, ipc_offset=256)
+        local = replace(local, regions=(ipc, local.regions[1]), host="b" * 32, fence_shm="refit-words-" + "c" * 32)
+        client.publish(name="qwen", version=5, world_size=1, model=samples.MODEL, source=local)
 
 
 def test_list_and_show(served: str) -> None:
@@ -121,7 +129,19 @@ def test_list_and_show(served: str) -> None:
         "nbytes": 64 * 64 * 2,
         "digest_block": 0,  # the sample record carries no digests
     }
-    assert "tensors" not in json.loads(cli("show", "qwen", "5", "--catalog", served, "--json").stdout)["sources"][0]
+    assert [r["cuda_ipc"] for r in src["regions"]] == [False, False] and src["host"] == ""
+
+    out = cli("show", "qwen", "5", "--catalog", served, "--json")
+    assert out.returncode == 0, out.stderr
+    local = json.loads(out.stdout)["sources"][0]
+    assert "tensors" not in local
+    assert [r["cuda_ipc"] for r in local["regions"]] == [True, False] and local["regions"][0]["ipc_offset"] == 256
+    assert all("ipc_handle" not in r for r in local["regions"])
+    assert local["host"] == "b" * 32 and local["fence_shm"] == "refit-words-" + "c" * 32
+    text = cli("show", "qwen", "5", "--catalog", served, "--tensors").stdout
+    assert "0:cuda:0 48.0 KiB ipc, 1:cpu:0 4.0 KiB" in text
+    for shown in (out.stdout, text):
+        assert SECRET_HANDLE.hex() not in shown and repr(SECRET_HANDLE) not in shown
 
 
 def test_errors_are_one_line_on_stderr_with_exit_1(served: str, closed_port: int) -> None:
