@@ -7,10 +7,15 @@ receiver on the same host maps the page read-only once and reads a word as a loa
 instead of an 8-byte NIXL READ, which costs 0.15-0.2 ms inside a refit on an H200's host (each refit
 reads the words twice). Where the page cannot be opened (another container's `/dev/shm`), the words are
 read over NIXL and the reason is logged once.
+
+A page outlives a trainer killed before it could unlink it. Each owner holds a shared `flock` on its
+page for as long as it lives (the kernel drops it with the process, in any PID namespace); the next
+`SharedWords` made on the host removes every page whose lock it can take exclusively.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -26,7 +31,7 @@ from refit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PAGE_BYTES", "SharedWords", "WordReader", "host_id", "valid_shm_name"]
+__all__ = ["PAGE_BYTES", "SharedWords", "WordReader", "host_id", "remove_orphans", "valid_shm_name"]
 
 PAGE_BYTES = 4096  # the words' page: a word's offset in it is its address modulo the page size
 _SHM_DIR = Path("/dev/shm")
@@ -46,28 +51,60 @@ def valid_shm_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def remove_orphans(directory: Path = _SHM_DIR) -> int:
+    """Unlink the word pages in `directory` whose owners are gone (no lock held on them); returns how many."""
+    removed = 0
+    for path in directory.glob("refit-words-*"):
+        if not valid_shm_name(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # unlinked meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Held exclusively: no owner is alive, and none can appear (a page is born locked, below).
+            path.unlink()
+            removed += 1
+        except OSError:
+            continue  # locked by a live owner, or another user's page (sticky /dev/shm)
+        finally:
+            os.close(fd)
+    if removed:
+        logger.info("removed %d version-word pages of trainer processes that are gone", removed)
+    return removed
+
+
 class SharedWords:
     """`count` int64 words in a fresh page of /dev/shm, readable by every process of the host."""
 
     def __init__(self, count: int) -> None:
         if not 0 < count * 8 <= PAGE_BYTES:
             raise ConfigError(f"{count} version words do not fit one {PAGE_BYTES}-byte page")
-        self.name = f"refit-words-{uuid.uuid4().hex}"
-        path = _SHM_DIR / self.name
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        remove_orphans()
+        token = uuid.uuid4().hex
+        self.name = f"refit-words-{token}"
+        # Made under a name the sweep ignores, locked, then renamed: never seen without its lock.
+        draft = _SHM_DIR / f"refit-draft-{token}"
+        fd = os.open(draft, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
             os.ftruncate(fd, PAGE_BYTES)
             self._map = mmap.mmap(fd, PAGE_BYTES)
+            os.rename(draft, _SHM_DIR / self.name)
         except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        finally:
+            draft.unlink(missing_ok=True)
             os.close(fd)
+            raise
+        self._fd = fd  # open for the owner's lifetime: it holds the lock that marks the page alive
         self.words = torch.frombuffer(self._map, dtype=torch.int64, count=count)
 
     def close(self) -> None:
         """Unlink the page (readers that mapped it keep their mapping) and unmap it here."""
         (_SHM_DIR / self.name).unlink(missing_ok=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         del self.words  # the tensor exports the map's buffer: dropped before the map closes
         try:
             self._map.close()

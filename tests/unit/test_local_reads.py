@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 
 from refit.catalog import wire
 from refit.errors import ConfigError
 from refit.transport import cuda_ipc
-from refit.transport.host import PAGE_BYTES, SharedWords, WordReader, host_id, valid_shm_name
+from refit.transport.host import PAGE_BYTES, SharedWords, WordReader, host_id, remove_orphans, valid_shm_name
 from refit.transport.jobs import ReadJob, ReadOp
 from refit.types import IPC_HANDLE_BYTES, WORD_RETIRED, Region
 from tests.support import catalog_samples as samples
@@ -67,6 +69,49 @@ def test_another_host_or_a_missing_page_falls_back_to_nixl(caplog: pytest.LogCap
     caplog.clear()
     assert not reader.can_read(host_id(), words.name)  # refused once, not tried (nor logged) again
     assert caplog.text == ""
+
+
+_OWNER = """
+import os, sys
+from refit.transport.host import SharedWords
+words = SharedWords(2)
+words.words[0] = 5
+print(words.name, flush=True)
+if sys.argv[1] == "killed":
+    os._exit(0)  # gone without close(): the page stays in /dev/shm
+sys.stdin.read()  # alive (holding its page) until the test closes stdin
+words.close()
+"""
+
+
+def _owner(mode: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_the_page_of_a_killed_trainer_is_removed_and_a_live_ones_kept() -> None:
+    dead, dead_name = _owner("killed")
+    assert dead.wait(timeout=60) == 0
+    assert os.path.exists(f"/dev/shm/{dead_name}")
+    live, live_name = _owner("alive")  # the next owner on this host sweeps
+    try:
+        assert not os.path.exists(f"/dev/shm/{dead_name}") and os.path.exists(f"/dev/shm/{live_name}")
+        reader = WordReader()
+        assert reader.can_read(host_id(), live_name)  # a reader's mapping takes no lock: it keeps nothing alive
+        words = SharedWords(1)
+        try:
+            assert os.path.exists(f"/dev/shm/{live_name}")  # its owner lives: kept
+            assert remove_orphans() == 0  # this page is locked by its owner too
+        finally:
+            words.close()
+        assert reader.read(live_name, 0) == 5
+        reader.close()
+    finally:
+        live.communicate("", timeout=60)
+    assert live.returncode == 0 and not os.path.exists(f"/dev/shm/{live_name}")
 
 
 def test_too_many_words_for_one_page_are_refused() -> None:
