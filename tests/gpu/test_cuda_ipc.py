@@ -10,7 +10,12 @@ the trainer on a one-GPU machine) maps them and copies the bytes itself. Checked
    NIXL but the version words);
 2. after an optimizer step, version 1 pulled over CUDA IPC equals the step's all-gathered truth,
    converted by the test's own converter; then version 2, pulled with `cuda_ipc=False` (over NIXL,
-   no copy counted), equals its truth too, and so does version 3 with CUDA IPC again (the mapping kept).
+   no copy counted), equals its truth too, and so does version 3 with CUDA IPC again (the mapping kept);
+3. a second receiver process maps the trainer's memory, pulls version 3 and is killed (SIGKILL) before
+   its re-check: the trainer steps and publishes version 4 without waiting for it;
+4. an optimizer step (version 5) racing the pull of version 4 over CUDA IPC, after its last byte: the
+   re-check reads the retired word from the shared page, the pinned pull says the engine is torn, and
+   the next unpinned pull installs version 5, equal to its truth.
 
 `bash bench/scripts/gpu_cuda_ipc.sh` on the device tool (one H200 suffices).
 """
@@ -18,16 +23,56 @@ the trainer on a one-GPU machine) maps them and copies the bytes itself. Checked
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from refit.errors import VersionRetiredError
 from tests.support.cluster import TrainerCluster
 from tests.support.ddp_check import differing, differing_from_hf, receiver
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 RECEIVER_GPU = int(os.environ.get("REFIT_TEST_RECEIVER_GPU", "0"))
+ROOT = Path(__file__).resolve().parents[2]
+
+_READER = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from tests.support.ddp_check import receiver
+
+    def stall(version):
+        print("pulled", rcv.stats.ipc_copies, flush=True)
+        time.sleep(600)  # killed here: the trainer's memory mapped, the re-check not done
+
+    catalog, name, version, gpu = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    rcv = receiver(catalog, name, version, torch.device("cuda", gpu), on_after_wire=stall)
+    rcv.update_weights(version=version)
+    """
+)
+
+
+def _kill_a_reader_mid_pull(catalog: str, name: str, version: int) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "server"), str(ROOT / "bench"),
+                                                     os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    args = [sys.executable, "-c", _READER, catalog, name, str(version), str(RECEIVER_GPU)]
+    reader = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None
+        line = reader.stdout.readline().split()
+        assert line[:1] == ["pulled"] and int(line[1]) > 0, line  # its bytes came over CUDA IPC
+        os.kill(reader.pid, signal.SIGKILL)
+        reader.wait(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
 
 
 def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
@@ -43,7 +88,13 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
         rcv = None
         try:
             cluster.run("tests.support.ddp_ops:publish_initial", timeout_s=120, version=0)
-            rcv = receiver(server.address, name, 0, torch.device("cuda", RECEIVER_GPU))
+            raced: dict[int, Any] = {}  # version -> what runs after its last byte, before its re-check
+
+            def after_wire(version: int) -> None:
+                if version in raced:
+                    raced.pop(version)()
+
+            rcv = receiver(server.address, name, 0, torch.device("cuda", RECEIVER_GPU), on_after_wire=after_wire)
             assert rcv.cuda_ipc
             assert rcv.update_weights(version=0).version == 0
             assert differing_from_hf(rcv) == []
@@ -56,6 +107,18 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
                 assert rcv.update_weights(version=version).version == version
                 assert (rcv.stats.ipc_copies > before) == ipc, (version, ipc, before, rcv.stats.ipc_copies)
                 assert differing(rcv, [r["truth"] for r in ranks]) == [], f"v{version}: pulled bytes differ"
+
+            _kill_a_reader_mid_pull(server.address, name, 3)
+            cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=4)  # waits for no one
+
+            stepped: list[Any] = []
+            raced[4] = lambda: stepped.append(cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=5))
+            words = rcv.stats.shared_words
+            with pytest.raises(VersionRetiredError, match="mixed"):
+                rcv.update_weights(version=4)
+            assert stepped and rcv.torn and rcv.stats.shared_words > words  # the retired word, read from the page
+            assert rcv.update_weights().version == 5 and not rcv.torn
+            assert differing(rcv, [r["truth"] for r in stepped[0]]) == [], "v5: pulled bytes differ"
         finally:
             if rcv is not None:
                 rcv.close()

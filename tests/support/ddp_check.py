@@ -111,8 +111,9 @@ def print_regions(catalog: str, name: str, version: int) -> None:
                 print(f"rank {source.rank} region {g.index}: {g.addr:#x}+{g.nbytes} on {g.device}:{g.device_id}")
 
 
-def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any:
-    """A TP1 Receiver whose engine holds the HF tensors the catalog's version describes."""
+def receiver(catalog: str, name: str, version: int, device: torch.device, **kwargs: Any) -> Any:
+    """A TP1 Receiver whose engine holds the HF tensors the catalog's version describes (`kwargs`: more
+    of the Receiver's arguments)."""
     from refit import Receiver
     from refit.catalog.client import CatalogClient
     from refit.engines.base import EngineSpec, TensorSpec
@@ -128,7 +129,7 @@ def receiver(catalog: str, name: str, version: int, device: torch.device) -> Any
     shapes = {t.hf_name: TensorSpec(shape=t.shape, dtype=t.dtype) for t in targets}
     link = cost.GPU_LOCAL if device.type == "cuda" else cost.CPU_UCX
     return Receiver(catalog=catalog, engine=BufferEngine(spec, shapes, device), name=name, timeout_s=120,
-                    link_cost=link)  # fmt: skip
+                    link_cost=link, **kwargs)  # fmt: skip
 
 
 def differing(rcv: Any, truths: list[list[dict] | None]) -> list[str]:
