@@ -199,7 +199,7 @@ class Receiver:
     @property
     def cuda_ipc(self) -> bool:
         """Whether trainer ranks on this host are copied from over CUDA IPC (`cuda_ipc=`); settable,
-        read at each post (refit-bench alternates it between refits to compare with NIXL)."""
+        read at each fetch (a change re-plans: the plans of local ranks read more directly)."""
         return self._pull.cuda_ipc
 
     @cuda_ipc.setter
