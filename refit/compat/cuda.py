@@ -36,7 +36,10 @@ class _Handle(ctypes.Structure):
 def _runtime() -> ctypes.CDLL:
     import torch
 
-    torch.cuda.init()  # loads torch's runtime, so the map below names it
+    try:
+        torch.cuda.init()  # loads torch's runtime, so the map below names it
+    except (AssertionError, RuntimeError) as exc:  # what torch raises without CUDA
+        raise TransportError(f"CUDA IPC: torch has no CUDA here ({exc})") from exc
     with open("/proc/self/maps") as maps:
         paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
     for candidate in [*dict.fromkeys(p for p in paths if "/" in p), *_RUNTIME_NAMES]:

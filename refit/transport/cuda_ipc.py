@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +144,16 @@ class LocalPeers:
             return False
         logger.info("%s: %d GPU region(s) mapped over CUDA IPC", name, len(gpu))
         return True
+
+    def retain(self, names: Collection[str]) -> None:
+        """Unmap the peers whose agents are not in `names` (those of the version being pulled): a trainer
+        rank that restarted under a new agent, or left, must not stay mapped here, since a mapping keeps
+        the memory it maps allocated on the GPU."""
+        for name in [n for n in self._peers if n not in names]:
+            logger.info("%s: no longer a source; its GPU memory is unmapped", name)
+            self._drop(name)
+        for name in [n for n in self._refused if n not in names]:
+            del self._refused[name]
 
     def covers(self, sources: Sequence[SourceRecord]) -> bool:
         """Whether every byte of `sources` would be copied here: enabled, and each source on this host

@@ -171,6 +171,22 @@ def test_only_gpu_ranks_of_this_host_with_every_handle_are_copied_here() -> None
     assert not peers.owns(job)  # disabled, and never mapped
 
 
+def test_ranks_that_are_no_longer_sources_are_unmapped(caplog: pytest.LogCaptureFixture) -> None:
+    peers = cuda_ipc.LocalPeers(device=0)
+    here = _gpu_source(peers.host)
+    # A peer as `add` keeps it, without its mapping (no GPU here), and one `add` could not map.
+    peers._peers["gone"] = peers._peers["kept"] = cuda_ipc._Peer(regions=here.regions, local={}, handles=())
+    assert not peers.add(here)  # no CUDA runtime on this machine: refused, and remembered
+    assert here.agent_name in peers._refused
+    job = ReadJob(agent_name="gone", ops=(), local_device="cuda", remote_device="cuda")
+    assert peers.owns(job)
+    with caplog.at_level("INFO"):
+        peers.retain({"kept"})  # a version whose sources no longer name "gone", nor the refused rank
+    assert not peers.owns(job) and peers.owns(dataclasses.replace(job, agent_name="kept"))
+    assert "gone: no longer a source" in caplog.text
+    assert here.agent_name not in peers._refused  # tried again if it comes back
+
+
 def test_a_jobs_ranges_become_copies_out_of_the_mapped_regions() -> None:
     regions = (
         Region(index=0, addr=0x10000, nbytes=0x1000, device="cuda", ipc_handle=HANDLE, ipc_offset=0x200),
