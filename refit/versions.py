@@ -69,9 +69,9 @@ class CatalogVersions:
 
         With `fences` (the sources read, and how to read their version words) and a word on every
         one of them (`SourceRecord.fence_addr`), the words are read now: one 8-byte READ per source
-        over NIXL, or a load from the shared page of a source on this host, instead of a catalog round
-        trip. Otherwise the catalog is asked. `torn`: the engine's
-        memory already holds bytes of this version (the error says so).
+        over NIXL, or a load from the shared page of a source on this host, instead of a catalog
+        round trip. Otherwise the catalog is asked. `torn`: the engine's memory already holds bytes
+        of this version (the error says so).
         """
         if self._on_after_wire is not None:
             self._on_after_wire(version)
