@@ -133,6 +133,8 @@ class Puller:
             excluded = dead.excluded(resolved.sources, resolved.info.dead_ranks)
         info, sources = resolved.info, resolved.sources
         self.agents = {s.agent_name: s.rank for s in sources}
+        if self._local is not None:  # every rank of the version, not a subset (a words read connects fewer)
+            self._local.retain(self.agents)
         plan = self.plans.plan_for(resolved, excluded)
         self.ahead.resolved = None if excluded else resolved
         whole_only = self._dests is None and not self._layered

@@ -126,8 +126,6 @@ class StagingPool:
         """Connect the agents `jobs` read from; those on this host are mapped over CUDA IPC too."""
         by_name = {s.agent_name: s for s in sources}
         local = self.agent.local
-        if local is not None:
-            local.retain(by_name)
         for agent_name in dict.fromkeys(j.agent_name for j in jobs):
             self.agent.connect(agent_name, by_name[agent_name].agent_metadata)
             if local is not None and local.enabled:

@@ -9,14 +9,18 @@
   caching allocator hands out pieces of larger allocations; a handle names the whole allocation).
 
 Memory from `cudaMallocAsync` or torch's expandable segments has no such handle: `export` returns
-None and the caller keeps to NIXL. Every failure is a `TransportError` naming the call.
+None and the caller keeps to NIXL. Every failure is a `TransportError` naming the call, with the
+runtime's last error cleared (torch's next launch check would raise it as its own). Calls for a GPU
+make it current and the caller's device current again after (`on_device`): torch reads the same one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+from collections.abc import Iterator, Sequence
 
 from refit.errors import TransportError
 from refit.types import IPC_HANDLE_BYTES
@@ -60,6 +64,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.cudaMemcpyAsync.argtypes = [vp, vp, sz, ctypes.c_int, vp]
     lib.cudaMemcpy2DAsync.argtypes = [vp, sz, vp, sz, sz, sz, ctypes.c_int, vp]
     lib.cudaSetDevice.argtypes = [ctypes.c_int]
+    lib.cudaGetDevice.argtypes = [ctypes.POINTER(ctypes.c_int)]
     lib.cudaGetErrorString.restype = ctypes.c_char_p
     lib.cudaGetErrorString.argtypes = [ctypes.c_int]
 
@@ -77,8 +82,31 @@ def _driver() -> ctypes.CDLL:
 
 def _check(code: int, call: str) -> None:
     if code:
+        _clear_error()
         message = _runtime().cudaGetErrorString(code) or b"?"
         raise TransportError(f"CUDA IPC: {call} failed: {message.decode(errors='replace')} ({code})")
+
+
+def _clear_error() -> None:
+    # A failed runtime call leaves its error as the thread's last error, which torch's next launch
+    # check (cudaGetLastError) would raise as its own: a failure refit handles must not surface there.
+    _runtime().cudaGetLastError()
+
+
+@contextlib.contextmanager
+def on_device(device: int) -> Iterator[None]:
+    """GPU `device` current for the calls within, and the caller's device current again after (torch
+    reads the thread's current device too)."""
+    before = ctypes.c_int()
+    _check(_runtime().cudaGetDevice(ctypes.byref(before)), "cudaGetDevice")
+    if before.value == device:
+        yield
+        return
+    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
+    try:
+        yield
+    finally:
+        _check(_runtime().cudaSetDevice(before.value), f"cudaSetDevice({before.value})")
 
 
 def allocation(addr: int) -> tuple[int, int]:
@@ -90,37 +118,52 @@ def allocation(addr: int) -> tuple[int, int]:
     return base.value, size.value
 
 
-def export(addr: int, device: int) -> tuple[bytes, int] | None:
-    """The IPC handle of the allocation holding `addr` on GPU `device`, and `addr`'s offset in it; None
-    where the memory has no such handle (stream-ordered or virtual-memory allocations)."""
-    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
-    try:
-        base, _ = allocation(addr)
-    except TransportError:
-        return None
-    handle = _Handle()
-    code = _runtime().cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base))
-    if code:
-        logger.debug("no CUDA IPC handle for the allocation at %#x (cudaError %d)", base, code)
-        return None
-    return bytes(handle), addr - base
+def export(places: Sequence[tuple[int, int]]) -> list[tuple[bytes, int] | None]:
+    """For each (device address, GPU): the IPC handle of the allocation holding it and the address's
+    offset in it, or None where the memory has no such handle (stream-ordered or virtual-memory
+    allocations). Each allocation is exported once per call, and asked again at every call: memory
+    freed and allocated anew, even at the same address, has a new handle."""
+    handles: dict[tuple[int, int], bytes | None] = {}
+    out: list[tuple[bytes, int] | None] = []
+    for addr, device in places:
+        with on_device(device):
+            try:
+                base, _ = allocation(addr)
+            except TransportError:
+                out.append(None)
+                continue
+            if (base, device) not in handles:
+                handle = _Handle()
+                code = _runtime().cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base))
+                if code:
+                    _clear_error()
+                    logger.debug("no CUDA IPC handle for the allocation at %#x (cudaError %d)", base, code)
+                handles[base, device] = None if code else bytes(handle)
+        exported = handles[base, device]
+        out.append(None if exported is None else (exported, addr - base))
+    return out
 
 
 def open_handle(handle: bytes, device: int) -> tuple[int, int]:
     """Map an exported allocation into this process on GPU `device`: its (base address, bytes)."""
     if len(handle) != IPC_HANDLE_BYTES:
         raise TransportError(f"CUDA IPC: a handle is {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
-    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
     ptr = ctypes.c_void_p()
     raw = _Handle.from_buffer_copy(handle)
-    _check(_runtime().cudaIpcOpenMemHandle(ctypes.byref(ptr), raw, _LAZY_PEER_ACCESS), "cudaIpcOpenMemHandle")
-    base = ptr.value or 0
-    return base, allocation(base)[1]
+    with on_device(device):
+        _check(_runtime().cudaIpcOpenMemHandle(ctypes.byref(ptr), raw, _LAZY_PEER_ACCESS), "cudaIpcOpenMemHandle")
+        base = ptr.value or 0
+        try:
+            return base, allocation(base)[1]
+        except TransportError:
+            _runtime().cudaIpcCloseMemHandle(ctypes.c_void_p(base))  # nothing may stay mapped unrecorded
+            _clear_error()
+            raise
 
 
 def close_handle(base: int, device: int) -> None:
-    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
-    _check(_runtime().cudaIpcCloseMemHandle(ctypes.c_void_p(base)), "cudaIpcCloseMemHandle")
+    with on_device(device):
+        _check(_runtime().cudaIpcCloseMemHandle(ctypes.c_void_p(base)), "cudaIpcCloseMemHandle")
 
 
 def copy(dst: int, src: int, nbytes: int, stream: int) -> None:
@@ -132,7 +175,3 @@ def copy_strided(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int,
     """Enqueue `rows` copies of `width` bytes, `src_pitch` apart at the source and `dst_pitch` at `dst`."""
     code = _runtime().cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, _MEMCPY_DEFAULT, stream)
     _check(code, "cudaMemcpy2DAsync")
-
-
-def set_device(device: int) -> None:
-    _check(_runtime().cudaSetDevice(device), f"cudaSetDevice({device})")

@@ -231,7 +231,6 @@ class Publisher:
         if all(any(b.holds(p.param) for b in self._live_blocks) for p in self._params):
             return
         logger.warning("rank %d: parameters moved since registration; registering again", self.rank)
-        self._exports.forget()  # a new allocation may sit where an exported one was
         for b in self._live_blocks:
             self._agent.deregister(b.addr, b.nbytes, device=b.device, device_id=b.device_id)
         self._live_blocks = memory.storage_blocks([p.param for p in self._params])

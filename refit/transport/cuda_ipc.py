@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -42,36 +43,29 @@ STREAMS = 4
 
 
 class Exports:
-    """A trainer rank's side: the CUDA IPC handle of each GPU region it publishes, exported once."""
+    """A trainer rank's side: the CUDA IPC handle of each GPU region it publishes, asked at every publish
+    (a handle names an allocation, and an offload or `empty_cache` may put a new one at the same address)."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.host = host_id()
-        self._handles: dict[tuple[int, int], tuple[bytes, int] | None] = {}  # (addr, device) -> handle, offset
 
     def regions(self, regions: Sequence[Region]) -> list[Region]:
         """`regions`, each GPU one with its handle where it has one."""
-        return [self._with_handle(r) for r in regions]
-
-    def forget(self) -> None:
-        """Export again on the next publish (the memory was re-allocated)."""
-        self._handles.clear()
-
-    def _with_handle(self, r: Region) -> Region:
-        if not self.enabled or r.device != "cuda":
-            return r
-        key = (r.addr, r.device_id)
-        if key not in self._handles:
-            try:
-                self._handles[key] = cuda.export(r.addr, r.device_id)
-            except TransportError as exc:  # no CUDA runtime to ask: NIXL alone serves this rank
-                logger.warning("no CUDA IPC handles are published: %s", exc)
-                self.enabled = False
-                return r
-        exported = self._handles[key]
-        if exported is None:
-            return r
-        return dataclasses.replace(r, ipc_handle=exported[0], ipc_offset=exported[1])
+        gpu = [r for r in regions if r.device == "cuda"]
+        if not self.enabled or not gpu:
+            return list(regions)
+        try:
+            exported = iter(cuda.export([(r.addr, r.device_id) for r in gpu]))
+        except TransportError as exc:  # no CUDA runtime to ask: NIXL alone serves this rank
+            logger.warning("no CUDA IPC handles are published: %s", exc)
+            self.enabled = False
+            return list(regions)
+        out = []
+        for r in regions:
+            handle = next(exported) if r.device == "cuda" else None
+            out.append(r if handle is None else dataclasses.replace(r, ipc_handle=handle[0], ipc_offset=handle[1]))
+        return out
 
 
 class IpcCopy:
@@ -98,9 +92,10 @@ _Copy = tuple[int, int, int] | tuple[int, int, int, int, int, int]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Peer:
-    regions: tuple[Region, ...]
+    regions: tuple[Region, ...]  # the GPU regions mapped
     local: dict[int, int]  # region index -> where its first byte is mapped in this process
     handles: tuple[bytes, ...]
+    published: tuple[Region, ...] = ()  # every region of the record mapped (kept while it stays the same)
 
 
 class LocalPeers:
@@ -121,27 +116,31 @@ class LocalPeers:
         self._jobs: dict[int, tuple[ReadJob, _Peer, list[_Copy], int]] = {}
         self._streams: list[torch.cuda.Stream] = []
         self._load = [0] * STREAMS  # bytes enqueued on each stream, less the least of them
+        self._lock = threading.RLock()
 
     def add(self, source: SourceRecord) -> bool:
         """Map `source`'s GPU regions if it is on this host and every one has a handle (kept while its
         regions stay the same); whether its GPU jobs are copied here from now on."""
         name = source.agent_name
-        peer = self._peers.get(name)
-        if peer is not None and peer.regions == source.regions:
-            return True
-        gpu = [r for r in source.regions if r.device == "cuda"]
-        if source.host != self.host or not gpu or not all(r.ipc_handle for r in gpu):
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is not None and peer.published == source.regions:
+                return True
+            gpu = [r for r in source.regions if r.device == "cuda"]
+            if source.host != self.host or not gpu or not all(r.ipc_handle for r in gpu):
+                self._drop(name)
+                return False
+            if self._refused.get(name) == source.regions:
+                return False
             self._drop(name)
-            return False
-        if self._refused.get(name) == source.regions:
-            return False
-        self._drop(name)
-        try:
-            self._peers[name] = self._map(gpu)
-        except TransportError as exc:
-            self._refused[name] = source.regions
-            logger.warning("%s: its GPU memory cannot be mapped over CUDA IPC (%s); reading it over NIXL", name, exc)
-            return False
+            try:
+                self._peers[name] = dataclasses.replace(self._map(gpu), published=source.regions)
+            except TransportError as exc:
+                self._refused[name] = source.regions
+                logger.warning(
+                    "%s: its GPU memory cannot be mapped over CUDA IPC (%s); reading it over NIXL", name, exc
+                )
+                return False
         logger.info("%s: %d GPU region(s) mapped over CUDA IPC", name, len(gpu))
         return True
 
@@ -149,11 +148,12 @@ class LocalPeers:
         """Unmap the peers whose agents are not in `names` (those of the version being pulled): a trainer
         rank that restarted under a new agent, or left, must not stay mapped here, since a mapping keeps
         the memory it maps allocated on the GPU."""
-        for name in [n for n in self._peers if n not in names]:
-            logger.info("%s: no longer a source; its GPU memory is unmapped", name)
-            self._drop(name)
-        for name in [n for n in self._refused if n not in names]:
-            del self._refused[name]
+        with self._lock:
+            for name in [n for n in self._peers if n not in names]:
+                logger.info("%s: no longer a source; its GPU memory is unmapped", name)
+                self._drop(name)
+            for name in [n for n in self._refused if n not in names]:
+                del self._refused[name]
 
     def covers(self, sources: Sequence[SourceRecord]) -> bool:
         """Whether every byte of `sources` would be copied here: enabled, and each source on this host
@@ -174,38 +174,41 @@ class LocalPeers:
 
     def post(self, job: ReadJob) -> IpcCopy:
         """Enqueue `job`'s copies over the kept streams; its events say when they have run."""
-        peer = self._peers[job.agent_name]
-        hit = self._jobs.get(id(job))
-        if hit is None or hit[0] is not job or hit[1] is not peer:
-            if len(self._jobs) >= _KEPT_JOBS:
-                self._jobs.clear()
-            copies = sorted(_copies(job, peer), key=_size, reverse=True)
-            hit = self._jobs[id(job)] = (job, peer, copies, sum(map(_size, copies)))
-        _, _, copies, nbytes = hit
-        cuda.set_device(self.device)
-        streams = self._kept_streams()
-        used: dict[int, torch.cuda.Stream] = {}
-        load = self._load
-        try:
-            for c in copies:  # largest first, each onto the stream with the fewest bytes enqueued
-                k = load.index(min(load))
-                load[k] += _size(c)
-                used[k] = streams[k]
-                if len(c) == 3:
-                    cuda.copy(c[0], c[1], c[2], streams[k].cuda_stream)
-                else:
-                    cuda.copy_strided(*c, streams[k].cuda_stream)
-        except BaseException:
-            for stream in used.values():  # no event will say when these end: none may still run after this
-                stream.synchronize()
-            raise
-        least = min(load)
-        self._load = [n - least for n in load]
-        events = []
-        for stream in used.values():
-            events.append(torch.cuda.Event())
-            events[-1].record(stream)
-        self.copies += len(copies)
+        with self._lock:  # direct batches and chunks may be posted from several threads
+            peer = self._peers.get(job.agent_name)
+            if peer is None:  # unmapped since `owns` (a `retain` of another thread)
+                raise TransportError(f"{job.agent_name} is no longer mapped here", agent_name=job.agent_name)
+            hit = self._jobs.get(id(job))
+            if hit is None or hit[0] is not job or hit[1] is not peer:
+                if len(self._jobs) >= _KEPT_JOBS:
+                    self._jobs.clear()
+                copies = sorted(_copies(job, peer), key=_size, reverse=True)
+                hit = self._jobs[id(job)] = (job, peer, copies, sum(map(_size, copies)))
+            _, _, copies, nbytes = hit
+            streams = self._kept_streams()
+            used: dict[int, torch.cuda.Stream] = {}
+            load = self._load
+            with cuda.on_device(self.device):
+                try:
+                    for c in copies:  # largest first, each onto the stream with the fewest bytes enqueued
+                        k = load.index(min(load))
+                        load[k] += _size(c)
+                        used[k] = streams[k]
+                        if len(c) == 3:
+                            cuda.copy(c[0], c[1], c[2], streams[k].cuda_stream)
+                        else:
+                            cuda.copy_strided(*c, streams[k].cuda_stream)
+                except BaseException:
+                    for stream in used.values():  # no event will say when these end: none may run after this
+                        stream.synchronize()
+                    raise
+            least = min(load)
+            self._load = [n - least for n in load]
+            events = []
+            for stream in used.values():
+                events.append(torch.cuda.Event())
+                events[-1].record(stream)
+            self.copies += len(copies)
         return IpcCopy(job.agent_name, events, len(copies), nbytes)
 
     def _kept_streams(self) -> list[torch.cuda.Stream]:
@@ -258,9 +261,10 @@ class LocalPeers:
 
     def close(self) -> None:
         """Unmap every peer once the copies enqueued have run."""
-        for name in list(self._peers):
-            self._drop(name)
-        self._jobs.clear()
+        with self._lock:
+            for name in list(self._peers):
+                self._drop(name)
+            self._jobs.clear()
 
 
 def _size(c: _Copy) -> int:
@@ -269,27 +273,46 @@ def _size(c: _Copy) -> int:
 
 def _copies(job: ReadJob, peer: _Peer) -> list[_Copy]:
     """`job`'s ranges as copies from the mapped regions: contiguous ones merged where both sides touch."""
-    spans: list[tuple[int, int, int]] = []
+    spans: list[tuple[int, int, int, int, int]] = []  # (dst, src, bytes, region, local region)
     strided: list[_Copy] = []
     regions = {r.index: r for r in peer.regions}
     for op in job.ops:
         region = regions.get(op.region)
         if region is None:
             raise TransportError(f"a read names region {op.region} of {job.agent_name}, which is not mapped")
+        if op.nbytes < 0 or op.count < 0 or op.remote_stride < 0:
+            raise TransportError(f"a read of {job.agent_name} has a negative size, count or stride: {op}")
+        if op.nbytes == 0 or op.count == 0:
+            continue
+        end = op.remote_addr + (op.count - 1) * op.remote_stride + op.nbytes
+        if op.remote_addr < region.addr or end > region.addr + region.nbytes:
+            raise TransportError(
+                f"a read of {job.agent_name} runs outside its region {op.region} ({op.count} x {op.nbytes} bytes "
+                f"at {op.remote_addr:#x}; the region is {region.nbytes} bytes at {region.addr:#x})",
+                agent_name=job.agent_name,
+            )
         src = peer.local[op.region] + (op.remote_addr - region.addr)
         if op.count == 1:
-            spans.append((op.local_addr, src, op.nbytes))
+            spans.append((op.local_addr, src, op.nbytes, op.region, op.local_region))
         elif op.local_stride >= op.nbytes and op.remote_stride >= op.nbytes:
             strided.append((op.local_addr, op.local_stride, src, op.remote_stride, op.nbytes, op.count))
         else:
-            rows = range(op.count)
-            spans.extend((op.local_addr + i * op.local_stride, src + i * op.remote_stride, op.nbytes) for i in rows)
+            spans.extend(
+                (op.local_addr + i * op.local_stride, src + i * op.remote_stride, op.nbytes, op.region, op.local_region)
+                for i in range(op.count)
+            )
+    # Merged only within one mapping and one destination registration: two mappings (or two engine
+    # tensors) may sit side by side in this process, and one copy must not run from one into the other.
     merged: list[list[int]] = []
-    for dst, src, n in sorted(spans, key=lambda s: s[1]):
-        if n <= 0:
-            continue
-        if merged and merged[-1][0] + merged[-1][2] == dst and merged[-1][1] + merged[-1][2] == src:
-            merged[-1][2] += n
+    for dst, src, n, region_index, local_region in sorted(spans, key=lambda s: (s[3], s[4], s[1])):
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and (last[3], last[4]) == (region_index, local_region)
+            and last[0] + last[2] == dst
+            and last[1] + last[2] == src
+        ):
+            last[2] += n
         else:
-            merged.append([dst, src, n])
-    return [(d, s, n) for d, s, n in merged] + strided
+            merged.append([dst, src, n, region_index, local_region])
+    return [(d, s, n) for d, s, n, _, _ in merged] + strided

@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import socket
+import stat
 import struct
 import uuid
 from pathlib import Path
@@ -51,6 +52,16 @@ def valid_shm_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+def _open_page(path: Path) -> int:
+    """A read-only fd of the page at `path`; OSError for anything but a regular file (a FIFO someone
+    made under a page's name would block `open`, a link would lead elsewhere)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
 def remove_orphans(directory: Path = _SHM_DIR) -> int:
     """Unlink the word pages in `directory` whose owners are gone (no lock held on them); returns how many."""
     removed = 0
@@ -58,9 +69,9 @@ def remove_orphans(directory: Path = _SHM_DIR) -> int:
         if not valid_shm_name(path.name):
             continue
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open_page(path)
         except OSError:
-            continue  # unlinked meanwhile, or not ours to read
+            continue  # unlinked meanwhile, not ours to read, or not a page
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Held exclusively: no owner is alive, and none can appear (a page is born locked, below).
@@ -131,7 +142,7 @@ class WordReader:
             self._refused.add(name)
             return False
         try:
-            fd = os.open(_SHM_DIR / name, os.O_RDONLY)
+            fd = _open_page(_SHM_DIR / name)
             try:
                 self._maps[name] = mmap.mmap(fd, PAGE_BYTES, prot=mmap.PROT_READ)
             finally:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from refit.catalog import wire
-from refit.errors import ConfigError
+from refit.errors import ConfigError, TransportError
 from refit.transport import cuda_ipc
 from refit.transport.host import PAGE_BYTES, SharedWords, WordReader, host_id, remove_orphans, valid_shm_name
 from refit.transport.jobs import ReadJob, ReadOp
@@ -114,6 +114,22 @@ def test_the_page_of_a_killed_trainer_is_removed_and_a_live_ones_kept() -> None:
     assert live.returncode == 0 and not os.path.exists(f"/dev/shm/{live_name}")
 
 
+def test_a_fifo_or_link_under_a_pages_name_blocks_nothing_and_is_never_read() -> None:
+    fifo = f"/dev/shm/refit-words-{'f' * 32}"
+    link = f"/dev/shm/refit-words-{'e' * 32}"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    os.symlink("/etc/hostname", link)
+    try:
+        assert remove_orphans() == 0  # neither is a page: left alone, and nothing blocked
+        reader = WordReader()
+        assert not reader.can_read(host_id(), os.path.basename(fifo))
+        assert not reader.can_read(host_id(), os.path.basename(link))
+        SharedWords(1).close()  # a new owner's sweep passes them by too
+    finally:
+        os.unlink(fifo)
+        os.unlink(link)
+
+
 def test_too_many_words_for_one_page_are_refused() -> None:
     with pytest.raises(ConfigError, match="page"):
         SharedWords(PAGE_BYTES // 8 + 1)
@@ -209,6 +225,29 @@ def test_a_jobs_ranges_become_copies_out_of_the_mapped_regions() -> None:
         (0xA00, 0x8, 0x7000_2000 + 0x400, 0x100, 0x8, 4),
     ]
     assert sum(map(cuda_ipc._size, copies)) == 0x60 + 0x10 + 0x20
+
+
+def test_copies_never_span_two_mappings_nor_leave_their_region() -> None:
+    # Two regions of two allocations that happen to be mapped side by side in this process.
+    regions = (
+        Region(index=0, addr=0x10000, nbytes=0x100, device="cuda", ipc_handle=HANDLE),
+        Region(index=1, addr=0x50000, nbytes=0x100, device="cuda", ipc_handle=bytes(reversed(HANDLE))),
+    )
+    peer = cuda_ipc._Peer(regions=regions, local={0: 0x7000_0000, 1: 0x7000_0100}, handles=())
+    ops = (
+        ReadOp(local_addr=0x500, remote_addr=0x10000, nbytes=0x100, region=0),
+        ReadOp(local_addr=0x600, remote_addr=0x50000, nbytes=0x100, region=1),  # contiguous on both sides
+        ReadOp(local_addr=0x700, remote_addr=0x50000, nbytes=0, region=1),  # nothing to copy
+    )
+    copies = cuda_ipc._copies(ReadJob(agent_name="a", ops=ops), peer)
+    assert copies == [(0x500, 0x7000_0000, 0x100), (0x600, 0x7000_0100, 0x100)]
+    for bad in (
+        ReadOp(local_addr=0, remote_addr=0x10080, nbytes=0x81, region=0),  # one byte past the region
+        ReadOp(local_addr=0, remote_addr=0xFFFF, nbytes=0x10, region=0),  # before it
+        ReadOp(local_addr=0, remote_addr=0x10000, nbytes=0x10, count=3, local_stride=0x10, remote_stride=0x80),
+    ):
+        with pytest.raises(TransportError, match="outside its region"):
+            cuda_ipc._copies(ReadJob(agent_name="a", ops=(bad,)), peer)
 
 
 def test_a_read_of_a_region_the_peer_did_not_map_is_refused() -> None:
