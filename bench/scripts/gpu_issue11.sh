@@ -2,18 +2,19 @@
 # Issue 11's GPU figures in one call of the device tool: every case of its "numbers to reach" that the
 # machine's GPUs allow, over CUDA IPC (the default on one host) and over NIXL (--cuda-ipc off).
 #
+#   first:    the CUDA IPC test (tests/gpu/test_cuda_ipc.py), its receiver on the last GPU (a peer
+#             mapping when there are two);
 #   one GPU:  llama-8gb TP1 -> TP1, trainer and engine processes sharing GPU 0, Megatron and HF layouts;
-#   two GPUs: also the CUDA IPC test with the receiver on GPU 1 (peer mappings), then llama-3-8b
-#             TP1 -> TP1 across GPUs (with the classic gather + broadcast in the same run) and
-#             TP2 -> TP1, each with the digest check alternating on and off.
+#   two GPUs: also llama-3-8b TP1 -> TP1 across GPUs (with the classic gather + broadcast in the same
+#             run) and TP2 -> TP1, each with the digest check alternating on and off.
 #
 # On the device tool (PyTorch 2.11 + CUDA 13, Python 3.12), with the wheels of bench/scripts/gpu_env.sh
 # carried in .whl/:
 #   run(carry=[".whl"], command=". bench/scripts/gpu_env.sh && bash bench/scripts/gpu_issue11.sh TAG")
 # JSON goes to $OUT (the device tool's folder that comes back), else bench/results, named
-# refit_h200x<GPUs>_<shape>_<layout>_<TAG>_ipc_{on,off}.json (on two GPUs the
-# llama-8gb runs' first reference is the copy from the other GPU, the second the copy within GPU 0). Budget: ~2.5 min on one GPU,
-# ~8 min on two, after the machine's start.
+# refit_h200x<GPUs>_<shape>_<layout>_<TAG>_ipc_{on,off}.json (on two GPUs the llama-8gb runs' first
+# reference is the copy from the other GPU, the second the copy within GPU 0). Budget: ~3.5 min on one
+# GPU, ~9 min on two, after the machine's start.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tag=${1:-$(date +%Y%m%d)}
@@ -37,6 +38,10 @@ bench() {  # bench NAME ARGS...: one refit-bench refit run, its summary lines on
     rm -f "$log"
 }
 
+# The CUDA IPC test first (bit-exact, a killed reader, a racing step): receiver on the last GPU.
+REFIT_TEST_RECEIVER_GPU=$((gpus - 1)) bash bench/scripts/gpu_cuda_ipc.sh -q 2>&1 | tail -3 ||
+    echo "FAILED: the CUDA IPC test"
+
 for ipc in on off; do
     bench "refit_h200x${gpus}_llama-8gb_megatron_${tag}_ipc_$ipc" --shape llama-8gb --tp 1 --engine-tp 1 --receiver-gpu 0 \
         --engine-scheme megatron --versions 10 --no-verify --no-baseline --cuda-ipc "$ipc"
@@ -45,7 +50,6 @@ for ipc in on off; do
 done
 
 if [ "$gpus" -ge 2 ]; then
-    REFIT_TEST_RECEIVER_GPU=1 bash bench/scripts/gpu_cuda_ipc.sh -q 2>&1 | tail -3 || echo "FAILED: the CUDA IPC test, receiver on GPU 1"
     for ipc in on off; do
         bench "refit_h200x${gpus}_llama-3-8b_tp1_${tag}_ipc_$ipc" --shape llama-3-8b --tp 1 --engine-tp 1 \
             --receiver-gpu 1 --versions 9 --digest-ab --cuda-ipc "$ipc"
