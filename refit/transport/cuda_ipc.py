@@ -27,7 +27,7 @@ import torch
 from refit.compat import cuda
 from refit.errors import TransportError
 from refit.transport.host import host_id
-from refit.transport.jobs import ReadJob
+from refit.transport.jobs import ReadJob, ReadOp, merge_reads
 from refit.types import Region, SourceRecord
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def _size(c: _Copy) -> int:
 
 def _copies(job: ReadJob, peer: _Peer) -> list[_Copy]:
     """`job`'s ranges as copies from the mapped regions: contiguous ones merged where both sides touch."""
-    spans: list[tuple[int, int, int, int, int]] = []  # (dst, src, bytes, region, local region)
+    flat: list[ReadOp] = []  # with the mapped source address, merged as NIXL descriptors are
     strided: list[_Copy] = []
     regions = {r.index: r for r in peer.regions}
     for op in job.ops:
@@ -292,27 +292,10 @@ def _copies(job: ReadJob, peer: _Peer) -> list[_Copy]:
                 agent_name=job.agent_name,
             )
         src = peer.local[op.region] + (op.remote_addr - region.addr)
-        if op.count == 1:
-            spans.append((op.local_addr, src, op.nbytes, op.region, op.local_region))
-        elif op.local_stride >= op.nbytes and op.remote_stride >= op.nbytes:
+        if op.count > 1 and op.local_stride >= op.nbytes and op.remote_stride >= op.nbytes:
             strided.append((op.local_addr, op.local_stride, src, op.remote_stride, op.nbytes, op.count))
         else:
-            spans.extend(
-                (op.local_addr + i * op.local_stride, src + i * op.remote_stride, op.nbytes, op.region, op.local_region)
-                for i in range(op.count)
-            )
-    # Merged only within one mapping and one destination registration: two mappings (or two engine
-    # tensors) may sit side by side in this process, and one copy must not run from one into the other.
-    merged: list[list[int]] = []
-    for dst, src, n, region_index, local_region in sorted(spans, key=lambda s: (s[3], s[4], s[1])):
-        last = merged[-1] if merged else None
-        if (
-            last is not None
-            and (last[3], last[4]) == (region_index, local_region)
-            and last[0] + last[2] == dst
-            and last[1] + last[2] == src
-        ):
-            last[2] += n
-        else:
-            merged.append([dst, src, n, region_index, local_region])
-    return [(d, s, n) for d, s, n, _, _ in merged] + strided
+            # `merge_reads` keeps to one region on each side: two mappings (or two engine tensors) may
+            # sit side by side in this process, and one copy must not run from one into the other.
+            flat.append(dataclasses.replace(op, remote_addr=src))
+    return [*merge_reads(flat), *strided]
