@@ -176,19 +176,24 @@ class Ahead:
         deadline: float,
         read_deadline: float,
         generation: int,
+        mapped: bool = False,
     ) -> StagedVersion | None:
-        """`begin`, then the staging slots of its plan: the version the receiver's install pulls, or None."""
+        """`begin`, then the staging slots of its plan: the version the receiver's install pulls, or None.
+        `mapped`: copy its chunks out of the trainers' mapped memory where it can (`StagingPool.prefetch`)."""
         t0 = time.perf_counter()
         begun = self.begin(version, plans=plans, pool=pool, verify=verify, deadline=read_deadline)
         if begun is None:
             return None
         t_plan = time.perf_counter()
         plan = begun.plan
-        pool.prefetch(plan, begun.sources, deadline, device, chunks=0, dests=dests)  # its slots; nothing is pulled
+        # Its slots (or the mapped regions to copy out of); nothing is pulled.
+        mapped &= begun.verifier is None
+        *_, regions = pool.prefetch(plan, begun.sources, deadline, device, chunks=0, dests=dests, mapped=mapped)
         return StagedVersion(
             version=begun.version, tensors={}, bytes=plan.total_bytes, num_descriptors=0,
-            num_sources=len(plan.bytes_by_rank), staging_bytes=plan.staging_bytes, generation=generation,
-            streamed=True, plan=plan, sources=begun.sources, verifier=begun.verifier, confirm=begun.confirm,
+            num_sources=len(plan.bytes_by_rank), staging_bytes=0 if regions else plan.staging_bytes,
+            generation=generation, streamed=True, plan=plan, sources=begun.sources, verifier=begun.verifier,
+            confirm=begun.confirm, mapped=regions,
             timings={"plan": t_plan - t0, "prepare": time.perf_counter() - t_plan, "wire": 0.0, "validate": 0.0},
         )  # fmt: skip
 

@@ -2,7 +2,9 @@
 
 A refit of an unchanged layout installs the same plan again, from the same registered slots into the
 same engine tensors, so the receiver keeps each chunk's copies: the views once, and on a GPU the
-copies captured as a CUDA graph and replayed (one launch per chunk).
+copies captured as a CUDA graph and replayed (one launch per chunk). A chunk may also be copied
+straight out of the trainers' regions mapped in this process (`refit.plan.assemble.source_view`),
+with no slot at all.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from refit.graphs import capture
-from refit.plan.assemble import scatter_pairs
+from refit.plan.assemble import Staged, scatter_pairs
 from refit.plan.records import Plan
 
 
@@ -26,22 +28,30 @@ class ChunkCopier:
     made the chunk loop, not the link, the bound of a streamed refit.
     """
 
-    def __init__(self, plan: Plan, k: int, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, plan: Plan, k: int, slot: Staged, dests: Mapping[str, torch.Tensor]) -> None:
+        """`slot`: the staging buffer chunk k is pulled into, or the trainers' mapped regions by (rank,
+        region index) to copy it out of."""
         chunk = plan.chunks[k]
         sources = {p.tensor for p in chunk.pieces}
         self._names = tuple(t.hf_name for t in plan.targets if t.source in sources)
+        self._regions = tuple(sorted({(p.rank, p.region) for p in chunk.pieces}))
         self._key = self._fingerprint(slot, dests)
         pairs = [_widened(o, i) for o, i in zip(*scatter_pairs(chunk.pieces, plan.targets, slot, dests), strict=True)]
         self._outs = [o for o, _ in pairs]
         self._ins = [i for _, i in pairs]
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._captured = not slot.is_cuda  # nothing to capture on the CPU
+        self._captured = not any(i.is_cuda for i in self._ins)  # nothing to capture on the CPU
 
-    def _fingerprint(self, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-        return (slot.data_ptr(), *(dests[n].data_ptr() for n in self._names))
+    def _fingerprint(self, slot: Staged, dests: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        if isinstance(slot, torch.Tensor):
+            where = (slot.data_ptr(),)
+        else:
+            where = tuple(slot[r].data_ptr() if r in slot else -1 for r in self._regions)
+        return (*where, *(dests[n].data_ptr() for n in self._names))
 
-    def valid(self, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> bool:
-        """Whether the slot and every engine tensor this chunk writes are still where they were."""
+    def valid(self, slot: Staged, dests: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the slot (or each mapped region it reads) and every engine tensor this chunk writes
+        are still where they were."""
         return all(n in dests for n in self._names) and self._fingerprint(slot, dests) == self._key
 
     def run(self, stream: torch.cuda.Stream | None) -> None:

@@ -69,6 +69,8 @@ class Puller:
         self._source_timeout_s = source_timeout_s
         self.verify = verify
         self._cuda_ipc = cuda_ipc
+        # Chunks of trainer ranks mapped on this GPU copied out of their memory, not staged (`Receiver`).
+        self.mapped_install = True
         device = torch.device(engine.device)
         # Trainer ranks on this host are copied from here over CUDA IPC; plans of only such ranks read
         # every run they can straight into the engine (`PlanCache`).
@@ -150,9 +152,10 @@ class Puller:
         # 2. Staging slots (`Plan.slot_count`) and this fetch's reads: everything, or the first
         #    chunks that fit the window.
         t_read = time.perf_counter()
-        pulled, descriptors, slots = self._pool_for().prefetch(
+        pulled, descriptors, slots, regions = self._pool_for().prefetch(
             plan, sources, self.read_deadline(deadline), self.engine.device,
             chunks=(plan.slot_count if prefetch else 0) if streamed else 1, dests=self._dests,
+            mapped=streamed and self._mapped_install(),
         )  # fmt: skip
         t_wire = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
@@ -176,7 +179,7 @@ class Puller:
             bytes=plan.total_bytes,
             num_sources=len({s.rank for s in plan.sources_read(sources)}),
             num_descriptors=descriptors,
-            staging_bytes=plan.staging_bytes,
+            staging_bytes=0 if regions else plan.staging_bytes,
             generation=self.generation,
             streamed=streamed,
             pulled=pulled if streamed else 0,
@@ -185,6 +188,7 @@ class Puller:
             timings={"plan": t_plan - t0, "prepare": t_read - t_plan, "wire": t_wire - t_read,
                      "validate": t_done - t_wire, **timings},
             verifier=verifier if streamed else None,
+            mapped=regions,
         )  # fmt: skip
 
     def fetch_ahead(self, version: int | None, deadline: float) -> StagedVersion | None:
@@ -195,11 +199,16 @@ class Puller:
         staged = self.ahead.fetch(
             version, plans=self.plans, pool=self.pool, dests=self._dests, device=self.engine.device,
             verify=self.verify, deadline=deadline, read_deadline=self.read_deadline(deadline),
-            generation=self.generation + 1,
+            generation=self.generation + 1, mapped=self._mapped_install(),
         )  # fmt: skip
         if staged is not None:
             self.generation += 1
         return staged
+
+    def _mapped_install(self) -> bool:
+        """Whether a streamed install may copy its chunks out of the trainers' mapped memory: into the
+        engine's tensors (not whole layers), with no digests to check in staging."""
+        return self.mapped_install and self._dests is not None and not self._layered and not self.verify
 
     def _fences(self, plan: Plan, sources: Sequence[SourceRecord], deadline: float) -> Fences:
         """The sources `plan` reads, and how to read their version words (`CatalogVersions.start_check`)."""
@@ -231,7 +240,7 @@ class Puller:
                     deadline=deadline, read_deadline=self.read_deadline,
                     start_check=lambda: self._start_check(staged, deadline),
                     timings=timings,
-                    install_chunk=install_chunk, verifier=staged.verifier,
+                    install_chunk=install_chunk, verifier=staged.verifier, mapped=staged.mapped,
                 )  # fmt: skip
             except DigestError as exc:
                 raise self._versions.mismatch(exc, staged.version) from exc

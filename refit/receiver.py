@@ -209,6 +209,21 @@ class Receiver:
         self._pull.cuda_ipc = on
 
     @property
+    def mapped_install(self) -> bool:
+        """Whether a streamed refit copies the pieces it would stage (QKV to un-interleave, say) straight
+        out of the memory of trainer ranks on the engine's GPU, mapped over CUDA IPC, instead of pulling
+        them through staging first (default True; settable, read at each fetch). Only with digests off
+        (`verify_digests=False`: the check digests staged bytes) and into `destinations()`; such a refit
+        holds no staging."""
+        return self._pull.mapped_install
+
+    @mapped_install.setter
+    def mapped_install(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ConfigError(f"mapped_install must be a bool, got {on!r}")
+        self._pull.mapped_install = on
+
+    @property
     def window(self) -> int | None:
         """The staging window (None: an engine that installs only whole sets, without a limit)."""
         return self._window

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +38,9 @@ class StagedVersion:
     # A version pulled ahead of the catalog's answer (`refit.ahead`): checks that answer once the last
     # byte has landed, before the re-check; None: the version came from the catalog.
     confirm: Callable[[], None] | None = field(default=None, repr=False)
+    # The trainers' regions mapped on this GPU that the install copies the chunks out of, instead of
+    # staging them (`refit.staging.StagingPool.mapped_regions`); None: chunks are staged.
+    mapped: Mapping[tuple[int, int], torch.Tensor] | None = field(default=None, repr=False)
 
     def result(self, timings: dict[str, float], descriptors: int) -> UpdateResult:
         """What installing this version did, with the install's `timings` and all `descriptors` posted."""

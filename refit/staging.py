@@ -32,6 +32,10 @@ from refit.types import SourceRecord
 
 logger = logging.getLogger(__name__)
 
+# The trainers' regions mapped in this process, by (rank, region index): what chunks are copied out of
+# instead of a slot (`StagingPool.mapped_regions`).
+Mapped = dict[tuple[int, int], torch.Tensor]
+
 # Staging buffers a closed receiver could not free: a failed read may still write into them.
 _PARKED: list[torch.Tensor] = []
 
@@ -51,7 +55,8 @@ class StagingPool:
         self._executor: ThreadPoolExecutor | None = None
         self._workers = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
-        self._copiers: dict[int, ChunkCopier] = {}  # chunk index -> its copies, for `_copiers_plan`
+        # (chunk index, out of mapped regions) -> its copies, for `_copiers_plan`
+        self._copiers: dict[tuple[int, bool], ChunkCopier] = {}
         self._copiers_plan: Plan | None = None
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
         self._words: torch.Tensor | None = None  # where the trainers' version words are read into
@@ -176,20 +181,48 @@ class StagingPool:
         *,
         chunks: int,
         dests: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[int, int, list[torch.Tensor]]:
+        mapped: bool = False,
+    ) -> tuple[int, int, list[torch.Tensor], Mapped | None]:
         """Allocate the plan's slots (`Plan.slot_count`) and pull its first `chunks` chunks, at
         most as many as there are slots unless the plan is a single chunk. Their jobs are the kept
-        reads of the plan (`reads`; `dests`: the engine tensors its direct reads write into).
+        reads of the plan (`reads`; `dests`: the engine tensors its direct reads write into). With
+        `mapped` (nothing pulled ahead), where every staged piece's trainer region is mapped on the
+        engine's GPU (`mapped_regions`), no slot is allocated: the install copies the chunks out of them.
 
-        Returns (chunks pulled, descriptors posted, slots).
+        Returns (chunks pulled, descriptors posted, slots, the mapped regions or None).
         """
+        regions = self.mapped_regions(plan, sources) if mapped and chunks == 0 else None
+        if regions is not None:
+            return 0, 0, [], regions
         count = plan.slot_count
         slots = self.slots(count, chunk_size(plan), device)
         reads = self.reads(plan, sources, dests or {})
         first = range(min(chunks, count, len(plan.chunks)))
         jobs = [j for k in first for j in reads.chunk(k, slots[k % len(slots)])]
         self.connect(sources, jobs)
-        return len(first), self.read(jobs, deadline) if jobs else 0, slots
+        return len(first), self.read(jobs, deadline) if jobs else 0, slots, None
+
+    def mapped_regions(self, plan: Plan, sources: Sequence[SourceRecord]) -> Mapped | None:
+        """The trainer regions `plan`'s staged pieces come from, by (rank, region index), each a tensor
+        over its mapping in this process (`LocalPeers.views`): where every one is of a trainer rank on
+        this host mapped over CUDA IPC, on the engine's own GPU. None otherwise, or without staged pieces.
+
+        Copied out of there by kernels (un-interleaving QKV, say), staged pieces cross the GPU's memory
+        once instead of three times (into a slot, out of it, into the engine), and need no staging.
+        """
+        local = self.agent.local
+        if local is None or not local.enabled or not plan.pieces:
+            return None
+        needed = {(p.rank, p.region) for p in plan.pieces}
+        ranks = {rank for rank, _ in needed}
+        out: Mapped = {}
+        for s in sources:
+            if s.rank in ranks:
+                views = local.views(s.agent_name) if local.add(s) else None
+                if views is None:
+                    return None
+                out.update(((s.rank, index), v) for index, v in views.items())
+        return out if needed <= out.keys() else None
 
     def read_words(self, sources: Sequence[SourceRecord], deadline: float) -> list[int]:
         """Each source's version word (`SourceRecord.fence_addr`, `refit.trainer.fence`), read now: from
@@ -241,13 +274,15 @@ class StagingPool:
             self._reads = reads
         return reads
 
-    def copier(self, plan: Plan, k: int, slot: torch.Tensor, dests: Mapping[str, torch.Tensor]) -> ChunkCopier:
-        """Chunk k's copies out of `slot` into `dests`, built once per plan and kept while valid."""
+    def copier(self, plan: Plan, k: int, slot: torch.Tensor | Mapped, dests: Mapping[str, torch.Tensor]) -> ChunkCopier:
+        """Chunk k's copies out of `slot` (or the mapped regions) into `dests`, built once per plan and
+        kept while valid."""
         if plan is not self._copiers_plan:
             self._copiers, self._copiers_plan = {}, plan
-        copier = self._copiers.get(k)
+        key = (k, not isinstance(slot, torch.Tensor))
+        copier = self._copiers.get(key)
         if copier is None or not copier.valid(slot, dests):
-            copier = self._copiers[k] = ChunkCopier(plan, k, slot, dests)
+            copier = self._copiers[key] = ChunkCopier(plan, k, slot, dests)
         return copier
 
     def copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:

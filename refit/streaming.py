@@ -25,7 +25,7 @@ from refit.errors import TransportError
 from refit.plan.assemble import zero_rows
 from refit.plan.records import Plan
 from refit.plan.verify import Pending, Verifier
-from refit.staging import StagingPool
+from refit.staging import Mapped, StagingPool
 from refit.transport.jobs import ReadJob
 from refit.types import SourceRecord
 
@@ -50,6 +50,7 @@ def stream(
     install_chunk: Callable[[int, torch.Tensor], None] | None = None,
     read_deadline: Callable[[float], float] = lambda deadline: deadline,
     verifier: Verifier | None = None,
+    mapped: Mapped | None = None,
 ) -> int:
     """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -71,9 +72,15 @@ def stream(
     raises DigestError; the engine is torn until a refit completes, as after a failed read). A
     chunk that `install_chunk` loads is checked before it.
     "verify" seconds (the wall time the checks add) go to `timings`.
+
+    With `mapped` (the trainers' regions mapped on this GPU, `StagingPool.mapped_regions`; no
+    verifier, no `install_chunk`) nothing is staged: each chunk's pieces are copied by kernels
+    straight out of the trainers' memory, beside the direct reads, and the re-check starts once
+    those copies have run (they read the trainers' memory as the reads do).
     """
     entered = time.perf_counter()
-    slots = pool.slots_of(plan)
+    assert mapped is None or (verifier is None and install_chunk is None and pulled == 0)
+    slots = [] if mapped is not None else pool.slots_of(plan)
     chunks = plan.chunks
     # One worker per chunk pull in flight, one for the direct reads, so all stay in flight at once.
     executor = pool.executor(len(slots))
@@ -92,8 +99,9 @@ def stream(
     if batches:
         pool.connect(sources, [j for b in batches for j in b])
     pulls: dict[int, Future[int]] = {}  # chunk -> its pull, posted and not yet waited for
-    posted = pulled  # chunks [0, posted) are in their slots or being pulled into them
-    depth = direct_depth(len(chunks), len(batches), len(slots))
+    posted = pulled if mapped is None else len(chunks)  # chunks [0, posted) are in their slots or being pulled
+    # Copied out of the mapped regions, no chunk waits for a pull: every direct batch goes at once.
+    depth = direct_depth(len(chunks), len(batches), len(slots)) if mapped is None else max(len(batches), 1)
     # All at once between GPUs, the first reads are posted by this thread before its first install (the
     # staged chunks of the free slots, then every direct batch) and only landed on the workers. Posted
     # by the workers, the posts took turns for the GIL and the agent's lock with each other and with
@@ -146,8 +154,9 @@ def stream(
     # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
     # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
     # reads of the next chunk and of direct reads), serializing pull and install.
-    copies = pool.copy_stream(slots[0])
-    checks = pool.check_stream(slots[0])  # direct batches' digests: a chunk's copies never wait behind them
+    anchor = slots[0] if mapped is None else next(iter(mapped.values()))  # the engine's GPU
+    copies = pool.copy_stream(anchor)
+    checks = pool.check_stream(anchor)  # direct batches' digests: a chunk's copies never wait behind them
     install = validate = verify = 0.0
     descriptors = 0
     launched = Pending()
@@ -203,9 +212,9 @@ def stream(
                 t_issued = time.perf_counter()
             elif k < len(chunks):
                 with _on(copies):
-                    pool.copier(plan, k, slots[k % len(slots)], dests).run(copies)
+                    pool.copier(plan, k, mapped if mapped is not None else slots[k % len(slots)], dests).run(copies)
                 t_issued = time.perf_counter()
-                if k < len(chunks) - 1:
+                if k < len(chunks) - 1 and mapped is None:
                     _wait(copies)  # a slot is refilled only after the copies out of it ran
             t2 = time.perf_counter()
             install += t2 - t1
@@ -225,6 +234,8 @@ def stream(
             if k is not None:
                 check(k)
         t4 = time.perf_counter()
+        if mapped is not None:
+            _wait(copies)  # they read the trainers' memory: the words are read once they have run
         finish = start_check()
         if install_chunk is None:
             with _on(copies):

@@ -156,6 +156,7 @@ class ReceiverRank:
             self._setup()
         self.rcv.verify_digests = bool(msg.get("verify", self.verify))
         self.rcv.cuda_ipc = bool(msg.get("cuda_ipc", True))
+        self.rcv.mapped_install = bool(msg.get("mapped_install", True))
         checked = self.rcv.stats
         traced = self.timeline.mark(msg["version"]) if self.timeline is not None else contextlib.nullcontext()
         with traced:
@@ -171,7 +172,7 @@ class ReceiverRank:
         plan = self.rcv.plan
         return {
             "version": result.version, "bytes": result.bytes, "wire_bytes": plan.wire_bytes,
-            "staging_bytes": plan.staging_bytes, "descriptors": result.num_descriptors, "sources": result.num_sources,
+            "staging_bytes": result.staging_bytes, "descriptors": result.num_descriptors, "sources": result.num_sources,
             "timings": result.timings, "fetch_s": t1 - t0, "stall_s": t2 - t1, "total_s": t2 - t0,
             "registrations": self.rcv.stats.registrations, "peak_staging_bytes": self.rcv.stats.peak_staging_bytes,
             "direct_bytes": result.direct_bytes, "chunks": result.chunks, "engine_bytes": self.engine_bytes,

@@ -85,9 +85,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "end to end is then the median over both kinds)",
     )  # fmt: skip
     p.add_argument(
-        "--cuda-ipc", choices=("on", "off"), default="on",
-        help="CUDA: trainer ranks on the receivers' host read by copies over CUDA IPC (on: Receiver(cuda_ipc=True)) "
-        "or over NIXL (off). Not alternated within a run: the two plan differently, so each switch would re-plan",
+        "--cuda-ipc", choices=("on", "staged", "ab", "off"), default="on",
+        help="CUDA: trainer ranks on the receivers' host read by copies over CUDA IPC (on: Receiver(cuda_ipc=True)), "
+        "with the pieces it stages pulled into staging even from the engine's own GPU (staged: "
+        "Receiver.mapped_install=False), the two alternated (ab: odd versions on, even staged; summary.mapped_ab), "
+        "or over NIXL (off; not alternated: NIXL plans differently, so each switch would re-plan)",
     )  # fmt: skip
     p.add_argument("--versions", type=int, default=3, help="refits; the first includes connection set-up")
     p.add_argument(
@@ -165,10 +167,11 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
                 pub = gather(trainers, cmd="publish", version=version)
                 t0 = time.perf_counter()
                 verify = not args.no_verify and (not args.digest_ab or version % 2 == 1)
+                mapped = args.cuda_ipc == "on" or (args.cuda_ipc == "ab" and version % 2 == 1)
                 got = gather(rcvs, cmd="update", version=version, split=args.split, verify=verify,
-                             cuda_ipc=args.cuda_ipc == "on")  # fmt: skip
+                             cuda_ipc=args.cuda_ipc != "off", mapped_install=mapped)  # fmt: skip
                 wall = time.perf_counter() - t0
-                rows.append({**_row(version, pub, got, wall), "verify": verify})
+                rows.append({**_row(version, pub, got, wall), "verify": verify, "mapped_install": mapped})
                 bar.update()
             if args.gpu_timeline:
                 gpu_timeline.attach(rcvs, rows, args.json if args.json != "-" else None, args.plot)
@@ -205,6 +208,12 @@ def measure_refit(args: argparse.Namespace) -> dict[str, Any]:
             summary["digest_ab"] = {"on_s": statistics.median(on), "off_s": statistics.median(off),
                                     "on_runs": on, "off_runs": off,
                                     "share": 1 - statistics.median(off) / statistics.median(on)}  # fmt: skip
+    if args.cuda_ipc == "ab":
+        on = [r["refit_s"] for r in steady if r["mapped_install"]]
+        off = [r["refit_s"] for r in steady if not r["mapped_install"]]
+        if on and off:
+            summary["mapped_ab"] = {"on_s": statistics.median(on), "staged_s": statistics.median(off),
+                                    "on_runs": on, "staged_runs": off}  # fmt: skip
     if args.gpu_timeline:
         summary["gpu_timeline"] = [gpu_timeline.medians([r["gpu"][i] for r in steady if r.get("gpu")])
                                    for i in range(receivers)]  # fmt: skip
@@ -400,5 +409,11 @@ def _print(result: dict[str, Any]) -> None:
         print(f"digest check on/off in this run: {1e3 * ab['on_s']:.1f} ms with it, {1e3 * ab['off_s']:.1f} ms "
               f"without (medians of {len(ab['on_runs'])} and {len(ab['off_runs'])} refits): {ab['share']:.1%} of "
               "the refit")  # fmt: skip
+    if s.get("mapped_ab"):
+        m = s["mapped_ab"]
+        print(
+            f"staged pieces copied out of the trainers' mapped memory / pulled into staging: {1e3 * m['on_s']:.2f} / "
+            f"{1e3 * m['staged_s']:.2f} ms (medians of {len(m['on_runs'])} and {len(m['staged_runs'])} refits)"
+        )
     if s.get("gpu_timeline"):
         print(gpu_timeline.describe(s["gpu_timeline"]))

@@ -6,7 +6,8 @@
   `cudaIpcCloseMemHandle`, `cudaMemcpyAsync` and `cudaMemcpy2DAsync` (strided reads) with
   `cudaMemcpyDefault` (unified addressing).
 - The driver (`libcuda.so.1`): `cuMemGetAddressRange_v2`, the allocation that holds an address (torch's
-  caching allocator hands out pieces of larger allocations; a handle names the whole allocation).
+  caching allocator hands out pieces of larger allocations; a handle names the whole allocation), and
+  `cuPointerGetAttribute` (which GPU a mapping is of).
 
 Memory from `cudaMallocAsync` or torch's expandable segments has no such handle: `export` returns
 None and the caller keeps to NIXL. Every failure is a `TransportError` naming the call, with the
@@ -21,19 +22,33 @@ import ctypes
 import functools
 import logging
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from refit.errors import TransportError
 from refit.types import IPC_HANDLE_BYTES
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction from the pointers (unified addressing)
 _LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+_DEVICE_ORDINAL = 9  # CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
 _RUNTIME_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 
 
 class _Handle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_BYTES)]
+
+
+class _Array:
+    """A GPU range in the CUDA array interface (version 2: no stream to synchronize with)."""
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (addr, False), "version": 2,
+        }  # fmt: skip
 
 
 @functools.cache
@@ -77,6 +92,7 @@ def _driver() -> ctypes.CDLL:
         raise TransportError(f"CUDA IPC: the CUDA driver (libcuda.so.1) could not be loaded: {exc}") from exc
     u64 = ctypes.c_uint64
     lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t), u64]
+    lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, u64]
     return lib
 
 
@@ -164,6 +180,28 @@ def open_handle(handle: bytes, device: int) -> tuple[int, int]:
 def close_handle(base: int, device: int) -> None:
     with on_device(device):
         _check(_runtime().cudaIpcCloseMemHandle(ctypes.c_void_p(base)), "cudaIpcCloseMemHandle")
+
+
+def device_of(addr: int) -> int:
+    """The GPU whose memory device address `addr` is (a mapping of another GPU's memory names that GPU)."""
+    ordinal = ctypes.c_int(-1)
+    code = _driver().cuPointerGetAttribute(ctypes.byref(ordinal), _DEVICE_ORDINAL, ctypes.c_uint64(addr))
+    if code:
+        raise TransportError(f"CUDA IPC: cuPointerGetAttribute of {addr:#x} failed (CUresult {code})")
+    return ordinal.value
+
+
+def tensor_at(addr: int, nbytes: int, device: int) -> torch.Tensor:
+    """`nbytes` of GPU `device`'s memory at `addr` (mapped here, e.g. by `open_handle`) as a flat uint8
+    tensor, for kernels of this process to read; it does not own the memory, which must stay mapped
+    while the tensor (or a view of it, or a CUDA graph that reads it) is used."""
+    import torch
+
+    with on_device(device):
+        t = torch.as_tensor(_Array(addr, nbytes), device=torch.device("cuda", device))
+    if t.data_ptr() != addr or t.numel() != nbytes:  # torch copied it (a device it read otherwise): not a view
+        raise TransportError(f"CUDA IPC: torch did not take {nbytes} bytes at {addr:#x} on GPU {device} as they are")
+    return t
 
 
 def copy(dst: int, src: int, nbytes: int, stream: int) -> None:

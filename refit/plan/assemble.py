@@ -9,6 +9,7 @@ as its enclosing block is a strided view of staging, cut like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,15 @@ def piece_view(piece: Piece, staging: torch.Tensor) -> torch.Tensor:
     strides = [block * math.prod(shape[d + 1 : piece.dim]) for d in range(piece.dim)]
     strides += [math.prod(shape[d + 1 :]) for d in range(piece.dim, len(shape))]
     return raw.as_strided(shape, strides)
+
+
+def source_view(piece: Piece, regions: Mapping[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """The bytes of `piece` where its trainer rank holds them, as a tensor of its shape: a view of
+    `regions[(rank, region)]` (a flat uint8 tensor over that region, mapped in this process), each
+    block at its remote offset and stride. What `piece_view` sees in staging, without staging."""
+    at = dataclasses.replace(piece, local_offset=piece.remote_offset,
+                             local_stride=piece.remote_stride if piece.count > 1 else 0)  # fmt: skip
+    return piece_view(at, regions[piece.rank, piece.region])
 
 
 def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,10 +108,14 @@ def scatter(
             torch._foreach_copy_(outs, ins, non_blocking=True)
 
 
+Staged = torch.Tensor | Mapping[tuple[int, int], torch.Tensor]
+
+
 def scatter_pairs(
-    pieces: Sequence[Piece], targets: Sequence[Target], staging: torch.Tensor, dests: Mapping[str, torch.Tensor]
+    pieces: Sequence[Piece], targets: Sequence[Target], staging: Staged, dests: Mapping[str, torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The (destinations, sources) views that `scatter` copies: views of `dests` and of `staging`.
+    """The (destinations, sources) views that `scatter` copies: views of `dests` and of `staging`, a
+    slot the pieces were pulled into or the trainers' regions themselves (`source_view`).
 
     They stay valid while neither `staging` nor the engine tensors are reallocated, so a receiver
     that installs the same plan again can keep them (and replay their copies) instead of rebuilding.
@@ -112,7 +126,7 @@ def scatter_pairs(
     outs: list[torch.Tensor] = []
     ins: list[torch.Tensor] = []
     for p in pieces:
-        view = piece_view(p, staging)
+        view = piece_view(p, staging) if isinstance(staging, torch.Tensor) else source_view(p, staging)
         for t in by_source[p.tensor]:
             dest = dests[t.hf_name]
             if t.dim is None:

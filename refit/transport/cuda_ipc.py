@@ -114,6 +114,7 @@ class LocalPeers:
         self._refused: dict[str, tuple[Region, ...]] = {}  # regions that could not be mapped, logged once
         self._maps: dict[bytes, tuple[int, int, int]] = {}  # handle -> (base, bytes, peers using it)
         self._jobs: dict[int, tuple[ReadJob, _Peer, list[_Copy], int]] = {}
+        self._views: dict[str, tuple[_Peer, dict[int, torch.Tensor] | None]] = {}
         self._streams: list[torch.cuda.Stream] = []
         self._load = [0] * STREAMS  # bytes enqueued on each stream, less the least of them
         self._lock = threading.RLock()
@@ -211,6 +212,27 @@ class LocalPeers:
             self.copies += len(copies)
         return IpcCopy(job.agent_name, events, len(copies), nbytes)
 
+    def views(self, name: str) -> dict[int, torch.Tensor] | None:
+        """Each GPU region of peer `name` as a flat uint8 tensor over its mapping here (by region index),
+        for this process's kernels to copy out of; None unless it is mapped and all of it is on this
+        process's GPU (a kernel reading another GPU's memory runs over the link at the kernel's pace:
+        there the copy engines read it). Kept while the peer stays mapped; dropped with it."""
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is None or not self.enabled:
+                return None
+            hit = self._views.get(name)
+            if hit is not None and hit[0] is peer:
+                return hit[1]
+            views: dict[int, torch.Tensor] | None = None
+            try:
+                if all(cuda.device_of(peer.local[r.index]) == self.device for r in peer.regions):
+                    views = {r.index: cuda.tensor_at(peer.local[r.index], r.nbytes, self.device) for r in peer.regions}
+            except (TransportError, RuntimeError) as exc:  # torch refuses the range: copies read it instead
+                logger.warning("%s: its mapped GPU memory cannot be read by kernels here (%s)", name, exc)
+            self._views[name] = (peer, views)
+            return views
+
     def _kept_streams(self) -> list[torch.cuda.Stream]:
         if not self._streams:
             self._streams = [torch.cuda.Stream(device=self.device) for _ in range(STREAMS)]
@@ -241,10 +263,13 @@ class LocalPeers:
 
     def _drop(self, name: str) -> None:
         peer = self._peers.pop(name, None)
+        self._views.pop(name, None)
         if peer is None:
             return
-        for stream in self._streams:
-            stream.synchronize()  # nothing may still copy out of what is unmapped
+        # Nothing may still copy out of what is unmapped: this class's copies, nor kernels reading `views`
+        # (without CUDA initialized in this process, nothing ran at all).
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize(self.device)
         for handle in peer.handles:
             self._unref(handle)
 

@@ -8,12 +8,15 @@ the trainer on a one-GPU machine) maps them and copies the bytes itself. Checked
 1. version 0 (as built): the receiver's HF tensors equal the HF model the trainer was built from,
    bit for bit; every byte was copied over CUDA IPC (`stats.ipc_copies` grew, nothing went through
    NIXL but the version words);
-2. after an optimizer step, version 1 pulled over CUDA IPC equals the step's all-gathered truth,
-   converted by the test's own converter; then version 2, pulled with `cuda_ipc=False` (over NIXL,
-   no copy counted), equals its truth too, and so does version 3 with CUDA IPC again (the mapping kept);
+2. after an optimizer step, version 1 pulled over CUDA IPC with digests off (the pieces to un-interleave
+   copied by kernels straight out of the mapped memory, no staging) equals the step's all-gathered
+   truth, converted by the test's own converter; then version 2, pulled with `cuda_ipc=False` (over
+   NIXL, no copy counted), equals its truth too, and so does version 3 with CUDA IPC again (the
+   mapping kept; digests on, so those pieces are staged);
 3. a second receiver process maps the trainer's memory, pulls version 3 and is killed (SIGKILL) before
    its re-check: the trainer steps and publishes version 4 without waiting for it;
-4. an optimizer step (version 5) racing the pull of version 4 over CUDA IPC, after its last byte: the
+4. an optimizer step (version 5) racing the pull of version 4 over CUDA IPC (digests off: kernels copy
+   out of the mapped memory), after its last byte: the
    re-check reads the retired word from the shared page, the pinned pull says the engine is torn, and
    the next unpinned pull installs version 5, equal to its truth.
 
@@ -100,17 +103,22 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
             assert differing_from_hf(rcv) == []
             copies = rcv.stats.ipc_copies
             assert copies > 0, "no byte was copied over CUDA IPC"
-            for version, ipc in ((1, True), (2, False), (3, True)):
+            # (version, over CUDA IPC, staged pieces copied out of the mapped memory: digests off)
+            for version, ipc, mapped in ((1, True, True), (2, False, False), (3, True, False)):
                 ranks = cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=version)
-                rcv.cuda_ipc = ipc
+                rcv.cuda_ipc, rcv.verify_digests = ipc, not mapped
                 before = rcv.stats.ipc_copies
-                assert rcv.update_weights(version=version).version == version
+                result = rcv.update_weights(version=version)
+                assert result.version == version
                 assert (rcv.stats.ipc_copies > before) == ipc, (version, ipc, before, rcv.stats.ipc_copies)
+                assert rcv.plan is not None and rcv.plan.pieces  # QKV staged (or copied out) to un-interleave
+                assert (result.staging_bytes == 0) == mapped, (version, result.staging_bytes)
                 assert differing(rcv, [r["truth"] for r in ranks]) == [], f"v{version}: pulled bytes differ"
 
             _kill_a_reader_mid_pull(server.address, name, 3)
             cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=4)  # waits for no one
 
+            rcv.verify_digests = False  # the race over the mapped memory itself, kernels reading it
             stepped: list[Any] = []
             raced[4] = lambda: stepped.append(cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=5))
             words = rcv.stats.shared_words

@@ -59,6 +59,49 @@ def test_kept_copies_write_each_refits_bytes(device: str, trainer_tp: int, engin
         assert any(c._graph is not None for c in copiers.values())  # replayed, not launched one by one
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("overread", [0, 1 << 20])  # packed pieces, or read as their enclosing blocks
+@pytest.mark.parametrize(("trainer_tp", "engine_tp"), [(1, 1), (2, 1), (1, 2), (4, 2), (2, 4)])
+def test_chunks_copied_out_of_the_trainers_regions(device: str, overread: int, trainer_tp: int, engine_tp: int) -> None:
+    # What a receiver on the trainers' GPU does with its mapped regions: no slot, each piece a view of
+    # the trainer's own bytes at its remote offsets and strides (QKV rows of each group, a column half).
+    layout = EngineLayout(tp_rank=engine_tp - 1, tp_size=engine_tp, vocab_size=VOCAB)
+    dests: dict[str, torch.Tensor] = {}
+    kept: dict[int, ChunkCopier] = {}
+    for version in range(2):  # new bytes in the same regions: the kept copies read them
+        tensors = global_tensors(PADDED, seed=version)
+        sources, buffers = trainer(tensors, trainer_tp)
+        if not kept:
+            regions = {(rank, 0): buf.to(device) for rank, buf in buffers.items()}
+        else:
+            for rank, buf in buffers.items():
+                regions[rank, 0].copy_(buf)
+        window = 8192 if overread else 1024  # a smaller window cuts pieces too small to read enclosed
+        model = meta(VOCAB, PADDED)
+        plan = plan_refit(model=model, sources=sources, layout=layout, window=window, max_overread=overread)
+        assert len(plan.chunks) > 2
+        if engine_tp > trainer_tp:  # row-parallel column slices: strided in the trainer's region
+            assert any(p.count > 1 and bool(p.local_stride) == bool(overread) for p in plan.pieces)
+        if not dests:
+            dests = {t.hf_name: torch.full(t.shape, float("nan"), dtype=torch_dtype(t.dtype), device=device)
+                     for t in plan.targets}  # fmt: skip
+        for k in range(len(plan.chunks)):
+            copier = kept.get(k)
+            if copier is None or not copier.valid(regions, dests):
+                copier = kept[k] = ChunkCopier(plan, k, regions, dests)
+            copier.run(torch.cuda.current_stream() if device == "cuda" else None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        for t in plan.targets:
+            published = sum(b - a for a, b in t.rows)
+            got, want = dests[t.hf_name].cpu(), expected(t, tensors[t.source][1])
+            if t.dim is not None:
+                got, want = got.narrow(t.dim, 0, published), want.narrow(t.dim, 0, published)
+            assert torch.equal(got, want), (version, t.hf_name)
+    moved = {key: view.clone() for key, view in regions.items()}  # a peer mapped anew elsewhere
+    assert all(c.valid(regions, dests) and not c.valid(moved, dests) for c in kept.values())
+
+
 def test_a_moved_engine_tensor_invalidates_the_kept_copies() -> None:
     tensors = global_tensors(PADDED)
     sources, buffers = trainer(tensors, 2)
