@@ -105,8 +105,12 @@ class Receiver:
             and the trainer rank (docs/reliability.md, "Digests"). False skips the check.
         cuda_ipc: an engine on a GPU copies the bytes of trainer ranks on its own host itself, out of
             the GPU memory they publish CUDA IPC handles of (`Publisher(cuda_ipc=True)`), instead of
-            reading them over NIXL (`refit.transport.cuda_ipc`); the version words are still read
-            over NIXL. A rank whose memory cannot be mapped is read over NIXL.
+            reading them over NIXL (`refit.transport.cuda_ipc`), and their version words from a
+            page they share on the host. A rank whose memory cannot be mapped is read over NIXL.
+        mapped_install: with `cuda_ipc`, digests off and `destinations()`, the pieces a refit would
+            stage (QKV to un-interleave, a row-parallel half) from trainer ranks on the engine's own
+            GPU are copied by kernels straight out of their mapped memory instead: no staging, each
+            byte crossing the GPU's memory once (see the property; docs/hooks.md).
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class Receiver:
         verify_digests: bool = True,
         source_timeout_s: float | None = None,
         cuda_ipc: bool = True,
+        mapped_install: bool = True,
     ) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"engine must implement refit.engines.Engine, got {type(engine).__name__}")
@@ -169,6 +174,7 @@ class Receiver:
             dests=dests, layered=layered, max_staging_bytes=max_staging_bytes, source_timeout_s=source_timeout_s,
             verify=bool(verify_digests), cuda_ipc=bool(cuda_ipc),
         )  # fmt: skip
+        self.mapped_install = bool(mapped_install)
         self.failed_over: tuple[str, ...] = ()  # agents the last fetch or update failed over from
 
     # -- introspection ----------------------------------------------------------------------------

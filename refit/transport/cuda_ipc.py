@@ -7,6 +7,8 @@ over a few kept streams of its GPU (strided reads as one `cudaMemcpy2DAsync`). T
 no progress thread and no notification to poll: a job's copies end with an event on each stream they
 use, and `IpcCopy.state()` queries those. The copies are the ones UCX's `cuda_ipc` transport would enqueue,
 without its per-descriptor bookkeeping (~10 us each on an H200, `bench/scripts/post_cost.py`).
+A peer mapped on this process's own GPU is also handed out as tensors over its regions (`views`),
+which a receiver's kernels copy pieces out of directly where they would otherwise stage them.
 
 Version safety does not change: the trainers' version words are read after the copies have landed,
 as after any other pull (from their shared page on this host, `refit.transport.host`). Where a
