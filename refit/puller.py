@@ -137,6 +137,8 @@ class Puller:
         self.agents = {s.agent_name: s.rank for s in sources}
         if self._local is not None:  # every rank of the version, not a subset (a words read connects fewer)
             self._local.retain(self.agents)
+        if self.pool is not None:
+            self.pool.word_reader.retain({s.fence_shm for s in sources})
         plan = self.plans.plan_for(resolved, excluded)
         self.ahead.resolved = None if excluded else resolved
         whole_only = self._dests is None and not self._layered

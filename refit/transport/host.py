@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -157,6 +158,14 @@ class WordReader:
         """The word at trainer address `addr` of page `name` (mapped by `can_read`)."""
         self.reads += 1
         return struct.unpack_from("<q", self._maps[name], (addr % PAGE_BYTES) & ~7)[0]
+
+    def retain(self, names: Collection[str]) -> None:
+        """Unmap the pages not in `names` (those of the version being pulled): a trainer rank that left
+        or restarted under a new page is not read again, and its page's memory is let go once its owner
+        unlinked it. A refused name not among them may be tried again."""
+        for name in [n for n in self._maps if n not in names]:
+            self._maps.pop(name).close()
+        self._refused &= set(names)
 
     def close(self) -> None:
         for m in self._maps.values():

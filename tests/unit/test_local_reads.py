@@ -48,6 +48,24 @@ def test_a_word_written_by_the_trainer_is_read_from_the_shared_page() -> None:
     reader.close()
 
 
+def test_pages_of_ranks_no_longer_sources_are_unmapped() -> None:
+    kept, gone = SharedWords(1), SharedWords(1)
+    reader = WordReader()
+    try:
+        assert reader.can_read(host_id(), kept.name) and reader.can_read(host_id(), gone.name)
+        assert not reader.can_read(host_id(), "../refused")
+        reader.retain({kept.name})  # a version whose sources no longer name `gone`
+        assert reader.read(kept.name, kept.words.data_ptr()) == int(kept.words[0])
+        with pytest.raises(KeyError):
+            reader.read(gone.name, gone.words.data_ptr())  # unmapped: never read again from here
+        assert reader.can_read(host_id(), gone.name)  # a version naming it again maps it again
+        assert "../refused" not in reader._refused  # forgotten with its rank
+    finally:
+        reader.close()
+        kept.close()
+        gone.close()
+
+
 @pytest.mark.parametrize(
     "name",
     ["", "../../etc/passwd", "refit-words-xyz", "refit-words-" + "0" * 31, "refit-words-" + "0" * 32 + "/x"],
