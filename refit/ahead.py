@@ -187,7 +187,6 @@ class Ahead:
         t_plan = time.perf_counter()
         plan = begun.plan
         # Its slots (or the mapped regions to copy out of); nothing is pulled.
-        mapped &= begun.verifier is None
         *_, regions = pool.prefetch(plan, begun.sources, deadline, device, chunks=0, dests=dests, mapped=mapped)
         return StagedVersion(
             version=begun.version, tensors={}, bytes=plan.total_bytes, num_descriptors=0,

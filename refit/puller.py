@@ -209,8 +209,8 @@ class Puller:
 
     def _mapped_install(self) -> bool:
         """Whether a streamed install may copy its chunks out of the trainers' mapped memory: into the
-        engine's tensors (not whole layers), with no digests to check in staging."""
-        return self.mapped_install and self._dests is not None and not self._layered and not self.verify
+        engine's tensors (not whole layers)."""
+        return self.mapped_install and self._dests is not None and not self._layered
 
     def _fences(self, plan: Plan, sources: Sequence[SourceRecord], deadline: float) -> Fences:
         """The sources `plan` reads, and how to read their version words (`CatalogVersions.start_check`)."""

@@ -107,10 +107,10 @@ class Receiver:
             the GPU memory they publish CUDA IPC handles of (`Publisher(cuda_ipc=True)`), instead of
             reading them over NIXL (`refit.transport.cuda_ipc`), and their version words from a
             page they share on the host. A rank whose memory cannot be mapped is read over NIXL.
-        mapped_install: with `cuda_ipc`, digests off and `destinations()`, the pieces a refit would
-            stage (QKV to un-interleave, a row-parallel half) from trainer ranks on the engine's own
-            GPU are copied by kernels straight out of their mapped memory instead: no staging, each
-            byte crossing the GPU's memory once (see the property; docs/hooks.md).
+        mapped_install: with `cuda_ipc` and `destinations()`, the pieces a refit would stage (QKV to
+            un-interleave, a row-parallel half) from trainer ranks on the engine's own GPU are copied
+            by kernels straight out of their mapped memory instead (digests checked there): no
+            staging, each byte crossing the GPU's memory once (see the property; docs/hooks.md).
     """
 
     def __init__(
@@ -218,9 +218,9 @@ class Receiver:
     def mapped_install(self) -> bool:
         """Whether a streamed refit copies the pieces it would stage (QKV to un-interleave, say) straight
         out of the memory of trainer ranks on the engine's GPU, mapped over CUDA IPC, instead of pulling
-        them through staging first (default True; settable, read at each fetch). Only with digests off
-        (`verify_digests=False`: the check digests staged bytes) and into `destinations()`; such a refit
-        holds no staging."""
+        them through staging first (default True; settable, read at each fetch). Into `destinations()`
+        only; the digest check reads those pieces where the copies read them. Such a refit holds no
+        staging."""
         return self._pull.mapped_install
 
     @mapped_install.setter

@@ -23,7 +23,8 @@ from refit.config import MIN_WAIT_S
 from refit.copies import ChunkCopier
 from refit.dtypes import device_of
 from refit.errors import TransportError
-from refit.plan.records import Plan
+from refit.plan.assemble import mirrored_groups
+from refit.plan.records import Piece, Plan
 from refit.reads import PreparedReads, chunk_size
 from refit.transport.host import WordReader
 from refit.transport.jobs import ReadJob, ReadOp
@@ -58,6 +59,7 @@ class StagingPool:
         # (chunk index, out of mapped regions) -> its copies, for `_copiers_plan`
         self._copiers: dict[tuple[int, bool], ChunkCopier] = {}
         self._copiers_plan: Plan | None = None
+        self._mirrored: dict[int, list[tuple[tuple[int, int], tuple[Piece, ...]]]] = {}  # chunk -> `mirrored`
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
         self._words: torch.Tensor | None = None  # where the trainers' version words are read into
         self._word_jobs: dict[tuple[str, int, int], ReadJob] = {}
@@ -278,12 +280,23 @@ class StagingPool:
         """Chunk k's copies out of `slot` (or the mapped regions) into `dests`, built once per plan and
         kept while valid."""
         if plan is not self._copiers_plan:
-            self._copiers, self._copiers_plan = {}, plan
+            self._copiers, self._copiers_plan, self._mirrored = {}, plan, {}
         key = (k, not isinstance(slot, torch.Tensor))
         copier = self._copiers.get(key)
         if copier is None or not copier.valid(slot, dests):
             copier = self._copiers[key] = ChunkCopier(plan, k, slot, dests)
         return copier
+
+    def mirrored(self, plan: Plan, k: int) -> list[tuple[tuple[int, int], tuple[Piece, ...]]]:
+        """Chunk k's pieces as their trainers lay them out, by (rank, region) (`mirrored_groups`): what
+        the digest check of a chunk copied out of mapped regions reads there. Kept with the plan, as
+        the check keeps its layouts by these pieces' identity."""
+        if plan is not self._copiers_plan:
+            self._copiers, self._copiers_plan, self._mirrored = {}, plan, {}
+        groups = self._mirrored.get(k)
+        if groups is None:
+            groups = self._mirrored[k] = mirrored_groups(plan.chunks[k].pieces)
+        return groups
 
     def copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
         """The kept stream that copies (and checks) staged chunks on `t`'s GPU; None on the CPU."""
@@ -351,7 +364,7 @@ class StagingPool:
         self._quarantine.clear()
         self._slots = []
         self._engine.clear()
-        self._copiers, self._copiers_plan = {}, None
+        self._copiers, self._copiers_plan, self._mirrored = {}, None, {}
         self._reads = None
         self._words, self._word_jobs = None, {}
         self.word_reader.close()

@@ -74,12 +74,12 @@ def stream(
     "verify" seconds (the wall time the checks add) go to `timings`.
 
     With `mapped` (the trainers' regions mapped on this GPU, `StagingPool.mapped_regions`; no
-    verifier, no `install_chunk`) nothing is staged: each chunk's pieces are copied by kernels
-    straight out of the trainers' memory, beside the direct reads, and the re-check starts once
-    those copies have run (they read the trainers' memory as the reads do).
+    `install_chunk`) nothing is staged: each chunk's pieces are digested where the trainers hold
+    them and copied by kernels straight out of there, beside the direct reads, and the re-check
+    starts once those copies have run (they read the trainers' memory as the reads do).
     """
     entered = time.perf_counter()
-    assert mapped is None or (verifier is None and install_chunk is None and pulled == 0)
+    assert mapped is None or (install_chunk is None and pulled == 0)
     slots = [] if mapped is not None else pool.slots_of(plan)
     chunks = plan.chunks
     # One worker per chunk pull in flight, one for the direct reads, so all stay in flight at once.
@@ -201,9 +201,14 @@ def stream(
                 verifier.pieces(chunks[k].pieces, slots[k % len(slots)])  # before the engine loads it
             elif verifier is not None and k < len(chunks):
                 # On the copy stream, ahead of the copies out of the slot: done before it is refilled.
-                # Compared once at the end: engine memory is torn until then either way.
+                # Compared once at the end: engine memory is torn until then either way. Copied out of
+                # mapped regions, the pieces are checked there: the bytes the copies then read.
                 with _on(copies):
-                    launched.extend(verifier.launch(chunks[k].pieces, slots[k % len(slots)]))
+                    if mapped is not None:
+                        for key, group in pool.mirrored(plan, k):
+                            launched.extend(verifier.launch(group, mapped[key]))
+                    else:
+                        launched.extend(verifier.launch(chunks[k].pieces, slots[k % len(slots)]))
             t1 = time.perf_counter()
             verify += t1 - tv
             t_issued = t1

@@ -40,13 +40,26 @@ def piece_view(piece: Piece, staging: torch.Tensor) -> torch.Tensor:
     return raw.as_strided(shape, strides)
 
 
+def mirrored(piece: Piece) -> Piece:
+    """`piece` as its trainer rank's region lays it out: at its remote offset, blocks at their remote
+    stride (a buffer over that region takes the place of staging)."""
+    return dataclasses.replace(piece, local_offset=piece.remote_offset,
+                               local_stride=piece.remote_stride if piece.count > 1 else 0)  # fmt: skip
+
+
+def mirrored_groups(pieces: Sequence[Piece]) -> list[tuple[tuple[int, int], tuple[Piece, ...]]]:
+    """`pieces`, `mirrored`, by the (rank, region index) that holds them, in the order first seen."""
+    groups: dict[tuple[int, int], list[Piece]] = defaultdict(list)
+    for p in pieces:
+        groups[p.rank, p.region].append(mirrored(p))
+    return [(key, tuple(group)) for key, group in groups.items()]
+
+
 def source_view(piece: Piece, regions: Mapping[tuple[int, int], torch.Tensor]) -> torch.Tensor:
     """The bytes of `piece` where its trainer rank holds them, as a tensor of its shape: a view of
     `regions[(rank, region)]` (a flat uint8 tensor over that region, mapped in this process), each
     block at its remote offset and stride. What `piece_view` sees in staging, without staging."""
-    at = dataclasses.replace(piece, local_offset=piece.remote_offset,
-                             local_stride=piece.remote_stride if piece.count > 1 else 0)  # fmt: skip
-    return piece_view(at, regions[piece.rank, piece.region])
+    return piece_view(mirrored(piece), regions[piece.rank, piece.region])
 
 
 def assemble(plan: Plan, staging: torch.Tensor) -> dict[str, torch.Tensor]:

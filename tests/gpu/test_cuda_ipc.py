@@ -8,17 +8,17 @@ the trainer on a one-GPU machine) maps them and copies the bytes itself. Checked
 1. version 0 (as built): the receiver's HF tensors equal the HF model the trainer was built from,
    bit for bit; every byte was copied over CUDA IPC (`stats.ipc_copies` grew, nothing went through
    NIXL but the version words);
-2. after an optimizer step, version 1 pulled over CUDA IPC with digests off (the pieces to un-interleave
+2. after an optimizer step, version 1 pulled over CUDA IPC (the pieces to un-interleave digested and
    copied by kernels straight out of the mapped memory, no staging) equals the step's all-gathered
    truth, converted by the test's own converter; then version 2, pulled with `cuda_ipc=False` (over
-   NIXL, no copy counted), equals its truth too, and so does version 3 with CUDA IPC again (the
-   mapping kept; digests on, so those pieces are staged);
-3. a second receiver process maps the trainer's memory, pulls version 3 and is killed (SIGKILL) before
-   its re-check: the trainer steps and publishes version 4 without waiting for it;
-4. an optimizer step (version 5) racing the pull of version 4 over CUDA IPC (digests off: kernels copy
-   out of the mapped memory), after its last byte: the
+   NIXL, no copy counted), equals its truth too, and so do version 3 with CUDA IPC again (the mapping
+   kept) and `mapped_install=False` (those pieces staged), and version 4 copied out with digests off;
+3. a second receiver process maps the trainer's memory, pulls version 4 and is killed (SIGKILL) before
+   its re-check: the trainer steps and publishes version 5 without waiting for it;
+4. an optimizer step (version 6) racing the pull of version 5 over CUDA IPC (kernels copying out of
+   the mapped memory), after its last byte: the
    re-check reads the retired word from the shared page, the pinned pull says the engine is torn, and
-   the next unpinned pull installs version 5, equal to its truth.
+   the next unpinned pull installs version 6, equal to its truth.
 
 `bash bench/scripts/gpu_cuda_ipc.sh` on the device tool (one H200 suffices).
 """
@@ -103,30 +103,32 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
             assert differing_from_hf(rcv) == []
             copies = rcv.stats.ipc_copies
             assert copies > 0, "no byte was copied over CUDA IPC"
-            # (version, over CUDA IPC, staged pieces copied out of the mapped memory: digests off)
-            for version, ipc, mapped in ((1, True, True), (2, False, False), (3, True, False)):
+            # (version, over CUDA IPC, pieces to un-interleave copied out of the mapped memory, digests)
+            cases = ((1, True, True, True), (2, False, False, True), (3, True, False, True), (4, True, True, False))
+            for version, ipc, mapped, verify in cases:
                 ranks = cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=version)
-                rcv.cuda_ipc, rcv.verify_digests = ipc, not mapped
-                before = rcv.stats.ipc_copies
+                rcv.cuda_ipc, rcv.mapped_install, rcv.verify_digests = ipc, mapped, verify
+                before, verified = rcv.stats.ipc_copies, rcv.stats.verified_bytes
                 result = rcv.update_weights(version=version)
                 assert result.version == version
                 assert (rcv.stats.ipc_copies > before) == ipc, (version, ipc, before, rcv.stats.ipc_copies)
                 assert rcv.plan is not None and rcv.plan.pieces  # QKV staged (or copied out) to un-interleave
-                assert (result.staging_bytes == 0) == mapped, (version, result.staging_bytes)
+                assert (result.staging_bytes == 0) == (mapped and ipc), (version, result.staging_bytes)
+                assert (rcv.stats.verified_bytes > verified) == verify  # checked in place when copied out
                 assert differing(rcv, [r["truth"] for r in ranks]) == [], f"v{version}: pulled bytes differ"
 
-            _kill_a_reader_mid_pull(server.address, name, 3)
-            cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=4)  # waits for no one
+            _kill_a_reader_mid_pull(server.address, name, 4)
+            cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=5)  # waits for no one
 
-            rcv.verify_digests = False  # the race over the mapped memory itself, kernels reading it
+            rcv.verify_digests = True  # the race over the mapped memory itself, kernels digesting and reading it
             stepped: list[Any] = []
-            raced[4] = lambda: stepped.append(cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=5))
+            raced[5] = lambda: stepped.append(cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=6))
             words = rcv.stats.shared_words
             with pytest.raises(VersionRetiredError, match="mixed"):
-                rcv.update_weights(version=4)
+                rcv.update_weights(version=5)
             assert stepped and rcv.torn and rcv.stats.shared_words > words  # the retired word, read from the page
-            assert rcv.update_weights().version == 5 and not rcv.torn
-            assert differing(rcv, [r["truth"] for r in stepped[0]]) == [], "v5: pulled bytes differ"
+            assert rcv.update_weights().version == 6 and not rcv.torn
+            assert differing(rcv, [r["truth"] for r in stepped[0]]) == [], "v6: pulled bytes differ"
         finally:
             if rcv is not None:
                 rcv.close()

@@ -19,6 +19,7 @@ from refit.catalog import wire
 from refit.dtypes import torch_dtype
 from refit.engines.base import EngineSpec
 from refit.errors import DigestError, LayoutError
+from refit.plan.assemble import mirrored_groups
 from refit.plan.planner import plan_refit
 from refit.plan.records import Chunk
 from refit.plan.verify import DigestIndex, Verifier
@@ -172,10 +173,20 @@ def _with_digests(src: SourceRecord, mem: torch.Tensor) -> SourceRecord:
 
 
 def _refit(
-    sources, memory, *, engine_tp: int, rank: int, window: int | None, direct: bool, batched: bool = False
+    sources,
+    memory,
+    *,
+    engine_tp: int,
+    rank: int,
+    window: int | None,
+    direct: bool,
+    batched: bool = False,
+    mapped: bool = False,
 ) -> Verifier:
     """Plan engine rank `rank`, carry out its reads by copying from `memory`, verify every chunk and direct
-    read (each chunk's digests `batched`, or run by run: `digest.block_digests`, the reference)."""
+    read (each chunk's digests `batched`, or run by run: `digest.block_digests`, the reference). `mapped`:
+    each chunk's pieces are checked where the trainer holds them (a receiver that copies them out of its
+    mapped memory instead of staging them), in `memory` itself."""
     spec = EngineSpec.from_meta(META, tp_rank=rank, tp_size=engine_tp)
     plan = plan_refit(model=META, sources=sources, layout=spec.layout(), window=window,
                       direct=(lambda t: True) if direct else None, direct_min_bytes=1)  # fmt: skip
@@ -186,7 +197,11 @@ def _refit(
         dest[d.offset : d.offset + d.nbytes] = memory[d.rank][d.remote_offset : d.remote_offset + d.nbytes]
     verifier.direct(plan.direct, dests)
     for chunk in plan.chunks:
-        verifier.pieces(chunk.pieces, _staged(chunk, memory))
+        if mapped:
+            for (src, _), group in mirrored_groups(chunk.pieces):
+                verifier.pieces(group, memory[src])
+        else:
+            verifier.pieces(chunk.pieces, _staged(chunk, memory))
     assert verifier.verified_bytes + verifier.unverified_bytes >= plan.total_bytes
     return verifier
 
@@ -212,13 +227,19 @@ def test_every_byte_a_receiver_pulls_is_verified(tp, dp, engine_tp, window, dire
             v = _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct, batched=batched)
             assert v.unverified_bytes == 0 and v.verified_bytes > 0
             counts.add(v.verified_bytes)
+            mapped = _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct,
+                            batched=batched, mapped=True)  # fmt: skip
+            assert mapped.unverified_bytes == 0 and mapped.verified_bytes >= v.verified_bytes
         assert len(counts) == 1
 
 
 @pytest.mark.parametrize(("tp", "dp", "engine_tp", "window", "direct"), LAYOUTS)
 @pytest.mark.parametrize("tensor", ["linear_proj.weight", "linear_qkv.weight", "linear_fc1.weight", "output_layer"])
 @pytest.mark.parametrize("batched", [False, True], ids=["per-run", "batched"])
-def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, window, direct, tensor, batched) -> None:
+@pytest.mark.parametrize("mapped", [False, True], ids=["staged", "mapped"])
+def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(
+    tp, dp, engine_tp, window, direct, tensor, batched, mapped
+) -> None:
     sources = _sources(tp, dp=dp)
     memory = {s.rank: _memory(s, 0) for s in sources}
     for s in sources:  # every replica: whichever one the planner picks
@@ -227,7 +248,8 @@ def test_a_flipped_byte_is_found_by_the_rank_that_reads_it(tp, dp, engine_tp, wi
     failed = []
     for rank in range(engine_tp):
         try:
-            _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct, batched=batched)
+            _refit(sources, memory, engine_tp=engine_tp, rank=rank, window=window, direct=direct, batched=batched,
+                   mapped=mapped)  # fmt: skip
         except DigestError as exc:
             assert tensor in exc.tensor and exc.rank >= 0 and exc.version == 1
             assert f"{exc.tensor} from trainer rank {exc.rank}" in str(exc)
