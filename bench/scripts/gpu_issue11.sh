@@ -6,7 +6,7 @@
 #             mapping when there are two);
 #   one GPU:  llama-8gb TP1 -> TP1, trainer and engine processes sharing GPU 0, Megatron and HF layouts
 #             (the HF layout's QKV copied out of the trainer's memory and staged, alternating), and
-#             TP2 -> TP1 with every process on GPU 0;
+#             TP2 -> TP1 with every process on GPU 0 (on one GPU only);
 #   two GPUs: also llama-3-8b TP1 -> TP1 across GPUs (with the classic gather + broadcast in the same
 #             run) and TP2 -> TP1, each with the digest check alternating on and off.
 #
@@ -54,8 +54,10 @@ for ipc in ab off; do
     bench "refit_h200x${gpus}_llama-8gb_hf_${tag}_ipc_$ipc" --shape llama-8gb --tp 1 --engine-tp 1 --receiver-gpu 0 \
         --versions 13 --no-verify --no-baseline --cuda-ipc "$ipc"
 done
-bench "refit_h200x${gpus}_llama-8gb_tp2_gpu0_${tag}_ipc_ab" --shape llama-8gb --tp 2 --engine-tp 1 --receiver-gpu 0 \
-    --versions 13 --no-verify --no-baseline --cuda-ipc ab
+if [ "$gpus" -eq 1 ]; then  # trainer ranks go to GPU rank % GPUs: on one GPU, all of them on GPU 0
+    bench "refit_h200x1_llama-8gb_tp2_gpu0_${tag}_ipc_ab" --shape llama-8gb --tp 2 --engine-tp 1 --receiver-gpu 0 \
+        --versions 13 --no-verify --no-baseline --cuda-ipc ab
+fi
 
 if [ "$gpus" -ge 2 ]; then
     for ipc in on off; do
