@@ -51,6 +51,7 @@ class Exports:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.host = host_id()
+        self._warned = False  # about regions without a handle, once
 
     def regions(self, regions: Sequence[Region]) -> list[Region]:
         """`regions`, each GPU one with its handle where it has one."""
@@ -67,6 +68,15 @@ class Exports:
         for r in regions:
             handle = next(exported) if r.device == "cuda" else None
             out.append(r if handle is None else dataclasses.replace(r, ipc_handle=handle[0], ipc_offset=handle[1]))
+        missing = sum(1 for r in out if r.device == "cuda" and not r.ipc_handle)
+        if missing and not self._warned:
+            self._warned = True
+            logger.warning(
+                "%d of %d GPU region(s) have no CUDA IPC handle (memory from torch's expandable segments or "
+                "cudaMallocAsync); receivers on this host read this rank over NIXL, not by copies of their own. "
+                "PYTORCH_CUDA_ALLOC_CONF without expandable_segments:True gives every region a handle",
+                missing, len(gpu),
+            )  # fmt: skip
         return out
 
 
@@ -132,6 +142,11 @@ class LocalPeers:
             gpu = [r for r in source.regions if r.device == "cuda"]
             if source.host != self.host or not gpu or not all(r.ipc_handle for r in gpu):
                 self._drop(name)
+                if source.host == self.host and gpu and self._refused.get(name) != source.regions:
+                    self._refused[name] = source.regions  # said once while its regions stay the same
+                    missing = sum(not r.ipc_handle for r in gpu)
+                    logger.info("%s: %d of its %d GPU region(s) on this host carry no CUDA IPC handle (its publisher "
+                                "says why); reading it over NIXL", name, missing, len(gpu))  # fmt: skip
                 return False
             if self._refused.get(name) == source.regions:
                 return False

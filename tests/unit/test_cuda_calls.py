@@ -125,3 +125,21 @@ def test_a_mapping_whose_size_cannot_be_read_is_closed(runtime) -> None:
         cuda.open_handle(bytes(64), 0)
     assert rt.opened == [] and [c[0] for c in rt.calls] == ["open", "close"]
     assert cuda.export([(BASE, 0)]) == [None]  # no allocation found: no handle, nothing raised
+
+
+def test_a_publisher_whose_memory_has_no_handle_says_so_once(runtime, caplog: pytest.LogCaptureFixture) -> None:
+    from refit.transport.cuda_ipc import Exports
+    from refit.types import Region
+
+    rt, _ = runtime
+    rt.fail = {"get": 1}  # memory from torch's expandable segments: no legacy IPC handle
+    exports = Exports()
+    regions = [Region(index=0, addr=BASE, nbytes=64, device="cuda"), Region(index=1, addr=BASE + SIZE, nbytes=64)]
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # every publish asks again; the reason is said once
+            out = exports.regions(regions)
+            assert out == regions and not out[0].ipc_handle
+    said = [r.getMessage() for r in caplog.records if "no CUDA IPC handle" in r.getMessage()]
+    assert len(said) == 1 and "1 of 1 GPU region(s)" in said[0] and "expandable_segments" in said[0]
+    rt.fail = {}
+    assert exports.regions(regions)[0].ipc_handle  # a later allocation with a handle is published with it

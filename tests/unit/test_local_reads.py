@@ -190,7 +190,7 @@ def _gpu_source(host: str, *, handle: bytes = HANDLE, device: str = "cuda"):
     return dataclasses.replace(s, regions=regions, host=host)
 
 
-def test_only_gpu_ranks_of_this_host_with_every_handle_are_copied_here() -> None:
+def test_only_gpu_ranks_of_this_host_with_every_handle_are_copied_here(caplog: pytest.LogCaptureFixture) -> None:
     peers = cuda_ipc.LocalPeers(device=0)
     here = _gpu_source(peers.host)
     assert peers.covers([here])
@@ -199,6 +199,11 @@ def test_only_gpu_ranks_of_this_host_with_every_handle_are_copied_here() -> None
                   _gpu_source(peers.host, device="cpu")):  # fmt: skip
         assert not peers.covers([here, other])
         assert not peers.add(other)  # decided before any CUDA call: none is made on this machine
+    fresh = cuda_ipc.LocalPeers(device=0)
+    with caplog.at_level("INFO"):
+        for _ in range(2):
+            assert not fresh.add(_gpu_source(fresh.host, handle=b""))
+    assert caplog.text.count("carry no CUDA IPC handle") == 1  # said once while its regions stay the same
     peers.enabled = False
     assert not peers.covers([here])
     job = ReadJob(agent_name=here.agent_name, ops=(), local_device="cuda", remote_device="cuda")
