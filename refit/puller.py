@@ -101,6 +101,7 @@ class Puller:
             ahead_missed=self.ahead.missed,
             ipc_copies=self._local.copies if self._local else 0,
             shared_words=pool.word_reader.reads if pool else 0,
+            mapped_chunks=pool.mapped_chunks if pool else 0,
         )
 
     @property
@@ -181,7 +182,7 @@ class Puller:
             bytes=plan.total_bytes,
             num_sources=len({s.rank for s in plan.sources_read(sources)}),
             num_descriptors=descriptors,
-            staging_bytes=0 if regions else plan.staging_bytes,
+            staging_bytes=0 if regions and not slots else plan.staging_bytes,
             generation=self.generation,
             streamed=streamed,
             pulled=pulled if streamed else 0,

@@ -83,6 +83,8 @@ class ReceiverStats:
             (`refit.transport.cuda_ipc`), so far; their bytes did not go through NIXL.
         shared_words: trainers' version words read from their shared pages on this host
             (`refit.transport.host`) instead of over NIXL, so far.
+        mapped_chunks: staged chunks copied straight out of the trainers' memory mapped on the
+            engine's GPU instead of through staging (`Receiver.mapped_install`), so far.
     """
 
     registrations: int
@@ -97,3 +99,4 @@ class ReceiverStats:
     ahead_missed: int = 0
     ipc_copies: int = 0
     shared_words: int = 0
+    mapped_chunks: int = 0

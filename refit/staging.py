@@ -53,6 +53,7 @@ class StagingPool:
         self.registrations = 0
         self.quarantined = 0
         self.peak_bytes = 0
+        self.mapped_chunks = 0  # chunks installed out of mapped regions instead of a slot, for stats
         self._executor: ThreadPoolExecutor | None = None
         self._workers = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
@@ -188,13 +189,14 @@ class StagingPool:
         """Allocate the plan's slots (`Plan.slot_count`) and pull its first `chunks` chunks, at
         most as many as there are slots unless the plan is a single chunk. Their jobs are the kept
         reads of the plan (`reads`; `dests`: the engine tensors its direct reads write into). With
-        `mapped` (nothing pulled ahead), where every staged piece's trainer region is mapped on the
-        engine's GPU (`mapped_regions`), no slot is allocated: the install copies the chunks out of them.
+        `mapped`, where every staged piece's trainer region is mapped on the engine's GPU
+        (`mapped_regions`), the install copies the chunks past the first `chunks` out of them; with
+        `chunks` 0, no slot is allocated at all.
 
         Returns (chunks pulled, descriptors posted, slots, the mapped regions or None).
         """
-        regions = self.mapped_regions(plan, sources) if mapped and chunks == 0 else None
-        if regions is not None:
+        regions = self.mapped_regions(plan, sources) if mapped else None
+        if regions is not None and chunks == 0:
             return 0, 0, [], regions
         count = plan.slot_count
         slots = self.slots(count, chunk_size(plan), device)
@@ -202,7 +204,7 @@ class StagingPool:
         first = range(min(chunks, count, len(plan.chunks)))
         jobs = [j for k in first for j in reads.chunk(k, slots[k % len(slots)])]
         self.connect(sources, jobs)
-        return len(first), self.read(jobs, deadline) if jobs else 0, slots, None
+        return len(first), self.read(jobs, deadline) if jobs else 0, slots, regions
 
     def mapped_regions(self, plan: Plan, sources: Sequence[SourceRecord]) -> Mapped | None:
         """The trainer regions `plan`'s staged pieces come from, by (rank, region index), each a tensor

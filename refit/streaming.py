@@ -74,13 +74,14 @@ def stream(
     "verify" seconds (the wall time the checks add) go to `timings`.
 
     With `mapped` (the trainers' regions mapped on this GPU, `StagingPool.mapped_regions`; no
-    `install_chunk`) nothing is staged: each chunk's pieces are digested where the trainers hold
-    them and copied by kernels straight out of there, beside the direct reads, and the re-check
-    starts once those copies have run (they read the trainers' memory as the reads do).
+    `install_chunk`) nothing more is staged: the chunks past the `pulled` ones (installed from their
+    slots) are digested where the trainers hold them and copied by kernels straight out of there,
+    beside the direct reads, and the re-check starts once those copies have run (they read the
+    trainers' memory as the reads do).
     """
     entered = time.perf_counter()
-    assert mapped is None or (install_chunk is None and pulled == 0)
-    slots = [] if mapped is not None else pool.slots_of(plan)
+    assert mapped is None or install_chunk is None
+    slots = [] if mapped is not None and not pulled else pool.slots_of(plan)
     chunks = plan.chunks
     # One worker per chunk pull in flight, one for the direct reads, so all stay in flight at once.
     executor = pool.executor(len(slots))
@@ -154,7 +155,12 @@ def stream(
     # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
     # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
     # reads of the next chunk and of direct reads), serializing pull and install.
-    anchor = slots[0] if mapped is None else next(iter(mapped.values()))  # the engine's GPU
+    anchor = slots[0] if slots else next(iter((mapped or {}).values()))  # on the engine's GPU
+
+    def staged(k: int) -> torch.Tensor | Mapped:
+        """Where chunk k is installed from: its slot, or (past the chunks prefetched) the mapped regions."""
+        return mapped if mapped is not None and k >= pulled else slots[k % len(slots)]
+
     copies = pool.copy_stream(anchor)
     checks = pool.check_stream(anchor)  # direct batches' digests: a chunk's copies never wait behind them
     install = validate = verify = 0.0
@@ -204,11 +210,11 @@ def stream(
                 # Compared once at the end: engine memory is torn until then either way. Copied out of
                 # mapped regions, the pieces are checked there: the bytes the copies then read.
                 with _on(copies):
-                    if mapped is not None:
-                        for key, group in pool.mirrored(plan, k):
-                            launched.extend(verifier.launch(group, mapped[key]))
+                    if isinstance(where := staged(k), torch.Tensor):
+                        launched.extend(verifier.launch(chunks[k].pieces, where))
                     else:
-                        launched.extend(verifier.launch(chunks[k].pieces, slots[k % len(slots)]))
+                        for key, group in pool.mirrored(plan, k):
+                            launched.extend(verifier.launch(group, where[key]))
             t1 = time.perf_counter()
             verify += t1 - tv
             t_issued = t1
@@ -216,8 +222,10 @@ def stream(
                 install_chunk(k, slots[k % len(slots)])  # returns once nothing reads the slot any more
                 t_issued = time.perf_counter()
             elif k < len(chunks):
+                where = staged(k)
                 with _on(copies):
-                    pool.copier(plan, k, mapped if mapped is not None else slots[k % len(slots)], dests).run(copies)
+                    pool.copier(plan, k, where, dests).run(copies)
+                pool.mapped_chunks += not isinstance(where, torch.Tensor)
                 t_issued = time.perf_counter()
                 if k < len(chunks) - 1 and mapped is None:
                     _wait(copies)  # a slot is refilled only after the copies out of it ran

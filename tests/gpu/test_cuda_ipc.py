@@ -18,7 +18,10 @@ the trainer on a one-GPU machine) maps them and copies the bytes itself. Checked
 4. an optimizer step (version 6) racing the pull of version 5 over CUDA IPC (kernels copying out of
    the mapped memory), after its last byte: the
    re-check reads the retired word from the shared page, the pinned pull says the engine is torn, and
-   the next unpinned pull installs version 6, equal to its truth.
+   the next unpinned pull installs version 6, equal to its truth;
+5. a receiver with a small window fetches version 6 ahead (its first chunks staged, as an engine does
+   while it generates) and installs it (the rest copied out of the mapped memory), bit-exact and every
+   byte verified.
 
 `bash bench/scripts/gpu_cuda_ipc.sh` on the device tool (one H200 suffices).
 """
@@ -43,6 +46,7 @@ from tests.support.ddp_check import differing, differing_from_hf, receiver
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 RECEIVER_GPU = int(os.environ.get("REFIT_TEST_RECEIVER_GPU", "0"))
+SMALL_WINDOW = 128 << 10  # bytes: the test model's 384 KiB of QKV to un-interleave stream through it in ~9 chunks
 ROOT = Path(__file__).resolve().parents[2]
 
 _READER = textwrap.dedent(
@@ -108,7 +112,8 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
             for version, ipc, mapped, verify in cases:
                 ranks = cluster.run("tests.support.ddp_ops:step", timeout_s=300, version=version)
                 rcv.cuda_ipc, rcv.mapped_install, rcv.verify_digests = ipc, mapped, verify
-                before, verified = rcv.stats.ipc_copies, rcv.stats.verified_bytes
+                stats = rcv.stats
+                before, verified, mapped_chunks = stats.ipc_copies, stats.verified_bytes, stats.mapped_chunks
                 result = rcv.update_weights(version=version)
                 assert result.version == version
                 assert (rcv.stats.ipc_copies > before) == ipc, (version, ipc, before, rcv.stats.ipc_copies)
@@ -116,6 +121,7 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
                 # Copied out of the mapped memory only on the trainer's own GPU (0); from another, staged.
                 copied_out = mapped and ipc and RECEIVER_GPU == 0
                 assert (result.staging_bytes == 0) == copied_out, (version, result.staging_bytes)
+                assert (rcv.stats.mapped_chunks > mapped_chunks) == copied_out
                 assert (rcv.stats.verified_bytes > verified) == verify  # checked in place when copied out
                 assert differing(rcv, [r["truth"] for r in ranks]) == [], f"v{version}: pulled bytes differ"
 
@@ -131,6 +137,19 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
             assert stepped and rcv.torn and rcv.stats.shared_words > words  # the retired word, read from the page
             assert rcv.update_weights().version == 6 and not rcv.torn
             assert differing(rcv, [r["truth"] for r in stepped[0]]) == [], "v6: pulled bytes differ"
+            rcv.close()  # one receiver maps the trainer's memory at a time (as one engine rank would)
+            rcv = None
+
+            # Fetched ahead (as an engine does while it generates) through a small window: the first
+            # chunks staged, the rest copied out of the mapped memory at install, every byte checked.
+            gpu = torch.device("cuda", RECEIVER_GPU)
+            with receiver(server.address, name, 6, gpu, max_staging_bytes=SMALL_WINDOW) as small:
+                staged = small.fetch(6)
+                result = small.install(staged)
+                assert 0 < staged.pulled < result.chunks and small.stats.peak_staging_bytes <= SMALL_WINDOW
+                assert small.stats.mapped_chunks == (result.chunks - staged.pulled if RECEIVER_GPU == 0 else 0)
+                assert small.stats.unverified_bytes == 0 and small.stats.verified_bytes >= result.bytes
+                assert differing(small, [r["truth"] for r in stepped[0]]) == [], "v6 through a small window differs"
         finally:
             if rcv is not None:
                 rcv.close()
