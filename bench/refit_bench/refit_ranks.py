@@ -183,6 +183,7 @@ class ReceiverRank:
             "verified_bytes": self.rcv.stats.verified_bytes - checked.verified_bytes,
             "unverified_bytes": self.rcv.stats.unverified_bytes - checked.unverified_bytes,
             "ipc_copies": self.rcv.stats.ipc_copies - checked.ipc_copies,
+            "mapped_chunks": self.rcv.stats.mapped_chunks - checked.mapped_chunks,
         }  # fmt: skip
 
 
