@@ -19,10 +19,11 @@ import re
 import pytest
 import torch
 
+from refit.copies import ChunkCopier
 from refit.engines import HFEngine
 from refit.engines.base import EngineSpec, TensorSpec, check_compatible, check_tensors
 from refit.errors import ConfigError, ModelMismatchError
-from refit.plan.assemble import assemble
+from refit.plan.assemble import assemble, zero_padding
 from refit.plan.naming import hf_names
 from refit.plan.planner import Plan, plan_refit
 from refit.types import ModelMeta, ParallelCoords, Region, Role, SourceRecord, TensorDesc
@@ -229,6 +230,28 @@ def test_every_trainer_layout_refits_an_hf_moe_model_bit_identically(arch: str, 
         if ".mlp.experts." in piece.tensor:
             owner = int(m[1] or m[2]) // (E // ep)
             assert sources[piece.rank].coords.ep_rank == owner, piece
+
+
+@pytest.mark.parametrize(("tp", "ep", "etp"), [(1, 2, 1), (2, 2, 2), (2, 1, 2)])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_chunks_copied_out_of_the_trainers_memory_refit_bit_identically(arch: str, tp: int, ep: int, etp: int) -> None:
+    # A receiver on the trainers' own GPU (`Receiver.mapped_install`) copies each chunk straight out of
+    # their regions into the engine's tensors, the fused experts' views included: no staging at all.
+    sources, buffers = trainer(arch, tp=tp, ep=ep, etp=etp, grouped=tp == 2)
+    model = build(arch, seed=2)
+    engine = HFEngine(model)
+    plan = plan_refit(model=meta(arch), sources=sources, layout=engine.spec().layout(), window=16 << 10)
+    assert len(plan.chunks) > 2 and not plan.direct
+    dests = engine.destinations()
+    regions = {(s.rank, r.index): buffers[s.rank] for s in sources for r in s.regions}
+    for k in range(len(plan.chunks)):
+        ChunkCopier(plan, k, regions, dests).run(None)
+    zero_padding(plan.targets, dests)
+    gt = dict(truth(arch).named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, gt[name]), name
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, truth(arch)(TOKENS).logits)
 
 
 def test_engine_names_are_views_of_the_fused_experts() -> None:
