@@ -198,9 +198,7 @@ class Receiver:
 
     @verify_digests.setter
     def verify_digests(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise ConfigError(f"verify_digests must be a bool, got {on!r}")
-        self._pull.verify = on
+        self._pull.verify = _flag("verify_digests", on)
 
     @property
     def cuda_ipc(self) -> bool:
@@ -210,9 +208,7 @@ class Receiver:
 
     @cuda_ipc.setter
     def cuda_ipc(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise ConfigError(f"cuda_ipc must be a bool, got {on!r}")
-        self._pull.cuda_ipc = on
+        self._pull.cuda_ipc = _flag("cuda_ipc", on)
 
     @property
     def mapped_install(self) -> bool:
@@ -225,9 +221,7 @@ class Receiver:
 
     @mapped_install.setter
     def mapped_install(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise ConfigError(f"mapped_install must be a bool, got {on!r}")
-        self._pull.mapped_install = on
+        self._pull.mapped_install = _flag("mapped_install", on)
 
     @property
     def window(self) -> int | None:
@@ -339,6 +333,13 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _flag(name: str, on: object) -> bool:
+    """`on`, a switch set on a live receiver; a ConfigError naming `name` if it is not a bool."""
+    if not isinstance(on, bool):
+        raise ConfigError(f"{name} must be a bool, got {on!r}")
+    return on
 
 
 __all__ = ["DEFAULT_WINDOW", "DIRECT_MIN_BYTES", "Receiver", "ReceiverStats", "StagedVersion"]

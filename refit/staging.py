@@ -57,10 +57,12 @@ class StagingPool:
         self._executor: ThreadPoolExecutor | None = None
         self._workers = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
-        # (chunk index, out of mapped regions) -> its copies, for `_copiers_plan`
+        # Kept for the plan of the last refit (`_kept_for`): (chunk index, out of mapped regions) -> its
+        # copies; chunk index -> its pieces `mirrored`; the (rank, region)s its staged pieces come from.
+        self._kept_plan: Plan | None = None
         self._copiers: dict[tuple[int, bool], ChunkCopier] = {}
-        self._copiers_plan: Plan | None = None
-        self._mirrored: dict[int, list[tuple[tuple[int, int], tuple[Piece, ...]]]] = {}  # chunk -> `mirrored`
+        self._mirrored: dict[int, list[tuple[tuple[int, int], tuple[Piece, ...]]]] = {}
+        self._staged_regions: frozenset[tuple[int, int]] = frozenset()
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
         self._words: torch.Tensor | None = None  # where the trainers' version words are read into
         self._word_jobs: dict[tuple[str, int, int], ReadJob] = {}
@@ -217,7 +219,8 @@ class StagingPool:
         local = self.agent.local
         if local is None or not local.enabled or not plan.pieces:
             return None
-        needed = {(p.rank, p.region) for p in plan.pieces}
+        self._kept_for(plan)
+        needed = self._staged_regions
         ranks = {rank for rank, _ in needed}
         out: Mapped = {}
         for s in sources:
@@ -281,8 +284,7 @@ class StagingPool:
     def copier(self, plan: Plan, k: int, slot: torch.Tensor | Mapped, dests: Mapping[str, torch.Tensor]) -> ChunkCopier:
         """Chunk k's copies out of `slot` (or the mapped regions) into `dests`, built once per plan and
         kept while valid."""
-        if plan is not self._copiers_plan:
-            self._copiers, self._copiers_plan, self._mirrored = {}, plan, {}
+        self._kept_for(plan)
         key = (k, not isinstance(slot, torch.Tensor))
         copier = self._copiers.get(key)
         if copier is None or not copier.valid(slot, dests):
@@ -293,12 +295,17 @@ class StagingPool:
         """Chunk k's pieces as their trainers lay them out, by (rank, region) (`mirrored_groups`): what
         the digest check of a chunk copied out of mapped regions reads there. Kept with the plan, as
         the check keeps its layouts by these pieces' identity."""
-        if plan is not self._copiers_plan:
-            self._copiers, self._copiers_plan, self._mirrored = {}, plan, {}
+        self._kept_for(plan)
         groups = self._mirrored.get(k)
         if groups is None:
             groups = self._mirrored[k] = mirrored_groups(plan.chunks[k].pieces)
         return groups
+
+    def _kept_for(self, plan: Plan) -> None:
+        """What is kept per plan (copies, mirrored pieces, staged regions) made anew for a new `plan`."""
+        if plan is not self._kept_plan:
+            self._kept_plan, self._copiers, self._mirrored = plan, {}, {}
+            self._staged_regions = frozenset((p.rank, p.region) for p in plan.pieces)
 
     def copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
         """The kept stream that copies (and checks) staged chunks on `t`'s GPU; None on the CPU."""
@@ -366,7 +373,7 @@ class StagingPool:
         self._quarantine.clear()
         self._slots = []
         self._engine.clear()
-        self._copiers, self._copiers_plan, self._mirrored = {}, None, {}
+        self._kept_plan, self._copiers, self._mirrored, self._staged_regions = None, {}, {}, frozenset()
         self._reads = None
         self._words, self._word_jobs = None, {}
         self.word_reader.close()
