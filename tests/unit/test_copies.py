@@ -151,3 +151,44 @@ def test_direct_batches_all_in_flight_only_with_few_chunks() -> None:
         assert direct_depth(DIRECT_AT_ONCE_WINDOWS * slots + 1, 9, slots) == 2
         assert direct_depth(13, 20, slots) == 2
         assert direct_depth(0, 0, slots) == 1
+
+
+class _Peers:
+    """What `StagingPool.mapped_regions` asks of `LocalPeers` (which maps only on a GPU): whether a rank
+    is mapped, and its regions as tensors (None for a rank whose memory is on another GPU)."""
+
+    def __init__(self, views: dict[str, dict[int, torch.Tensor] | None]) -> None:
+        self.enabled, self._views = True, views
+
+    def add(self, source) -> bool:
+        return source.agent_name in self._views
+
+    def views(self, name: str) -> dict[int, torch.Tensor] | None:
+        return self._views[name]
+
+    def close(self) -> None:
+        pass
+
+
+def test_chunks_are_copied_out_only_where_every_rank_they_take_from_is_mapped_here() -> None:
+    from refit.staging import StagingPool
+    from refit.transport.nixl import NixlAgent
+
+    sources, buffers = trainer(global_tensors(PADDED), 2)
+    plan = plan_refit(model=meta(VOCAB, PADDED), sources=sources, layout=EngineLayout(vocab_size=VOCAB), window=1024)
+    assert {p.rank for p in plan.pieces} == {0, 1}
+    pool = StagingPool(NixlAgent(prefix="test-mapped"), "t")
+    try:
+        assert pool.mapped_regions(plan, sources) is None  # no peers mapped over CUDA IPC (a CPU engine)
+        both = {s.agent_name: {0: buffers[s.rank]} for s in sources}
+        pool.agent.local = _Peers(both)
+        regions = pool.mapped_regions(plan, sources)
+        assert regions is not None and set(regions) == {(0, 0), (1, 0)} and regions[1, 0] is buffers[1]
+        pool.agent.local = _Peers({**both, "a1": None})  # rank 1 on another GPU: every chunk is staged
+        assert pool.mapped_regions(plan, sources) is None
+        pool.agent.local = _Peers({"a0": both["a0"]})  # rank 1 not mapped at all
+        assert pool.mapped_regions(plan, sources) is None
+        pool.agent.local.enabled = False
+        assert pool.mapped_regions(plan, sources) is None
+    finally:
+        pool.close()
