@@ -102,6 +102,7 @@ class Puller:
             ipc_copies=self._local.copies if self._local else 0,
             shared_words=pool.word_reader.reads if pool else 0,
             mapped_chunks=pool.mapped_chunks if pool else 0,
+            checked_copies=pool.checked_copies if pool else 0,
         )
 
     @property
@@ -244,6 +245,7 @@ class Puller:
                     start_check=lambda: self._start_check(staged, deadline),
                     timings=timings,
                     install_chunk=install_chunk, verifier=staged.verifier, mapped=staged.mapped,
+                    copy_direct=self._mapped_install(),
                 )  # fmt: skip
             except DigestError as exc:
                 raise self._versions.mismatch(exc, staged.version) from exc

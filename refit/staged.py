@@ -85,6 +85,8 @@ class ReceiverStats:
             (`refit.transport.host`) instead of over NIXL, so far.
         mapped_chunks: staged chunks copied straight out of the trainers' memory mapped on the
             engine's GPU instead of through staging (`Receiver.mapped_install`), so far.
+        checked_copies: batches of direct reads copied by kernels out of the trainers' memory mapped
+            on the engine's GPU, digested in the same pass (`refit.plan.checked_copy`), so far.
     """
 
     registrations: int
@@ -100,3 +102,4 @@ class ReceiverStats:
     ipc_copies: int = 0
     shared_words: int = 0
     mapped_chunks: int = 0
+    checked_copies: int = 0

@@ -54,15 +54,18 @@ class StagingPool:
         self.quarantined = 0
         self.peak_bytes = 0
         self.mapped_chunks = 0  # chunks installed out of mapped regions instead of a slot, for stats
+        self.checked_copies = 0  # direct batches copied out of mapped regions and digested at once, for stats
         self._executor: ThreadPoolExecutor | None = None
         self._workers = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # kept side streams, by use
         # Kept for the plan of the last refit (`_kept_for`): (chunk index, out of mapped regions) -> its
-        # copies; chunk index -> its pieces `mirrored`; the (rank, region)s its staged pieces come from.
+        # copies; chunk index -> its pieces `mirrored`; the (rank, region)s its staged pieces and its
+        # direct reads come from.
         self._kept_plan: Plan | None = None
         self._copiers: dict[tuple[int, bool], ChunkCopier] = {}
         self._mirrored: dict[int, list[tuple[tuple[int, int], tuple[Piece, ...]]]] = {}
         self._staged_regions: frozenset[tuple[int, int]] = frozenset()
+        self._direct_regions: frozenset[tuple[int, int]] = frozenset()
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
         self._words: torch.Tensor | None = None  # where the trainers' version words are read into
         self._word_jobs: dict[tuple[str, int, int], ReadJob] = {}
@@ -216,11 +219,24 @@ class StagingPool:
         Copied out of there by kernels (un-interleaving QKV, say), staged pieces cross the GPU's memory
         once instead of three times (into a slot, out of it, into the engine), and need no staging.
         """
-        local = self.agent.local
-        if local is None or not local.enabled or not plan.pieces:
+        if not plan.pieces:
             return None
         self._kept_for(plan)
-        needed = self._staged_regions
+        return self._mapped(self._staged_regions, sources)
+
+    def direct_regions(self, plan: Plan, sources: Sequence[SourceRecord]) -> Mapped | None:
+        """The trainer regions `plan`'s direct reads come from, mapped on the engine's GPU, as
+        `mapped_regions` (what a receiver's kernels copy them out of, digesting them in the same pass)."""
+        if not plan.direct:
+            return None
+        self._kept_for(plan)
+        return self._mapped(self._direct_regions, sources)
+
+    def _mapped(self, needed: frozenset[tuple[int, int]], sources: Sequence[SourceRecord]) -> Mapped | None:
+        """Views over the mappings of the (rank, region)s `needed`; None unless every one is on this GPU."""
+        local = self.agent.local
+        if local is None or not local.enabled:
+            return None
         ranks = {rank for rank, _ in needed}
         out: Mapped = {}
         for s in sources:
@@ -306,14 +322,16 @@ class StagingPool:
         if plan is not self._kept_plan:
             self._kept_plan, self._copiers, self._mirrored = plan, {}, {}
             self._staged_regions = frozenset((p.rank, p.region) for p in plan.pieces)
+            self._direct_regions = frozenset((d.rank, d.region) for d in plan.direct)
 
     def copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
         """The kept stream that copies (and checks) staged chunks on `t`'s GPU; None on the CPU."""
         return self._kept_stream("copies", t)
 
-    def check_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
-        """The kept stream that checks direct reads on `t`'s GPU, so chunk copies never wait behind them."""
-        return self._kept_stream("checks", t)
+    def check_stream(self, t: torch.Tensor, i: int = 0) -> torch.cuda.Stream | None:
+        """The kept stream that checks direct reads on `t`'s GPU, so chunk copies never wait behind them
+        (`i` > 0: another such stream, for work that takes turns on several)."""
+        return self._kept_stream(f"checks{i}" if i else "checks", t)
 
     def _kept_stream(self, kind: str, t: torch.Tensor) -> torch.cuda.Stream | None:
         if not t.is_cuda:
@@ -373,7 +391,8 @@ class StagingPool:
         self._quarantine.clear()
         self._slots = []
         self._engine.clear()
-        self._kept_plan, self._copiers, self._mirrored, self._staged_regions = None, {}, {}, frozenset()
+        self._kept_plan, self._copiers, self._mirrored = None, {}, {}
+        self._staged_regions = self._direct_regions = frozenset()
         self._reads = None
         self._words, self._word_jobs = None, {}
         self.word_reader.close()

@@ -22,8 +22,9 @@ import torch
 
 from refit.config import DEFAULT_TIMEOUTS, MIN_WAIT_S
 from refit.errors import TransportError
+from refit.kernels import copy_sum
 from refit.plan.assemble import zero_rows
-from refit.plan.records import Plan
+from refit.plan.records import DirectRead, Plan
 from refit.plan.verify import Pending, Verifier
 from refit.staging import Mapped, StagingPool
 from refit.transport.jobs import ReadJob
@@ -51,6 +52,7 @@ def stream(
     read_deadline: Callable[[float], float] = lambda deadline: deadline,
     verifier: Verifier | None = None,
     mapped: Mapped | None = None,
+    copy_direct: bool = False,
 ) -> int:
     """Pull the rest of a streamed plan into the engine's tensors `dests`; returns descriptors posted.
 
@@ -78,6 +80,11 @@ def stream(
     slots) are digested where the trainers hold them and copied by kernels straight out of there,
     beside the direct reads, and the re-check starts once those copies have run (they read the
     trainers' memory as the reads do).
+
+    With `copy_direct` and a `verifier`, where every direct read's trainer region is mapped on this GPU
+    too (`StagingPool.direct_regions`) and every batch can be (`Verifier.copier`), the direct batches are
+    not posted: kernels on the check stream copy them out of there and digest them in the same pass
+    (`Verifier.copy_direct`), and the re-check starts once they have run.
     """
     entered = time.perf_counter()
     assert mapped is None or install_chunk is None
@@ -97,7 +104,10 @@ def stream(
     landed: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     reads = pool.reads(plan, sources, dests)  # built on the first refit of a plan, then kept
     direct_reads, batches = reads.direct_reads, reads.batches
-    if batches:
+    checked = _checked(pool, plan, sources, dests, verifier, direct_reads) if copy_direct and batches else None
+    if checked is not None:
+        batches = []  # copied by the check stream's kernels below, not posted
+    elif batches:
         pool.connect(sources, [j for b in batches for j in b])
     pulls: dict[int, Future[int]] = {}  # chunk -> its pull, posted and not yet waited for
     posted = pulled if mapped is None else len(chunks)  # chunks [0, posted) are in their slots or being pulled
@@ -155,7 +165,7 @@ def stream(
     # Copies out of staging run on a stream of their own and are waited for alone: a device-wide
     # synchronize would also wait for the transfers this process drives on the device (cuda_ipc
     # reads of the next chunk and of direct reads), serializing pull and install.
-    anchor = slots[0] if slots else next(iter((mapped or {}).values()))  # on the engine's GPU
+    anchor = slots[0] if slots else next(iter((mapped or checked or {}).values()))  # on the engine's GPU
 
     def staged(k: int) -> torch.Tensor | Mapped:
         """Where chunk k is installed from: its slot, or (past the chunks prefetched) the mapped regions."""
@@ -187,6 +197,16 @@ def stream(
                 check(k)
         return future.result()
 
+    # Copied and checked in one pass, the batches take turns on two streams: the small ops of one batch's
+    # check then run beside the next one's copies (one H200, llama-8gb: 4.92 ms against 5.30 on one
+    # stream, `bench/scripts/checked_copy.py --streams`).
+    sides = [checks, pool.check_stream(anchor, 1)] if checked is not None else [checks]
+    if checked is not None:
+        assert verifier is not None
+        for k, group in enumerate(direct_reads):
+            with _on(sides[k % len(sides)]):  # compared once at the end, as the other checks
+                launched.extend(verifier.copy_direct(group, dests, checked))
+        pool.checked_copies += len(direct_reads)
     start = time.perf_counter()
     # The wire begins with the first post: between GPUs the transfers run while later ones are posted
     # (without this, one H200's "wire" read 1.6x the copy rate).
@@ -247,14 +267,19 @@ def stream(
             if k is not None:
                 check(k)
         t4 = time.perf_counter()
+        # Copies out of the mapped regions read the trainers' memory: the words are read once they have run.
         if mapped is not None:
-            _wait(copies)  # they read the trainers' memory: the words are read once they have run
+            _wait(copies)
+        if checked is not None:
+            for s in sides:
+                _wait(s)
         finish = start_check()
         if install_chunk is None:
             with _on(copies):
                 zero_rows(reads.padding, dests)
         _wait(copies)
-        _wait(checks)
+        for s in sides:
+            _wait(s)
         t5 = time.perf_counter()
         if verifier is not None and launched.got:
             verifier.compare(launched)  # every digest, one host sync; a mismatch fails the refit here
@@ -271,7 +296,8 @@ def stream(
                          pool.label, 1e3 * (t4 - start), 1e3 * (t5 - start), 1e3 * (t6 - start))  # fmt: skip
     finally:
         _wait(copies)  # the copies out of a slot end before a later refit may refill it
-        _wait(checks)  # and the checks of engine memory before later reads overwrite it
+        for s in sides:
+            _wait(s)  # and the checks of engine memory before later reads overwrite it
         for f in (*pulls.values(), direct):
             if f is not None:
                 f.exception()  # a pull still in flight after a failure ends by its own deadline
@@ -281,6 +307,26 @@ def stream(
     if verifier is not None:
         timings["verify"] = timings.get("verify", 0.0) + verify  # wall time; the direct check overlaps
     return descriptors
+
+
+def _checked(
+    pool: StagingPool,
+    plan: Plan,
+    sources: Sequence[SourceRecord],
+    dests: Mapping[str, torch.Tensor],
+    verifier: Verifier | None,
+    batches: Sequence[Sequence[DirectRead]],
+) -> Mapped | None:
+    """The mapped regions every batch of direct reads is copied and digested out of, in one pass; None
+    unless all of them can be (a verifier, every region on this GPU, every batch laid out)."""
+    if verifier is None:
+        return None
+    regions = pool.direct_regions(plan, sources)
+    if regions is None or not copy_sum.usable(next(iter(regions.values())).device):
+        return None
+    if not all(verifier.copier(b, dests, regions) is not None for b in batches):
+        return None
+    return regions
 
 
 def direct_depth(chunks: int, batches: int, slots: int) -> int:

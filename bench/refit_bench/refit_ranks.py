@@ -184,6 +184,7 @@ class ReceiverRank:
             "unverified_bytes": self.rcv.stats.unverified_bytes - checked.unverified_bytes,
             "ipc_copies": self.rcv.stats.ipc_copies - checked.ipc_copies,
             "mapped_chunks": self.rcv.stats.mapped_chunks - checked.mapped_chunks,
+            "checked_copies": self.rcv.stats.checked_copies - checked.checked_copies,
         }  # fmt: skip
 
 

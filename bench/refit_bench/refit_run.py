@@ -255,6 +255,7 @@ def _row(version: int, pub: list[dict], got: list[dict], wall: float) -> dict[st
         "unverified_bytes": max(g["unverified_bytes"] for g in got),
         "ipc_copies": max(g["ipc_copies"] for g in got),
         "mapped_chunks": max(g["mapped_chunks"] for g in got),  # chunks copied out of mapped trainer memory
+        "checked_copies": max(g.get("checked_copies", 0) for g in got),  # direct batches copied and digested at once
         "stall_s": max(g["stall_s"] for g in got),
         # End to end as the engine sees it: the call(s) timed in each receiver's process, the slowest.
         "refit_s": max(g["total_s"] for g in got),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +76,27 @@ class _Shape:
     pattern: torch.Tensor  # (1, rows * cells per row): cell offsets within a block, row-major
     weights: torch.Tensor  # (1, rows * cells per row): 2 m + 1 of each cell's line
     index: torch.Tensor | None  # bases + pattern, when small enough to keep
+
+
+class CellFill(Protocol):
+    """A copy that lands a batch's bytes and makes its regions' fine cell sums as it goes (`run` issues
+    it and returns the sums); `serial` tells one apart from any other, whatever its addresses."""
+
+    serial: int
+
+    def run(self) -> torch.Tensor: ...
+
+
+class CellRegion(NamedTuple):
+    """Bytes [lo, hi) of `buffer`, words of `word` bytes, whose sums in cells of `fine` bytes go to the
+    cell sums from index `at` on (`BlockBatch.regions`)."""
+
+    buffer: Hashable
+    word: int
+    fine: int
+    lo: int
+    hi: int
+    at: int
 
 
 @dataclass(slots=True)
@@ -178,9 +200,21 @@ class BlockBatch:
         """Spans left to the per-run path."""
         return len(self._single)
 
-    def run(self, buffers: Mapping[Hashable, torch.Tensor]) -> list[torch.Tensor]:
+    @property
+    def regions(self) -> tuple[CellRegion, ...]:
+        """Where the fine cell sums of each region go (what `run` takes as `cells`, when given)."""
+        return tuple(CellRegion(r.buffer, r.word, r.fine, r.lo, r.hi, r.at) for r in self._regions)
+
+    @property
+    def cells(self) -> int:
+        """The int64 cell sums a `cells` tensor given to `run` holds (every region's and level's)."""
+        return self._cells
+
+    def run(self, buffers: Mapping[Hashable, torch.Tensor], fill: CellFill | None = None) -> list[torch.Tensor]:
         """The digests (int64) of every span in `order`, its buffer found in `buffers` (flat uint8
-        tensors on the batch's device), issued on the current stream.
+        tensors on the batch's device), issued on the current stream. `fill`: the copy that lands the
+        bytes and makes the regions' fine cell sums as it goes (`refit.plan.checked_copy`), issued first
+        (in the same graph): the bytes are not read again for them.
 
         Replayed from a graph (see the module's notes), the tensors are the graph's own: the next run
         with the same buffers overwrites them, so read them before that.
@@ -190,7 +224,8 @@ class BlockBatch:
             if stream != torch.cuda.default_stream(self._device):  # a capture needs a side stream
                 sid = stream.cuda_stream
                 key = (sid, *(buffers[r.buffer].data_ptr() for r in self._regions),
-                       *(buffers[b].data_ptr() for b, _ in self._single))  # fmt: skip
+                       *(buffers[b].data_ptr() for b, _ in self._single),
+                       fill.serial if fill is not None else 0)  # fmt: skip
                 kept = self._graphs.get(key)
                 if kept is not None:
                     kept[0].replay()
@@ -200,18 +235,23 @@ class BlockBatch:
                         self._graphs.pop(next(iter(self._graphs)))
                     if sid not in self._pools:
                         self._pools[sid] = torch.cuda.graph_pool_handle()
-                    out = self._issue(buffers)  # this run's digests (and a warm-up before the capture)
-                    self._graphs[key] = _capture(lambda: self._issue(buffers), out, self._pools[sid])
+                    out = self._issue(buffers, fill)  # this run's digests (and a warm-up before the capture)
+                    self._graphs[key] = _capture(lambda: self._issue(buffers, fill), out, self._pools[sid])
                     return out
-        return self._issue(buffers)
+        return self._issue(buffers, fill)
 
-    def _issue(self, buffers: Mapping[Hashable, torch.Tensor]) -> list[torch.Tensor]:
+    def _issue(self, buffers: Mapping[Hashable, torch.Tensor], fill: CellFill | None) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
+        given = fill.run() if fill is not None else None
         if self._shapes:
-            cells = torch.empty(self._cells, dtype=torch.int64, device=self._device)
-            for r, words in zip(self._regions, self._words_of(buffers), strict=True):
-                fine = cells[r.at : r.at + words.shape[0]]
-                torch.sum(words, -1, dtype=torch.int64, out=fine)  # narrow words widen (as `block_digests` does)
+            cells = given if given is not None else torch.empty(self._cells, dtype=torch.int64, device=self._device)
+            summed: Sequence[torch.Tensor | None] = (
+                self._words_of(buffers) if given is None else [None] * len(self._regions)
+            )
+            for r, words in zip(self._regions, summed, strict=True):
+                fine = cells[r.at : r.at + (r.hi - r.lo) // r.fine]
+                if words is not None:  # narrow words widen (as `block_digests` does)
+                    torch.sum(words, -1, dtype=torch.int64, out=fine)
                 for k, a, b, at in r.levels:
                     torch.sum(fine[a:b].view(-1, k), -1, out=cells[at : at + (b - a) // k])
             for shape in self._shapes:

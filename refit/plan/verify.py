@@ -14,10 +14,9 @@ refit's check there, on the chunk loop's critical path).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,9 +24,11 @@ import torch
 
 from refit import digest
 from refit.errors import DigestError, LayoutError
+from refit.plan.checked_copy import CheckedCopy, Mapped, address_key, places_of
 from refit.plan.digest_batch import BlockBatch, Span
+from refit.plan.digest_index import DigestIndex, Entry
 from refit.plan.records import DirectRead, Piece
-from refit.types import SourceRecord, TensorDesc
+from refit.types import SourceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -35,56 +36,10 @@ _MAX_RUNS = 64  # a packed piece of more runs than this along a rows-axis shard 
 _MAX_LAYOUTS = 1024  # layouts kept per index (a plan's chunks and direct batches; more only in odd callers)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Entry:
-    desc: TensorDesc
-    geo: digest.Geometry
-    first: int  # index of its first block in the rank's digest values
-
-
-class DigestIndex:
-    """Where each published shard's block digests are, by trainer rank, region and byte offset."""
-
-    def __init__(self, sources: Iterable[SourceRecord]) -> None:
-        self._by_place: dict[tuple[int, int], tuple[list[int], list[_Entry]]] = {}
-        self.counts: dict[int, int] = {}
-        for s in sources:
-            at = 0
-            entries: dict[int, list[_Entry]] = {}
-            for t in s.tensors:
-                geo = digest.geometry(t)
-                if geo is None:
-                    continue
-                entries.setdefault(t.region, []).append(_Entry(desc=t, geo=geo, first=at))
-                at += geo.blocks
-            self.counts[s.rank] = at
-            for region, found in entries.items():
-                found.sort(key=lambda e: e.desc.byte_offset)
-                self._by_place[(s.rank, region)] = ([e.desc.byte_offset for e in found], found)
-        # Each rank's values at an offset of one flat array, so a layout's expected values are one gather.
-        self.offsets: dict[int, int] = {}
-        for rank in sorted(self.counts):
-            self.offsets[rank] = sum(self.counts[r] for r in self.offsets)
-        self.layouts: dict[Hashable, tuple[Sequence[object], _Layout]] = {}
-        self.graph_pools: dict[int, object] = {}  # CUDA graph pools its digest batches share, by stream
-
-    def find(self, rank: int, region: int, offset: int) -> _Entry | None:
-        """The shard of `rank` holding the byte at `offset` of `region`, if it has digests."""
-        place = self._by_place.get((rank, region))
-        if place is None:
-            return None
-        starts, entries = place
-        i = bisect.bisect_right(starts, offset) - 1
-        if i < 0:
-            return None
-        e = entries[i]
-        return e if offset < e.desc.byte_offset + e.desc.nbytes else None
-
-
 @dataclass(kw_only=True, slots=True)
 class _Check:
     rank: int
-    entry: _Entry
+    entry: Entry
     block: int  # first block
     count: int
 
@@ -143,8 +98,12 @@ class _Layout:
     batch: BlockBatch | None = None
     flat_key: tuple[int, ...] | None = None
     flat_views: dict[str | None, torch.Tensor] = field(default_factory=dict)
+    # The batch copied and digested in one pass (`Verifier.copier`), for the addresses `copy_key`.
+    copy_places: tuple[tuple[str, ...], tuple[tuple[int, int], ...]] | None = None
+    copy_key: tuple[int, ...] | None = None
+    copy: CheckedCopy | None = None
 
-    def add(self, buffer: str | None, rank: int, entry: _Entry, first: int, count: int, span: Span) -> None:
+    def add(self, buffer: str | None, rank: int, entry: Entry, first: int, count: int, span: Span) -> None:
         self.buffers.append(buffer)
         self.spans.append(span)
         self.checks.append(_Check(rank=rank, entry=entry, block=first, count=count))
@@ -181,9 +140,9 @@ class _Layout:
         """Whether a batch made for `bases` serves `buffers` (its alignment decides which runs it batches)."""
         return self.batch is None or all(buffers[n].data_ptr() % 8 == self.bases[n] for n in buffers)
 
-    def run(self, buffers: Mapping[str | None, torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, buffers: Mapping[str | None, torch.Tensor], fill: CheckedCopy | None = None) -> list[torch.Tensor]:
         if self.batch is not None:
-            return self.batch.run(buffers)
+            return self.batch.run(buffers, fill)
         return [digest.block_digests(buffers[b], s.at, s.geo, s.count, s.row_stride)
                 for b, s in zip(self.buffers, self.spans, strict=True)]  # fmt: skip
 
@@ -267,6 +226,44 @@ class Verifier:
         """Start the digests of direct reads where they landed, in `dests`, on the current stream (as
         `launch`); a streamed install checks each batch of direct reads as it lands this way."""
         t0 = time.perf_counter()
+        layout, flat = self._direct(reads, dests)
+        pending = self._start(layout, flat)
+        self.seconds += time.perf_counter() - t0
+        return pending
+
+    def copier(
+        self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor], mapped: Mapped
+    ) -> CheckedCopy | None:
+        """The copies of direct `reads` out of the trainers' `mapped` regions into `dests` that also make
+        their check's cell sums (`refit.plan.checked_copy`), laid out once per plan and addresses; None
+        where they cannot be (then: copy, and `launch_direct` once they landed)."""
+        layout, _ = self._direct(reads, dests)
+        if layout.batch is None:
+            return None
+        if layout.copy_places is None:
+            layout.copy_places = places_of(reads)
+        key = address_key(layout.copy_places, dests, mapped)
+        if layout.copy_key != key:
+            flat = {t: dests[t].detach().reshape(-1).view(torch.uint8) for t in layout.copy_places[0] if t in dests}
+            layout.copy, layout.copy_key = CheckedCopy.build(layout.batch, reads, flat, mapped), key
+        return layout.copy
+
+    def copy_direct(self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor], mapped: Mapped) -> Pending:
+        """Copy direct `reads` out of `mapped` into `dests` and start their digests from the same pass, on
+        the current stream (compared by `compare`, as `launch_direct`'s); `copier` must have laid them out."""
+        t0 = time.perf_counter()
+        layout, flat = self._direct(reads, dests)
+        copy = self.copier(reads, dests, mapped)
+        if copy is None:
+            raise LayoutError("these direct reads cannot be copied and digested in one pass (ask `copier` first)")
+        pending = self._start(layout, flat, copy)
+        self.seconds += time.perf_counter() - t0
+        return pending
+
+    def _direct(
+        self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor]
+    ) -> tuple[_Layout, dict[str | None, torch.Tensor]]:
+        """The check's layout of a direct batch, and the engine tensors it reads as flat bytes."""
         device = next((dests[d.target].device for d in reads[:1] if d.target in dests), None)
         batched = device is not None and (device.type == "cuda" if self.batched is None else self.batched)
         kind = ("direct", device if batched else None)
@@ -275,9 +272,7 @@ class Verifier:
         if not layout.fits(flat):  # an engine tensor moved to another alignment: batch anew
             layout = self._layout(kind, reads, lambda: self._direct_layout(reads, dests, kind[1]), renew=True)
             flat = layout.flat(dests)
-        pending = self._start(layout, flat)
-        self.seconds += time.perf_counter() - t0
-        return pending
+        return layout, flat
 
     # -- layouts --------------------------------------------------------------------------------------
 
@@ -296,12 +291,16 @@ class Verifier:
         self._index.layouts[key] = (tuple(items), layout)
         return layout
 
-    def _start(self, layout: _Layout, buffers: Mapping[str | None, torch.Tensor]) -> Pending:
+    def _start(
+        self, layout: _Layout, buffers: Mapping[str | None, torch.Tensor], fill: CheckedCopy | None = None
+    ) -> Pending:
         self.verified_bytes += layout.verified
         self.unverified_bytes += layout.unverified
         if not layout.checks:
+            if fill is not None:
+                fill.run()
             return Pending()
-        return Pending(got=layout.run(buffers), checks=list(layout.checks), want=[layout.want])
+        return Pending(got=layout.run(buffers, fill), checks=list(layout.checks), want=[layout.want])
 
     def _chunk_layout(self, pieces: Sequence[Piece], device: torch.device | None, base: int) -> _Layout:
         layout = _Layout()
@@ -322,7 +321,7 @@ class Verifier:
         bases = {n: dests[n].data_ptr() % 8 for n in layout.buffers if n is not None}
         return layout.finish(self._index.offsets, device, bases, self._index.graph_pools)
 
-    def _entry(self, read: Piece | DirectRead, layout: _Layout) -> _Entry | None:
+    def _entry(self, read: Piece | DirectRead, layout: _Layout) -> Entry | None:
         """The digested shard `read` starts in; None (its bytes counted unverified) when it has no digests."""
         entry = self._index.find(read.rank, read.region, read.remote_offset)
         if entry is None or read.rank not in self._values:
@@ -332,7 +331,7 @@ class Verifier:
 
     # -- one piece ------------------------------------------------------------------------------------
 
-    def _piece(self, p: Piece, entry: _Entry, layout: _Layout) -> None:
+    def _piece(self, p: Piece, entry: Entry, layout: _Layout) -> None:
         a = p.remote_offset - entry.desc.byte_offset
         needed = [(a + i * p.remote_stride, p.block_bytes) for i in range(p.count)]
         geo = entry.geo
@@ -354,7 +353,7 @@ class Verifier:
             layout.unverified += p.nbytes
 
     def _run(
-        self, layout: _Layout, buffer: str | None, rank: int, entry: _Entry, at: int, a: int, size: int,
+        self, layout: _Layout, buffer: str | None, rank: int, entry: Entry, at: int, a: int, size: int,
         needed: list[tuple[int, int]],
     ) -> None:  # fmt: skip
         """Bytes `[a, a + size)` of the shard, contiguous at `at` of `buffer`: verify the blocks they hold whole."""
@@ -374,7 +373,7 @@ class Verifier:
         span = Span(geo, at + lo - a, stop - first, geo.row_bytes)
         layout.add(buffer, rank, entry, first, stop - first, span)
 
-    def _columns(self, layout: _Layout, rank: int, entry: _Entry, at: int, a: int, width: int, stride: int) -> None:
+    def _columns(self, layout: _Layout, rank: int, entry: Entry, at: int, a: int, width: int, stride: int) -> None:
         """Columns `[a, a + width)` (bytes of row 0) of every outer row, rows `stride` apart at `buf[at]`."""
         geo = entry.geo
         first, stop = -(-a // geo.block_bytes), (a + width) // geo.block_bytes

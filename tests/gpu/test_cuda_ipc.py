@@ -6,11 +6,12 @@ this process (a plain-tensor engine on GPU `$REFIT_TEST_RECEIVER_GPU`, default 0
 the trainer on a one-GPU machine) maps them and copies the bytes itself. Checked, per version:
 
 1. version 0 (as built): the receiver's HF tensors equal the HF model the trainer was built from,
-   bit for bit; every byte was copied over CUDA IPC (`stats.ipc_copies` grew, nothing went through
-   NIXL but the version words);
+   bit for bit; every byte was copied over CUDA IPC (`stats.ipc_copies` or `stats.checked_copies`
+   grew, nothing went through NIXL but the version words);
 2. after an optimizer step, version 1 pulled over CUDA IPC (the pieces to un-interleave digested and
    copied by kernels straight out of the mapped memory, no staging) equals the step's all-gathered
-   truth, converted by the test's own converter; then version 2, pulled with `cuda_ipc=False` (over
+   truth, converted by the test's own converter (its direct reads copied by kernels that digest them
+   in the same pass, `refit.plan.checked_copy`); then version 2, pulled with `cuda_ipc=False` (over
    NIXL, no copy counted), equals its truth too, and so do version 3 with CUDA IPC again (the mapping
    kept) and `mapped_install=False` (those pieces staged), and version 4 copied out with digests off;
 3. a second receiver process maps the trainer's memory, pulls version 4 and is killed (SIGKILL) before
@@ -56,7 +57,7 @@ _READER = textwrap.dedent(
     from tests.support.ddp_check import receiver
 
     def stall(version):
-        print("pulled", rcv.stats.ipc_copies, flush=True)
+        print("pulled", rcv.stats.ipc_copies + rcv.stats.checked_copies, flush=True)
         time.sleep(600)  # killed here: the trainer's memory mapped, the re-check not done
 
     catalog, name, version, gpu = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -105,8 +106,8 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
             assert rcv.cuda_ipc
             assert rcv.update_weights(version=0).version == 0
             assert differing_from_hf(rcv) == []
-            copies = rcv.stats.ipc_copies
-            assert copies > 0, "no byte was copied over CUDA IPC"
+            # Copied by cudaMemcpyAsync (ipc_copies), or by kernels that digest as they copy (checked_copies).
+            assert rcv.stats.ipc_copies + rcv.stats.checked_copies > 0, "no byte was copied over CUDA IPC"
             # (version, over CUDA IPC, pieces to un-interleave copied out of the mapped memory, digests)
             cases = ((1, True, True, True), (2, False, False, True), (3, True, False, True), (4, True, True, False))
             for version, ipc, mapped, verify in cases:
@@ -114,15 +115,19 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
                 rcv.cuda_ipc, rcv.mapped_install, rcv.verify_digests = ipc, mapped, verify
                 stats = rcv.stats
                 before, verified, mapped_chunks = stats.ipc_copies, stats.verified_bytes, stats.mapped_chunks
+                checked = stats.checked_copies
                 result = rcv.update_weights(version=version)
                 assert result.version == version
-                assert (rcv.stats.ipc_copies > before) == ipc, (version, ipc, before, rcv.stats.ipc_copies)
+                copied = rcv.stats.ipc_copies > before or rcv.stats.checked_copies > checked
+                assert copied == ipc, (version, ipc, before, rcv.stats.ipc_copies)
                 assert rcv.plan is not None and rcv.plan.pieces  # QKV staged (or copied out) to un-interleave
                 # Copied out of the mapped memory only on the trainer's own GPU (0); from another, staged.
                 copied_out = mapped and ipc and RECEIVER_GPU == 0
                 assert (result.staging_bytes == 0) == copied_out, (version, result.staging_bytes)
                 assert (rcv.stats.mapped_chunks > mapped_chunks) == copied_out
                 assert (rcv.stats.verified_bytes > verified) == verify  # checked in place when copied out
+                # The direct reads too, by kernels that digest them as they copy (with digests on).
+                assert (rcv.stats.checked_copies > checked) == (copied_out and verify), version
                 assert differing(rcv, [r["truth"] for r in ranks]) == [], f"v{version}: pulled bytes differ"
 
             _kill_a_reader_mid_pull(server.address, name, 4)
@@ -149,6 +154,7 @@ def test_same_host_trainer_is_copied_over_cuda_ipc_bit_exact() -> None:
                 assert 0 < staged.pulled < result.chunks and small.stats.peak_staging_bytes <= SMALL_WINDOW
                 assert small.stats.mapped_chunks == (result.chunks - staged.pulled if RECEIVER_GPU == 0 else 0)
                 assert small.stats.unverified_bytes == 0 and small.stats.verified_bytes >= result.bytes
+                assert (small.stats.checked_copies > 0) == (RECEIVER_GPU == 0)
                 assert differing(small, [r["truth"] for r in stepped[0]]) == [], "v6 through a small window differs"
         finally:
             if rcv is not None:

@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "refit.digest": {"refit.errors", "refit.dtypes", "refit.types"},
     "refit.proto": {"refit.proto"},
     "refit.compat": VALUES,
-    "refit.plan": VALUES | {"refit.plan"},
+    "refit.kernels": VALUES,  # GPU kernels of our own: beside the values, below planning
+    "refit.plan": VALUES | {"refit.plan", "refit.kernels"},
     "refit.transport": VALUES | {"refit.compat", "refit.transport"},
     "refit.catalog": VALUES | {"refit.catalog"},
     "refit.megatron": VALUES | {"refit.compat", "refit.megatron"},
@@ -34,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "refit.staged": VALUES | {"refit.plan"},
     "refit.reads": VALUES | {"refit.plan", "refit.transport"},
     "refit.staging": VALUES | {"refit.plan", "refit.transport", "refit.copies", "refit.staged", "refit.reads"},
-    "refit.streaming": VALUES | {"refit.plan", "refit.transport", "refit.staging"},
+    "refit.streaming": VALUES | {"refit.plan", "refit.kernels", "refit.transport", "refit.staging"},
     "refit.plan_cache": VALUES | {"refit.plan", "refit.catalog", "refit.engines.base"},
     "refit.versions": VALUES | {"refit.catalog"},
     "refit.ahead": VALUES
