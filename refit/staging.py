@@ -66,6 +66,9 @@ class StagingPool:
         self._mirrored: dict[int, list[tuple[tuple[int, int], tuple[Piece, ...]]]] = {}
         self._staged_regions: frozenset[tuple[int, int]] = frozenset()
         self._direct_regions: frozenset[tuple[int, int]] = frozenset()
+        # Whether every direct batch of the kept plan is copied and checked in one pass, for a key of what
+        # that depends on (`refit.streaming`).
+        self.checked: tuple[tuple[object, ...], bool] | None = None
         self._reads: PreparedReads | None = None  # the last streamed plan's reads, for the next refit
         self._words: torch.Tensor | None = None  # where the trainers' version words are read into
         self._word_jobs: dict[tuple[str, int, int], ReadJob] = {}
@@ -323,6 +326,7 @@ class StagingPool:
             self._kept_plan, self._copiers, self._mirrored = plan, {}, {}
             self._staged_regions = frozenset((p.rank, p.region) for p in plan.pieces)
             self._direct_regions = frozenset((d.rank, d.region) for d in plan.direct)
+            self.checked = None
 
     def copy_stream(self, t: torch.Tensor) -> torch.cuda.Stream | None:
         """The kept stream that copies (and checks) staged chunks on `t`'s GPU; None on the CPU."""
@@ -391,7 +395,7 @@ class StagingPool:
         self._quarantine.clear()
         self._slots = []
         self._engine.clear()
-        self._kept_plan, self._copiers, self._mirrored = None, {}, {}
+        self._kept_plan, self._copiers, self._mirrored, self.checked = None, {}, {}, None
         self._staged_regions = self._direct_regions = frozenset()
         self._reads = None
         self._words, self._word_jobs = None, {}

@@ -6,7 +6,7 @@ from the version's digest values) recomputes the digest of every block a piece o
 whole, where the bytes landed (staging, or engine memory), and compares. Blocks a read covers only in
 part are not verified and are counted in `unverified_bytes` (see docs/reliability.md, "Digests").
 
-A chunk's check is laid out once per plan (`_Layout`, kept on the index): which runs of blocks it
+A chunk's check is laid out once per plan (`Layout`, kept on the index): which runs of blocks it
 digests, where, and which published values they must match. On a GPU its digests are then issued as
 a `BlockBatch`: a few ops per chunk, not a few per piece (the per-piece ops were most of a TP-changing
 refit's check there, on the chunk loop's critical path).
@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from refit import digest
 from refit.errors import DigestError, LayoutError
+from refit.plan.check_layout import Layout, Pending
 from refit.plan.checked_copy import CheckedCopy, Mapped, address_key, places_of
-from refit.plan.digest_batch import BlockBatch, Span
+from refit.plan.digest_batch import Span
 from refit.plan.digest_index import DigestIndex, Entry
 from refit.plan.records import DirectRead, Piece
 from refit.types import SourceRecord
@@ -34,28 +35,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_RUNS = 64  # a packed piece of more runs than this along a rows-axis shard is not verified
 _MAX_LAYOUTS = 1024  # layouts kept per index (a plan's chunks and direct batches; more only in odd callers)
-
-
-@dataclass(kw_only=True, slots=True)
-class _Check:
-    rank: int
-    entry: Entry
-    block: int  # first block
-    count: int
-
-
-@dataclass(kw_only=True, slots=True)
-class Pending:
-    """Digests launched on a device and the blocks they are to match (`Verifier.launch`)."""
-
-    got: list[torch.Tensor] = field(default_factory=list)
-    checks: list[_Check] = field(default_factory=list)
-    want: list[np.ndarray] = field(default_factory=list)  # flat indices of the expected values (`DigestIndex.offsets`)
-
-    def extend(self, other: Pending) -> None:
-        self.got.extend(other.got)
-        self.checks.extend(other.checks)
-        self.want.extend(other.want)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,74 +56,6 @@ class Totals:
         self.seconds += verifier.seconds
         verifier.verified_bytes = verifier.unverified_bytes = 0
         verifier.seconds = 0.0
-
-
-@dataclass(kw_only=True, slots=True)
-class _Layout:
-    """One chunk's (or direct batch's) check: the runs of blocks to digest, by buffer, and what they match.
-
-    `buffers[i]` (None: the staging slot; else an engine tensor's name) holds `spans[i]`, whose digests
-    are `checks[i]`'s blocks; `want` is every check's expected values' flat indices, in order.
-    """
-
-    buffers: list[str | None] = field(default_factory=list)
-    spans: list[Span] = field(default_factory=list)
-    checks: list[_Check] = field(default_factory=list)
-    verified: int = 0
-    unverified: int = 0
-    want: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    names: tuple[str, ...] = ()  # the engine tensors of direct reads
-    bases: dict[str | None, int] = field(default_factory=dict)
-    batch: BlockBatch | None = None
-    flat_key: tuple[int, ...] | None = None
-    flat_views: dict[str | None, torch.Tensor] = field(default_factory=dict)
-    # The batch copied and digested in one pass (`Verifier.copier`), for the addresses `copy_key`.
-    copy_places: tuple[tuple[str, ...], tuple[tuple[int, int], ...]] | None = None
-    copy_key: tuple[int, ...] | None = None
-    copy: CheckedCopy | None = None
-
-    def add(self, buffer: str | None, rank: int, entry: Entry, first: int, count: int, span: Span) -> None:
-        self.buffers.append(buffer)
-        self.spans.append(span)
-        self.checks.append(_Check(rank=rank, entry=entry, block=first, count=count))
-
-    def finish(self, offsets: Mapping[int, int], device: torch.device | None, bases: Mapping[str | None, int],
-               graph_pools: dict[int, object] | None = None) -> _Layout:  # fmt: skip
-        """Batch the runs on `device` (when given; each buffer at an address that is `bases[buffer]` mod 8;
-        captured as CUDA graphs in `graph_pools` where given) and index the expected values, in the order
-        the digests come out."""
-        self.names = tuple(sorted({b for b in self.buffers if b is not None}))
-        self.bases = dict(bases)
-        if device is not None and self.spans:
-            self.batch = BlockBatch(self.spans, self.buffers, device, self.bases, graph_pools)
-            self.checks = [self.checks[i] for i in self.batch.order]
-            self.spans = [self.spans[i] for i in self.batch.order]
-            self.buffers = [self.buffers[i] for i in self.batch.order]
-        counts = np.fromiter((c.count for c in self.checks), dtype=np.int64, count=len(self.checks))
-        starts = np.fromiter((offsets[c.rank] + c.entry.first + c.block for c in self.checks), dtype=np.int64,
-                             count=len(self.checks))  # fmt: skip
-        ends = np.cumsum(counts)
-        self.want = np.repeat(starts - ends + counts, counts) + np.arange(int(ends[-1]) if len(ends) else 0)
-        return self
-
-    def flat(self, dests: Mapping[str, torch.Tensor]) -> dict[str | None, torch.Tensor]:
-        """The engine tensors this layout's runs lie in, as flat bytes (kept while they stay where they
-        were: three view ops per tensor, each launch, were as much host time as its digest)."""
-        key = tuple(dests[n].data_ptr() for n in self.names)
-        if key != self.flat_key:
-            self.flat_key = key
-            self.flat_views = {n: dests[n].detach().reshape(-1).view(torch.uint8) for n in self.names}
-        return self.flat_views
-
-    def fits(self, buffers: Mapping[str | None, torch.Tensor]) -> bool:
-        """Whether a batch made for `bases` serves `buffers` (its alignment decides which runs it batches)."""
-        return self.batch is None or all(buffers[n].data_ptr() % 8 == self.bases[n] for n in buffers)
-
-    def run(self, buffers: Mapping[str | None, torch.Tensor], fill: CheckedCopy | None = None) -> list[torch.Tensor]:
-        if self.batch is not None:
-            return self.batch.run(buffers, fill)
-        return [digest.block_digests(buffers[b], s.at, s.geo, s.count, s.row_stride)
-                for b, s in zip(self.buffers, self.spans, strict=True)]  # fmt: skip
 
 
 class Verifier:
@@ -186,6 +97,11 @@ class Verifier:
         return values_of, flat
 
     # -- public ---------------------------------------------------------------------------------------
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The trainer ranks whose digests this check compares with (the layouts it keeps depend on them)."""
+        return self._ranks
 
     def expect(self, sources: Sequence[SourceRecord], version: int) -> None:
         """Compare with `sources`' digests of `version` from now on: a pull begun before the catalog
@@ -237,7 +153,11 @@ class Verifier:
         """The copies of direct `reads` out of the trainers' `mapped` regions into `dests` that also make
         their check's cell sums (`refit.plan.checked_copy`), laid out once per plan and addresses; None
         where they cannot be (then: copy, and `launch_direct` once they landed)."""
-        layout, _ = self._direct(reads, dests)
+        return self._copier(self._direct(reads, dests)[0], reads, dests, mapped)
+
+    def _copier(
+        self, layout: Layout, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor], mapped: Mapped
+    ) -> CheckedCopy | None:
         if layout.batch is None:
             return None
         if layout.copy_places is None:
@@ -253,7 +173,7 @@ class Verifier:
         the current stream (compared by `compare`, as `launch_direct`'s); `copier` must have laid them out."""
         t0 = time.perf_counter()
         layout, flat = self._direct(reads, dests)
-        copy = self.copier(reads, dests, mapped)
+        copy = self._copier(layout, reads, dests, mapped)
         if copy is None:
             raise LayoutError("these direct reads cannot be copied and digested in one pass (ask `copier` first)")
         pending = self._start(layout, flat, copy)
@@ -262,7 +182,7 @@ class Verifier:
 
     def _direct(
         self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor]
-    ) -> tuple[_Layout, dict[str | None, torch.Tensor]]:
+    ) -> tuple[Layout, dict[str | None, torch.Tensor]]:
         """The check's layout of a direct batch, and the engine tensors it reads as flat bytes."""
         device = next((dests[d.target].device for d in reads[:1] if d.target in dests), None)
         batched = device is not None and (device.type == "cuda" if self.batched is None else self.batched)
@@ -277,8 +197,8 @@ class Verifier:
     # -- layouts --------------------------------------------------------------------------------------
 
     def _layout(
-        self, kind: tuple[object, ...], items: Sequence[object], make: Callable[[], _Layout], renew: bool = False
-    ) -> _Layout:
+        self, kind: tuple[object, ...], items: Sequence[object], make: Callable[[], Layout], renew: bool = False
+    ) -> Layout:
         """The cached layout of `items` (a plan's chunk pieces or direct batch: the same objects every
         refit of the plan), made by `make` on first use (or `renew`); valid while the same ranks have digests."""
         key = (*kind, id(items[0]) if items else 0, len(items), self._ranks)
@@ -292,7 +212,7 @@ class Verifier:
         return layout
 
     def _start(
-        self, layout: _Layout, buffers: Mapping[str | None, torch.Tensor], fill: CheckedCopy | None = None
+        self, layout: Layout, buffers: Mapping[str | None, torch.Tensor], fill: CheckedCopy | None = None
     ) -> Pending:
         self.verified_bytes += layout.verified
         self.unverified_bytes += layout.unverified
@@ -302,8 +222,8 @@ class Verifier:
             return Pending()
         return Pending(got=layout.run(buffers, fill), checks=list(layout.checks), want=[layout.want])
 
-    def _chunk_layout(self, pieces: Sequence[Piece], device: torch.device | None, base: int) -> _Layout:
-        layout = _Layout()
+    def _chunk_layout(self, pieces: Sequence[Piece], device: torch.device | None, base: int) -> Layout:
+        layout = Layout()
         for p in pieces:
             if (entry := self._entry(p, layout)) is not None:
                 self._piece(p, entry, layout)
@@ -311,8 +231,8 @@ class Verifier:
 
     def _direct_layout(
         self, reads: Sequence[DirectRead], dests: Mapping[str, torch.Tensor], device: torch.device | None
-    ) -> _Layout:
-        layout = _Layout()
+    ) -> Layout:
+        layout = Layout()
         for d in reads:
             if (entry := self._entry(d, layout)) is None:
                 continue
@@ -321,7 +241,7 @@ class Verifier:
         bases = {n: dests[n].data_ptr() % 8 for n in layout.buffers if n is not None}
         return layout.finish(self._index.offsets, device, bases, self._index.graph_pools)
 
-    def _entry(self, read: Piece | DirectRead, layout: _Layout) -> Entry | None:
+    def _entry(self, read: Piece | DirectRead, layout: Layout) -> Entry | None:
         """The digested shard `read` starts in; None (its bytes counted unverified) when it has no digests."""
         entry = self._index.find(read.rank, read.region, read.remote_offset)
         if entry is None or read.rank not in self._values:
@@ -331,7 +251,7 @@ class Verifier:
 
     # -- one piece ------------------------------------------------------------------------------------
 
-    def _piece(self, p: Piece, entry: Entry, layout: _Layout) -> None:
+    def _piece(self, p: Piece, entry: Entry, layout: Layout) -> None:
         a = p.remote_offset - entry.desc.byte_offset
         needed = [(a + i * p.remote_stride, p.block_bytes) for i in range(p.count)]
         geo = entry.geo
@@ -353,7 +273,7 @@ class Verifier:
             layout.unverified += p.nbytes
 
     def _run(
-        self, layout: _Layout, buffer: str | None, rank: int, entry: Entry, at: int, a: int, size: int,
+        self, layout: Layout, buffer: str | None, rank: int, entry: Entry, at: int, a: int, size: int,
         needed: list[tuple[int, int]],
     ) -> None:  # fmt: skip
         """Bytes `[a, a + size)` of the shard, contiguous at `at` of `buffer`: verify the blocks they hold whole."""
@@ -373,7 +293,7 @@ class Verifier:
         span = Span(geo, at + lo - a, stop - first, geo.row_bytes)
         layout.add(buffer, rank, entry, first, stop - first, span)
 
-    def _columns(self, layout: _Layout, rank: int, entry: Entry, at: int, a: int, width: int, stride: int) -> None:
+    def _columns(self, layout: Layout, rank: int, entry: Entry, at: int, a: int, width: int, stride: int) -> None:
         """Columns `[a, a + width)` (bytes of row 0) of every outer row, rows `stride` apart at `buf[at]`."""
         geo = entry.geo
         first, stop = -(-a // geo.block_bytes), (a + width) // geo.block_bytes

@@ -35,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "refit.staged": VALUES | {"refit.plan"},
     "refit.reads": VALUES | {"refit.plan", "refit.transport"},
     "refit.staging": VALUES | {"refit.plan", "refit.transport", "refit.copies", "refit.staged", "refit.reads"},
-    "refit.streaming": VALUES | {"refit.plan", "refit.kernels", "refit.transport", "refit.staging"},
+    "refit.streaming": VALUES | {"refit.plan", "refit.kernels", "refit.transport", "refit.reads", "refit.staging"},
     "refit.plan_cache": VALUES | {"refit.plan", "refit.catalog", "refit.engines.base"},
     "refit.versions": VALUES | {"refit.catalog"},
     "refit.ahead": VALUES
