@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -87,20 +87,8 @@ class CellFill(Protocol):
     def run(self) -> torch.Tensor: ...
 
 
-class CellRegion(NamedTuple):
-    """Bytes [lo, hi) of `buffer`, words of `word` bytes, whose sums in cells of `fine` bytes go to the
-    cell sums from index `at` on (`BlockBatch.regions`)."""
-
-    buffer: Hashable
-    word: int
-    fine: int
-    lo: int
-    hi: int
-    at: int
-
-
 @dataclass(slots=True)
-class _Region:
+class CellRegion:
     """Bytes [lo, hi) of one buffer as words of `word` bytes, summed in cells of `fine` bytes into the
     cell sums at `at`; `levels` are its coarser cells: (cells of fine[a:b] per coarse cell, a, b, at)."""
 
@@ -140,7 +128,7 @@ class BlockBatch:
                 batched.setdefault((buffers[i], ws), []).append(i)
             else:
                 single.append(i)
-        self._regions: list[_Region] = []
+        self._regions: list[CellRegion] = []
         self._cells = 0  # cell sums of every region and level
         # (cell, outer rows, row stride in cells, block bytes, word) -> blocks' first cells, and their spans
         by_shape: dict[tuple[int, int, int, int, int], tuple[list[int], list[int]]] = {}
@@ -173,7 +161,7 @@ class BlockBatch:
         """A region over the spans `members` of `buffer` (words of `ws` bytes); their blocks go to `by_shape`."""
         lo, hi = min(spans[i].at for i in members), max(spans[i].end() for i in members)
         fine = min(spans[i].cell() for i in members)
-        region = _Region(buffer=buffer, word=ws, fine=fine, lo=lo, hi=hi, at=self._cells, levels=[])
+        region = CellRegion(buffer=buffer, word=ws, fine=fine, lo=lo, hi=hi, at=self._cells, levels=[])
         self._cells += (hi - lo) // fine
         places: dict[int, tuple[int, int]] = {}  # cell -> (first, stop) bytes of its spans
         for i in members:
@@ -202,12 +190,12 @@ class BlockBatch:
 
     @property
     def regions(self) -> tuple[CellRegion, ...]:
-        """Where the fine cell sums of each region go (what `run` takes as `cells`, when given)."""
-        return tuple(CellRegion(r.buffer, r.word, r.fine, r.lo, r.hi, r.at) for r in self._regions)
+        """Where the fine cell sums of each region go (what a `fill` given to `run` writes)."""
+        return tuple(self._regions)
 
     @property
     def cells(self) -> int:
-        """The int64 cell sums a `cells` tensor given to `run` holds (every region's and level's)."""
+        """The int64 cell sums the tensor a `fill` returns holds (every region's and level's)."""
         return self._cells
 
     def run(self, buffers: Mapping[Hashable, torch.Tensor], fill: CellFill | None = None) -> list[torch.Tensor]:

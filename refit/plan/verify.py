@@ -164,7 +164,9 @@ class Verifier:
             layout.copy_places = places_of(reads)
         key = address_key(layout.copy_places, dests, mapped)
         if layout.copy_key != key:
-            flat = {t: dests[t].detach().reshape(-1).view(torch.uint8) for t in layout.copy_places[0] if t in dests}
+            # Written through, so only contiguous tensors (a reshape of any other would be a copy).
+            targets = [t for t in layout.copy_places[0] if t in dests and dests[t].is_contiguous()]
+            flat = {t: dests[t].detach().view(-1).view(torch.uint8) for t in targets}
             layout.copy, layout.copy_key = CheckedCopy.build(layout.batch, reads, flat, mapped), key
         return layout.copy
 

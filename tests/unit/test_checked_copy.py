@@ -129,6 +129,14 @@ def test_a_batch_that_cannot_be_copied_in_one_pass_gets_none() -> None:
     assert all(m.data_ptr() % copy_sum.ALIGN for m in misaligned.values())
     assert verifier.copier(plan.direct, dests, misaligned) is None
     assert verifier.copier(plan.direct, dests, {}) is None  # a region not mapped here
+    aligned = {(r, 0): m for r, m in memory.items()}
+    strided = dict(dests)
+    d = next(d for d in plan.direct if dests[d.target].dim() == 2)
+    rows, cols = dests[d.target].shape
+    strided[d.target] = torch.zeros(cols, rows, dtype=dests[d.target].dtype).t()  # not contiguous: no writes through it
+    assert (
+        Verifier(DigestIndex(sources), sources, version=1, batched=True).copier(plan.direct, strided, aligned) is None
+    )
     per_run = Verifier(DigestIndex(sources), sources, version=1, batched=False)  # no batch: no cell sums
     assert per_run.copier(plan.direct, dests, {(r, 0): m for r, m in memory.items()}) is None
 
