@@ -100,6 +100,11 @@ def stream(
                 "a failed read into this engine is still running (its source stalled); try again later"
             )
         time.sleep(DEFAULT_TIMEOUTS.poll_s)
+    # Kernels the engine queued on its stream (a generation step launched asynchronously before the
+    # pause) may still read the weights: the reads and copies below run on other streams, so they wait.
+    gpu = next((t.device for t in dests.values() if t.is_cuda), None)
+    if gpu is not None:
+        torch.cuda.current_stream(gpu).synchronize()
     direct: Future[int] | None = None
     # Batch k of direct reads landed (k), or a pull ended (None): what this thread waits on.
     landed: queue.SimpleQueue[int | None] = queue.SimpleQueue()
