@@ -110,7 +110,8 @@ class Receiver:
         mapped_install: with `cuda_ipc` and `destinations()`, the pieces a refit would stage (QKV to
             un-interleave, a row-parallel half) from trainer ranks on the engine's own GPU are copied
             by kernels straight out of their mapped memory instead (digests checked there): no
-            staging, each byte crossing the GPU's memory once (see the property; docs/hooks.md).
+            staging, each byte crossing the GPU's memory once; with digests on, the direct reads from
+            there are copied and digested in one pass too (see the property; docs/hooks.md).
     """
 
     def __init__(
@@ -216,7 +217,8 @@ class Receiver:
         out of the memory of trainer ranks on the engine's GPU, mapped over CUDA IPC, instead of pulling
         them through staging first (default True; settable, read at each fetch). Into `destinations()`
         only; the digest check reads those pieces where the copies read them. Such a refit holds no
-        staging."""
+        staging. With digests on, its direct reads from there are also copied by kernels that digest
+        them as they copy (`ReceiverStats.checked_copies`)."""
         return self._pull.mapped_install
 
     @mapped_install.setter
