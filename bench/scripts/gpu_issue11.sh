@@ -5,7 +5,8 @@
 #   first:    the CUDA IPC test (tests/gpu/test_cuda_ipc.py), its receiver on the last GPU (a peer
 #             mapping when there are two);
 #   one GPU:  llama-8gb TP1 -> TP1, trainer and engine processes sharing GPU 0, Megatron and HF layouts
-#             (the HF layout's QKV copied out of the trainer's memory and staged, alternating), and
+#             (the Megatron layout also with the digest check alternating on and off; the HF layout's
+#             QKV copied out of the trainer's memory and staged, alternating), and
 #             TP2 -> TP1 with every process on GPU 0 (on one GPU only);
 #   two GPUs: also llama-3-8b TP1 -> TP1 across GPUs (with the classic gather + broadcast in the same
 #             run) and TP2 -> TP1, each with the digest check alternating on and off.
@@ -15,8 +16,8 @@
 #   run(carry=[".whl"], command=". bench/scripts/gpu_env.sh && bash bench/scripts/gpu_issue11.sh TAG")
 # JSON goes to $OUT (the device tool's folder that comes back), else bench/results, named
 # refit_h200x<GPUs>_<shape>_<layout>_<TAG>_ipc_{on,ab,off}.json (on two GPUs the llama-8gb runs' first
-# reference is the copy from the other GPU, the second the copy within GPU 0). Budget: ~4.5 min on one
-# GPU, ~10 min on two, after the machine's start.
+# reference is the copy from the other GPU, the second the copy within GPU 0). Budget: ~5.5 min on one
+# GPU, ~11 min on two, after the machine's start.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tag=${1:-$(date +%Y%m%d)}
@@ -48,6 +49,9 @@ for ipc in on off; do
     bench "refit_h200x${gpus}_llama-8gb_megatron_${tag}_ipc_$ipc" --shape llama-8gb --tp 1 --engine-tp 1 --receiver-gpu 0 \
         --engine-scheme megatron --versions 10 --no-verify --no-baseline --cuda-ipc "$ipc"
 done
+# With the digest check alternating on and off (on: the direct reads copied and checked in one pass).
+bench "refit_h200x${gpus}_llama-8gb_megatron_${tag}_digest_ab" --shape llama-8gb --tp 1 --engine-tp 1 --receiver-gpu 0 \
+    --engine-scheme megatron --versions 13 --digest-ab --no-baseline
 # The HF layout stages QKV: copied out of the trainer's mapped memory and staged, alternating in one run;
 # then over NIXL. Trainer TP2 -> engine TP1 with all three processes on GPU 0, alternating the same way.
 for ipc in ab off; do
